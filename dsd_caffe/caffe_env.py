@@ -1,0 +1,70 @@
+"""Importing pycaffe: quiet glog, a clear message when Caffe is missing, and CPU/GPU selection.
+
+Nothing here runs at ``import dsd_caffe`` time, so the pure-numpy parts of the toolkit work without Caffe.
+"""
+import functools
+import json
+import os
+
+SETUP_HINT = "run `make setup` (or `python3 -m dsd_caffe.build`) and use .venv/bin/python"
+
+
+@functools.lru_cache(maxsize=None)
+def import_caffe():
+    """Return the ``caffe`` module, with glog's INFO chatter off unless GLOG_minloglevel is set."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe
+    except ImportError as e:
+        raise ImportError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
+    return caffe
+
+
+def caffe_pb2():
+    """Return ``caffe.proto.caffe_pb2``."""
+    import_caffe()
+    from caffe.proto import caffe_pb2 as pb2
+
+    return pb2
+
+
+def build_info():
+    """The build record written by ``dsd_caffe.build`` beside the Caffe install, or {} for a foreign Caffe."""
+    caffe = import_caffe()
+    pkg = os.path.dirname(os.path.realpath(caffe.__file__))
+    # <prefix>/lib/python3/dist-packages/caffe -> <prefix>
+    prefix = os.path.abspath(os.path.join(pkg, "..", "..", "..", ".."))
+    path = os.path.join(prefix, "dsd-caffe-build.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def has_gpu_support():
+    """True when the Caffe in use was built with CUDA (CPU_ONLY off)."""
+    info = build_info()
+    if "cpu_only" in info:
+        return not info["cpu_only"]
+    caffe = import_caffe()
+    lib = os.path.join(os.path.dirname(os.path.realpath(caffe.__file__)), "_caffe.so")
+    with open(lib, "rb") as f:
+        return b"cudaGetDevice" in f.read()
+
+
+def set_device(gpu=None):
+    """Select CPU (``gpu is None``) or GPU ``gpu``; a GPU on a CPU-only build is refused with ValueError."""
+    caffe = import_caffe()
+    if gpu is None:
+        caffe.set_mode_cpu()
+        return caffe
+    if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+        raise ValueError(f"--gpu must be a device number >= 0, got {gpu!r}")
+    if not has_gpu_support():
+        raise ValueError(
+            f"--gpu {gpu} was asked for, but this Caffe is a CPU-only build; rebuild with "
+            "`python3 -m dsd_caffe.build --gpu` on a machine with CUDA, or drop --gpu"
+        )
+    caffe.set_mode_gpu()
+    caffe.set_device(gpu)
+    return caffe

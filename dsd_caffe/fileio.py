@@ -1,0 +1,190 @@
+"""Crash-safe file I/O: atomic writes, guarded outputs, prototxt/caffemodel reading with clear errors,
+and the JSON provenance file written beside every model.
+
+Every writer here writes to a temporary name in the destination folder and renames at the end, so a crash
+never leaves a truncated output behind under the real name.
+"""
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+log = logging.getLogger(__name__)
+
+
+def check_output(path, force=False):
+    """Refuse to overwrite ``path`` unless ``force``; check its folder is writable. Returns ``path``."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {folder} is not writable")
+    return path
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path, force=True, directory=False):
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it.
+
+    With ``directory=True`` the temporary path is an empty folder (for LMDBs and run folders).
+    """
+    path = os.path.abspath(os.fspath(path))
+    check_output(path, force=force)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    prefix = "." + os.path.basename(path) + ".tmp-"
+    tmp = tempfile.mkdtemp(dir=folder, prefix=prefix)
+    if not directory:
+        os.rmdir(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path) and directory:
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, force=True):
+    """Write ``data`` (bytes or str) to ``path`` atomically (temporary file, fsync, rename)."""
+    mode = "wb" if isinstance(data, (bytes, bytearray)) else "w"
+    with atomic_path(path, force=force) as tmp:
+        with open(tmp, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return os.fspath(path)
+
+
+def write_json(path, obj, force=True):
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", force=force)
+
+
+def read_json(path):
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def sidecar_path(model_path):
+    """The provenance JSON that sits beside a model: ``X.caffemodel`` -> ``X.caffemodel.json``."""
+    return os.fspath(model_path) + ".json"
+
+
+def write_provenance(model_path, *, source, densities, phase, iteration, seed, force=True, **extra):
+    """Write the small self-describing JSON beside ``model_path``.
+
+    ``densities`` maps layer name to the fraction of non-zero weights kept.
+    """
+    record = {
+        "model": os.path.basename(os.fspath(model_path)),
+        "source": source,
+        "phase": phase,
+        "iteration": int(iteration),
+        "seed": seed,
+        "density": {k: float(v) for k, v in densities.items()},
+    }
+    record.update(extra)
+    return write_json(sidecar_path(model_path), record, force=force)
+
+
+def _require_file(path, what):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path} is not readable")
+    return path
+
+
+def _caffe_pb2():
+    from .caffe_env import caffe_pb2
+
+    return caffe_pb2()
+
+
+def parse_prototxt(text, message, name="<string>"):
+    """Parse prototxt ``text`` into ``message``; a syntax error becomes ValueError naming line and column."""
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        line, col = getattr(e, "GetLine", lambda: None)(), getattr(e, "GetColumn", lambda: None)()
+        where = f"{name}:{line}:{col}" if line else name
+        msg = str(e).split(" : ", 1)[-1] if line else str(e)
+        raise ValueError(f"{where}: prototxt syntax error: {msg}") from None
+
+
+def read_net_prototxt(path):
+    """Read a NetParameter prototxt with a clear error on a missing file or a syntax error."""
+    path = _require_file(path, "prototxt")
+    with open(path) as f:
+        return parse_prototxt(f.read(), _caffe_pb2().NetParameter(), path)
+
+
+def read_solver_prototxt(path):
+    path = _require_file(path, "solver prototxt")
+    with open(path) as f:
+        return parse_prototxt(f.read(), _caffe_pb2().SolverParameter(), path)
+
+
+def write_prototxt(path, message, force=True):
+    """Write a protobuf message as prototxt, atomically."""
+    from google.protobuf import text_format
+
+    return atomic_write(path, text_format.MessageToString(message), force=force)
+
+
+def read_caffemodel(path):
+    """Read a binary caffemodel into a NetParameter, refusing empty, truncated or corrupted files."""
+    from google.protobuf.message import DecodeError
+
+    path = _require_file(path, "caffemodel")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"caffemodel {path} is empty")
+    net = _caffe_pb2().NetParameter()
+    try:
+        net.ParseFromString(data)
+    except DecodeError as e:
+        raise ValueError(f"caffemodel {path} is truncated or corrupted ({e})") from None
+    if not any(len(l.blobs) for l in net.layer) and not any(len(l.blobs) for l in net.layers):
+        raise ValueError(f"caffemodel {path} holds no weights (is it a caffemodel?)")
+    return net
+
+
+def write_caffemodel(path, net_param, force=True):
+    """Write a NetParameter as a binary caffemodel, atomically."""
+    return atomic_write(path, net_param.SerializeToString(), force=force)
