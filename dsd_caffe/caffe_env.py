@@ -28,13 +28,24 @@ def caffe_pb2():
     return pb2
 
 
+def caffe_prefix():
+    """The install prefix of the Caffe in use (``<prefix>/lib/python3/dist-packages/caffe``)."""
+    pkg = os.path.dirname(os.path.realpath(import_caffe().__file__))
+    return os.path.abspath(os.path.join(pkg, "..", "..", "..", ".."))
+
+
+def caffe_tool(name):
+    """Path of a Caffe command-line tool (``caffe``, ``convert_imageset``, ...) of the Caffe in use."""
+    for folder in (os.path.join(caffe_prefix(), "bin"), os.path.join(os.environ.get("CAFFE_ROOT", ""), "build", "tools")):
+        path = os.path.join(folder, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(f"Caffe tool {name!r} not found beside pycaffe in {caffe_prefix()}; {SETUP_HINT}")
+
+
 def build_info():
     """The build record written by ``dsd_caffe.build`` beside the Caffe install, or {} for a foreign Caffe."""
-    caffe = import_caffe()
-    pkg = os.path.dirname(os.path.realpath(caffe.__file__))
-    # <prefix>/lib/python3/dist-packages/caffe -> <prefix>
-    prefix = os.path.abspath(os.path.join(pkg, "..", "..", "..", ".."))
-    path = os.path.join(prefix, "dsd-caffe-build.json")
+    path = os.path.join(caffe_prefix(), "dsd-caffe-build.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
