@@ -79,3 +79,14 @@ def set_device(gpu=None):
     caffe.set_mode_gpu()
     caffe.set_device(gpu)
     return caffe
+
+
+def caffe_binary():
+    """The ``caffe`` command to run in a subprocess: the .venv wrapper beside this Python when present (it runs
+    Python layers with this interpreter and its packages), else the binary beside pycaffe."""
+    import sys
+
+    wrapper = os.path.join(os.path.dirname(sys.executable), "caffe")
+    if os.access(wrapper, os.X_OK):
+        return wrapper
+    return caffe_tool("caffe")
