@@ -1,0 +1,243 @@
+"""``caffe test`` reproduced in pycaffe, to the last printed digit, plus a confusion matrix.
+
+The caffe binary's ``test()`` (tools/caffe.cpp) builds the net in the TEST phase, copies the weights, runs N
+forward passes and, in single precision (``float``):
+
+- adds each pass's loss (``Net::Forward``'s sum over layers of dot(top, loss weights)) into ``float loss``;
+- adds every element of every output blob into its own ``float`` accumulator, in pass order;
+- divides both by N as floats, and prints ``Loss: <loss>`` then ``<output> = <mean>`` per element, with
+  `` (* <w> = <w*mean> loss)`` for outputs with a loss weight, through an ostream at the default precision 6.
+
+:func:`evaluate` does exactly that with numpy float32 arithmetic (the per-pass loss comes from Caffe's own
+``ForwardFromTo``), and :func:`format_results` prints the same lines.
+"""
+import collections
+import logging
+import math
+import os
+
+import numpy as np
+
+from . import caffe_env, fileio, netcheck
+
+log = logging.getLogger(__name__)
+
+
+class Results(collections.OrderedDict):
+    """{output name: mean} (a float32 scalar, or a float32 array for multi-element outputs) with
+    ``loss``, ``loss_weights`` {output: weight}, ``iterations`` and, when asked for, ``confusion``
+    (int64 [true class, predicted class]) attributes."""
+
+    loss = np.float32(0)
+    loss_weights = {}
+    iterations = 0
+    confusion = None
+
+
+def cfmt(x):
+    """Format a float as C++ ``std::ostream << float`` does at the default precision (``%g``, 6 digits)."""
+    x = float(x)
+    if math.isnan(x):
+        return "-nan" if math.copysign(1.0, x) < 0 else "nan"
+    if math.isinf(x):
+        return "-inf" if x < 0 else "inf"
+    return format(x, ".6g")
+
+
+def _check_iterations(iterations):
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations <= 0:
+        raise ValueError(f"--iterations must be a whole number > 0, got {iterations!r}")
+    return int(iterations)
+
+
+def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow_missing=False):
+    """Validate ``model`` (prototxt), its data sources and ``weights`` (caffemodel) in Python, then build the
+    ``caffe.Net`` and copy the weights. Every bad input is a ValueError/FileNotFoundError naming it."""
+    caffe = caffe_env.set_device(gpu)
+    model = os.fspath(model)
+    net_param = fileio.read_net_prototxt(model)
+    weights_param = fileio.read_caffemodel(weights) if weights is not None else None
+    netcheck.check_structure(net_param, phase, name=model)
+    netcheck.check_data_layers(net_param, phase, iterations=iterations)
+    net = caffe.Net(model, netcheck.phase_value(phase))
+    if weights_param is not None:
+        netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
+                                   net_name=model, allow_missing=allow_missing)
+        net.copy_from(os.fspath(weights))
+    return net
+
+
+def _accuracy_blobs(net):
+    """(score blob, label blob, ignore_label or None) of the net's first Accuracy layer, or None."""
+    for name, layer in zip(net._layer_names, net.layers):
+        if layer.type == "Accuracy":
+            bottoms = net.bottom_names[name]
+            if len(bottoms) >= 2:
+                return bottoms[0], bottoms[1], name
+    return None
+
+
+def _predictions(net, score_blob, label_blob):
+    scores = net.blobs[score_blob].data
+    labels = net.blobs[label_blob].data.reshape(-1)
+    n = labels.size
+    if scores.size % n:
+        raise ValueError(f"score blob {score_blob!r} ({scores.shape}) does not fit {n} labels")
+    scores = scores.reshape(n, -1)
+    return labels.astype(np.int64), scores.argmax(axis=1), scores.shape[1]
+
+
+def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
+    """Run ``iterations`` TEST passes of a ready ``net`` and accumulate like ``caffe test`` (see module doc).
+
+    With ``confusion`` the first Accuracy layer's bottoms (scores, labels) also fill a confusion matrix; labels
+    equal to ``ignore_label`` are left out, as the Accuracy layer leaves them out."""
+    from tqdm import tqdm
+
+    iterations = _check_iterations(iterations)
+    outputs = list(net.outputs)
+    last = len(net.layers) - 1
+    loss = np.float32(0)
+    sums = [None] * len(outputs)
+    acc = _accuracy_blobs(net) if confusion else None
+    if confusion and acc is None:
+        raise ValueError("a confusion matrix needs an Accuracy layer (its bottoms give the scores and labels), "
+                         "and the net has none in the TEST phase")
+    cm = None
+    for i in tqdm(range(iterations), desc="evaluate", unit="batch", disable=None if progress else True):
+        loss += np.float32(net._forward(0, last))
+        for j, name in enumerate(outputs):
+            data = net.blobs[name].data.reshape(-1)
+            if i == 0:
+                sums[j] = data.astype(np.float32, copy=True)
+            else:
+                sums[j] += data
+            if log.isEnabledFor(logging.DEBUG):
+                for v in data:
+                    log.debug("Batch %d, %s = %s", i, name, cfmt(v))
+        if acc is not None:
+            labels, pred, n_classes = _predictions(net, acc[0], acc[1])
+            if cm is None:
+                cm = np.zeros((n_classes, n_classes), np.int64)
+            keep = (labels >= 0) & (labels < n_classes)
+            if ignore_label is not None:
+                keep &= labels != ignore_label
+            np.add.at(cm, (labels[keep], pred[keep]), 1)
+    n = np.float32(iterations)
+    res = Results()
+    for name, s in zip(outputs, sums):
+        mean = s / n
+        res[name] = mean[0] if mean.size == 1 else mean
+    res.loss = loss / n
+    weights = net.blob_loss_weights
+    res.loss_weights = {name: np.float32(weights[name]) for name in outputs}
+    res.iterations = iterations
+    res.confusion = cm
+    return res
+
+
+def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_missing=False):
+    """``caffe test --model model --weights weights --iterations N`` in pycaffe: an ordered dict
+    {output name: mean} (see :class:`Results`); :func:`format_results` gives the binary's lines."""
+    iterations = _check_iterations(iterations)
+    net = load_net(model, weights, "TEST", gpu=gpu, iterations=iterations, allow_missing=allow_missing)
+    ignore = None
+    for layer in netcheck.included_layers(fileio.read_net_prototxt(model), "TEST"):
+        if layer.type == "Accuracy":
+            if layer.accuracy_param.HasField("ignore_label"):
+                ignore = layer.accuracy_param.ignore_label
+            break
+    log.info("Running for %d iterations.", iterations)
+    return run(net, iterations, confusion=confusion, ignore_label=ignore)
+
+
+def format_results(results, net=None):
+    """The summary lines ``caffe test`` logs: ``Loss: x`` then ``name = mean[ (* w = w*mean loss)]`` per element.
+
+    ``net`` is accepted for symmetry with the API; the loss weights travel with ``results``.
+    """
+    weights = dict(getattr(results, "loss_weights", {}) or {})
+    if net is not None:
+        weights.update({k: np.float32(v) for k, v in net.blob_loss_weights.items() if k in results})
+    lines = [f"Loss: {cfmt(np.float32(getattr(results, 'loss', 0)))}"]
+    for name, value in results.items():
+        w = np.float32(weights.get(name, 0))
+        for v in np.atleast_1d(np.asarray(value, dtype=np.float32)).reshape(-1):
+            line = f"{name} = {cfmt(v)}"
+            if w:
+                line += f" (* {cfmt(w)} = {cfmt(np.float32(w * v))} loss)"
+            lines.append(line)
+    return lines
+
+
+def per_class(confusion):
+    """Rows (class, images, correct, accuracy) from a confusion matrix [true, predicted]."""
+    cm = np.asarray(confusion)
+    rows = []
+    for c in range(cm.shape[0]):
+        total = int(cm[c].sum())
+        correct = int(cm[c, c])
+        rows.append((c, total, correct, correct / total if total else float("nan")))
+    return rows
+
+
+def write_confusion(confusion, folder, class_names=None, force=False):
+    """Write ``confusion.csv``, ``per_class.csv`` and ``confusion.png`` into ``folder`` (atomically each)."""
+    import csv
+    import io
+
+    cm = np.asarray(confusion)
+    k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for a {k}-class confusion matrix")
+    folder = os.fspath(folder)
+    paths = {n: os.path.join(folder, n) for n in ("confusion.csv", "per_class.csv", "confusion.png")}
+    for p in paths.values():
+        fileio.check_output(p, force)
+    os.makedirs(folder, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["true\\predicted"] + names)
+    for i in range(k):
+        w.writerow([names[i]] + [int(x) for x in cm[i]])
+    fileio.atomic_write(paths["confusion.csv"], buf.getvalue(), force=force)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "name", "images", "correct", "accuracy"])
+    for c, total, correct, accuracy in per_class(cm):
+        w.writerow([c, names[c], total, correct, f"{accuracy:.6f}"])
+    fileio.atomic_write(paths["per_class.csv"], buf.getvalue(), force=force)
+    _plot(cm, names, paths["confusion.png"], force)
+    return paths
+
+
+def _plot(cm, names, path, force):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = cm.shape[0]
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    size = min(4 + 0.4 * k, 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if k <= 30:
+        ax.set_xticks(range(k), names, rotation=90)
+        ax.set_yticks(range(k), names)
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = cm.sum()
+    ax.set_title(f"accuracy {np.trace(cm) / total:.4f} on {total} images" if total else "no images")
+    fig.tight_layout()
+    with fileio.atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,347 @@
+"""Check a net, its data and its weights in Python before Caffe sees them.
+
+Caffe answers a mismatched caffemodel, a missing LMDB or a too-small image with a glog ``Check failed`` and an
+abort. These checks mirror Caffe's own rules (``Net::FilterNet``, ``Net::CopyTrainedLayersFrom``,
+``Blob::ShapeEquals``, ``DataTransformer::Transform``) and raise one clear ValueError/FileNotFoundError instead:
+
+- :func:`included_layers`: the layers Caffe keeps for a phase/level/stages (``include``/``exclude`` rules).
+- :func:`check_data_layers`: Data/ImageData/HDF5Data sources exist (resolved like the caffe binary does: relative
+  to the current folder), LMDBs are readable and non-empty, images are at least the crop size, mean values fit.
+- :func:`param_shapes` and :func:`check_weights_fit`: a caffemodel fits a net (first differing layer named, with
+  the layer naming each side seems to use).
+"""
+import collections
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+PHASES = {"TRAIN": 0, "TEST": 1}
+
+
+def _pb2():
+    from .caffe_env import caffe_pb2
+
+    return caffe_pb2()
+
+
+def phase_value(phase):
+    """``"TEST"``/``"TRAIN"``/``caffe.TEST``/0/1 -> the NetState phase number."""
+    if isinstance(phase, str):
+        if phase.upper() not in PHASES:
+            raise ValueError(f"phase must be TRAIN or TEST, got {phase!r}")
+        return PHASES[phase.upper()]
+    if phase in (0, 1):
+        return int(phase)
+    raise ValueError(f"phase must be TRAIN or TEST, got {phase!r}")
+
+
+def _meets(rule, phase, level, stages):
+    if rule.HasField("phase") and rule.phase != phase:
+        return False
+    if rule.HasField("min_level") and level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and level > rule.max_level:
+        return False
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def included_layers(net_param, phase="TEST", level=0, stages=()):
+    """The LayerParameters Caffe keeps for this state (its ``Net::FilterNet`` rules), in net order."""
+    phase = phase_value(phase)
+    stages = set(net_param.state.stage) | set(stages)
+    kept = []
+    for layer in net_param.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise ValueError(f"layer {layer.name!r} has both include and exclude rules; Caffe allows only one kind")
+        keep = len(layer.include) == 0
+        if any(_meets(r, phase, level, stages) for r in layer.exclude):
+            keep = False
+        if any(_meets(r, phase, level, stages) for r in layer.include):
+            keep = True
+        if keep:
+            kept.append(layer)
+    return kept
+
+
+def check_structure(net_param, phase="TEST", name="net"):
+    """Layer types known to this Caffe, every bottom produced by an earlier top or an input."""
+    if len(net_param.layers) and not len(net_param.layer):
+        return  # V1 prototxt: Caffe upgrades it; leave it to Caffe
+    from .caffe_env import import_caffe
+
+    known = set(import_caffe().layer_type_list())
+    tops = set(net_param.input)
+    layers = included_layers(net_param, phase)
+    if not layers:
+        raise ValueError(f"{name}: no layer is included in the {phase} phase")
+    for layer in layers:
+        if layer.type not in known:
+            raise ValueError(f"{name}: layer {layer.name!r} has unknown type {layer.type!r} "
+                             f"(this Caffe knows {len(known)} types, e.g. Convolution, Data, Python)")
+        for b in layer.bottom:
+            if b not in tops:
+                raise ValueError(f"{name}: layer {layer.name!r} reads bottom {b!r}, which no earlier layer "
+                                 f"of the {phase} phase produces")
+        tops.update(layer.top)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def resolve_source(source):
+    """A Data layer ``source`` as the caffe binary opens it: relative paths against the current folder."""
+    return os.path.abspath(source)
+
+
+def _open_lmdb(path, where):
+    import lmdb
+
+    full = resolve_source(path)
+    shown = path if os.path.isabs(path) else f"{path} (resolved against the current folder to {full})"
+    if not os.path.exists(full):
+        raise FileNotFoundError(f"{where}: LMDB {shown} does not exist")
+    if not os.path.isdir(full) or not os.path.exists(os.path.join(full, "data.mdb")):
+        raise ValueError(f"{where}: {shown} is not an LMDB folder (no data.mdb inside)")
+    try:
+        env = lmdb.open(full, readonly=True, lock=False, readahead=False, max_readers=4)
+    except lmdb.Error as e:
+        raise ValueError(f"{where}: LMDB {shown} is unreadable ({e})") from None
+    return env, shown
+
+
+def _datum_shape(raw, datum_cls, where, key, force_color=False, force_gray=False):
+    from google.protobuf.message import DecodeError
+
+    datum = datum_cls()
+    try:
+        datum.ParseFromString(raw)
+    except DecodeError:
+        raise ValueError(f"{where}: entry {key!r} is not a caffe Datum") from None
+    if datum.encoded:
+        import cv2
+        import numpy as np
+
+        img = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"{where}: entry {key!r} holds an encoded image that does not decode")
+        c = 1 if img.ndim == 2 else img.shape[2]
+        c = 3 if force_color else 1 if force_gray else c
+        return c, img.shape[0], img.shape[1], datum.label
+    c, h, w = datum.channels, datum.height, datum.width
+    if c <= 0 or h <= 0 or w <= 0:
+        raise ValueError(f"{where}: entry {key!r} has shape {c}x{h}x{w}")
+    n = len(datum.data) or len(datum.float_data)
+    if n != c * h * w:
+        raise ValueError(f"{where}: entry {key!r} says {c}x{h}x{w} but holds {n} values")
+    return c, h, w, datum.label
+
+
+def lmdb_summary(path, where="LMDB", force_color=False, force_gray=False):
+    """{"count", "channels", "height", "width"} of an LMDB of Datums (first and last entries checked)."""
+    env, shown = _open_lmdb(path, where)
+    Datum = _pb2().Datum
+    try:
+        count = env.stat()["entries"]
+        if count == 0:
+            raise ValueError(f"{where}: LMDB {shown} is empty")
+        shapes = []
+        with env.begin() as txn:
+            cur = txn.cursor()
+            for move in (cur.first, cur.last):
+                move()
+                shapes.append(_datum_shape(cur.value(), Datum, where, cur.key(), force_color, force_gray))
+    finally:
+        env.close()
+    (c, h, w, _), last = shapes
+    if last[:3] != (c, h, w):
+        raise ValueError(f"{where}: LMDB {shown} mixes image shapes ({c}x{h}x{w} first, "
+                         f"{last[0]}x{last[1]}x{last[2]} last)")
+    return {"count": count, "channels": c, "height": h, "width": w}
+
+
+def _read_mean(path, where):
+    from google.protobuf.message import DecodeError
+
+    full = resolve_source(path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"{where}: mean_file {path} does not exist")
+    blob = _pb2().BlobProto()
+    with open(full, "rb") as f:
+        data = f.read()
+    try:
+        blob.ParseFromString(data)
+    except DecodeError:
+        raise ValueError(f"{where}: mean_file {path} is not a binaryproto mean") from None
+    if blob.HasField("shape") and len(blob.shape.dim):
+        dims = list(blob.shape.dim)[-3:]
+    else:
+        dims = [blob.channels, blob.height, blob.width]
+    return tuple(int(d) for d in dims)
+
+
+def _check_transform(tp, c, h, w, where):
+    crop = tp.crop_size
+    if crop and (h < crop or w < crop):
+        raise ValueError(f"{where}: images are {h}x{w}, smaller than crop_size {crop}")
+    if len(tp.mean_value) not in (0, 1, c):
+        raise ValueError(f"{where}: {len(tp.mean_value)} mean_value entries for {c}-channel images "
+                         "(give 1 or one per channel)")
+    if tp.mean_file:
+        mc, mh, mw = _read_mean(tp.mean_file, where)
+        if (mc, mh, mw) != (c, h, w):
+            raise ValueError(f"{where}: mean_file {tp.mean_file} is {mc}x{mh}x{mw} but images are {c}x{h}x{w}")
+
+
+def check_data_layers(net_param, phase="TEST", iterations=None):
+    """Check the data sources of the layers included in ``phase``; returns {layer: summary dict}.
+
+    Sources are resolved like the caffe binary resolves them: relative to the current working folder.
+    """
+    pb2 = _pb2()
+    out = {}
+    for layer in included_layers(net_param, phase):
+        where = f"{layer.type} layer {layer.name!r}"
+        if layer.type == "Data":
+            dp = layer.data_param
+            if not dp.source:
+                raise ValueError(f"{where} has no data_param.source")
+            if dp.batch_size <= 0:
+                raise ValueError(f"{where}: batch_size must be > 0")
+            if dp.backend != pb2.DataParameter.LMDB:
+                if not os.path.exists(resolve_source(dp.source)):
+                    raise FileNotFoundError(f"{where}: LevelDB {dp.source} does not exist (relative paths are "
+                                            f"resolved against the current folder {os.getcwd()})")
+                continue
+            tp = layer.transform_param
+            info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
+            _check_transform(tp, info["channels"], info["height"], info["width"], where)
+            if iterations and info["count"] < iterations * dp.batch_size:
+                log.info("%s: %d iterations x batch %d = %d images but the LMDB holds %d; like `caffe test`, "
+                         "the reader wraps around and counts some images more than once", where, iterations,
+                         dp.batch_size, iterations * dp.batch_size, info["count"])
+            out[layer.name] = info
+        elif layer.type in ("ImageData", "HDF5Data", "WindowData"):
+            src = {"ImageData": layer.image_data_param.source, "HDF5Data": layer.hdf5_data_param.source,
+                   "WindowData": layer.window_data_param.source}[layer.type]
+            if not src:
+                raise ValueError(f"{where} has no source")
+            if not os.path.isfile(resolve_source(src)):
+                raise FileNotFoundError(f"{where}: source {src} does not exist (relative paths are resolved "
+                                        f"against the current folder {os.getcwd()})")
+            if os.path.getsize(resolve_source(src)) == 0:
+                raise ValueError(f"{where}: source {src} is empty")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- weights
+
+
+def param_shapes(net):
+    """{layer name: [param blob shape tuples]} for every layer of a ``caffe.Net`` (empty list: no params)."""
+    out = collections.OrderedDict()
+    for name, layer in zip(net._layer_names, net.layers):
+        if name not in out:  # Caffe copies into the first layer of that name
+            out[name] = [tuple(b.data.shape) for b in layer.blobs]
+    return out
+
+
+def blob_proto_shape(bp):
+    """(shape tuple, legacy) of a BlobProto; legacy 4-D num/channels/height/width when those fields are set."""
+    if bp.HasField("num") or bp.HasField("channels") or bp.HasField("height") or bp.HasField("width"):
+        return (bp.num, bp.channels, bp.height, bp.width), True
+    return tuple(int(d) for d in bp.shape.dim), False
+
+
+def _shape_equals(target, bp):
+    shape, legacy = blob_proto_shape(bp)
+    if legacy:
+        if len(target) > 4:
+            return False
+        return tuple([1] * (4 - len(target)) + list(target)) == shape
+    return tuple(target) == shape
+
+
+def _fmt(shape):
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def guess_naming(layer_names):
+    """"han", "deepscale" or None: which SqueezeNet naming the names follow (netgen's rule when available)."""
+    names = list(layer_names)
+    try:
+        from .netgen import detect_naming
+    except ImportError:
+        detect_naming = None
+    if detect_naming is not None:
+        return detect_naming(names)
+    joined = " ".join(names)
+    if "squeeze1x1" in joined or "conv10" in names:
+        return "deepscale"
+    if "conv1x1_1" in joined or "conv_final" in names:
+        return "han"
+    return None
+
+
+def _naming_hint(src_names, dst_names):
+    a, b = guess_naming(src_names), guess_naming(dst_names)
+    if a is None and b is None:
+        return ""
+    return (f" (the caffemodel's layer names look like {a or 'neither'} naming, the net's like "
+            f"{b or 'neither'} naming)")
+
+
+def check_weights_fit(net_shapes, caffemodel_param, weights_name="caffemodel", net_name="net",
+                      allow_missing=False):
+    """Refuse a caffemodel that does not fit a net, with the first differing layer named.
+
+    ``net_shapes`` is :func:`param_shapes` of a ``caffe.Net`` (or a ``caffe.Net``); ``caffemodel_param`` a
+    NetParameter from ``fileio.read_caffemodel``. Mirrors ``Net::CopyTrainedLayersFrom`` (layers matched by name,
+    same blob count, ``Blob::ShapeEquals`` incl. legacy 4-D shapes, data count). Unlike Caffe, which silently keeps
+    filler values, it also refuses a caffemodel that leaves learnable layers of the net unset unless
+    ``allow_missing``. Returns the list of layer names that will be copied.
+    """
+    if not isinstance(net_shapes, dict):
+        net_shapes = param_shapes(net_shapes)
+    src_layers = list(caffemodel_param.layer) or list(caffemodel_param.layers)
+    src_names = [l.name for l in src_layers]
+    hint = _naming_hint(src_names, list(net_shapes))
+    copied = []
+    for layer in src_layers:
+        if layer.name not in net_shapes:
+            continue
+        target = net_shapes[layer.name]
+        if len(layer.blobs) != len(target):
+            raise ValueError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} has {len(layer.blobs)} "
+                             f"parameter blobs in the caffemodel but {len(target)} in the net{hint}")
+        for j, (shape, bp) in enumerate(zip(target, layer.blobs)):
+            src_shape = blob_proto_shape(bp)[0]
+            what = "weights" if j == 0 else "bias" if j == 1 else f"param {j}"
+            if not _shape_equals(shape, bp):
+                raise ValueError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} {what} are "
+                                 f"{_fmt(src_shape)} in the caffemodel but {_fmt(shape)} in the net{hint}")
+            count = 1
+            for d in shape:
+                count *= d
+            n = len(bp.double_data) or len(bp.data)
+            if n != count:
+                raise ValueError(f"{weights_name} is corrupted: layer {layer.name!r} {what} hold {n} values for "
+                                 f"shape {_fmt(shape)} ({count} values)")
+        if target:
+            copied.append(layer.name)
+    learnable = [n for n, shapes in net_shapes.items() if shapes]
+    missing = [n for n in learnable if n not in copied]
+    if learnable and not copied:
+        raise ValueError(f"{weights_name} does not fit {net_name}: none of the net's learnable layers "
+                         f"({', '.join(learnable[:3])}, ...) is in the caffemodel{hint}")
+    if missing and not allow_missing:
+        raise ValueError(f"{weights_name} does not fit {net_name}: it has no weights for layer {missing[0]!r}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                         + f" (Caffe would silently leave them at their initial values){hint}")
+    for n in missing:
+        log.warning("layer %s keeps its initial values: %s has no weights for it", n, weights_name)
+    return copied
