@@ -200,10 +200,9 @@ def format_ratio(density):
     n = 1.0 / d
     if not math.isfinite(n):
         raise ValueError(f"density {density!r} is too small to write as a ratio")
-    for digits in range(1, 18):
-        text = f"{n:.{digits}g}"
-        if float(text) == n:
-            break
+    text = repr(n)  # the shortest text that reads back as n
+    if text.endswith(".0"):
+        text = text[:-2]
     return f"{text}x"
 
 
@@ -413,7 +412,7 @@ def layer_densities(weights, density=None, profile="uniform", skip=()):
     elif prof == "squeezenet-3x":
         chosen = _squeezenet_densities(sizes, density)
     elif os.path.exists(prof) or prof.endswith(".json") or os.sep in prof:
-        chosen = _file_densities(prof, selected, density)
+        chosen = _file_densities(prof, selected, list(weights), density)
     else:
         raise ValueError(f"unknown profile {prof!r}: use {', '.join(PROFILES)} or the path of a JSON file")
     out = {}
@@ -504,10 +503,11 @@ def read_profile(path):
     return {str(k): _profile_value(v, path, k) for k, v in data.items()}
 
 
-def _file_densities(path, names, density):
+def _file_densities(path, names, all_names, density):
+    """Densities for ``names`` from the profile file; its keys may name any of ``all_names`` (skipped ones too)."""
     table = read_profile(path)
     default = table.pop("*", density)
-    known = set(names)
+    known = set(all_names)
     exact = {}
     patterns = []
     unknown = []
@@ -516,12 +516,12 @@ def _file_densities(path, names, density):
             exact[key] = value
         elif _other_naming(key) in known:
             exact[_other_naming(key)] = value
-        elif any(c in key for c in "*?[") and any(_matches(n, key) for n in names):
+        elif any(c in key for c in "*?[") and any(_matches(n, key) for n in all_names):
             patterns.append((key, value))
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{path}: unknown layer(s) {', '.join(unknown)}; known layers: {', '.join(names)}")
+        raise ValueError(f"{path}: unknown layer(s) {', '.join(unknown)}; known layers: {', '.join(all_names)}")
     out = {}
     missing = []
     for n in names:
