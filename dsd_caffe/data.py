@@ -26,6 +26,21 @@ MAX_KEY_BYTES = 511  # LMDB's default key size limit
 CHUNK = 32  # images per worker task (and per LMDB transaction)
 
 
+def _check_output(path, force):
+    """fileio.check_output, plus a real write probe of the output folder (root ignores permission bits, and a
+    read-only file system or a file in the way only shows when writing), so the error names the folder."""
+    import tempfile
+
+    fileio.check_output(path, force)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".write-test-"))
+    except OSError as e:
+        raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
+    return path
+
+
 def _pb2():
     from .caffe_env import caffe_pb2
 
@@ -273,10 +288,10 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
             raise FileNotFoundError(f"image root folder {root} does not exist")
     else:
         raise FileNotFoundError(f"image folder or list file {source} does not exist")
-    fileio.check_output(output, force)
+    _check_output(output, force)
     if mean_file is not None:
         mean_file = os.fspath(mean_file)
-        fileio.check_output(mean_file, force)
+        _check_output(mean_file, force)
     if os.path.abspath(source).rstrip(os.sep) == output:
         raise ValueError(f"output {output} is the input")
     order = np.random.default_rng(seed).permutation(len(items)) if shuffle else range(len(items))
@@ -384,7 +399,7 @@ def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZ
         raise ValueError("no images to write")
     pb2 = _pb2()
     _, c, h, w = images.shape
-    path = os.path.abspath(os.fspath(path))
+    path = _check_output(os.path.abspath(os.fspath(path)), force)
     with fileio.atomic_path(path, force=force, directory=True) as tmp:
         env = _open_env(tmp, map_size)
         try:
@@ -546,7 +561,7 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
     if not todo:
         log.info("Fashion-MNIST LMDBs already in %s; reusing them", output_dir)
         return paths
-    fileio.check_output(paths[todo[0]], force=True)  # the folder must be writable
+    _check_output(paths[todo[0]], force=True)  # the folder must be writable
     files = {name: os.path.join(source_dir, f"{name}-idx{3 if 'images' in name else 1}-ubyte.gz")
              for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
     for p in files.values():

@@ -217,9 +217,12 @@ def test_unwritable_output_folder(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         target = locked / "out"
-    with pytest.raises(OSError):
+    with pytest.raises(PermissionError, match="output folder .* is not writable"):
         data.make_lmdb(src, target, resize=(8, 8), workers=1, progress=False)
     assert not os.path.exists(target)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PermissionError, match="afile is not writable"):
+        data.write_array_lmdb(tmp_path / "afile" / "out", np.zeros((1, 1, 2, 2), np.uint8), [0])
 
 
 def test_missing_source_and_no_images(tmp_path):
