@@ -1,0 +1,522 @@
+"""DSD's phases around real Caffe: prune -> sparse training under the mask layer -> re-dense training, the whole
+pipeline with crash-safe resume, and per-layer sensitivity scans.
+
+Folders. Every phase writes into its own folder: its trainval and solver prototxts (Data sources written
+relative to that folder), Caffe's snapshots (``snapshots/<phase>_iter_N.*``), the training log, and the final
+model with its provenance JSON beside it. Caffe runs with that folder as its working folder (``caffe train``
+binary), or from pycaffe with the paths made absolute in memory. A phase is finished when its final model and
+provenance JSON exist; re-running resumes from the newest complete snapshot.
+
+Input trainvals: a Data layer's relative ``source`` is looked up beside the prototxt first, then (as the caffe
+binary does) in the current folder.
+"""
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from . import fileio, masklayer, pruning
+
+log = logging.getLogger(__name__)
+
+PRUNED = "pruned.caffemodel"
+SPARSE = "sparse.caffemodel"
+DENSE = "dense.caffemodel"
+MASKS = "masks.npz"
+SPARSE_NET, SPARSE_SOLVER = "sparse_trainval.prototxt", "sparse_solver.prototxt"
+DENSE_NET, DENSE_SOLVER = "dense_trainval.prototxt", "dense_solver.prototxt"
+STATE = "dsd_state.json"
+ENGINES = ("binary", "pycaffe")
+
+
+def _pb2():
+    from .caffe_env import caffe_pb2
+
+    return caffe_pb2()
+
+
+def _copy(msg):
+    out = type(msg)()
+    out.CopyFrom(msg)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ data sources
+def _phase_of(layer):
+    pb2 = _pb2()
+    phases = {r.phase for r in layer.include if r.HasField("phase")}
+    return "TRAIN" if phases == {pb2.TRAIN} else "TEST" if phases == {pb2.TEST} else "BOTH"
+
+
+def _source_fields(net):
+    """[(layer, getter, setter)] for every data source of the net."""
+    out = []
+    for l in net.layer:
+        if l.type == "Data":
+            out.append((l, l.data_param))
+        elif l.type == "ImageData":
+            out.append((l, l.image_data_param))
+        elif l.type == "HDF5Data":
+            out.append((l, l.hdf5_data_param))
+    return out
+
+
+def absolute_sources(net_param, base, train=None, test=None):
+    """Copy of ``net_param`` with every data source absolute: ``train``/``test`` when given, else the source
+    resolved beside ``base`` (the prototxt's folder) or, failing that, in the current folder."""
+    net = _copy(net_param)
+    for layer, p in _source_fields(net):
+        phase = _phase_of(layer)
+        given = train if phase == "TRAIN" else test if phase == "TEST" else None
+        src = os.fspath(given) if given is not None else p.source
+        if not src:
+            raise ValueError(f"{layer.type} layer {layer.name!r} has no source")
+        if not os.path.isabs(src):
+            near = os.path.abspath(os.path.join(base, src)) if base is not None else None
+            if given is None and near is not None and os.path.exists(near):
+                src = near
+            else:
+                src = os.path.abspath(src)
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"{layer.type} layer {layer.name!r}: data source {p.source or given} not found "
+                                    f"(looked beside the prototxt{' in ' + base if base else ''} and in the "
+                                    f"current folder)")
+        p.source = src
+    return net
+
+
+def relative_sources(net_param, folder):
+    """Copy of ``net_param`` (absolute sources) with sources relative to ``folder``."""
+    net = _copy(net_param)
+    for _, p in _source_fields(net):
+        p.source = os.path.relpath(p.source, folder)
+    return net
+
+
+def _train_data(net):
+    """(source, batch_size, test source, test batch) of the LMDB Data layers."""
+    train = test = None
+    for l in net.layer:
+        if l.type == "Data":
+            ph = _phase_of(l)
+            if ph in ("TRAIN", "BOTH") and train is None:
+                train = (l.data_param.source, l.data_param.batch_size)
+            if ph in ("TEST", "BOTH") and test is None:
+                test = (l.data_param.source, l.data_param.batch_size)
+    if train is None:
+        raise ValueError(f"net {net.name!r} has no TRAIN Data (LMDB) layer")
+    return train, test or train
+
+
+def _lmdb_count(path):
+    from .data import lmdb_info
+
+    return lmdb_info(path)["count"]
+
+
+# ------------------------------------------------------------------------------------------------ nets + weights
+def weighted_layers(net_param):
+    from .netgen import weighted_layers as wl
+
+    return wl(net_param)
+
+
+def _input_shape(net):
+    for l in net.layer:
+        if l.type == "Data":
+            from .data import lmdb_info
+
+            info = lmdb_info(l.data_param.source)
+            crop = l.transform_param.crop_size
+            return (1, info["channels"], crop or info["height"], crop or info["width"])
+    raise ValueError(f"net {net.name!r} has no Data layer to take the input shape from")
+
+
+def net_weight_shapes(net_param):
+    """{layer: [blob shapes]} of ``net_param`` (absolute sources), from a real caffe.Net of its deploy form."""
+    from . import netcheck, netgen
+    from .caffe_env import import_caffe
+
+    caffe = import_caffe()
+    d = netgen.deploy(masklayer.remove_mask_layer(net_param), input_shape=_input_shape(net_param))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "deploy.prototxt")
+        fileio.write_prototxt(path, d)
+        return netcheck.param_shapes(caffe.Net(path, caffe.TEST))
+
+
+def check_fits(net_param, model_param, weights_name, net_name):
+    from . import netcheck
+
+    return netcheck.check_weights_fit(net_weight_shapes(net_param), model_param, weights_name=weights_name,
+                                      net_name=net_name)
+
+
+def _set_blob(blob, array):
+    array = np.asarray(array, dtype=np.float32)
+    blob.ClearField("num"), blob.ClearField("channels"), blob.ClearField("height"), blob.ClearField("width")
+    del blob.shape.dim[:]
+    blob.shape.dim.extend(array.shape)
+    del blob.data[:]
+    blob.data.extend(array.ravel().tolist())
+
+
+def save_masks(path, masks, force=False):
+    with fileio.atomic_path(path, force=force) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: np.asarray(v, bool) for k, v in masks.items()})
+    return path
+
+
+def load_masks(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"masks file {path} does not exist")
+    try:
+        with np.load(path) as z:
+            return {k: z[k].astype(bool) for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"masks file {path} is unreadable ({e})") from None
+
+
+def _histogram_png(path, before, after, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.concatenate([w.ravel() for w in before.values()])
+    b = np.concatenate([w.ravel() for w in after.values()])
+    b = b[b != 0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+    lim = float(np.abs(a).max()) or 1.0
+    bins = np.linspace(-lim, lim, 201)
+    axes[0].hist(a, bins=bins, color="tab:blue")
+    axes[0].set_title(f"before: {a.size} weights")
+    axes[1].hist(b, bins=bins, color="tab:orange")
+    axes[1].set_title(f"after: {b.size} non-zero ({b.size / a.size:.3f})")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("weight")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ prune
+def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
+          force=False, seed=0, train_source=None, test_source=None, base_lr=None, epochs=None, max_iter=None,
+          snapshot=None, solver_args=None, net_param=None):
+    """Prune a dense model into ``output_dir``: pruned caffemodel (with the mask layer's blobs) + provenance JSON,
+    masks.npz, sparse trainval + solver, weight histograms PNG. Returns a dict with "table" (the per-layer table),
+    "rows", "densities" and the written paths.
+
+    ``net_param`` (a NetParameter with absolute sources) replaces reading ``model`` (used by :func:`run_dsd`).
+    """
+    from . import solvers
+
+    out = os.path.abspath(os.fspath(output_dir))
+    pruned_path = os.path.join(out, PRUNED)
+    if os.path.exists(pruned_path) and not force:
+        raise FileExistsError(f"{out} already holds a pruned model ({PRUNED}); pass --force to overwrite it")
+    fileio.check_output(os.path.join(out, SPARSE_NET), force=True)
+    target = pruning.parse_ratio(ratio, density, sparsity) if (ratio, density, sparsity) != (None,) * 3 else None
+    if target is None and profile in ("uniform", "global"):
+        raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
+    if net_param is None:
+        model = os.fspath(model)
+        net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
+                                     train_source, test_source)
+    else:
+        net_param = absolute_sources(net_param, None, train_source, test_source)
+    net_param = masklayer.remove_mask_layer(net_param)
+    model_param = fileio.read_caffemodel(weights)
+    check_fits(net_param, model_param, os.fspath(weights), os.fspath(model or net_param.name))
+    names = weighted_layers(net_param)
+    if not names:
+        raise ValueError(f"net {net_param.name!r} has no Convolution/InnerProduct layer to prune")
+    all_w = masklayer.weight_arrays(model_param)
+    dense_w = {n: all_w[n] for n in names}
+    densities = pruning.layer_densities(dense_w, target, profile=profile, skip=skip)
+    masks = pruning.make_masks(dense_w, densities)
+    pruned_w = pruning.apply_masks(dense_w, masks)
+    rows = pruning.summary_rows(dense_w, masks)
+    table = pruning.format_table(rows)
+    masked = {n: m for n, m in masks.items() if not m.all()}
+    if not masked:
+        raise ValueError("every layer is kept at density 1.0; nothing to prune")
+
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {out} is not writable")
+    sparse_net = masklayer.add_mask_layer(net_param, {n: dense_w[n].shape for n in masked})
+    new_model = masklayer.add_masks_to_caffemodel(model_param, masked, sparse_net)
+    fileio.write_prototxt(os.path.join(out, SPARSE_NET), relative_sources(sparse_net, out), force=True)
+    (train_src, batch), (test_src, test_batch) = _train_data(sparse_net)
+    args = dict(solver_args or {})
+    args.setdefault("batch_size", batch)
+    args.setdefault("test_batch", test_batch)
+    args.setdefault("iter_size", 1)
+    args.setdefault("random_seed", seed)
+    if base_lr is not None:
+        args["base_lr"] = base_lr
+    s = solvers.sparse_solver(SPARSE_NET, train_size=_lmdb_count(train_src), test_size=_lmdb_count(test_src),
+                              snapshot_prefix="snapshots/sparse", epochs=epochs, max_iter=max_iter, **args)
+    s.snapshot = snapshot or max(1, s.max_iter // 10)
+    fileio.write_prototxt(os.path.join(out, SPARSE_SOLVER), s, force=True)
+    save_masks(os.path.join(out, MASKS), masked, force=True)
+    _histogram_png(os.path.join(out, "weights_histogram.png"), dense_w, pruned_w,
+                   f"{os.path.basename(os.fspath(weights))}: pruned to {sum(r['kept'] for r in rows) / sum(r['size'] for r in rows):.3f}")
+    fileio.write_caffemodel(pruned_path, new_model, force=True)
+    achieved = {r["name"]: r["density"] for r in rows}
+    fileio.write_provenance(pruned_path, source=os.path.abspath(os.fspath(weights)), densities=achieved,
+                            phase="prune", iteration=0, seed=seed, force=True, target_density=target,
+                            profile=os.fspath(profile), skip=list(skip), masked_layers=list(masked),
+                            thresholds={r["name"]: r["threshold"] for r in rows}, net=SPARSE_NET,
+                            solver=SPARSE_SOLVER, masks=MASKS)
+    log.info("pruned %s -> %s", weights, pruned_path)
+    return {"table": table, "rows": rows, "densities": achieved, "model": pruned_path, "output_dir": out}
+
+
+# ------------------------------------------------------------------------------------------------ training
+_SNAP_RE = re.compile(r"_iter_(\d+)\.solverstate$")
+
+
+def snapshots(folder, prefix):
+    """[(iteration, solverstate, caffemodel)] of complete snapshots ``<folder>/<prefix>_iter_N.*``, newest first.
+    A snapshot whose files are missing, empty or unreadable (a kill while Caffe wrote it) is skipped."""
+    out = []
+    for state in glob.glob(os.path.join(folder, glob.escape(prefix) + "_iter_*.solverstate")):
+        m = _SNAP_RE.search(state)
+        model = state[: -len(".solverstate")] + ".caffemodel"
+        if not m or not os.path.exists(model):
+            continue
+        try:
+            fileio.read_caffemodel(model)
+            st = _pb2().SolverState()
+            with open(state, "rb") as f:
+                st.ParseFromString(f.read())
+            if st.iter != int(m.group(1)):
+                raise ValueError("iteration mismatch")
+        except Exception as e:  # noqa: BLE001 - any unreadable snapshot is skipped, and said so
+            log.warning("skipping incomplete snapshot %s (%s)", state, e)
+            continue
+        out.append((int(m.group(1)), state, model))
+    return sorted(out, reverse=True)
+
+
+def _portable_state(state, folder):
+    """A solverstate whose learned_net resolves from ``folder``: the file itself, or a hidden rewritten copy."""
+    st = _pb2().SolverState()
+    with open(state, "rb") as f:
+        st.ParseFromString(f.read())
+    learned = st.learned_net
+    target = os.path.join(os.path.dirname(state), os.path.basename(learned))
+    if learned and os.path.isabs(learned) and os.path.exists(learned):
+        return state
+    st.learned_net = os.path.abspath(target)
+    fd, tmp = tempfile.mkstemp(prefix=".resume-", suffix=".solverstate", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(st.SerializeToString())
+    return tmp
+
+
+def _progress(total, initial, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="iter", disable=None)
+
+
+def train(solver_path, weights=None, engine="binary", desc="train", gpu=None):
+    """Run the solver at ``solver_path`` (paths relative to its folder) from ``weights``, or resume from its newest
+    complete snapshot. Ends with a snapshot at max_iter; returns its caffemodel path."""
+    from .caffe_env import set_device
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    solver_path = os.path.abspath(os.fspath(solver_path))
+    folder = os.path.dirname(solver_path)
+    sp = fileio.read_solver_prototxt(solver_path)
+    prefix = os.path.join(folder, sp.snapshot_prefix)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    if snaps and snaps[0][0] >= sp.max_iter:
+        log.info("%s: already trained to iteration %d", desc, snaps[0][0])
+        return snaps[0][2]
+    resume = snaps[0] if snaps else None
+    if resume is None and weights is None:
+        raise ValueError(f"{solver_path}: no weights given and no snapshot to resume from")
+    if resume:
+        log.info("%s: resuming from %s", desc, resume[1])
+    set_device(gpu)
+    state = _portable_state(resume[1], folder) if resume else None
+    try:
+        if engine == "binary":
+            _train_binary(solver_path, folder, sp, weights, state, resume[0] if resume else 0, desc)
+        else:
+            _train_pycaffe(solver_path, folder, sp, weights, state, resume[0] if resume else 0, desc)
+    finally:
+        if state and state != resume[1] and os.path.exists(state):
+            os.unlink(state)
+    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    if not snaps or snaps[0][0] < sp.max_iter:
+        raise ValueError(f"{desc}: training ended without a snapshot at iteration {sp.max_iter} in {folder}")
+    return snaps[0][2]
+
+
+def _train_binary(solver_path, folder, sp, weights, state, start, desc):
+    from .caffe_env import caffe_binary
+
+    cmd = [caffe_binary(), "train", "-solver", os.path.basename(solver_path)]
+    cmd += ["-snapshot", os.path.abspath(state)] if state else ["-weights", os.path.abspath(os.fspath(weights))]
+    env = dict(os.environ, GLOG_minloglevel="0", GLOG_logtostderr="1")
+    logpath = os.path.join(folder, "train.log")
+    it_re = re.compile(r"Iteration (\d+)")
+    last = []
+    with open(logpath, "a") as logf, _progress(sp.max_iter, start, desc) as bar:
+        logf.write(f"# {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, cwd=folder, stdout=logf, stderr=subprocess.PIPE, text=True, env=env)
+        for line in proc.stderr:
+            logf.write(line)
+            last = (last + [line.rstrip()])[-15:]
+            m = it_re.search(line)
+            if m and int(m.group(1)) > bar.n:
+                bar.update(int(m.group(1)) - bar.n)
+        rc = proc.wait()
+    if rc != 0:
+        tail = next((l for l in reversed(last) if "Check failed" in l or "Error" in l), last[-1] if last else "")
+        raise ValueError(f"{desc}: `caffe train` failed with status {rc} in {folder}: {tail.strip()} "
+                         f"(full log: {logpath})")
+
+
+def _train_pycaffe(solver_path, folder, sp, weights, state, start, desc):
+    from . import solvers
+    from .caffe_env import import_caffe
+
+    caffe = import_caffe()
+    s = solvers.resolve_paths(sp, folder)
+    net = absolute_sources(fileio.read_net_prototxt(s.net), folder)
+    s.ClearField("net")
+    s.net_param.CopyFrom(net)
+    fd, tmp = tempfile.mkstemp(prefix=".pycaffe-", suffix=".prototxt", dir=folder)
+    os.close(fd)
+    try:
+        fileio.write_prototxt(tmp, s)
+        solver = caffe.get_solver(tmp)
+    finally:
+        os.unlink(tmp)
+    if state:
+        solver.restore(state)
+    else:
+        solver.net.copy_from(os.path.abspath(os.fspath(weights)))
+    step = max(1, min(sp.display or 10, 50))
+    with _progress(sp.max_iter, solver.iter, desc) as bar:
+        while solver.iter < sp.max_iter:
+            solver.step(min(step, sp.max_iter - solver.iter))
+            bar.update(solver.iter - bar.n)
+    if not (sp.snapshot and solver.iter % sp.snapshot == 0):
+        solver.snapshot()
+
+
+def finish_model(snapshot_model, path, provenance, force=True):
+    """Copy the final snapshot to ``path`` atomically, with its provenance JSON."""
+    with fileio.atomic_path(path, force=force) as tmp:
+        shutil.copyfile(snapshot_model, tmp)
+    fileio.write_provenance(path, force=True, **provenance)
+    return path
+
+
+def check_masked(model_path, masks):
+    """Raise ValueError unless every pruned weight of the caffemodel is exactly 0.0; returns densities."""
+    w = masklayer.weight_arrays(model_path)
+    out = {}
+    for name, m in masks.items():
+        if name not in w or w[name].shape != m.shape:
+            raise ValueError(f"{model_path}: mask of layer {name!r} {m.shape} does not fit its weights "
+                             f"{w.get(name, np.empty(0)).shape}")
+        bad = int(np.count_nonzero(w[name][~m]))
+        if bad:
+            raise ValueError(f"{model_path}: {bad} pruned weights of layer {name!r} are not 0.0")
+        out[name] = float(np.count_nonzero(w[name]) / w[name].size)
+    return out
+
+
+def train_sparse(output_dir, engine="binary", gpu=None, force=False):
+    """Sparse phase in a folder written by :func:`prune`: train from pruned.caffemodel (or resume), check every
+    pruned weight is 0.0, write sparse.caffemodel + provenance. Returns its path."""
+    out = os.path.abspath(os.fspath(output_dir))
+    final = os.path.join(out, SPARSE)
+    if os.path.exists(final) and os.path.exists(fileio.sidecar_path(final)) and not force:
+        raise FileExistsError(f"{out} already holds a finished sparse phase ({SPARSE}); pass --force to redo it")
+    for f in (PRUNED, SPARSE_SOLVER, SPARSE_NET, MASKS):
+        if not os.path.exists(os.path.join(out, f)):
+            raise FileNotFoundError(f"{out} is not a folder written by tools/prune.py (no {f})")
+    masks = load_masks(os.path.join(out, MASKS))
+    stored = masklayer.read_masks(os.path.join(out, PRUNED))
+    if set(stored) != set(masks) or any(not np.array_equal(stored[k], masks[k]) for k in masks):
+        raise ValueError(f"{out}: {MASKS} and the masks inside {PRUNED} differ")
+    snap = train(os.path.join(out, SPARSE_SOLVER), os.path.join(out, PRUNED), engine=engine, desc="sparse",
+                 gpu=gpu)
+    dens = check_masked(snap, masks)
+    back = masklayer.read_masks(snap)
+    if set(back) != set(masks) or any(not np.array_equal(back[k], masks[k]) for k in masks):
+        raise ValueError(f"{snap}: the masks in the snapshot differ from {MASKS}")
+    it = int(_SNAP_RE.search(snap[: -len(".caffemodel")] + ".solverstate").group(1))
+    prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, PRUNED)))
+    finish_model(snap, final, dict(source=os.path.join(out, PRUNED), densities=dens, phase="sparse", iteration=it,
+                                   seed=prov.get("seed"), net=SPARSE_NET, engine=engine))
+    return final
+
+
+def retrain_dense(model, weights, output_dir, base_lr=1e-4, epochs=20, max_iter=None, engine="binary", gpu=None,
+                  force=False, seed=0, snapshot=None, solver_args=None, train_source=None, test_source=None,
+                  net_param=None):
+    """Re-dense phase: release the masks (a plain trainval without the mask layer), start from ``weights`` (pruned
+    weights exactly 0.0, survivors as they are) with fresh solver history, train; writes dense_trainval, solver,
+    dense.caffemodel + provenance into ``output_dir``. Returns the final model's path."""
+    from . import solvers
+
+    out = os.path.abspath(os.fspath(output_dir))
+    final = os.path.join(out, DENSE)
+    if os.path.exists(final) and os.path.exists(fileio.sidecar_path(final)) and not force:
+        raise FileExistsError(f"{out} already holds a finished re-dense phase ({DENSE}); pass --force to redo it")
+    if net_param is None:
+        model = os.fspath(model)
+        net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
+                                     train_source, test_source)
+    else:
+        net_param = absolute_sources(net_param, None, train_source, test_source)
+    dense = masklayer.remove_mask_layer(net_param)
+    model_param = fileio.read_caffemodel(weights)
+    check_fits(dense, model_param, os.fspath(weights), os.fspath(model or dense.name))
+    solver_path = os.path.join(out, DENSE_SOLVER)
+    if not snapshots(os.path.join(out, "snapshots"), "redense") or force:
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"output folder {out} is not writable")
+        fileio.write_prototxt(os.path.join(out, DENSE_NET), relative_sources(dense, out), force=True)
+        (train_src, batch), (test_src, test_batch) = _train_data(dense)
+        args = dict(solver_args or {})
+        args.setdefault("batch_size", batch)
+        args.setdefault("test_batch", test_batch)
+        args.setdefault("random_seed", seed)
+        if max_iter is not None:
+            epochs = None
+        s = solvers.redense_solver(DENSE_NET, train_size=_lmdb_count(train_src), test_size=_lmdb_count(test_src),
+                                   base_lr=base_lr, epochs=epochs, max_iter=max_iter,
+                                   snapshot_prefix="snapshots/redense", **args)
+        s.snapshot = snapshot or max(1, s.max_iter // 10)
+        fileio.write_prototxt(solver_path, s, force=True)
+    snap = train(solver_path, os.path.abspath(os.fspath(weights)), engine=engine, desc="re-dense", gpu=gpu)
+    it = int(_SNAP_RE.search(snap[: -len(".caffemodel")] + ".solverstate").group(1))
+    dens = {n: float(np.count_nonzero(w) / w.size) for n, w in masklayer.weight_arrays(snap).items()}
+    finish_model(snap, final, dict(source=os.path.abspath(os.fspath(weights)), densities=dens, phase="re-dense",
+                                   iteration=it, seed=seed, net=DENSE_NET, engine=engine))
+    return final
