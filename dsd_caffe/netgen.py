@@ -24,9 +24,10 @@ per-image GEMM: one forward+backward at batch 64 costs about 40 ms of CPU time o
 Han's layer naming (``fireN/conv1x1_1`` ...) is used so pruning profiles and tools treat it like SqueezeNet.
 """
 import copy
-import os
+import functools
 import logging
 import math
+import os
 
 from .caffe_env import caffe_pb2
 
@@ -242,7 +243,6 @@ def _caffe():
 
 def _load(net_param, phase):
     """A caffe.Net of ``net_param`` (Data layers replaced by Input layers so no LMDB is needed)."""
-    import os
     import tempfile
 
     from google.protobuf import text_format
@@ -322,6 +322,7 @@ def weighted_layers(net_param):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _squeezenet_names(naming):
     """All layer and blob names of SqueezeNet v1.0 under ``naming``, in net order."""
     net = squeezenet_v1_0(naming)
@@ -330,7 +331,7 @@ def _squeezenet_names(naming):
         for n in [l.name, *l.top, *l.bottom]:
             if n not in names:
                 names.append(n)
-    return names
+    return tuple(names)
 
 
 def rename_map(src, dst):
