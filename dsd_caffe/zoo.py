@@ -1,0 +1,292 @@
+"""The released SqueezeNet models: where they come from, how to verify them, and how to load them.
+
+Every download is checked by its git blob id (``sha1(b"blob <size>\\0" + content)``, what ``git hash-object``
+prints and what GitHub stores), so a copy from any mirror or a local file can be verified without another
+checksum. A file is written under a temporary name, verified, and only then renamed into place.
+
+Offline use: ``fetch(name, dest, url="/path/or/file://url")`` copies and verifies a local file, and a file already
+at ``dest`` is verified and used as it is. ``load(name, weights=path)`` verifies and loads a local copy.
+
+Command line: ``python -m dsd_caffe.zoo list`` / ``fetch NAME DEST [--from-file PATH]`` / ``verify NAME PATH``.
+"""
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import urllib.parse
+import urllib.request
+
+from . import fileio
+
+log = logging.getLogger(__name__)
+
+#: models/ of this repository, where netgen's generated prototxts are committed
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    name: str
+    description: str
+    url: str
+    filename: str
+    blob_id: str = None  # git blob id; the primary check
+    sha1: str = None  # plain SHA-1 of the file, used only when no blob id is recorded
+    size: int = None  # bytes, when known
+    naming: str = None  # "han" | "deepscale": which generated prototxt fits
+    deploy: str = None  # matching deploy prototxt, relative to models/ (netgen's generated files)
+    trainval: str = None  # matching trainval prototxt, relative to models/
+    format: str = "caffemodel"  # or "deep-compression" (.net, decoded by dsd_caffe.deepcompression)
+    published: dict = None  # published results
+
+    def prototxt(self, kind="deploy"):
+        """Absolute path of the matching prototxt (``kind`` "deploy" or "trainval"), or None."""
+        rel = {"deploy": self.deploy, "trainval": self.trainval}.get(kind)
+        if kind not in ("deploy", "trainval"):
+            raise ValueError(f"prototxt kind must be 'deploy' or 'trainval', got {kind!r}")
+        return None if rel is None else os.path.join(MODELS, rel)
+
+
+_V10 = "squeezenet_v1.0"
+ZOO = {
+    m.name: m
+    for m in [
+        ZooModel(
+            name="dsd-squeezenet",
+            description="SqueezeNet v1.0 after Dense-Sparse-Dense training (Han et al.), Han's layer names",
+            url="https://raw.githubusercontent.com/songhan/SqueezeNet-DSD-Training/master/"
+                "DSD_SqueezeNet_top1_0.617579_top5_0.834742.caffemodel",
+            filename="DSD_SqueezeNet_top1_0.617579_top5_0.834742.caffemodel",
+            blob_id="ffce3635e4a837e7bc783fea3f48fcc48a1e93a6",
+            naming="han", deploy=f"{_V10}/deploy_han.prototxt", trainval=f"{_V10}/trainval_han.prototxt",
+            published={"accuracy_top1": 0.617579, "accuracy_top5": 0.834742, "loss": 1.7059, "iterations": 1000},
+        ),
+        ZooModel(
+            name="squeezenet-v1.0",
+            description="DeepScale's dense SqueezeNet v1.0 (the DSD starting point), DeepScale's layer names",
+            url="https://raw.githubusercontent.com/DeepScale/SqueezeNet/master/SqueezeNet_v1.0/"
+                "squeezenet_v1.0.caffemodel",
+            filename="squeezenet_v1.0.caffemodel",
+            blob_id="a381d848b43d7048c3b362238ece2386c21d6ff0",
+            naming="deepscale", deploy=f"{_V10}/deploy_deepscale.prototxt",
+            trainval=f"{_V10}/trainval_deepscale.prototxt",
+        ),
+        ZooModel(
+            name="squeezenet-v1.1",
+            description="DeepScale's SqueezeNet v1.1 (2.4x less computation than v1.0); the project generates "
+                        "no v1.1 prototxt: pass DeepScale's SqueezeNet_v1.1/deploy.prototxt to load()",
+            url="https://raw.githubusercontent.com/DeepScale/SqueezeNet/master/SqueezeNet_v1.1/"
+                "squeezenet_v1.1.caffemodel",
+            filename="squeezenet_v1.1.caffemodel",
+            blob_id=None,  # not found in the stored references
+            sha1="3397f026368a45ae236403ccc81cfcbe8ebe1bd0",  # file SHA-1 used by OpenCV's model downloader
+            naming="deepscale",
+        ),
+        ZooModel(
+            name="deep-compression-squeezenet",
+            description="SqueezeNet v1.0 after Deep Compression (pruned 3x + trained quantization), a .net file",
+            url="https://raw.githubusercontent.com/songhan/SqueezeNet-Deep-Compression/master/"
+                "compressed_SqueezeNet.net",
+            filename="compressed_SqueezeNet.net",
+            blob_id="b28ec20a342c1f0dd7f0c148be60df1192ff8036",
+            size=675763,
+            naming="han", deploy=f"{_V10}/deploy_han.prototxt", trainval=f"{_V10}/trainval_han.prototxt",
+            format="deep-compression",
+            published={"nonzero": 415921, "weights": 1244448},
+        ),
+    ]
+}
+
+
+def get(name):
+    """The ZooModel called ``name``."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def _hash_file(path, prefix_size=True):
+    size = os.path.getsize(path)
+    h = hashlib.sha1(b"blob %d\0" % size if prefix_size else b"")
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_id(path):
+    """The git blob id of a file: ``sha1(b"blob <size>\\0" + content)`` (what ``git hash-object`` prints)."""
+    return _hash_file(os.fspath(path), prefix_size=True)
+
+
+def verify(path, name):
+    """Check ``path`` is the released file of zoo model ``name`` (size, then git blob id); returns ``path``.
+
+    Raises ValueError on a mismatch, naming the expected and actual ids."""
+    model = get(name)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: {path} does not exist")
+    size = os.path.getsize(path)
+    if model.size is not None and size != model.size:
+        raise ValueError(f"{path} is not the released {model.filename}: {size} bytes, expected {model.size}")
+    if model.blob_id:
+        actual = git_blob_id(path)
+        if actual != model.blob_id:
+            raise ValueError(f"{path} is not the released {model.filename}: git blob id {actual}, expected "
+                             f"{model.blob_id}")
+    elif model.sha1:
+        actual = _hash_file(path, prefix_size=False)
+        if actual != model.sha1:
+            raise ValueError(f"{path} is not the released {model.filename}: SHA-1 {actual}, expected {model.sha1}")
+    else:
+        raise ValueError(f"no checksum is recorded for {name}; cannot verify {path}")
+    log.debug("%s verified as %s", path, name)
+    return path
+
+
+def _local_source(url):
+    """The local path ``url`` names (a path or a file:// URL), or None for a remote URL."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return urllib.request.url2pathname(parsed.path)
+    if parsed.scheme == "":
+        return url
+    return None
+
+
+def _download(url, out, timeout=60):
+    from tqdm import tqdm
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(out, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(out), disable=None) as bar:
+                for chunk in iter(lambda: r.read(1 << 16), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # URLError, HTTPError, timeouts are OSErrors
+        raise OSError(f"cannot download {url}: {e}") from None
+
+
+def fetch(name, dest, url=None, force=False):
+    """Get zoo model ``name`` into ``dest`` (a file path, or a folder for the release's file name), verified.
+
+    ``url`` defaults to the release URL; a local path or ``file://`` URL works offline. A file already at the
+    destination is verified and used (a mismatch is refused; ``force`` replaces it). The download goes to a
+    temporary name beside the destination, is verified, then renamed. Returns the destination path."""
+    model = get(name)
+    dest = os.fspath(dest)
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, model.filename)
+    if os.path.exists(dest) and not force:
+        try:
+            verify(dest, name)
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it or pass --force to fetch it again") from None
+        log.info("%s already holds %s (verified)", dest, name)
+        return dest
+    source = url or model.url
+    local = _local_source(source)
+    if local is not None and not os.path.isfile(local):
+        raise FileNotFoundError(f"{name}: local file {local} does not exist")
+    with fileio.atomic_path(dest, force=True) as tmp:
+        if local is not None:
+            shutil.copyfile(local, tmp)
+        else:
+            log.info("downloading %s from %s", name, source)
+            _download(source, tmp)
+        try:
+            verify(tmp, name)
+        except ValueError as e:
+            raise ValueError(f"{source}: {str(e).replace(tmp, 'the download')}") from None
+    log.info("%s: %s verified", name, dest)
+    return dest
+
+
+def _decoded_param(weights, prototxt):
+    from . import deepcompression
+
+    specs = deepcompression.layer_specs(prototxt)
+    layers = deepcompression.decode(weights, prototxt)
+    return deepcompression.to_net_parameter(layers, specs)
+
+
+def _copy_param(net, param):
+    import numpy as np
+
+    for layer in param.layer:
+        if layer.name in net.params:
+            for blob, bp in zip(net.params[layer.name], layer.blobs):
+                blob.data[...] = np.asarray(bp.data, np.float32).reshape(blob.data.shape)
+
+
+def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, url=None, cache=None):
+    """A ready ``caffe.Net`` for a zoo model name or for a prototxt (+ caffemodel) path.
+
+    - Zoo name: ``weights`` is a local copy (verified), else the file is fetched into ``cache`` (default
+      ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. ``prototxt`` defaults to
+      the matching deploy prototxt generated by netgen. A Deep Compression ``.net`` is decoded on the fly.
+    - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks.
+    """
+    from . import evaluate, netcheck
+
+    if name_or_prototxt not in ZOO:
+        if not str(name_or_prototxt).endswith((".prototxt", ".pt")) and not os.path.exists(name_or_prototxt):
+            raise KeyError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
+        return evaluate.load_net(name_or_prototxt, weights, phase, gpu=gpu)
+    model = get(name_or_prototxt)
+    if weights is not None:
+        verify(weights, model.name)
+    else:
+        folder = cache or os.environ.get("DSD_CAFFE_ZOO") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                         "dsd-caffe", "zoo")
+        os.makedirs(folder, exist_ok=True)
+        weights = fetch(model.name, folder, url=url)
+    prototxt = prototxt or model.prototxt("deploy")
+    if prototxt is None:
+        raise ValueError(f"{model.name}: the project has no matching prototxt; pass prototxt=")
+    if not os.path.exists(prototxt):
+        raise FileNotFoundError(f"{model.name}: prototxt {prototxt} does not exist (run tools/generate.py)")
+    if model.format == "caffemodel":
+        return evaluate.load_net(prototxt, weights, phase, gpu=gpu)
+    param = _decoded_param(weights, prototxt)
+    net = evaluate.load_net(prototxt, None, phase, gpu=gpu)
+    netcheck.check_weights_fit(netcheck.param_shapes(net), param, weights_name=os.fspath(weights),
+                               net_name=prototxt)
+    _copy_param(net, param)
+    return net
+
+
+def main(argv=None):
+    from . import cli
+
+    p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the known models")
+    f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")
+    f.add_argument("name", choices=sorted(ZOO))
+    f.add_argument("dest", help="file or folder")
+    f.add_argument("--from-file", "--url", dest="url", help="local file, file:// or http(s) URL to use instead")
+    f.add_argument("--force", action="store_true", help="replace a file at dest that does not verify")
+    v = sub.add_parser("verify", help="check a local file against the recorded git blob id")
+    v.add_argument("name", choices=sorted(ZOO))
+    v.add_argument("path")
+
+    def run(a):
+        if a.cmd == "list":
+            for m in ZOO.values():
+                print(f"{m.name:30s} {m.filename:60s} {m.blob_id or 'sha1:' + (m.sha1 or '?')}")
+                print(f"{'':30s} {m.url}")
+        elif a.cmd == "fetch":
+            print(fetch(a.name, a.dest, url=a.url, force=a.force))
+        else:
+            verify(a.path, a.name)
+            print(f"{a.path}: OK ({a.name})")
+
+    cli.main(p, run, argv)
+
+
+if __name__ == "__main__":
+    main()
