@@ -1,0 +1,151 @@
+"""The model zoo verifies files by git blob id, works offline from local files, and loads ready nets."""
+import dataclasses
+import os
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import DC_NET
+from dsd_caffe import caffe_env, zoo
+
+DC = "deep-compression-squeezenet"
+
+
+def test_blob_id_matches_git_hash_object(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"hello\x00world\n" * 1000)
+    git = subprocess.run(["git", "hash-object", str(f)], capture_output=True, text=True)
+    if git.returncode != 0:
+        pytest.skip("git is not available")
+    assert zoo.git_blob_id(f) == git.stdout.strip()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert zoo.git_blob_id(empty) == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
+
+
+def test_shared_compressed_squeezenet_verifies():
+    assert zoo.git_blob_id(DC_NET) == zoo.ZOO[DC].blob_id
+    assert zoo.verify(DC_NET, DC) == DC_NET
+
+
+def test_wrong_blob_id_refused():
+    with pytest.raises(ValueError, match="git blob id b28ec20a.*expected ffce3635"):
+        zoo.verify(DC_NET, "dsd-squeezenet")
+    fake = dataclasses.replace(zoo.ZOO[DC], blob_id="0" * 40)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(zoo.ZOO, DC, fake)
+        with pytest.raises(ValueError, match="expected 0000"):
+            zoo.verify(DC_NET, DC)
+
+
+def test_zoo_entries_are_complete():
+    for m in zoo.ZOO.values():
+        assert m.url.startswith("https://raw.githubusercontent.com/") and m.url.endswith(m.filename)
+        assert m.blob_id or m.sha1
+        if m.deploy:
+            assert m.prototxt("deploy").endswith(".prototxt") and m.prototxt("trainval").endswith(".prototxt")
+    with pytest.raises(KeyError, match="unknown zoo model"):
+        zoo.get("alexnet")
+
+
+def test_fake_file_refused_and_nothing_left(tmp_path):
+    fake = tmp_path / "fake.net"
+    fake.write_bytes(os.urandom(675763))  # right size, wrong content
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ValueError, match="not the released compressed_SqueezeNet.net"):
+        zoo.fetch(DC, dest, url=str(fake))
+    assert os.listdir(dest) == []
+    short = tmp_path / "short.net"
+    short.write_bytes(b"x" * 10)
+    with pytest.raises(ValueError, match="10 bytes, expected 675763"):
+        zoo.verify(short, DC)
+
+
+def test_fetch_from_local_path_and_file_url(tmp_path):
+    a = zoo.fetch(DC, tmp_path, url=DC_NET)
+    assert a == str(tmp_path / "compressed_SqueezeNet.net") and zoo.git_blob_id(a) == zoo.ZOO[DC].blob_id
+    b = zoo.fetch(DC, tmp_path / "b.net", url=pathlib.Path(DC_NET).resolve().as_uri())
+    assert open(b, "rb").read() == open(DC_NET, "rb").read()
+    # a verified file already at dest is used as it is (the bogus URL is never opened)
+    assert zoo.fetch(DC, tmp_path / "b.net", url="http://invalid.invalid/x") == str(tmp_path / "b.net")
+    assert sorted(os.listdir(tmp_path)) == ["b.net", "compressed_SqueezeNet.net"]
+
+
+def test_existing_wrong_file_refused_unless_force(tmp_path):
+    dest = tmp_path / "compressed_SqueezeNet.net"
+    dest.write_bytes(b"not it")
+    with pytest.raises(ValueError, match="--force"):
+        zoo.fetch(DC, tmp_path, url=DC_NET)
+    assert dest.read_bytes() == b"not it"
+    zoo.fetch(DC, tmp_path, url=DC_NET, force=True)
+    assert zoo.git_blob_id(dest) == zoo.ZOO[DC].blob_id
+
+
+def test_missing_local_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.net"):
+        zoo.fetch(DC, tmp_path, url=str(tmp_path / "nope.net"))
+
+
+def test_cli_fetch_and_verify(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        zoo.main(["fetch", DC, str(tmp_path), "--from-file", DC_NET])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        zoo.main(["verify", "dsd-squeezenet", DC_NET])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "git blob id" in err[0]
+
+
+TINY_DEPLOY = """name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 1 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_load_zoo_name_and_prototxt(tmp_path):
+    caffe = caffe_env.import_caffe()
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text(TINY_DEPLOY)
+    caffe.set_random_seed(3)
+    src = caffe.Net(str(proto), caffe.TEST)
+    weights = tmp_path / "tiny.caffemodel"
+    src.save(str(weights))
+    entry = zoo.ZooModel(name="tiny", description="test", url="https://example.invalid/tiny.caffemodel",
+                         filename="tiny.caffemodel", blob_id=zoo.git_blob_id(weights), deploy=str(proto))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(zoo.ZOO, "tiny", entry)
+        net = zoo.load("tiny", weights=str(weights))
+        cache = tmp_path / "cache"
+        net2 = zoo.load("tiny", url=str(weights), cache=str(cache))  # offline "download" into the cache
+        assert os.listdir(cache) == ["tiny.caffemodel"]
+        other = tmp_path / "other.caffemodel"
+        caffe.set_random_seed(4)
+        caffe.Net(str(proto), caffe.TEST).save(str(other))
+        with pytest.raises(ValueError, match="git blob id"):
+            zoo.load("tiny", weights=str(other))
+    net3 = zoo.load(str(proto), weights=str(weights))
+    for n in (net, net2, net3):
+        for name in ("conv1", "fc"):
+            assert np.array_equal(n.params[name][0].data, src.params[name][0].data)
+    with pytest.raises(KeyError, match="neither a zoo model"):
+        zoo.load("no-such-model")
+
+
+def test_load_compressed_squeezenet():
+    pytest.importorskip("dsd_caffe.deepcompression")
+    m = zoo.ZOO[DC]
+    if not os.path.exists(m.prototxt("deploy")):
+        pytest.skip("models/ has no generated deploy prototxt")
+    net = zoo.load(DC, weights=DC_NET)
+    convs = [k for k, l in zip(net._layer_names, net.layers) if l.type == "Convolution"]
+    total = sum(net.params[k][0].data.size for k in convs)
+    nonzero = sum(np.count_nonzero(net.params[k][0].data) for k in convs)
+    assert (nonzero, total) == (415921, 1244448)
