@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 #: bits per code in the .net format, by layer type
 NET_BITS = {"Convolution": 8, "InnerProduct": 4}
 #: layer types that read data: such prototxts cannot be built for their shapes without the data
-DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "AnnotatedData", "VideoData"}
+DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "AnnotatedData", "VideoData",
+              5, 12, 9, 24, 29}  # the V1 enums of DATA, IMAGE_DATA, HDF5_DATA, WINDOW_DATA, MEMORY_DATA
 MAGIC = b"DSDH"
 VERSION = 1
 MAX_GAP = 16  # the .net format's 4-bit gap advances at most 16 positions per entry
@@ -68,10 +69,9 @@ def layer_specs(prototxt):
 
     net_param = fileio.read_net_prototxt(prototxt)
     for layer in list(net_param.layer) + list(net_param.layers):
-        ltype = layer.type if isinstance(layer.type, str) else str(layer.type)
-        if ltype in DATA_TYPES:
+        if layer.type in DATA_TYPES:
             raise ValueError(
-                f"prototxt {prototxt} reads data (layer {layer.name!r} of type {ltype}); give the deploy prototxt "
+                f"prototxt {prototxt} reads data (layer {layer.name!r} of type {layer.type}); give the deploy prototxt "
                 "(with an Input layer) instead")
     caffe = import_caffe()
     net = caffe.Net(os.fspath(prototxt), caffe.TEST)
