@@ -145,7 +145,8 @@ def sparse_solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, base_l
 
 def redense_solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, base_lr=1e-4, epochs=20,
                    snapshot_prefix="redense", **kw):
-    """Dense retraining after the mask is released: base_lr 1e-4, 20 epochs by default."""
+    """Dense retraining after the mask is released: base_lr 1e-4, 20 epochs by default (an explicit
+    ``max_iter`` replaces the epochs)."""
     args = _common(kw, batch_size=32, iter_size=16)
     if args["max_iter"] is not None:
         epochs = None
