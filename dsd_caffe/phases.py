@@ -520,3 +520,145 @@ def retrain_dense(model, weights, output_dir, base_lr=1e-4, epochs=20, max_iter=
     finish_model(snap, final, dict(source=os.path.abspath(os.fspath(weights)), densities=dens, phase="re-dense",
                                    iteration=it, seed=seed, net=DENSE_NET, engine=engine))
     return final
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_model(net_param, weights, iterations=None, gpu=None):
+    """Test-phase outputs {name: float} of ``weights`` on ``net_param`` (absolute sources); ``iterations`` defaults
+    to covering the TEST LMDB once."""
+    from . import evaluate, solvers
+
+    net = masklayer.remove_mask_layer(net_param)
+    if iterations is None:
+        _, (test_src, test_batch) = _train_data(net)
+        iterations = solvers.test_iters(_lmdb_count(test_src), test_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "test.prototxt")
+        fileio.write_prototxt(path, net)
+        res = evaluate.evaluate(path, os.fspath(weights), iterations=iterations, gpu=gpu)
+    return {k: float(np.asarray(v).ravel()[0]) for k, v in res.items() if np.asarray(v).size == 1}
+
+
+def accuracy_of(results):
+    """The top-1 accuracy among evaluation outputs (``accuracy``, ``accuracy_top1``, ``top-1``...), or None."""
+    keys = [k for k in results if "acc" in k.lower() or "top" in k.lower()]
+    keys.sort(key=lambda k: (not ("1" in k or k.lower() == "accuracy"), k))
+    return results[keys[0]] if keys else None
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def _accuracy_png(path, phases_done):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [p["name"] for p in phases_done]
+    acc = [p.get("accuracy") for p in phases_done]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
+    ax.plot(range(len(names)), [a if a is not None else np.nan for a in acc], "o-")
+    for i, a in enumerate(acc):
+        if a is not None:
+            ax.annotate(f"{a:.4f}", (i, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy across DSD phases")
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
+            cycles=1, sparse_epochs=None, sparse_iters=None, sparse_lr=None, dense_epochs=20, dense_iters=None,
+            dense_lr=1e-4, snapshot=None, solver_args=None, engine="binary", test_iterations=None, seed=0,
+            force=False, gpu=None, train_source=None, test_source=None):
+    """Dense caffemodel -> (prune -> sparse -> re-dense) x ``cycles`` in ``output_dir``.
+
+    State lives in ``output_dir/dsd_state.json`` (written atomically after every step). Running the same call
+    again after an interruption resumes: finished phases are kept, the current phase resumes from its newest
+    complete snapshot. A finished run is refused unless ``force`` (which starts over). Returns the state dict.
+    """
+    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
+        raise ValueError(f"--cycles must be a whole number >= 1, got {cycles!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    out = os.path.abspath(os.fspath(output_dir))
+    state_path = os.path.join(out, STATE)
+    model = os.path.abspath(os.fspath(model))
+    weights = os.path.abspath(os.fspath(weights))
+    target = pruning.parse_ratio(ratio, density, sparsity) if (ratio, density, sparsity) != (None,) * 3 else None
+    config = dict(model=model, weights=weights, density=target, profile=os.fspath(profile), skip=list(skip),
+                  cycles=cycles, sparse_epochs=sparse_epochs, sparse_iters=sparse_iters, sparse_lr=sparse_lr,
+                  dense_epochs=dense_epochs, dense_iters=dense_iters, dense_lr=dense_lr, snapshot=snapshot,
+                  solver_args=solver_args or {}, seed=seed, train_source=train_source, test_source=test_source)
+    config = json.loads(json.dumps(config))
+    if os.path.exists(state_path):
+        state = fileio.read_json(state_path)
+        if force:
+            for name in os.listdir(out):
+                if name == STATE or re.match(r"^cycle\d+-(sparse|dense)$", name) or name == "accuracy.png":
+                    p = os.path.join(out, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+            state = None
+        elif state.get("finished"):
+            raise FileExistsError(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
+        elif state.get("config") != config:
+            diff = sorted(k for k in set(config) | set(state.get("config", {}))
+                          if config.get(k) != state.get("config", {}).get(k))
+            raise ValueError(f"{out} holds an unfinished DSD run with other settings ({', '.join(diff)}); use "
+                             "the same command to resume it, another folder, or --force to start over")
+    else:
+        state = None
+        if os.path.isdir(out) and os.listdir(out) and not force:
+            raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder "
+                                  "or --force")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {out} is not writable")
+    if state is None:
+        state = {"config": config, "phases": [], "finished": False, "engine": engine}
+        fileio.write_json(state_path, state)
+
+    def done(name):
+        return next((p for p in state["phases"] if p["name"] == name), None)
+
+    def record(name, path, kind):
+        res = evaluate_model(net, path, test_iterations, gpu)
+        rep = masklayer.sparsity_report(path)["total"]
+        entry = {"name": name, "phase": kind, "model": os.path.relpath(path, out), "results": res,
+                 "accuracy": accuracy_of(res), "density": rep["density"]}
+        state["phases"].append(entry)
+        fileio.write_json(state_path, state)
+        log.info("%s: accuracy %s, density %.4f", name, entry["accuracy"], rep["density"])
+
+    net = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(model), train_source, test_source)
+    net = masklayer.remove_mask_layer(net)
+    if not done("dense"):
+        record("dense", weights, "dense")
+    current = weights
+    for c in range(1, cycles + 1):
+        sdir, ddir = os.path.join(out, f"cycle{c}-sparse"), os.path.join(out, f"cycle{c}-dense")
+        if not done(f"cycle{c}-sparse"):
+            if not os.path.exists(os.path.join(sdir, SPARSE)):
+                if not os.path.exists(os.path.join(sdir, PRUNED)) or \
+                        not os.path.exists(fileio.sidecar_path(os.path.join(sdir, PRUNED))):
+                    res = prune(None, current, sdir, density=target, profile=profile, skip=skip, force=True,
+                                seed=seed, base_lr=sparse_lr, epochs=sparse_epochs, max_iter=sparse_iters,
+                                snapshot=snapshot, solver_args=solver_args, net_param=net)
+                    log.info("cycle %d pruning:\n%s", c, res["table"])
+                train_sparse(sdir, engine=engine, gpu=gpu, force=True)
+            record(f"cycle{c}-sparse", os.path.join(sdir, SPARSE), "sparse")
+        if not done(f"cycle{c}-dense"):
+            if not os.path.exists(os.path.join(ddir, DENSE)) or \
+                    not os.path.exists(fileio.sidecar_path(os.path.join(ddir, DENSE))):
+                retrain_dense(None, os.path.join(sdir, SPARSE), ddir, base_lr=dense_lr, epochs=dense_epochs,
+                              max_iter=dense_iters, engine=engine, gpu=gpu, force=False, seed=seed,
+                              snapshot=snapshot, solver_args=solver_args, net_param=net)
+            record(f"cycle{c}-dense", os.path.join(ddir, DENSE), "re-dense")
+        current = os.path.join(ddir, DENSE)
+    _accuracy_png(os.path.join(out, "accuracy.png"), state["phases"])
+    state["finished"] = True
+    state["final_model"] = os.path.relpath(current, out)
+    fileio.write_json(state_path, state)
+    return state
