@@ -98,70 +98,20 @@ def resolve_source(source):
     return os.path.abspath(source)
 
 
-def _open_lmdb(path, where):
-    import lmdb
+def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
+    """``data.lmdb_info`` of a Data layer source (resolved against the current folder), errors prefixed with
+    ``where``; channels follow ``force_color``/``force_gray`` like Caffe's decoder."""
+    from . import data
 
-    full = resolve_source(path)
-    shown = path if os.path.isabs(path) else f"{path} (resolved against the current folder to {full})"
-    if not os.path.exists(full):
-        raise FileNotFoundError(f"{where}: LMDB {shown} does not exist")
-    if not os.path.isdir(full) or not os.path.exists(os.path.join(full, "data.mdb")):
-        raise ValueError(f"{where}: {shown} is not an LMDB folder (no data.mdb inside)")
+    full = resolve_source(source)
     try:
-        env = lmdb.open(full, readonly=True, lock=False, readahead=False, max_readers=4)
-    except lmdb.Error as e:
-        raise ValueError(f"{where}: LMDB {shown} is unreadable ({e})") from None
-    return env, shown
-
-
-def _datum_shape(raw, datum_cls, where, key, force_color=False, force_gray=False):
-    from google.protobuf.message import DecodeError
-
-    datum = datum_cls()
-    try:
-        datum.ParseFromString(raw)
-    except DecodeError:
-        raise ValueError(f"{where}: entry {key!r} is not a caffe Datum") from None
-    if datum.encoded:
-        import cv2
-        import numpy as np
-
-        img = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ValueError(f"{where}: entry {key!r} holds an encoded image that does not decode")
-        c = 1 if img.ndim == 2 else img.shape[2]
-        c = 3 if force_color else 1 if force_gray else c
-        return c, img.shape[0], img.shape[1], datum.label
-    c, h, w = datum.channels, datum.height, datum.width
-    if c <= 0 or h <= 0 or w <= 0:
-        raise ValueError(f"{where}: entry {key!r} has shape {c}x{h}x{w}")
-    n = len(datum.data) or len(datum.float_data)
-    if n != c * h * w:
-        raise ValueError(f"{where}: entry {key!r} says {c}x{h}x{w} but holds {n} values")
-    return c, h, w, datum.label
-
-
-def lmdb_summary(path, where="LMDB", force_color=False, force_gray=False):
-    """{"count", "channels", "height", "width"} of an LMDB of Datums (first and last entries checked)."""
-    env, shown = _open_lmdb(path, where)
-    Datum = _pb2().Datum
-    try:
-        count = env.stat()["entries"]
-        if count == 0:
-            raise ValueError(f"{where}: LMDB {shown} is empty")
-        shapes = []
-        with env.begin() as txn:
-            cur = txn.cursor()
-            for move in (cur.first, cur.last):
-                move()
-                shapes.append(_datum_shape(cur.value(), Datum, where, cur.key(), force_color, force_gray))
-    finally:
-        env.close()
-    (c, h, w, _), last = shapes
-    if last[:3] != (c, h, w):
-        raise ValueError(f"{where}: LMDB {shown} mixes image shapes ({c}x{h}x{w} first, "
-                         f"{last[0]}x{last[1]}x{last[2]} last)")
-    return {"count": count, "channels": c, "height": h, "width": w}
+        info = data.lmdb_info(full)
+    except ValueError as e:
+        rel = "" if os.path.isabs(source) else f" (source {source!r} resolved against the current folder)"
+        raise ValueError(f"{where}: {e}{rel}") from None
+    if info["encoded"] and (force_color or force_gray):
+        info["channels"] = 3 if force_color else 1
+    return info
 
 
 def _read_mean(path, where):

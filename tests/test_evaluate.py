@@ -281,7 +281,7 @@ def test_not_an_lmdb(good, capsys):
     proto = tmp / "plain.prototxt"
     proto.write_text(NET.format(source=str(tmp / "plain"), batch=4, crop=24, classes=10, lw=1, extra=""))
     msg = run_tool_error(capsys, ["--model", str(proto), "--weights", weights])
-    assert "not an LMDB" in msg
+    assert "plain" in msg and "no data.mdb" in msg
 
 
 def test_images_smaller_than_crop(good, capsys):
