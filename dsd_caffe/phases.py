@@ -222,12 +222,12 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     """
     from . import solvers
 
+    target = pruning.parse_ratio(ratio, density, sparsity) if (ratio, density, sparsity) != (None,) * 3 else None
     out = os.path.abspath(os.fspath(output_dir))
     pruned_path = os.path.join(out, PRUNED)
     if os.path.exists(pruned_path) and not force:
         raise FileExistsError(f"{out} already holds a pruned model ({PRUNED}); pass --force to overwrite it")
     fileio.check_output(os.path.join(out, SPARSE_NET), force=True)
-    target = pruning.parse_ratio(ratio, density, sparsity) if (ratio, density, sparsity) != (None,) * 3 else None
     if target is None and profile in ("uniform", "global"):
         raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
     if net_param is None:
