@@ -153,6 +153,8 @@ def _as_fraction(value, flag):
             raise _refuse(f"invalid {flag} {value!r}") from None
     if not math.isfinite(number) or not 0.0 < number < 1.0:
         raise _refuse(f"invalid {flag} {value!r} (must be strictly between 0 and 1)")
+    if flag == "--density" and not math.isfinite(1.0 / number):
+        raise _refuse(f"invalid {flag} {value!r} (too small)")
     return number
 
 
@@ -188,8 +190,8 @@ def parse_ratio(ratio=None, density=None, sparsity=None):
         why = "nothing would be pruned" if n == 1.0 else "N must be finite and greater than 1"
         raise _refuse(f"invalid --ratio {ratio!r} ({why})")
     value = 1.0 / n
-    if not 0.0 < value < 1.0:
-        raise _refuse(f"invalid --ratio {ratio!r} (keeps no weight)")
+    if not 0.0 < value < 1.0 or not math.isfinite(1.0 / value):
+        raise _refuse(f"invalid --ratio {ratio!r} (too large)")
     return value
 
 

@@ -76,7 +76,7 @@ def test_parse_ratio_accepts(kwargs, expected):
 @pytest.mark.parametrize("kwargs", [
     {"ratio": "1x"}, {"ratio": "0x"}, {"ratio": "-3x"}, {"ratio": "nanx"}, {"ratio": "NaN"}, {"ratio": "infx"},
     {"ratio": "3"}, {"ratio": "0.5x"}, {"ratio": "x"}, {"ratio": ""}, {"ratio": "3xx"}, {"ratio": "1e400x"},
-    {"ratio": 3}, {"ratio": 3.0}, {"ratio": "1/3"},
+    {"ratio": 3}, {"ratio": 3.0}, {"ratio": "1/3"}, {"ratio": "1.7976931348623153e+308x"}, {"density": 5e-324},
     {"density": 0}, {"density": 1}, {"density": 1.5}, {"density": -0.3}, {"density": float("nan")},
     {"density": float("inf")}, {"density": "3x"}, {"density": "abc"}, {"density": True}, {"density": [0.3]},
     {"sparsity": 0}, {"sparsity": 1.0}, {"sparsity": -0.1}, {"sparsity": float("nan")},
@@ -258,6 +258,14 @@ def test_name_mapping_round_trip():
     assert pruning.deepscale_name("conv_final") == "conv10"
     assert pruning.han_name("fire9/squeeze1x1") == "fire9/conv1x1_1"
     assert pruning.han_name("ip1") == "ip1"
+
+
+def test_name_mapping_agrees_with_netgen():
+    netgen = pytest.importorskip("dsd_caffe.netgen")  # imports Caffe; fine in a test, never in pruning.py
+    layers = set(SQUEEZENET_3X)
+    han_to_ds = {k: v for k, v in netgen.rename_map("han", "deepscale").items() if k in layers}
+    assert han_to_ds == {n: pruning.deepscale_name(n) for n in layers if pruning.deepscale_name(n) != n}
+    assert netgen.weighted_layers(netgen.squeezenet_v1_0("han")) == list(SQUEEZENET_3X)
 
 
 def test_uniform_with_skip():
