@@ -179,7 +179,7 @@ def _convert_one(full, label, s):
 
 def _convert_chunk(chunk):
     """Worker task: a list of (index, key, full path, label). Returns (records, failures, sums) where sums maps an
-    image shape (h, w, c) to [float64 pixel sum, count]."""
+    image shape (h, w, c) to [uint32 pixel sum, count]."""
     s = _SETTINGS
     records, failures, sums = [], [], {}
     for index, key, full, label in chunk:
@@ -191,10 +191,9 @@ def _convert_chunk(chunk):
         records.append((index, key, value, label))
         acc = sums.get(img.shape)
         if acc is None:
-            sums[img.shape] = [img.astype(np.float64), 1]
-        else:
-            acc[0] += img
-            acc[1] += 1
+            acc = sums[img.shape] = [np.zeros(img.shape, np.uint32), 0]  # exact for up to 16M images
+        np.add(acc[0], img, out=acc[0])
+        acc[1] += 1
     return records, failures, sums
 
 
@@ -316,6 +315,8 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
         try:
             pool = None
             if workers > 1:
+                import cv2  # noqa: F401  (imported once here rather than in every worker)
+
                 pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (settings,))
                 results = pool.imap(_convert_chunk, chunks)
             else:
@@ -329,15 +330,15 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
                             counts[label] = counts.get(label, 0) + 1
                         failures.extend(failed)
                         for shape, (s, n) in chunk_sums.items():
-                            if shape in sums:
-                                sums[shape][0] += s
-                                sums[shape][1] += n
-                            else:
-                                sums[shape] = [s, n]
+                            acc = sums.setdefault(shape, [np.zeros(shape, np.float64), 0])
+                            acc[0] += s
+                            acc[1] += n
                         bar.update(len(records) + len(failed))
+                if pool is not None:
+                    pool.close()
             finally:
                 if pool is not None:
-                    pool.terminate()
+                    pool.terminate()  # a no-op after a clean close(); stops the workers on an error
                     pool.join()
             count = sum(counts.values())
             if count == 0:
