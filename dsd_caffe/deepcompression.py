@@ -24,7 +24,10 @@ The Huffman variant (ours; Deep Compression's third stage), version 1, little-en
                        1 = they count non-zeros before each zero weight (for layers denser than 1/2)
       size      uint32 (weights in the blob), nonzero uint32, gap symbols uint32
       escape    uint8 E: gap symbol E means "E positions skipped, no entry" (like a filler, without a code)
-      K         uint16, then float32 codebook[K] (the non-zero values, ascending)
+      K         uint16, then the codebook: K non-zero float32 values, ascending, each mapped to the integer
+                that orders like it (bits b -> b if the sign bit is clear, else -(b & 0x7fffffff)); the first
+                integer and then the K-1 positive differences are written as LEB128 varints (the first
+                zigzag-coded)
       nbias     uint32, then float32 bias[nbias]
       code lengths: canonical Huffman code lengths of the K code symbols, 4 bits each, low nibble first
       gap lengths:  the same for the E+1 gap symbols
@@ -535,7 +538,7 @@ def encode_huffman_bytes(layers, specs, bits=None, escape=HUFFMAN_ESCAPE):
         rec = b"".join([
             struct.pack("<B", len(name)), name,
             struct.pack("<BBIIIB", nbits_code, mode, flat.size, len(code_syms), len(gap_syms), escape),
-            struct.pack("<H", len(codebook)), codebook.astype("<f4").tobytes(),
+            struct.pack("<H", len(codebook)), _codebook_bytes(codebook),
             struct.pack("<I", b.size), b.astype("<f4").tobytes(),
             _nibble_lengths(code_len), _nibble_lengths(gap_len),
             struct.pack("<I", cbits), cpay, struct.pack("<I", gbits), gpay])
@@ -544,6 +547,55 @@ def encode_huffman_bytes(layers, specs, bits=None, escape=HUFFMAN_ESCAPE):
                                   0, len(rec)))
     data = b"".join(out)
     return data + struct.pack("<I", zlib.crc32(data)), report
+
+
+def _float_order(values):
+    bits = np.asarray(values, "<f4").view(np.uint32).astype(np.int64)
+    return np.where(bits >> 31, -(bits & 0x7FFFFFFF), bits)
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _codebook_bytes(codebook):
+    """Ascending non-zero float32 values as varint deltas of their order-preserving integers."""
+    ints = _float_order(codebook).tolist()
+    if not ints:
+        return b""
+    first = ints[0]
+    out = [_varint(2 * first if first >= 0 else -2 * first - 1)]
+    out.extend(_varint(b - a) for a, b in zip(ints, ints[1:]))
+    return b"".join(out)
+
+
+def _read_codebook(reader, k):
+    ints = []
+    for i in range(k):
+        value, shift = 0, 0
+        while True:
+            (byte,) = reader.take(1, "codebook")
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+            if shift > 35:
+                raise ValueError(f"{reader.name}: layer {reader.layer!r} has a malformed codebook (corrupted?)")
+        if i == 0:
+            ints.append(value >> 1 if not value & 1 else -((value + 1) >> 1))
+        else:
+            ints.append(ints[-1] + value)
+    ints = np.asarray(ints, np.int64)
+    if k and (ints.max() > 0x7F7FFFFF or ints.min() < -0x7F7FFFFF):
+        raise ValueError(f"{reader.name}: layer {reader.layer!r} has a non-finite codebook value (corrupted?)")
+    bits = np.where(ints < 0, (-ints) | 0x80000000, ints).astype(np.uint32)
+    return bits.view(np.float32)
 
 
 class _Reader:
@@ -590,7 +642,7 @@ def _decode_huffman(data, specs, name):
         if not 1 <= bits <= 8 or mode not in (0, 1) or escape < 1 or n_codes > size:
             raise ValueError(f"{name}: layer {spec.name!r} has an invalid header (corrupted?)")
         (k,) = r.unpack("<H", "codebook size")
-        codebook = np.frombuffer(r.take(4 * k, "codebook"), "<f4").astype(np.float32)
+        codebook = _read_codebook(r, k)
         (nbias,) = r.unpack("<I", "bias count")
         if nbias != spec.bias_size:
             raise ValueError(f"{name}: layer {spec.name!r} has {nbias} bias values, the prototxt wants "

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAN_DEPLOY = os.path.join(REPO, "models", "squeezenet_v1.0", "deploy_han.prototxt")
 HAN_TRAINVAL = os.path.join(REPO, "models", "squeezenet_v1.0", "trainval_han.prototxt")
 NET_BYTES = 675_763
-HUFFMAN_BYTES = 544_686  # measured; deterministic (no timing). The 470,000-byte goal is not met losslessly.
+HUFFMAN_BYTES = 538_458  # measured; deterministic (no timing). The 470,000-byte goal is not met losslessly.
 
 pytestmark = pytest.mark.skipif(not os.path.exists(DC_NET), reason="shared reference files not present")
 
