@@ -241,7 +241,7 @@ def _magnitudes(weights, name):
         raise TypeError(f"{what}: weights must be a real numeric array, not dtype {w.dtype}")
     if w.size == 0:
         raise ValueError(f"{what}: empty weight array of shape {w.shape}")
-    a = np.abs(w).ravel()
+    a = np.abs(w if w.dtype.kind == "f" else w.astype(np.float64)).ravel()  # abs(int8 -128) overflows
     if w.dtype.kind == "f" and not np.all(np.isfinite(a)):
         bad = int(np.count_nonzero(~np.isfinite(a)))
         raise ValueError(f"{what}: {bad} weight(s) are NaN or infinite; refusing to prune a diverged model")

@@ -155,6 +155,11 @@ def test_ties_lower_flat_index_wins():
     assert magnitude_mask(z, 0.5).tolist() == [True, True, False, False]
 
 
+def test_integer_weights_no_abs_overflow():
+    w = np.array([-128, 1, 127, -2], dtype=np.int8)
+    assert magnitude_mask(w, 0.5).tolist() == [True, False, True, False]
+
+
 def test_ties_deterministic_and_match_stable_argsort():
     rng = np.random.default_rng(3)
     w = rng.integers(-3, 4, size=(40, 25)).astype(np.float32)  # lots of ties
