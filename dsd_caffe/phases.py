@@ -196,9 +196,9 @@ def _histogram_png(path, before, after, title):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
     lim = float(np.abs(a).max()) or 1.0
     bins = np.linspace(-lim, lim, 201)
-    axes[0].hist(a, bins=bins, color="tab:blue")
+    axes[0].stairs(np.histogram(a, bins)[0], bins, fill=True, color="tab:blue")
     axes[0].set_title(f"before: {a.size} weights")
-    axes[1].hist(b, bins=bins, color="tab:orange")
+    axes[1].stairs(np.histogram(b, bins)[0], bins, fill=True, color="tab:orange")
     axes[1].set_title(f"after: {b.size} non-zero ({b.size / a.size:.3f})")
     for ax in axes:
         ax.set_yscale("log")
@@ -385,13 +385,14 @@ def _train_binary(solver_path, folder, sp, weights, state, start, desc):
         proc = subprocess.Popen(cmd, cwd=folder, stdout=logf, stderr=subprocess.PIPE, text=True, env=env)
         for line in proc.stderr:
             logf.write(line)
-            last = (last + [line.rstrip()])[-15:]
+            if line.startswith(("F", "E")) or "Check failed" in line or "Error" in line:
+                last.append(line.rstrip())
             m = it_re.search(line)
             if m and int(m.group(1)) > bar.n:
                 bar.update(int(m.group(1)) - bar.n)
         rc = proc.wait()
     if rc != 0:
-        tail = next((l for l in reversed(last) if "Check failed" in l or "Error" in l), last[-1] if last else "")
+        tail = last[0] if last else "no error line in the log"
         raise ValueError(f"{desc}: `caffe train` failed with status {rc} in {folder}: {tail.strip()} "
                          f"(full log: {logpath})")
 

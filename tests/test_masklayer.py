@@ -1,0 +1,185 @@
+"""The mask layer keeps pruned weights at exactly 0.0 under real Caffe: the `caffe train` binary and pycaffe's
+Solver, momentum 0.9, weight decay, iter_size 2, across a snapshot and a resume; masks live in the caffemodel."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import write_tiny_lmdb
+from dsd_caffe import fileio, masklayer, phases
+
+caffe = pytest.importorskip("caffe")
+
+
+# ------------------------------------------------------------------------------------------ packed masks
+@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (3, 5, 7), (64, 16, 3, 3)])
+def test_pack_roundtrip(shape):
+    rng = np.random.default_rng(sum(shape))
+    m = rng.random(shape) < 0.4
+    packed = masklayer.pack_mask(m)
+    assert packed.dtype == np.float32 and packed.size == masklayer.packed_length(m.size)
+    assert packed[0] == 1.0 and np.all(packed[1:] == np.round(packed[1:])) and packed[1:].max(initial=0) <= 65535
+    np.testing.assert_array_equal(masklayer.unpack_mask(packed, shape), m)
+
+
+def test_unpack_refuses_bad_blobs():
+    m = np.ones((4, 8), bool)
+    p = masklayer.pack_mask(m)
+    with pytest.raises(ValueError, match="does not fit"):
+        masklayer.unpack_mask(p, (4, 9))
+    with pytest.raises(ValueError, match="not set"):
+        masklayer.unpack_mask(np.zeros_like(p), (4, 8))
+    bad = p.copy()
+    bad[1] = 0.5
+    with pytest.raises(ValueError, match="not packed mask bits"):
+        masklayer.unpack_mask(bad, (4, 8))
+
+
+def test_param_str_is_json_and_checked():
+    assert masklayer._parse_param_str('{"layers": [{"name": "c", "shape": [2, 3]}]}') == [("c", (2, 3))]
+    for bad in ("", "{layers: 1}", '{"layers": []}', '{"layers": [{"name": "c", "shape": [0]}]}'):
+        with pytest.raises(ValueError, match="param_str"):
+            masklayer._parse_param_str(bad)
+
+
+# ------------------------------------------------------------------------------------------ a pruned small net
+def small_setup(folder, n_train=16, n_val=8, batch=4):
+    """LMDBs, the small SqueezeNet trainval and a dense caffemodel (filler weights) in ``folder``."""
+    from dsd_caffe import netgen
+
+    rng = np.random.default_rng(0)
+    write_tiny_lmdb(os.path.join(folder, "train_lmdb"), rng.integers(0, 256, (n_train, 1, 28, 28)),
+                    rng.integers(0, 10, n_train))
+    write_tiny_lmdb(os.path.join(folder, "val_lmdb"), rng.integers(0, 256, (n_val, 1, 28, 28)),
+                    rng.integers(0, 10, n_val))
+    net = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=batch, test_batch=batch)
+    fileio.write_prototxt(os.path.join(folder, "trainval.prototxt"), net)
+    absolute = phases.absolute_sources(net, folder)
+    fileio.write_prototxt(os.path.join(folder, "abs.prototxt"), absolute)
+    caffe.set_random_seed(0)
+    caffe.Net(os.path.join(folder, "abs.prototxt"), caffe.TRAIN).save(os.path.join(folder, "dense.caffemodel"))
+    return os.path.join(folder, "trainval.prototxt"), os.path.join(folder, "dense.caffemodel")
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A folder written by phases.prune: 3x, momentum 0.9, weight decay 0.01, iter_size 2, 6 iterations,
+    snapshots every 2."""
+    folder = str(tmp_path_factory.mktemp("masklayer"))
+    model, weights = small_setup(folder)
+    out = os.path.join(folder, "pruned")
+    phases.prune(model, weights, out, ratio="3x", max_iter=6, snapshot=2, base_lr=0.05,
+                 solver_args=dict(iter_size=2, weight_decay=0.01, momentum=0.9))
+    return out
+
+
+def copy_run(src, tmp_path):
+    """A copy beside ``src`` (its Data sources are relative paths to the LMDBs next to it)."""
+    dst = os.path.join(os.path.dirname(src), "run-" + tmp_path.name)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def absolute_net_file(folder, tmp_path):
+    net = phases.absolute_sources(fileio.read_net_prototxt(os.path.join(folder, phases.SPARSE_NET)), folder)
+    path = str(tmp_path / "abs_sparse.prototxt")
+    fileio.write_prototxt(path, net)
+    return path
+
+
+def check_snapshots(folder, expect_iters):
+    masks = phases.load_masks(os.path.join(folder, phases.MASKS))
+    start = masklayer.weight_arrays(os.path.join(folder, phases.PRUNED))
+    snaps = phases.snapshots(os.path.join(folder, "snapshots"), "sparse")
+    assert sorted(s[0] for s in snaps) == expect_iters
+    for it, _, model in snaps:
+        w = masklayer.weight_arrays(model)
+        back = masklayer.read_masks(model)
+        for name, m in masks.items():
+            assert np.all(w[name][~m] == 0.0), (it, name)
+            np.testing.assert_array_equal(back[name], m)
+            assert np.count_nonzero(w[name]) == np.count_nonzero(m), (it, name)  # survivors stay non-zero
+        changed = sum(not np.array_equal(w[n], start[n]) for n in masks)
+        assert changed == len(masks), f"iteration {it}: survivors of some layers did not train"
+
+
+@pytest.mark.parametrize("engine", ["binary", "pycaffe"])
+def test_pruned_weights_stay_zero_through_snapshot_and_resume(pruned, tmp_path, engine):
+    run = copy_run(pruned, tmp_path)
+    solver = os.path.join(run, phases.SPARSE_SOLVER)
+    sp = fileio.read_solver_prototxt(solver)
+    assert sp.momentum == pytest.approx(0.9) and sp.weight_decay > 0 and sp.iter_size == 2
+    # train 4 iterations, then resume to 6 from the iteration-4 snapshot (the .solverstate holds momentum history)
+    sp.max_iter = 4
+    fileio.write_prototxt(solver, sp)
+    phases.train(solver, os.path.join(run, phases.PRUNED), engine=engine)
+    check_snapshots(run, [2, 4])
+    sp.max_iter = 6
+    fileio.write_prototxt(solver, sp)
+    phases.train(solver, weights=None, engine=engine)  # no weights: must resume from the snapshot
+    check_snapshots(run, [2, 4, 6])
+
+
+def test_train_sparse_writes_checked_model(pruned, tmp_path):
+    run = copy_run(pruned, tmp_path)
+    final = phases.train_sparse(run, engine="pycaffe")
+    prov = fileio.read_json(fileio.sidecar_path(final))
+    assert prov["phase"] == "sparse" and prov["iteration"] == 6
+    masks = phases.load_masks(os.path.join(run, phases.MASKS))
+    for name, m in masks.items():
+        assert prov["density"][name] == pytest.approx(m.mean())
+    with pytest.raises(FileExistsError, match="finished sparse phase"):
+        phases.train_sparse(run)
+
+
+def test_backward_masks_diffs_and_forward_zeroes_weights(pruned, tmp_path):
+    net = caffe.Net(absolute_net_file(pruned, tmp_path), caffe.TRAIN)
+    net.copy_from(os.path.join(pruned, phases.PRUNED))
+    masks = masklayer.read_masks(net)
+    assert set(masks) == set(phases.load_masks(os.path.join(pruned, phases.MASKS)))
+    name = "fire2/conv3x3_2"
+    w = net.params[name][0]
+    w.data[~masks[name]] = 1.0  # a pruned weight revived behind Caffe's back
+    net.forward()
+    assert np.all(w.data[~masks[name]] == 0.0)
+    net.backward()
+    for layer, m in masks.items():
+        diff = net.params[layer][0].diff
+        assert np.all(diff[~m] == 0.0), layer
+        assert np.count_nonzero(diff[m]) > 0, layer  # the mask layer's backward ran after the conv's
+
+
+def test_unset_masks_are_refused(pruned, tmp_path):
+    net = caffe.Net(absolute_net_file(pruned, tmp_path), caffe.TRAIN)  # no weights: masks never loaded
+    with pytest.raises(ValueError, match="mask blob is not set"):
+        net.forward()
+
+
+def test_masks_come_back_from_the_caffemodel(pruned):
+    masks = phases.load_masks(os.path.join(pruned, phases.MASKS))
+    back = masklayer.read_masks(os.path.join(pruned, phases.PRUNED))
+    assert list(back) == list(masks)
+    for k in masks:
+        np.testing.assert_array_equal(back[k], masks[k])
+    rep = masklayer.sparsity_report(os.path.join(pruned, phases.PRUNED))
+    assert rep["total"]["density"] == pytest.approx(1 / 3, abs=0.002)
+    with pytest.raises(ValueError, match="no mask layer"):
+        masklayer.read_masks(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
+
+
+def test_mask_that_does_not_fit_is_refused(pruned):
+    net = fileio.read_net_prototxt(os.path.join(pruned, phases.SPARSE_NET))
+    model = fileio.read_caffemodel(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
+    masks = phases.load_masks(os.path.join(pruned, phases.MASKS))
+    masks["conv1"] = masks["conv1"][:, :, :2, :]
+    with pytest.raises(ValueError, match="conv1.*does not fit the net"):
+        masklayer.add_masks_to_caffemodel(model, masks, net)
+
+
+def test_caffemodel_size_overhead(pruned):
+    """Known answer: Caffe writes a shared blob under every layer using it, so a sparse-phase caffemodel holds the
+    masked weights twice, plus 1/16 of their size for the packed masks: about 2.06x the dense caffemodel."""
+    dense = os.path.getsize(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
+    sparse = os.path.getsize(os.path.join(pruned, phases.PRUNED))
+    assert 1.9 < sparse / dense < 2.2
