@@ -2,8 +2,8 @@
 entropy-coded (Huffman) variant of our own.
 
 Weighted layers are chosen by layer *type* (``Convolution``: 8-bit codes, ``InnerProduct``: 4-bit codes), in net
-order; their blob shapes come from the prototxt (built with pycaffe, so it must be a deploy net with an ``Input``
-layer or ``input:`` fields, not one reading data).
+order; their blob shapes come from the prototxt, built with pycaffe (a trainval is first turned into its deploy
+form).
 
 The ``.net`` format (Deep Compression, as read by the SqueezeNet-Deep-Compression decoder), little-endian:
 
@@ -66,18 +66,31 @@ LayerSpec = collections.namedtuple("LayerSpec", "name type bits shape bias_size"
 
 # ----------------------------------------------------------------------------------------------- net shapes
 def layer_specs(prototxt):
-    """The weighted layers (Convolution / InnerProduct) of a deploy ``prototxt``, in net order, with their blob
-    shapes: a list of LayerSpec(name, type, bits, shape, bias_size)."""
+    """The weighted layers (Convolution / InnerProduct) of ``prototxt``, in net order, with their blob shapes: a
+    list of LayerSpec(name, type, bits, shape, bias_size). A deploy prototxt is built as it is; a trainval (with
+    Data layers, and a DSD mask layer if any) is first turned into its deploy form (netgen.deploy: the input
+    shape comes from its crop size and per-channel mean values)."""
+    import tempfile
+
     from .caffe_env import import_caffe
 
     net_param = fileio.read_net_prototxt(prototxt)
-    for layer in list(net_param.layer) + list(net_param.layers):
-        if layer.type in DATA_TYPES:
-            raise ValueError(
-                f"prototxt {prototxt} reads data (layer {layer.name!r} of type {layer.type}); give the deploy prototxt "
-                "(with an Input layer) instead")
+    data_layers = [l for l in list(net_param.layer) + list(net_param.layers) if l.type in DATA_TYPES]
     caffe = import_caffe()
-    net = caffe.Net(os.fspath(prototxt), caffe.TEST)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.fspath(prototxt)
+        if data_layers:
+            from . import masklayer, netgen
+
+            try:
+                deploy = netgen.deploy(masklayer.remove_mask_layer(net_param))
+            except (ValueError, TypeError) as e:
+                raise ValueError(
+                    f"prototxt {prototxt} reads data (layer {data_layers[0].name!r} of type {data_layers[0].type}) "
+                    f"and its deploy form cannot be made ({e}); give the deploy prototxt (with an Input layer)"
+                ) from None
+            path = fileio.write_prototxt(os.path.join(tmp, "deploy.prototxt"), deploy)
+        net = caffe.Net(path, caffe.TEST)
     specs = []
     for name, layer in zip(net._layer_names, net.layers):
         if layer.type in NET_BITS:

@@ -189,10 +189,11 @@ def test_cli_one_line_error(tmp_path, net_bytes, capsys):
     assert not (tmp_path / "o.caffemodel").exists()
 
 
-def test_data_prototxt_refused():
-    with pytest.raises(ValueError, match="reads data .*give the deploy prototxt"):
-        dc.layer_specs(HAN_TRAINVAL if os.path.exists(HAN_TRAINVAL) else os.path.join(
-            os.path.dirname(DC_DEPLOY), "..", "squeezenet-dsd", "trainval.prototxt"))
+def test_trainval_prototxt_gives_the_deploy_shapes(specs):
+    shared_trainval = os.path.join(os.path.dirname(DC_DEPLOY), "..", "squeezenet-dsd", "trainval.prototxt")
+    for trainval in (HAN_TRAINVAL, shared_trainval):
+        if os.path.exists(trainval):
+            assert dc.layer_specs(trainval) == specs
 
 
 # ------------------------------------------------------------------------------------------------ re-encoding
@@ -308,6 +309,11 @@ def test_small_net_encode_decode_in_caffe(small_net):
     huf = dc.encode(layers, d / "model.huf", small_net["deploy"], format="huffman", bits=3)
     assert huf["layers"][0]["codebook"] == 7
     assert identical(dc.decode(d / "model.huf", small_net["deploy"]), dc.quantize(layers, 3))
+
+
+def test_data_prototxt_without_input_shape_refused(small_net):
+    with pytest.raises(ValueError, match=r"test\.prototxt reads data \(layer 'data' of type Data\).*give the deploy"):
+        dc.layer_specs(small_net["test"])
 
 
 def test_compress_tool_reports_and_refuses_wrong_model(small_net, capsys):
