@@ -252,3 +252,16 @@ def test_generate_tool_cli(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "-o", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--force" in r.stderr
+
+
+def test_committed_deploy_nets_load_in_both_phases():
+    caffe = import_caffe()
+    for rel in sorted(netgen.generated_files()):
+        if "/deploy" not in rel:
+            continue
+        path = os.path.join(ROOT, rel)
+        for phase in (caffe.TRAIN, caffe.TEST):
+            n = caffe.Net(path, phase)
+            assert n.outputs == ["prob"], rel
+            classes = 1000 if "squeezenet_v1.0" in rel else 10
+            assert n.blobs["prob"].data.shape == (1, classes, 1, 1), rel
