@@ -56,7 +56,13 @@ def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow
     caffe = caffe_env.set_device(gpu)
     model = os.fspath(model)
     net_param = fileio.read_net_prototxt(model)
-    weights_param = fileio.read_caffemodel(weights) if weights is not None else None
+    weights_param, hdf5 = None, False
+    if weights is not None and _is_hdf5(weights):
+        log.warning("%s is an HDF5 weights file: Caffe reads it, but its fit to the net is not checked first",
+                    weights)
+        hdf5 = True
+    elif weights is not None:
+        weights_param = fileio.read_caffemodel(weights)
     netcheck.check_structure(net_param, phase, name=model)
     netcheck.check_data_layers(net_param, phase, iterations=iterations)
     net = caffe.Net(model, netcheck.phase_value(phase))
@@ -64,7 +70,17 @@ def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow
         netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
                                    net_name=model, allow_missing=allow_missing)
         net.copy_from(os.fspath(weights))
+    elif hdf5:
+        net.copy_from(os.fspath(weights))
     return net
+
+
+def _is_hdf5(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _accuracy_blobs(net):

@@ -168,6 +168,9 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
                                             f"resolved against the current folder {os.getcwd()})")
                 continue
             tp = layer.transform_param
+            if tp.mirror and phase_value(phase) == PHASES["TEST"]:
+                log.warning("%s mirrors images at random in the TEST phase (transform_param mirror: true); "
+                            "scores then vary from run to run, in `caffe test` too", where)
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
             _check_transform(tp, info["channels"], info["height"], info["width"], where)
             if iterations and info["count"] < iterations * dp.batch_size:

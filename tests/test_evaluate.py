@@ -320,3 +320,22 @@ def test_included_layers_follow_caffe_rules():
     assert [l.name for l in netcheck.included_layers(param, "TEST")] == ["all", "test"]
     assert [l.name for l in netcheck.included_layers(param, "TRAIN")] == ["all", "train", "not_test"]
     assert [l.name for l in netcheck.included_layers(param, "TEST", stages=["deploy"])] == ["all", "test", "staged"]
+
+
+def test_hdf5_weights_give_the_same_results(good):
+    tmp, _, proto, weights = good
+    caffe = caffe_env.import_caffe()
+    h5 = str(tmp / "net.h5")
+    caffe.Net(proto, caffe.TEST, weights=weights).save_hdf5(h5)
+    a = evaluate.format_results(evaluate.evaluate(proto, weights, iterations=2))
+    b = evaluate.format_results(evaluate.evaluate(proto, h5, iterations=2))
+    assert a == b
+
+
+def test_mirror_in_test_phase_is_warned(good, caplog):
+    tmp, lmdb_path, _, _ = good
+    param = fileio.read_net_prototxt(str(tmp / "net.prototxt"))
+    param.layer[0].transform_param.mirror = True
+    with caplog.at_level("WARNING"):
+        netcheck.check_data_layers(param, "TEST")
+    assert "mirrors images at random" in caplog.text
