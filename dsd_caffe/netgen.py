@@ -16,7 +16,7 @@ their ``fire2/relu_*``, ``conv10``, ``relu_conv10``, ``pool10``): the loss/accur
 
 The small net (``small_squeezenet``, the Fashion-MNIST demo and benchmark net), at ``width=1.0``, 1 channel,
 10 classes: conv1 3x3/2 (16) -> fire2 (squeeze 8 / expand 16+16) -> max pool 3/2 -> fire3 (8/16+16) ->
-fire4 (16/32+32) -> fire5 (16/32+32) -> dropout 0.5 -> conv_final 1x1 (10) -> global AVE pool;
+fire4 (16/32+32) -> fire5 (16/32+32) -> dropout 0.5 -> conv_final 1x1 (10, no ReLU) -> global AVE pool;
 28x28 -> 14x14 -> 7x7 -> 1x1. It has SMALL_PARAMS = 15,770 learnable parameters (weights and biases;
 about 34,700 at width 1.5 and 61,000 at width 2). It is kept small because Caffe's CPU convolution is
 per-image GEMM: one forward+backward at batch 64 costs about 40 ms of CPU time on this project's machines
