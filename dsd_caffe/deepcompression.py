@@ -652,7 +652,7 @@ def _decode_huffman(data, specs, name):
         if size != int(np.prod(spec.shape)):
             raise ValueError(f"{name}: layer {spec.name!r} holds {size} weights, the prototxt's blob "
                              f"{spec.shape} holds {int(np.prod(spec.shape))}")
-        if not 1 <= bits <= 8 or mode not in (0, 1) or escape < 1 or n_codes > size:
+        if not 1 <= bits <= 8 or mode not in (0, 1) or escape < 1 or n_codes > size or n_gaps > 2 * size + 1:
             raise ValueError(f"{name}: layer {spec.name!r} has an invalid header (corrupted?)")
         (k,) = r.unpack("<H", "codebook size")
         codebook = _read_codebook(r, k)

@@ -328,3 +328,32 @@ def test_compress_tool_reports_and_refuses_wrong_model(small_net, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "has no weights for layer 'conv1'" in err[0]
     assert not (d / "bad.net").exists()
+
+
+def test_edge_layers_round_trip():
+    """All-zero, fully dense, one-valued and odd-count 4-bit layers, with hand-made specs (no prototxt)."""
+    rng = np.random.default_rng(3)
+    specs = [dc.LayerSpec("zero", "Convolution", 8, (2, 3, 3, 3), 2),
+             dc.LayerSpec("dense", "InnerProduct", 4, (7, 5), 7),
+             dc.LayerSpec("one", "Convolution", 8, (4, 1, 5, 5), 0),
+             dc.LayerSpec("sparse", "InnerProduct", 4, (3, 101), 3)]
+    sparse = rng.normal(size=(3, 101)).astype(np.float32)
+    sparse[rng.random((3, 101)) < 0.9] = 0
+    one = np.zeros((4, 1, 5, 5), np.float32)
+    one[0, 0, 0, 0] = one[3, 0, 4, 4] = 0.25
+    layers = {"zero": (np.zeros((2, 3, 3, 3), np.float32), np.ones(2, np.float32)),
+              "dense": (rng.normal(size=(7, 5)).astype(np.float32) + 5, np.zeros(7, np.float32)),
+              "one": (one, None),
+              "sparse": (sparse, np.arange(3, dtype=np.float32))}
+    expected = dc.quantize({k: (w, np.zeros(0, np.float32) if b is None else b) for k, (w, b) in layers.items()},
+                           {s.name: s.bits for s in specs})
+    data, _ = dc.encode_huffman_bytes(layers, specs)
+    assert identical(dc.decode_bytes(data, specs), expected)
+    with pytest.raises(ValueError, match="'zero' is all zeros"):
+        dc.encode_net_bytes(layers, specs)
+    del layers["zero"], expected["zero"]
+    data, rows = dc.encode_net_bytes(layers, specs[1:])
+    assert identical(dc.decode_bytes(data, specs[1:]), expected)
+    assert (rows[1]["nonzero"], rows[1]["fillers"], rows[1]["entries"]) == (2, 6, 8)  # 98 zeros: 6 fillers
+    gaps = np.diff(np.concatenate([[-1], np.flatnonzero(sparse)])) - 1
+    assert rows[2]["fillers"] == int((gaps // 16).sum()) and rows[2]["entries"] == len(gaps) + rows[2]["fillers"]
