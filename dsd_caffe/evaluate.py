@@ -97,6 +97,8 @@ def _predictions(net, score_blob, label_blob):
     scores = net.blobs[score_blob].data
     labels = net.blobs[label_blob].data.reshape(-1)
     n = labels.size
+    if scores.ndim > 2 and scores.shape[0] * int(np.prod(scores.shape[2:])) == n and scores.shape[0] != n:
+        scores = np.moveaxis(scores, 1, -1)  # per-pixel labels: classes along axis 1
     if scores.size % n:
         raise ValueError(f"score blob {score_blob!r} ({scores.shape}) does not fit {n} labels")
     scores = scores.reshape(n, -1)

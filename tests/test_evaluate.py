@@ -339,3 +339,19 @@ def test_mirror_in_test_phase_is_warned(good, caplog):
     with caplog.at_level("WARNING"):
         netcheck.check_data_layers(param, "TEST")
     assert "mirrors images at random" in caplog.text
+
+
+def test_small_squeezenet_same_lines_as_caffe_test(tiny_lmdb, tmp_path):
+    """The project's generated small SqueezeNet (fire modules, concat, dropout, global pooling)."""
+    from dsd_caffe import netgen
+
+    lmdb_path = tiny_lmdb(n=30, seed=11)
+    proto = str(tmp_path / "small.prototxt")
+    fileio.write_prototxt(proto, netgen.small_squeezenet(train_source=lmdb_path, test_source=lmdb_path,
+                                                         test_batch=10))
+    caffe = caffe_env.import_caffe()
+    caffe.set_random_seed(5)
+    weights = str(tmp_path / "small.caffemodel")
+    caffe.Net(proto, caffe.TEST).save(weights)
+    expected = binary_lines(proto, weights, 4)
+    assert evaluate.format_results(evaluate.evaluate(proto, weights, iterations=4)) == expected
