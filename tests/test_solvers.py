@@ -6,6 +6,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import write_tiny_lmdb
 from dsd_caffe import netgen, solvers
@@ -125,3 +127,16 @@ def test_caffe_train_runs_a_generated_solver_from_its_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accuracy_top1 =" in r.stderr
     assert (solver_dir / "dense_iter_2.caffemodel").is_file()
+
+
+@given(st.integers(1, 100), st.integers(1, 2_000_000), st.integers(1, 512), st.integers(1, 32))
+def test_epochs_to_iters_is_the_smallest_count_covering_the_epochs(epochs, train, batch, iter_size):
+    iters = solvers.epochs_to_iters(epochs, train, batch, iter_size)
+    per_iter = batch * iter_size
+    assert iters * per_iter >= epochs * train > (iters - 1) * per_iter
+
+
+@given(st.integers(1, 1_000_000), st.integers(1, 1000))
+def test_test_iters_covers_the_set_once(size, batch):
+    n = solvers.test_iters(size, batch)
+    assert n * batch >= size > (n - 1) * batch
