@@ -26,12 +26,17 @@ MAX_KEY_BYTES = 511  # LMDB's default key size limit
 CHUNK = 32  # images per worker task (and per LMDB transaction)
 
 
-def _check_output(path, force):
+def _check_output(path, force, lmdb=False):
     """fileio.check_output, plus a real write probe of the output folder (root ignores permission bits, and a
-    read-only file system or a file in the way only shows when writing), so the error names the folder."""
+    read-only file system or a file in the way only shows when writing), so the error names the folder. With
+    ``lmdb``, --force replaces only an LMDB (a folder holding nothing but data.mdb and lock.mdb), never other data."""
     import tempfile
 
     fileio.check_output(path, force)
+    if lmdb and os.path.lexists(path):
+        if not os.path.isdir(path) or os.path.islink(path) or \
+                not set(os.listdir(path)) <= {"data.mdb", "lock.mdb"}:
+            raise FileExistsError(f"{path} exists and is not an LMDB; refusing to replace it even with --force")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -179,7 +184,10 @@ def _convert_one(full, label, s):
 
 def _convert_chunk(chunk):
     """Worker task: a list of (index, key, full path, label). Returns (records, failures, sums) where sums maps an
-    image shape (h, w, c) to [uint32 pixel sum, count]."""
+    image shape (h, w, c) to [count, per-channel float64 sum, uint32 per-pixel sum or None]; the per-pixel sum
+    (for a mean file) only when asked, since it costs as much as resizing."""
+    import cv2
+
     s = _SETTINGS
     records, failures, sums = [], [], {}
     for index, key, full, label in chunk:
@@ -191,9 +199,12 @@ def _convert_chunk(chunk):
         records.append((index, key, value, label))
         acc = sums.get(img.shape)
         if acc is None:
-            acc = sums[img.shape] = [np.zeros(img.shape, np.uint32), 0]  # exact for up to 16M images
-        np.add(acc[0], img, out=acc[0])
-        acc[1] += 1
+            pixels = np.zeros(img.shape, np.uint32) if s["pixel_mean"] else None  # exact for up to 16M images
+            acc = sums[img.shape] = [0, np.zeros(img.shape[2]), pixels]
+        acc[0] += 1
+        acc[1] += cv2.sumElems(img)[:img.shape[2]]
+        if acc[2] is not None:
+            np.add(acc[2], img, out=acc[2])
     return records, failures, sums
 
 
@@ -287,7 +298,7 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
             raise FileNotFoundError(f"image root folder {root} does not exist")
     else:
         raise FileNotFoundError(f"image folder or list file {source} does not exist")
-    _check_output(output, force)
+    _check_output(output, force, lmdb=True)
     if mean_file is not None:
         mean_file = os.fspath(mean_file)
         _check_output(mean_file, force)
@@ -302,7 +313,8 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
             raise ValueError(f"path too long for an LMDB key ({len(key)} bytes > {MAX_KEY_BYTES}): {name}")
         tasks.append((i, key, os.path.join(root, name), label))
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
-    settings = {"gray": bool(gray), "resize": size, "encoded": enc, "pb2": _pb2()}
+    settings = {"gray": bool(gray), "resize": size, "encoded": enc, "pb2": _pb2(),
+                "pixel_mean": mean_file is not None}
     workers = min(workers, max(1, len(chunks)))
     log.info("building %s from %d files (%s, %d workers)", output, len(items),
              f"{size[0]}x{size[1]}" if size else "no resize", workers)
@@ -329,10 +341,12 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
                         for _, _, _, label in records:
                             counts[label] = counts.get(label, 0) + 1
                         failures.extend(failed)
-                        for shape, (s, n) in chunk_sums.items():
-                            acc = sums.setdefault(shape, [np.zeros(shape, np.float64), 0])
-                            acc[0] += s
-                            acc[1] += n
+                        for shape, (n, channel, pixels) in chunk_sums.items():
+                            acc = sums.setdefault(shape, [0, 0.0, 0.0 if pixels is not None else None])
+                            acc[0] += n
+                            acc[1] = acc[1] + channel
+                            if pixels is not None:
+                                acc[2] = acc[2] + pixels.astype(np.float64)
                         bar.update(len(records) + len(failed))
                 if pool is not None:
                     pool.close()
@@ -349,9 +363,8 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
     skipped = [{"path": items[i][0], "error": err} for i, err in sorted(failures)]
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["error"])
-    total = sum(n for _, n in sums.values())
-    channel_sum = sum(s.sum(axis=(0, 1)) for s, _ in sums.values())
-    channel_px = sum(n * shape[0] * shape[1] for shape, (_, n) in sums.items())
+    channel_sum = sum(channel for _, channel, _ in sums.values())
+    channel_px = sum(n * shape[0] * shape[1] for shape, (n, _, _) in sums.items())
     stats = {
         "lmdb": os.path.basename(output),
         "source": os.path.basename(os.path.abspath(source)),
@@ -372,15 +385,15 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
         stats["counts_by_class"] = {classes[k]: counts[k] for k in sorted(counts)}
     if mean_file is not None:
         if len(sums) == 1:
-            (s, n), = sums.values()
-            write_mean_file(mean_file, (s / n).transpose(2, 0, 1), force=force)
+            (n, _, pixels), = sums.values()
+            write_mean_file(mean_file, (pixels / n).transpose(2, 0, 1), force=force)
             stats["mean_file"] = os.path.relpath(os.path.abspath(mean_file), os.path.dirname(output))
         else:
             log.warning("images differ in size (%d shapes): no per-pixel mean file written; use resize, or the "
                         "mean values %s", len(sums), stats["mean_values"])
     fileio.write_json(fileio.sidecar_path(output), stats, force=True)
     log.info("wrote %d images to %s (%d skipped)", count, output, len(skipped))
-    return dict(stats, path=output, total=total)
+    return dict(stats, path=output)
 
 
 def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZE, keys="%08d"):
@@ -400,7 +413,7 @@ def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZ
         raise ValueError("no images to write")
     pb2 = _pb2()
     _, c, h, w = images.shape
-    path = _check_output(os.path.abspath(os.fspath(path)), force)
+    path = _check_output(os.path.abspath(os.fspath(path)), force, lmdb=True)
     with fileio.atomic_path(path, force=force, directory=True) as tmp:
         env = _open_env(tmp, map_size)
         try:
@@ -562,7 +575,8 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
     if not todo:
         log.info("Fashion-MNIST LMDBs already in %s; reusing them", output_dir)
         return paths
-    _check_output(paths[todo[0]], force=True)  # the folder must be writable
+    for split in todo:
+        _check_output(paths[split], force=True, lmdb=True)  # writable folder; --force replaces only LMDBs
     files = {name: os.path.join(source_dir, f"{name}-idx{3 if 'images' in name else 1}-ubyte.gz")
              for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
     for p in files.values():

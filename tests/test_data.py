@@ -98,6 +98,8 @@ def test_list_file_gray_with_root(tmp_path):
     recs = list(data.read_lmdb(out))
     assert [(k, lab) for k, _, lab in recs] == [("00000000_dog/3.png", 7), ("00000001_cat/0.jpg", 2)]
     np.testing.assert_array_equal(recs[0][1], expected_image(src / "dog" / "3.png", gray=True))
+    all_pixels = np.concatenate([r[1].ravel() for r in recs])  # two sizes: the mean weighs every pixel
+    np.testing.assert_allclose(stats["mean_values"], [all_pixels.mean()], atol=1e-3)
     pixels, labels = data_layer_read(tmp_path, out, 1)  # first record through Caffe: 1x33x40 grey
     np.testing.assert_array_equal(pixels[0], recs[0][1])
     assert labels.tolist() == [7]
@@ -207,6 +209,9 @@ def test_output_exists_refused_unless_force(tmp_path):
                                                "pass --force to overwrite it"]
     stats = data.make_lmdb(src, tmp_path / "out", resize=(4, 4), workers=1, force=True, progress=False)
     assert data.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
+    with pytest.raises(FileExistsError, match="not an LMDB"):  # --force never deletes a folder of other data
+        data.make_lmdb(src, src, resize=(4, 4), workers=1, force=True, progress=False)
+    assert (src / "cat" / "0.jpg").exists()
 
 
 def test_unwritable_output_folder(tmp_path):
