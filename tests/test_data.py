@@ -1,5 +1,4 @@
 """LMDB building, Fashion-MNIST import and LMDB inspection, read back through a real Caffe Data layer."""
-import json
 import os
 import signal
 import subprocess
