@@ -9,7 +9,7 @@ Two ways to run it:
     (the TEST phase of --model is scored, like `caffe test`);
   - self-contained (no arguments): builds Fashion-MNIST LMDBs (train subset, 5,000-image validation split, fixed
     seed) in a temporary folder, trains the small SqueezeNet dense for --dense-iters, prunes it 3x by magnitude
-    (first conv kept dense), retrains under the mask for --sparse-iters, then measures. About a minute on 2 cores.
+    (first conv kept dense), retrains under the mask for --sparse-iters, then measures. A few minutes on 2 cores.
 Each quantized model is also written as a .net/Huffman file and decoded; the decoded model scores exactly as the
 quantized caffemodel (checked, and printed).
 """
@@ -47,7 +47,7 @@ def top1(model, weights, iterations):
     return float(results[keys[0]])
 
 
-def self_contained(tmp, dense_iters, sparse_iters, train_size, seed=0):
+def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0):
     """Train, prune 3x and sparse-retrain the small SqueezeNet on Fashion-MNIST; return (trainval, sparse model,
     validation iterations)."""
     from tqdm import tqdm
@@ -65,7 +65,7 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, seed=0):
     train_db = data.write_array_lmdb(os.path.join(tmp, "train_lmdb"), images[train], labels[train])
     val_db = data.write_array_lmdb(os.path.join(tmp, "val_lmdb"), images[val], labels[val])
     trainval = fileio.write_prototxt(os.path.join(tmp, "trainval.prototxt"),
-                                     netgen.small_squeezenet(train_db, val_db, width=0.5))
+                                     netgen.small_squeezenet(train_db, val_db, width=width))
     pb2 = caffe_pb2()
     sp = pb2.SolverParameter(net=trainval, base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
                              max_iter=dense_iters + sparse_iters, display=0, random_seed=seed,
@@ -100,6 +100,7 @@ def main():
     p.add_argument("--dense-iters", type=int, default=1500)
     p.add_argument("--sparse-iters", type=int, default=500)
     p.add_argument("--train-size", type=int, default=20000)
+    p.add_argument("--width", type=float, default=1.0, help="small SqueezeNet width (self-contained run)")
     a = p.parse_args()
     if (a.model is None) != (a.weights is None):
         p.error("give both --model and --weights, or neither (self-contained run)")
@@ -108,7 +109,8 @@ def main():
         if a.model:
             model, weights, iterations = a.model, a.weights, a.iterations or 50
         else:
-            model, weights, iterations = self_contained(tmp, a.dense_iters, a.sparse_iters, a.train_size)
+            model, weights, iterations = self_contained(tmp, a.dense_iters, a.sparse_iters, a.train_size,
+                                                        a.width)
             iterations = a.iterations or iterations
         specs = dc.layer_specs(model)
         layers = dc.read_weights(weights, specs)

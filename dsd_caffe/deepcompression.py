@@ -29,11 +29,17 @@ The Huffman variant (ours; Deep Compression's third stage), version 1, little-en
                 integer and then the K-1 positive differences are written as LEB128 varints (the first
                 zigzag-coded)
       nbias     uint32, then float32 bias[nbias]
-      code lengths: canonical Huffman code lengths of the K code symbols, 4 bits each, low nibble first
-      gap lengths:  the same for the E+1 gap symbols
-      code payload: uint32 bit count + bytes (MSB first), one symbol (codebook index) per non-zero in flat order
-      gap payload:  uint32 bit count + bytes (MSB first)
+      code lengths: Huffman code lengths (0 = unused, at most 15) of the K code symbols, 4 bits each, low
+                    nibble first, ceil(K/2) bytes
+      gap lengths:  the same for the E+1 gap symbols, ceil((E+1)/2) bytes
+      code payload: uint32 bit count, then ceil(bits/8) bytes: one symbol per non-zero weight in flat (C) order,
+                    symbol i meaning codebook[i]
+      gap payload:  uint32 bit count, then ceil(bits/8) bytes: the gap symbols; a gap g is written as g // E
+                    escapes followed by g % E (dsd-caffe writes E = 32)
     crc32   uint32 of every byte before it
+
+The codes are canonical: codewords are assigned in order of (length, symbol), counting up from 0, and written
+most significant bit first. Trailing positions after the last entry are zeros (mode 0) or non-zeros (mode 1).
 
 Decoding either format gives ``{layer: (weights float32 shaped like the blob, bias float32)}``.
 """
