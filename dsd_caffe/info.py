@@ -1,0 +1,142 @@
+"""Print the Caffe in use and how it was built: version, BLAS and the kernel it runs, threads, Python layer, OpenCV,
+LMDB, HDF5, CPU or GPU, numpy, and the paths. For users and bug reports: ``python -m dsd_caffe.info [--json]``.
+
+Everything is read from what pycaffe really has (its layer registry, the libraries ``_caffe.so`` resolves, the
+OpenBLAS loaded in this process) as well as from the set-up's build record.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+from dsd_caffe import blas, caffe_env
+
+LAYERS = ("Python", "Data", "ImageData", "HDF5Data", "HDF5Output", "WindowData", "MemoryData", "Input")
+LIBS = {"OpenCV": "libopencv_core", "LMDB": "liblmdb", "LevelDB": "libleveldb", "HDF5": "libhdf5",
+        "protobuf": "libprotobuf", "glog": "libglog", "boost_python": "libboost_python", "python": "libpython",
+        "CUDA": "libcudart", "cuDNN": "libcudnn", "BLAS": None}
+
+
+def _soname_version(name):
+    m = re.search(r"\.so\.([\d.]+)$", name)
+    return m.group(1) if m else ""
+
+
+def collect():
+    """A dict describing the Caffe in use (see :func:`format_text` for the fields)."""
+    applied = blas.apply()  # the same env the wrapper and import_caffe() set, before Caffe's BLAS loads
+    caffe = caffe_env.import_caffe()
+    ext = blas._caffe_extension()
+    libs = blas._ldd(ext) if ext else {}
+    linked = {}
+    for label, prefix in LIBS.items():
+        if prefix is None:
+            continue
+        hits = sorted(n for n in libs if n.startswith(prefix))
+        linked[label] = {"linked": bool(hits), "libraries": {n: libs[n] for n in hits},
+                         "version": _soname_version(hits[0]) if hits else None}
+    layers = sorted(caffe.layer_type_list())
+    try:
+        library = blas.caffe_blas_library()
+        blas_cfg = blas.library_config(library)
+    except (FileNotFoundError, OSError) as e:
+        library, blas_cfg = None, {"error": str(e)}
+    decision = blas.load_decision()
+    import numpy
+
+    try:
+        np_blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        np_blas = {k: np_blas.get(k) for k in ("name", "version", "openblas configuration")}
+    except (TypeError, KeyError):
+        np_blas = {}
+    try:
+        import google.protobuf as gpb
+
+        protobuf_version = gpb.__version__
+    except ImportError:
+        protobuf_version = None
+    try:
+        binary = caffe_env.caffe_binary()
+    except FileNotFoundError:
+        binary = None
+    gpu = caffe_env.has_gpu_support()
+    return {
+        "caffe_version": getattr(caffe, "__version__", None),
+        "mode": "GPU (CUDA)" if gpu else "CPU only",
+        "gpu_support": gpu,
+        "python_layer": "Python" in layers,
+        "data_layers": {t: t in layers for t in LAYERS},
+        "layer_types": layers,
+        "libraries": linked,
+        "blas": {
+            "library": library,
+            "kernel": blas_cfg.get("corename"),
+            "config": blas_cfg.get("config"),
+            "threads": blas_cfg.get("threads"),
+            "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                              "OPENBLAS_L2_SIZE") if k in os.environ},
+            "env_applied_by_dsd_caffe": applied,
+            "decision_file": blas.decision_path(),
+            "decision": {k: decision.get(k) for k in ("coretype", "threads", "corename", "ok")} if decision else None,
+            "error": blas_cfg.get("error"),
+        },
+        "build_record": caffe_env.build_info(),
+        "numpy": {"version": numpy.__version__, "blas": np_blas},
+        "protobuf": protobuf_version,
+        "python": {"version": sys.version.split()[0], "executable": sys.executable},
+        "paths": {"pycaffe": os.path.dirname(os.path.realpath(caffe.__file__)), "caffe_extension": ext,
+                  "prefix": caffe_env.caffe_prefix(), "caffe_binary": binary},
+    }
+
+
+def _yes(flag):
+    return "yes" if flag else "no"
+
+
+def format_text(d):
+    """Human-readable lines for :func:`collect`'s dict."""
+    b = d["blas"]
+    lib = d["libraries"]
+    dec = b["decision"]
+    lines = [
+        f"Caffe          {d['caffe_version']}  ({d['mode']})",
+        f"Python layer   {_yes(d['python_layer'])}",
+        "Data layers    " + ", ".join(f"{t}={_yes(v)}" for t, v in d["data_layers"].items()),
+        f"BLAS           {b['library']}",
+        f"  kernel       {b['kernel']}   threads {b['threads']}   ({b['config']})",
+        f"  environment  {b['env'] or '(no OPENBLAS_* set)'}" +
+        (f"; added by dsd_caffe: {b['env_applied_by_dsd_caffe']}" if b["env_applied_by_dsd_caffe"] else ""),
+        f"  set-up choice {dec if dec else 'none recorded'}  ({b['decision_file']})",
+    ]
+    for label in ("OpenCV", "LMDB", "LevelDB", "HDF5", "protobuf", "glog", "CUDA", "cuDNN"):
+        v = lib[label]
+        lines.append(f"{label:15}{'yes ' + (v['version'] or '') if v['linked'] else 'no'}")
+    lines += [
+        f"numpy          {d['numpy']['version']}  (its own BLAS: {d['numpy']['blas'].get('name')} "
+        f"{d['numpy']['blas'].get('version')})",
+        f"protobuf (py)  {d['protobuf']}",
+        f"Python         {d['python']['version']}  {d['python']['executable']}",
+        f"pycaffe        {d['paths']['pycaffe']}",
+        f"caffe binary   {d['paths']['caffe_binary']}",
+        f"prefix         {d['paths']['prefix']}",
+    ]
+    rec = d["build_record"]
+    if rec:
+        lines.append("build record   " + ", ".join(f"{k}={v}" for k, v in rec.items() if not isinstance(v, (dict, list))))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dsd_caffe.info", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    a = p.parse_args(argv)
+    try:
+        d = collect()
+    except ImportError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print(json.dumps(d, indent=1, default=str) if a.json else format_text(d))
+
+
+if __name__ == "__main__":
+    main()
