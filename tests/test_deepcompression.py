@@ -63,7 +63,8 @@ def identical(a, b):
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def test_decoded_counts(decoded, specs):
+def test_decoded_counts(decoded, specs, net_bytes):
+    assert identical(readme_decoder(net_bytes, specs), decoded)
     assert len(decoded) == 26 and all(s.type == "Convolution" and s.bits == 8 for s in specs)
     assert sum(w.size for w, _ in decoded.values()) == 1_244_448
     assert sum(int(np.count_nonzero(w)) for w, _ in decoded.values()) == 415_921
@@ -197,9 +198,34 @@ def test_trainval_prototxt_gives_the_deploy_shapes(specs):
 
 
 # ------------------------------------------------------------------------------------------------ re-encoding
+def readme_decoder(data, specs):
+    """The .net decoding steps exactly as ../shared/README.md lays them out, independent of dsd_caffe."""
+    counts = np.frombuffer(data, np.uint32, len(specs))
+    offset, out = 4 * len(specs), {}
+    for s, n in zip(specs, counts.astype(int)):
+        codebook = np.frombuffer(data, np.float32, 2 ** s.bits, offset)
+        offset += 4 * 2 ** s.bits
+        bias = np.frombuffer(data, np.float32, s.bias_size, offset)
+        offset += 4 * s.bias_size
+        nbytes = (n - 1) // (8 // s.bits) + 1
+        stream = np.frombuffer(data, np.uint8, nbytes, offset)
+        offset += nbytes
+        codes = stream if s.bits == 8 else np.stack([stream % 16, stream // 16], 1).ravel()[:n]
+        nbytes = (n - 1) // 2 + 1
+        stream = np.frombuffer(data, np.uint8, nbytes, offset)
+        offset += nbytes
+        gaps = np.stack([stream % 16, stream // 16], 1).ravel()[:n]
+        flat = np.zeros(int(np.prod(s.shape)), np.float32)
+        flat[np.cumsum(gaps.astype(int) + 1) - 1] = codebook[codes]
+        out[s.name] = (flat.reshape(s.shape), bias)
+    assert offset == len(data)
+    return out
+
+
 def test_net_reencoding_is_lossless_and_no_larger(decoded, specs):
     data, rows = dc.encode_net_bytes(decoded, specs)
     assert len(data) <= NET_BYTES
+    assert identical(readme_decoder(data, specs), decoded)
     assert sum(r["fillers"] for r in rows) == 6_162
     assert identical(dc.decode_bytes(data, specs), decoded)
     assert dc.encode_net_bytes(decoded, specs)[0] == data  # deterministic
@@ -354,6 +380,7 @@ def test_edge_layers_round_trip():
     del layers["zero"], expected["zero"]
     data, rows = dc.encode_net_bytes(layers, specs[1:])
     assert identical(dc.decode_bytes(data, specs[1:]), expected)
+    assert identical(readme_decoder(data, specs[1:]), expected)
     assert (rows[1]["nonzero"], rows[1]["fillers"], rows[1]["entries"]) == (2, 6, 8)  # 98 zeros: 6 fillers
     gaps = np.diff(np.concatenate([[-1], np.flatnonzero(sparse)])) - 1
     assert rows[2]["fillers"] == int((gaps // 16).sum()) and rows[2]["entries"] == len(gaps) + rows[2]["fillers"]
