@@ -12,6 +12,7 @@ Prints images/s and the ratio evaluate/binary (goal >= 0.97), and checks the pri
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,10 +72,13 @@ def run_binary(proto, weights, iterations, env):
     from dsd_caffe import caffe_env
 
     env = dict(env, GLOG_minloglevel="0", GLOG_logtostderr="1")
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run([caffe_env.caffe_binary(), "test", "--model", proto, "--weights", weights,
                         "--iterations", str(iterations)], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if p.returncode:
         sys.exit(f"caffe test failed:\n{p.stderr[-3000:]}")
     lines = [l for l in p.stderr.splitlines() if re.search(r"caffe\.cpp:\d+\] ", l)]
@@ -82,7 +86,7 @@ def run_binary(proto, weights, iterations, env):
     end_i = next(i for i, l in enumerate(lines) if "] Loss: " in l)
     loop = _seconds(lines[end_i]) - _seconds(start)
     summary = [re.sub(r"^.*caffe\.cpp:\d+\] ", "", l) for l in lines[end_i:]]
-    return loop, wall, summary
+    return loop, wall, cpu, summary
 
 
 def run_tool(proto, weights, iterations, env):
@@ -106,28 +110,34 @@ def main():
     iterations = a.images // a.batch
     images = iterations * a.batch
     env = dict(os.environ)
-    bin_loop, bin_wall, py_loop, py_wall = [], [], [], []
+    bin_loop, bin_wall, py_loop, py_wall, bin_cpu, py_cpu = [], [], [], [], [], []
+
+    def ours():
+        c0 = time.process_time()
+        net = evaluate.load_net(proto, weights, "TEST", iterations=iterations)  # fresh reader, from the start
+        t0 = time.perf_counter()
+        res = evaluate.run(net, iterations, progress=False)
+        py_loop.append(time.perf_counter() - t0)
+        del net
+        py_cpu.append(time.process_time() - c0)
+        return res
+
     for r in range(a.repeats):
         if r % 2:  # alternate who goes first, so a drifting machine load does not favour one side
-            net = evaluate.load_net(proto, weights, "TEST", iterations=iterations)  # fresh reader
-            t0 = time.perf_counter()
-            res = evaluate.run(net, iterations, progress=False)
-            py_loop.append(time.perf_counter() - t0)
-        loop, wall, expected = run_binary(proto, weights, iterations, env)
+            res = ours()
+        loop, wall, cpu, expected = run_binary(proto, weights, iterations, env)
         bin_loop.append(loop)
         bin_wall.append(wall)
+        bin_cpu.append(cpu)
         if not r % 2:
-            net = evaluate.load_net(proto, weights, "TEST", iterations=iterations)  # fresh reader
-            t0 = time.perf_counter()
-            res = evaluate.run(net, iterations, progress=False)
-            py_loop.append(time.perf_counter() - t0)
-        del net
+            res = ours()
         lines = evaluate.format_results(res)
         if lines != expected:
             sys.exit(f"MISMATCH\nbinary:   {expected}\nevaluate: {lines}")
         py_wall.append(run_tool(proto, weights, iterations, env))
-        print(f"round {r + 1}: caffe test loop {loop:.2f}s wall {wall:.2f}s | evaluate loop {py_loop[-1]:.2f}s "
-              f"wall {py_wall[-1]:.2f}s | lines identical: {' ; '.join(lines)}")
+        print(f"round {r + 1}: caffe test loop {loop:.2f}s cpu {cpu:.2f}s wall {wall:.2f}s | evaluate loop "
+              f"{py_loop[-1]:.2f}s cpu {py_cpu[-1]:.2f}s, tool wall {py_wall[-1]:.2f}s | lines identical: "
+              f"{' ; '.join(lines)}", flush=True)
     bl, pl = statistics.median(bin_loop), statistics.median(py_loop)
     bw, pw = statistics.median(bin_wall), statistics.median(py_wall)
     print(f"\n{images} images, batch {a.batch}, {a.threads} thread(s), {a.repeats} rounds, load average "
@@ -137,6 +147,9 @@ def main():
     bm, pm = min(bin_loop), min(py_loop)
     print(f"forward loop (best):   caffe test {images / bm:8.1f} img/s   evaluate {images / pm:8.1f} img/s   "
           f"ratio {bm / pm:.3f}x")
+    bc, pc = statistics.median(bin_cpu), statistics.median(py_cpu)
+    print(f"CPU time (median):     caffe test {bc:6.2f} s (whole process)   evaluate {pc:6.2f} s (net set-up + "
+          f"loop)   ratio {bc / pc:.3f}x")
     print(f"end to end:   caffe test {bw:8.2f} s       tools/evaluate.py {pw:8.2f} s   ratio {bw / pw:.3f}x "
           "(includes Python start-up and imports)")
 
