@@ -663,3 +663,107 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
     state["final_model"] = os.path.relpath(current, out)
     fileio.write_json(state_path, state)
     return state
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+DEFAULT_SENSITIVITY_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+
+
+def sensitivity(model, weights, output_dir, densities=DEFAULT_SENSITIVITY_DENSITIES, layers=None, iterations=10,
+                test_source=None, force=False, gpu=None):
+    """Prune one layer at a time at each density, evaluate on the TEST LMDB, write sensitivity.csv + .png.
+
+    Every evaluation sees the same ``iterations`` batches: they are read once from the Data layer and fed to the
+    net again for each (layer, density). Returns the list of rows (dicts)."""
+    import csv
+    import io
+
+    from tqdm import tqdm
+
+    from .caffe_env import set_device
+    from .evaluate import _check_iterations
+
+    iterations = _check_iterations(iterations)
+    dens = [float(d) for d in densities]
+    if not dens or any(not 0 < d <= 1 for d in dens):
+        raise ValueError(f"densities must be numbers in (0, 1], got {list(densities)}")
+    out = os.path.abspath(os.fspath(output_dir))
+    csv_path, png_path = os.path.join(out, "sensitivity.csv"), os.path.join(out, "sensitivity.png")
+    fileio.check_output(csv_path, force=force)
+    model = os.fspath(model)
+    net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
+                                 None, test_source)
+    net_param = masklayer.remove_mask_layer(net_param)
+    model_param = fileio.read_caffemodel(weights)
+    check_fits(net_param, model_param, os.fspath(weights), model)
+    names = weighted_layers(net_param)
+    if layers:
+        unknown = [n for n in layers if n not in names]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {', '.join(unknown)}; weighted layers: {', '.join(names)}")
+        names = [n for n in names if n in layers]
+    caffe = set_device(gpu)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "test.prototxt")
+        fileio.write_prototxt(path, net_param)
+        net = caffe.Net(path, caffe.TEST)
+    net.copy_from(os.fspath(weights))
+    data_layers = [i for i, l in enumerate(net.layers) if not net.bottom_names[net._layer_names[i]]]
+    first = max(data_layers) + 1
+    fed = [b for i in data_layers for b in net.top_names[net._layer_names[i]]]
+    batches = []
+    for _ in range(iterations):
+        net._forward(0, max(data_layers))
+        batches.append({b: net.blobs[b].data.copy() for b in fed})
+    outputs = list(net.outputs)
+
+    def run():
+        sums = {k: 0.0 for k in outputs}
+        for batch in batches:
+            for b, v in batch.items():
+                net.blobs[b].data[...] = v
+            net._forward(first, len(net.layers) - 1)
+            for k in outputs:
+                sums[k] += float(np.asarray(net.blobs[k].data).ravel()[0])
+        return {k: v / iterations for k, v in sums.items()}
+
+    base = run()
+    rows = [{"layer": "(none)", "density": 1.0, **base, "accuracy": accuracy_of(base)}]
+    for name in tqdm(names, desc="sensitivity", unit="layer", disable=None):
+        w = net.params[name][0].data
+        orig = w.copy()
+        for d in dens:
+            w[...] = np.where(pruning.magnitude_mask(orig, d, name=name), orig, np.float32(0))
+            res = run()
+            rows.append({"layer": name, "density": d, **res, "accuracy": accuracy_of(res)})
+        w[...] = orig
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["layer", "density", "accuracy"] + outputs, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    os.makedirs(out, exist_ok=True)
+    fileio.atomic_write(csv_path, buf.getvalue(), force=force)
+    _sensitivity_png(png_path, rows, names, base)
+    return rows
+
+
+def _sensitivity_png(path, rows, names, base):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in names:
+        pts = [(r["density"], r["accuracy"]) for r in rows if r["layer"] == name]
+        if pts and pts[0][1] is not None:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=name)
+    if accuracy_of(base) is not None:
+        ax.axhline(accuracy_of(base), color="k", ls="--", lw=1, label="dense")
+    ax.set_xlabel("density kept in the one pruned layer")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

@@ -226,3 +226,22 @@ def test_squeezenet_3x_profile_on_deepscale_naming(tmp_path):
         assert abs(d - ref[name]) <= 0.01, name
     kept = sum(r["kept"] for r in res["rows"])
     assert abs(kept / sum(r["size"] for r in res["rows"]) - 0.334) <= 0.005
+
+
+def test_sensitivity_same_batches_every_time(setup, tmp_path):
+    folder, model, weights = setup
+    rows = phases.sensitivity(model, weights, str(tmp_path / "s"), densities=(0.2, 1.0), layers=["conv1", "conv_final"],
+                              iterations=2)
+    assert [(r["layer"], r["density"]) for r in rows] == [("(none)", 1.0), ("conv1", 0.2), ("conv1", 1.0),
+                                                          ("conv_final", 0.2), ("conv_final", 1.0)]
+    base = rows[0]
+    for r in rows[1:]:
+        if r["density"] == 1.0:  # nothing pruned, same batches: exactly the unpruned outputs
+            assert r["loss"] == base["loss"] and r["accuracy"] == base["accuracy"]
+    with open(tmp_path / "s" / "sensitivity.csv") as f:
+        assert f.readline().startswith("layer,density,accuracy")
+    assert os.path.getsize(tmp_path / "s" / "sensitivity.png") > 0
+    with pytest.raises(ValueError, match="unknown layer"):
+        phases.sensitivity(model, weights, str(tmp_path / "t"), layers=["nope"])
+    with pytest.raises(FileExistsError):
+        phases.sensitivity(model, weights, str(tmp_path / "s"), layers=["conv1"])
