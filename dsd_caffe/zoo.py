@@ -32,7 +32,8 @@ class ZooModel:
     url: str
     filename: str
     blob_id: str = None  # git blob id; the primary check
-    sha1: str = None  # plain SHA-1 of the file, used only when no blob id is recorded
+    sha256: str = None  # plain SHA-256 of the file, used only when no blob id is recorded
+    sha1: str = None  # plain SHA-1 of the file, used only when neither of the above is recorded
     size: int = None  # bytes, when known
     naming: str = None  # "han" | "deepscale": which generated prototxt fits
     deploy: str = None  # matching deploy prototxt, relative to models/ (netgen's generated files)
@@ -69,6 +70,7 @@ ZOO = {
                 "squeezenet_v1.0.caffemodel",
             filename="squeezenet_v1.0.caffemodel",
             blob_id="a381d848b43d7048c3b362238ece2386c21d6ff0",
+            size=5001403,  # as listed by OpenVINO's Open Model Zoo for the same file
             naming="deepscale", deploy=f"{_V10}/deploy_deepscale.prototxt",
             trainval=f"{_V10}/trainval_deepscale.prototxt",
         ),
@@ -79,8 +81,10 @@ ZOO = {
             url="https://raw.githubusercontent.com/DeepScale/SqueezeNet/master/SqueezeNet_v1.1/"
                 "squeezenet_v1.1.caffemodel",
             filename="squeezenet_v1.1.caffemodel",
-            blob_id=None,  # not found in the stored references
-            sha1="3397f026368a45ae236403ccc81cfcbe8ebe1bd0",  # file SHA-1 used by OpenCV's model downloader
+            blob_id=None,  # not found in the stored references; size and SHA-256 as listed by OpenVINO's
+            size=4950080,  # Open Model Zoo (models/public/squeezenet1.1/model.yml) for forresti/SqueezeNet@a47b6f1
+            sha256="72b912ace512e8621f8ff168a7d72af55910d3c7c9445af8dfbff4c2ee960142",
+            sha1="3397f026368a45ae236403ccc81cfcbe8ebe1bd0",  # as listed by OpenCV's model downloaders
             naming="deepscale",
         ),
         ZooModel(
@@ -106,9 +110,9 @@ def get(name):
     return ZOO[name]
 
 
-def _hash_file(path, prefix_size=True):
+def _hash_file(path, prefix_size=True, algorithm="sha1"):
     size = os.path.getsize(path)
-    h = hashlib.sha1(b"blob %d\0" % size if prefix_size else b"")
+    h = hashlib.new(algorithm, b"blob %d\0" % size if prefix_size else b"")
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -121,7 +125,8 @@ def git_blob_id(path):
 
 
 def verify(path, name):
-    """Check ``path`` is the released file of zoo model ``name`` (size, then git blob id); returns ``path``.
+    """Check ``path`` is the released file of zoo model ``name`` (size when known, then the git blob id, else
+    the recorded SHA-256 or SHA-1); returns ``path``.
 
     Raises ValueError on a mismatch, naming the expected and actual ids."""
     model = get(name)
@@ -136,6 +141,11 @@ def verify(path, name):
         if actual != model.blob_id:
             raise ValueError(f"{path} is not the released {model.filename}: git blob id {actual}, expected "
                              f"{model.blob_id}")
+    elif model.sha256:
+        actual = _hash_file(path, prefix_size=False, algorithm="sha256")
+        if actual != model.sha256:
+            raise ValueError(f"{path} is not the released {model.filename}: SHA-256 {actual}, expected "
+                             f"{model.sha256}")
     elif model.sha1:
         actual = _hash_file(path, prefix_size=False)
         if actual != model.sha1:
@@ -277,7 +287,7 @@ def main(argv=None):
     def run(a):
         if a.cmd == "list":
             for m in ZOO.values():
-                print(f"{m.name:30s} {m.filename:60s} {m.blob_id or 'sha1:' + (m.sha1 or '?')}")
+                print(f"{m.name:30s} {m.filename:60s} {m.blob_id or ('sha256:' + m.sha256 if m.sha256 else 'sha1:' + (m.sha1 or '?'))}")
                 print(f"{'':30s} {m.url}")
         elif a.cmd == "fetch":
             print(fetch(a.name, a.dest, url=a.url, force=a.force))

@@ -43,7 +43,7 @@ def test_wrong_blob_id_refused():
 def test_zoo_entries_are_complete():
     for m in zoo.ZOO.values():
         assert m.url.startswith("https://raw.githubusercontent.com/") and m.url.endswith(m.filename)
-        assert m.blob_id or m.sha1
+        assert m.blob_id or m.sha256 or m.sha1
         if m.deploy:
             assert m.prototxt("deploy").endswith(".prototxt") and m.prototxt("trainval").endswith(".prototxt")
     with pytest.raises(KeyError, match="unknown zoo model"):
@@ -149,3 +149,10 @@ def test_load_compressed_squeezenet():
     total = sum(net.params[k][0].data.size for k in convs)
     nonzero = sum(np.count_nonzero(net.params[k][0].data) for k in convs)
     assert (nonzero, total) == (415921, 1244448)
+
+
+def test_sha256_used_when_no_blob_id(tmp_path):
+    f = tmp_path / "squeezenet_v1.1.caffemodel"
+    f.write_bytes(b"\0" * 4950080)  # the right size, not the right bytes
+    with pytest.raises(ValueError, match="SHA-256 .* expected 72b912ace5"):
+        zoo.verify(f, "squeezenet-v1.1")
