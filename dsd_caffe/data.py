@@ -5,11 +5,13 @@ Every LMDB is built under a temporary name beside the output and renamed only wh
 leaves a half-written LMDB under the real name. Keys follow ``convert_imageset`` (``%08d_<path>``) so a Data layer
 reads the images in the same order.
 """
+import collections
+import functools
 import gzip
 import logging
-import multiprocessing
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -130,19 +132,14 @@ def _parse_encoded(encoded):
 
 # ----------------------------------------------------------------------------------------------- workers
 
-_SETTINGS = {}
-
-
-def _init_worker(settings):
+def _quiet_opencv():
     import cv2
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # the parallelism is ours, one image per thread
     try:  # failures are reported by us, file by file, not by OpenCV's stderr warnings
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     except AttributeError:
         pass
-    _SETTINGS.clear()
-    _SETTINGS.update(settings)
 
 
 def _convert_one(full, label, s):
@@ -182,13 +179,12 @@ def _convert_one(full, label, s):
     return datum.SerializeToString(), img
 
 
-def _convert_chunk(chunk):
-    """Worker task: a list of (index, key, full path, label). Returns (records, failures, sums) where sums maps an
+def _convert_chunk(s, chunk):
+    """Worker task: settings and a list of (index, key, full path, label). Returns (records, failures, sums) where sums maps an
     image shape (h, w, c) to [count, per-channel float64 sum, uint32 per-pixel sum or None]; the per-pixel sum
     (for a mean file) only when asked, since it costs as much as resizing."""
     import cv2
 
-    s = _SETTINGS
     records, failures, sums = [], [], {}
     for index, key, full, label in chunk:
         try:
@@ -206,6 +202,19 @@ def _convert_chunk(chunk):
         if acc[2] is not None:
             np.add(acc[2], img, out=acc[2])
     return records, failures, sums
+
+
+def _in_order(pool, fn, items, ahead):
+    """Like ``map(fn, items)`` on ``pool``, in order, with at most ``ahead`` items queued or done but unconsumed
+    (so decoded images never pile up in memory when writing is the slower side)."""
+    items = iter(items)
+    pending = collections.deque(pool.submit(fn, item) for item, _ in zip(items, range(ahead)))
+    while pending:
+        result = pending.popleft().result()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            break
+        yield result
 
 
 # ----------------------------------------------------------------------------------------------- LMDB writing
@@ -275,7 +284,7 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
     file's folder).
 
     ``resize`` is (height, width) or None; ``gray`` stores one channel, else three (BGR); ``encoded`` is False
-    (raw pixels), True (the file's own format) or "png"/"jpg". Images are decoded by ``workers`` processes (default:
+    (raw pixels), True (the file's own format) or "png"/"jpg". Images are decoded by ``workers`` threads (default:
     all cores). Files that fail to decode are skipped and listed. Writes ``<output>.json`` (classes, counts, per-channel
     mean values, skipped files) and, when ``mean_file`` is given, a binaryproto mean like ``compute_image_mean``.
     Returns that summary as a dict.
@@ -285,7 +294,7 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
     size = _parse_resize(resize)
     enc = _parse_encoded(encoded)
     if workers is None:
-        workers = os.cpu_count() or 1
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if os.path.isdir(source):
@@ -325,15 +334,12 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
     with fileio.atomic_path(output, force=force, directory=True) as tmp:
         env = _open_env(tmp, map_size)
         try:
-            pool = None
-            if workers > 1:
-                import cv2  # noqa: F401  (imported once here rather than in every worker)
-
-                pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (settings,))
-                results = pool.imap(_convert_chunk, chunks)
-            else:
-                _init_worker(settings)
-                results = map(_convert_chunk, chunks)
+            _quiet_opencv()
+            convert = functools.partial(_convert_chunk, settings)
+            # Threads, not processes: OpenCV decodes and resizes without the GIL, and a process pool spent as much
+            # CPU again on pickling the decoded pixels back (bench/lmdb_vs_convert_imageset.py).
+            pool = ThreadPoolExecutor(workers) if workers > 1 else None
+            results = _in_order(pool, convert, chunks, ahead=2 * workers) if pool else map(convert, chunks)
             try:
                 with tqdm(total=len(tasks), unit="img", desc=os.path.basename(output), disable=not progress) as bar:
                     for records, failed, chunk_sums in results:
@@ -348,12 +354,9 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
                             if pixels is not None:
                                 acc[2] = acc[2] + pixels.astype(np.float64)
                         bar.update(len(records) + len(failed))
-                if pool is not None:
-                    pool.close()
             finally:
                 if pool is not None:
-                    pool.terminate()  # a no-op after a clean close(); stops the workers on an error
-                    pool.join()
+                    pool.shutdown(cancel_futures=True)  # on an error: drop the queued chunks, finish the running
             count = sum(counts.values())
             if count == 0:
                 raise ValueError(f"none of the {len(tasks)} files in {source} could be decoded as an image")

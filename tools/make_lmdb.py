@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--gray", action="store_true", help="store one grey channel instead of BGR")
     p.add_argument("--encoded", nargs="?", const=True, default=False, metavar="FORMAT",
                    help="store encoded images: the file's own format, or png/jpg")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
     p.add_argument("--mean-file", help="also write the per-pixel mean as a binaryproto here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
