@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -299,17 +300,66 @@ def snapshots(folder, prefix):
         if not m or not os.path.exists(model):
             continue
         try:
-            fileio.read_caffemodel(model)
             st = _pb2().SolverState()
             with open(state, "rb") as f:
                 st.ParseFromString(f.read())
             if st.iter != int(m.group(1)):
                 raise ValueError("iteration mismatch")
+            expected = _learnable_count(fileio.read_caffemodel(model))
+            if len(st.history) != expected:
+                raise ValueError(f"{len(st.history)} history blobs for {expected} learnable blobs")
         except Exception as e:  # noqa: BLE001 - any unreadable snapshot is skipped, and said so
             log.warning("skipping incomplete snapshot %s (%s)", state, e)
             continue
         out.append((int(m.group(1)), state, model))
     return sorted(out, reverse=True)
+
+
+def _learnable_count(model_param):
+    """Number of learnable blobs Caffe keeps solver history for: shared (named) params count once."""
+    seen, count = set(), 0
+    for layer in model_param.layer:
+        for j in range(len(layer.blobs)):
+            name = layer.param[j].name if j < len(layer.param) else ""
+            if name:
+                if name in seen:
+                    continue
+                seen.add(name)
+            count += 1
+    return count
+
+
+def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the caffe child gets SIGKILL when the Python parent dies, so a killed run leaves no orphan writing
+    snapshots while the re-run starts."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _FolderLock:
+    """An exclusive lock on ``folder/.dsd-lock`` (released when the process dies)."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".dsd-lock")
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "a")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise FileExistsError(f"another process is running in {os.path.dirname(self.path)}") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def _portable_state(state, folder):
@@ -346,6 +396,12 @@ def train(solver_path, weights=None, engine="binary", desc="train", gpu=None):
     sp = fileio.read_solver_prototxt(solver_path)
     prefix = os.path.join(folder, sp.snapshot_prefix)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    set_device(gpu)
+    with _FolderLock(folder):
+        return _train_locked(solver_path, folder, sp, prefix, weights, engine, desc)
+
+
+def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc):
     snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
     if snaps and snaps[0][0] >= sp.max_iter:
         log.info("%s: already trained to iteration %d", desc, snaps[0][0])
@@ -355,7 +411,6 @@ def train(solver_path, weights=None, engine="binary", desc="train", gpu=None):
         raise ValueError(f"{solver_path}: no weights given and no snapshot to resume from")
     if resume:
         log.info("%s: resuming from %s", desc, resume[1])
-    set_device(gpu)
     state = _portable_state(resume[1], folder) if resume else None
     try:
         if engine == "binary":
@@ -382,7 +437,8 @@ def _train_binary(solver_path, folder, sp, weights, state, start, desc):
     last = []
     with open(logpath, "a") as logf, _progress(sp.max_iter, start, desc) as bar:
         logf.write(f"# {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=folder, stdout=logf, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(cmd, cwd=folder, stdout=logf, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         for line in proc.stderr:
             logf.write(line)
             if line.startswith(("F", "E")) or "Check failed" in line or "Error" in line:
@@ -460,6 +516,16 @@ def train_sparse(output_dir, engine="binary", gpu=None, force=False):
         if not os.path.exists(os.path.join(out, f)):
             raise FileNotFoundError(f"{out} is not a folder written by tools/prune.py (no {f})")
     masks = load_masks(os.path.join(out, MASKS))
+    net_spec = masklayer.mask_layer_spec(fileio.read_net_prototxt(os.path.join(out, SPARSE_NET)))
+    model_spec = masklayer.mask_layer_spec(fileio.read_caffemodel(os.path.join(out, PRUNED)))
+    if net_spec is None or model_spec is None:
+        raise ValueError(f"{out}: {SPARSE_NET if net_spec is None else PRUNED} holds no mask layer")
+    for (ln, ls), (mn, ms) in zip(net_spec[1], model_spec[1]):
+        if (ln, ls) != (mn, ms):
+            raise ValueError(f"{out}: the mask of layer {mn!r} in {PRUNED} is {ms}, but {SPARSE_NET} masks {ln!r} "
+                             f"{ls}; the mask does not fit the net")
+    if len(net_spec[1]) != len(model_spec[1]) or net_spec[0] != model_spec[0]:
+        raise ValueError(f"{out}: the mask layers of {SPARSE_NET} and {PRUNED} differ")
     stored = masklayer.read_masks(os.path.join(out, PRUNED))
     if set(stored) != set(masks) or any(not np.array_equal(stored[k], masks[k]) for k in masks):
         raise ValueError(f"{out}: {MASKS} and the masks inside {PRUNED} differ")
