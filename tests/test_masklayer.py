@@ -97,7 +97,7 @@ def check_snapshots(folder, expect_iters):
         w = masklayer.weight_arrays(model)
         back = masklayer.read_masks(model)
         for name, m in masks.items():
-            assert np.all(w[name][~m] == 0.0), (it, name)
+            assert np.all(w[name][~m] == 0.0) and not np.signbit(w[name][~m]).any(), (it, name)  # +0.0 exactly
             np.testing.assert_array_equal(back[name], m)
             assert np.count_nonzero(w[name]) == np.count_nonzero(m), (it, name)  # survivors stay non-zero
         changed = sum(not np.array_equal(w[n], start[n]) for n in masks)
