@@ -356,7 +356,9 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
                         bar.update(len(records) + len(failed))
             finally:
                 if pool is not None:
-                    pool.shutdown(cancel_futures=True)  # on an error: drop the queued chunks, finish the running
+                    # On an error, queued chunks are dropped and running ones left to finish on their own: the
+                    # threads only decode, they never touch the LMDB, so the temporary folder can go at once.
+                    pool.shutdown(wait=False, cancel_futures=True)
             count = sum(counts.values())
             if count == 0:
                 raise ValueError(f"none of the {len(tasks)} files in {source} could be decoded as an image")
