@@ -30,6 +30,8 @@ DECISION_FILE = "dsd-caffe-blas.json"
 TOLERANCE = 1e-5  # max |C - C_ref| / (|alpha| |A||B| + |beta||C0|), elementwise; float32 SGEMM gives ~1e-7
 DEFAULT = "default"  # the candidate that leaves OPENBLAS_CORETYPE unset (OpenBLAS's own CPU detection)
 PREFER_DEFAULT_WITHIN = 0.05  # keep the library's own detection unless a forced core type is >5% faster
+PREFER_FEWER_THREADS_WITHIN = 0.25  # more threads must be >25% faster: busy-waiting OpenBLAS threads collapse
+#                                      when the cores are shared (seen here: 2 threads at 1-7 GFLOPS under load)
 FAULTS = ("perturb", "crash")
 
 # (m, n, k, transA, transB, alpha, beta): odd and tiny sizes, both transposes, beta != 0, a GEMV-like shape.
@@ -153,16 +155,26 @@ def library_config(library):
 
 
 # ---------------------------------------------------------------------------------------------- the child
+def _symbol_prefix(lib):
+    """"" for a plain CBLAS; "scipy_" for PyPI's scipy-openblas32 (a newer OpenBLAS with prefixed symbols)."""
+    for pre in ("", "scipy_"):
+        if hasattr(lib, pre + "cblas_sgemm"):
+            return pre
+    raise OSError("the library exports no cblas_sgemm")
+
+
 def _child(args):
     """Runs in a subprocess whose environment holds the candidate's OPENBLAS_* variables: load, check, time."""
     import numpy as np
 
     lib = ctypes.CDLL(args["library"])
     fp = ctypes.POINTER(ctypes.c_float)
+    pre = _symbol_prefix(lib)
+    cblas_sgemm, cblas_sgemv = getattr(lib, pre + "cblas_sgemm"), getattr(lib, pre + "cblas_sgemv")
     name = None
-    if hasattr(lib, "openblas_get_corename"):
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        name = lib.openblas_get_corename().decode()
+    if hasattr(lib, pre + "openblas_get_corename"):
+        getattr(lib, pre + "openblas_get_corename").restype = ctypes.c_char_p
+        name = getattr(lib, pre + "openblas_get_corename")().decode()
     fault = args.get("fault")
     if fault == "crash":
         os.abort()
@@ -170,7 +182,7 @@ def _child(args):
     def sgemm(a, b, ta, tb, alpha, beta, c):
         m, k = (a.shape[1], a.shape[0]) if ta else a.shape
         n = b.shape[0] if tb else b.shape[1]
-        lib.cblas_sgemm(101, 112 if ta else 111, 112 if tb else 111, m, n, k, ctypes.c_float(alpha),
+        cblas_sgemm(101, 112 if ta else 111, 112 if tb else 111, m, n, k, ctypes.c_float(alpha),
                         a.ctypes.data_as(fp), a.shape[1], b.ctypes.data_as(fp), b.shape[1], ctypes.c_float(beta),
                         c.ctypes.data_as(fp), n)
         if fault == "perturb":  # a subtly wrong kernel: one element off by 1e-4 relative
@@ -178,7 +190,7 @@ def _child(args):
         return c
 
     def sgemv(a, x, y, alpha, beta):
-        lib.cblas_sgemv(101, 111, a.shape[0], a.shape[1], ctypes.c_float(alpha), a.ctypes.data_as(fp), a.shape[1],
+        cblas_sgemv(101, 111, a.shape[0], a.shape[1], ctypes.c_float(alpha), a.ctypes.data_as(fp), a.shape[1],
                         x.ctypes.data_as(fp), 1, ctypes.c_float(beta), y.ctypes.data_as(fp), 1)
         return y
 
@@ -279,6 +291,22 @@ def self_check(library, coretype=DEFAULT, threads=1, fault=None, time_it=True, t
     return result
 
 
+def pick(passed, preset=None):
+    """The winner among passed self-check results (dicts with coretype, threads, seconds): the fastest, except
+    that the library's own detection (:data:`DEFAULT`) is kept when within 5% (then no variable is set and numpy's
+    newer OpenBLAS, which reads the same variable, keeps its own choice), and fewer threads are kept unless more
+    are >25% faster. With a ``preset`` core type, only the thread count is chosen."""
+    if not passed:
+        raise ValueError("no passed candidates to pick from")
+    best = min(passed, key=lambda r: r["seconds"])
+    if not preset:
+        default = [r for r in passed if r["coretype"] == DEFAULT and r["threads"] == best["threads"]]
+        if default and default[0]["seconds"] <= best["seconds"] * (1 + PREFER_DEFAULT_WITHIN):
+            best = default[0]
+    same = sorted((r for r in passed if r["coretype"] == best["coretype"]), key=lambda r: r["threads"])
+    return next(r for r in same if r["seconds"] <= best["seconds"] * (1 + PREFER_FEWER_THREADS_WITHIN))
+
+
 def cpu_count():
     """CPUs this process may run on."""
     try:
@@ -343,17 +371,10 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
         decision["ok"] = True
         pool = passed
     if pool:
-        best = min(pool, key=lambda r: r["seconds"])
+        best = pick(pool, preset)
         if not preset:
-            # Prefer the library's own detection when it is about as fast: then no variable is set, and numpy's
-            # (newer) OpenBLAS, which reads the same variable, keeps its own choice.
-            default = [r for r in pool if r["coretype"] == DEFAULT and r["threads"] == best["threads"]]
-            if default and default[0]["seconds"] <= best["seconds"] * (1 + PREFER_DEFAULT_WITHIN):
-                best = default[0]
             decision["coretype"] = None if best["coretype"] == DEFAULT else best["coretype"]
-        decision["threads"] = best["threads"]
-        decision["corename"] = best.get("corename")
-        decision["seconds"] = best["seconds"]
+        decision.update(threads=best["threads"], corename=best.get("corename"), seconds=best["seconds"])
     else:
         decision["threads"] = None
     if output:

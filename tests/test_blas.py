@@ -127,3 +127,19 @@ def test_cpu_info_reads_flags(tmp_path):
                  "processor\t: 1\nflags\t\t: other\n")
     assert blas.cpu_info(str(f)) == {"vendor": "GenuineIntel", "model_name": "Xeon", "flags": ["avx2", "fma", "sse"]}
     assert blas.cpu_info(str(tmp_path / "missing"))["flags"] == []
+
+
+def test_pick_prefers_default_and_fewer_threads_unless_clearly_faster():
+    def r(core, threads, seconds):
+        return {"coretype": core, "threads": threads, "seconds": seconds}
+
+    D = blas.DEFAULT
+    # a forced kernel must beat the library's own detection by more than 5%
+    assert blas.pick([r(D, 1, 1.04), r("Haswell", 1, 1.0)])["coretype"] == D
+    assert blas.pick([r(D, 1, 1.10), r("Haswell", 1, 1.0)])["coretype"] == "Haswell"
+    # more threads must be more than 25% faster
+    assert blas.pick([r(D, 1, 1.0), r(D, 2, 0.85)])["threads"] == 1
+    assert blas.pick([r(D, 1, 1.0), r(D, 2, 0.55)])["threads"] == 2
+    assert blas.pick([r("SkylakeX", 1, 2.0), r("SkylakeX", 2, 1.0), r(D, 2, 1.9)]) == r("SkylakeX", 2, 1.0)
+    with pytest.raises(ValueError):
+        blas.pick([])
