@@ -65,12 +65,14 @@ def main():
         sparse = solver(caffe, sparse_param, tmp, "sparse")
         sparse.net.copy_from(sparse_model)
         times = {"dense": [], "sparse": []}
+        cpu = {"dense": [], "sparse": []}
         for i in range(a.iters + 1):
             for name, s in (("dense", dense), ("sparse", sparse)):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 s.step(1)
                 if i:
                     times[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
         w = masklayer.weight_arrays(sparse.net)
         assert all(np.all(w[n][~m] == 0) for n, m in masks.items())
         # the mask layer's own work, timed alone
@@ -89,6 +91,8 @@ def main():
         print(f"sparse s/iter: {' '.join(f'{x:.3f}' for x in times['sparse'])}  median {s_med:.3f}")
         print(f"ratio sparse/dense (median): {s_med / d_med:.4f}   goal <= 1.02")
         print(f"ratio sparse/dense (total):  {sum(times['sparse']) / sum(times['dense']):.4f}")
+        print(f"ratio sparse/dense (process CPU time, median; steadier on a shared machine): "
+              f"{statistics.median(cpu['sparse']) / statistics.median(cpu['dense']):.4f}")
         print(f"mask layer forward+backward alone: {mask_ms:.2f} ms per iteration over {n_w} weights "
               f"({mask_ms / 1000 / d_med:.4%} of a dense iteration)")
         ds, ss = os.path.getsize(dense_model), os.path.getsize(sparse_model)

@@ -290,14 +290,19 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
 _SNAP_RE = re.compile(r"_iter_(\d+)\.solverstate$")
 
 
-def snapshots(folder, prefix):
+def snapshots(folder, prefix, clean=False):
     """[(iteration, solverstate, caffemodel)] of complete snapshots ``<folder>/<prefix>_iter_N.*``, newest first.
-    A snapshot whose files are missing, empty or unreadable (a kill while Caffe wrote it) is skipped."""
+    A snapshot whose files are missing, empty or unreadable (a kill while Caffe wrote it: Caffe does not write
+    snapshots atomically) is skipped, and with ``clean`` deleted (training passes that iteration again)."""
     out = []
-    for state in glob.glob(os.path.join(folder, glob.escape(prefix) + "_iter_*.solverstate")):
+    pattern = os.path.join(folder, glob.escape(prefix) + "_iter_*.")
+    stems = {f.rsplit(".", 1)[0] for f in glob.glob(pattern + "solverstate") + glob.glob(pattern + "caffemodel")}
+    for stem in stems:
+        state, model = stem + ".solverstate", stem + ".caffemodel"
         m = _SNAP_RE.search(state)
-        model = state[: -len(".solverstate")] + ".caffemodel"
-        if not m or not os.path.exists(model):
+        if not m or not os.path.exists(model) or not os.path.exists(state):
+            if clean:
+                _drop_snapshot(stem, "incomplete")
             continue
         try:
             st = _pb2().SolverState()
@@ -309,10 +314,20 @@ def snapshots(folder, prefix):
             if len(st.history) != expected:
                 raise ValueError(f"{len(st.history)} history blobs for {expected} learnable blobs")
         except Exception as e:  # noqa: BLE001 - any unreadable snapshot is skipped, and said so
-            log.warning("skipping incomplete snapshot %s (%s)", state, e)
+            if clean:
+                _drop_snapshot(stem, e)
+            else:
+                log.warning("skipping incomplete snapshot %s (%s)", state, e)
             continue
         out.append((int(m.group(1)), state, model))
     return sorted(out, reverse=True)
+
+
+def _drop_snapshot(stem, why):
+    log.warning("removing incomplete snapshot %s.* (%s), left by an interrupted run", stem, why)
+    for ext in (".solverstate", ".caffemodel"):
+        if os.path.exists(stem + ext):
+            os.unlink(stem + ext)
 
 
 def _learnable_count(model_param):
@@ -402,7 +417,7 @@ def train(solver_path, weights=None, engine="binary", desc="train", gpu=None):
 
 
 def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc):
-    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
     if snaps and snaps[0][0] >= sp.max_iter:
         log.info("%s: already trained to iteration %d", desc, snaps[0][0])
         return snaps[0][2]
