@@ -150,7 +150,17 @@ def _convert_one(full, label, s):
         raw = f.read()
     if not raw:
         raise ValueError("empty file")
-    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE if s["gray"] else cv2.IMREAD_COLOR)
+    buf = np.frombuffer(raw, np.uint8)
+    flag = cv2.IMREAD_GRAYSCALE if s["gray"] else cv2.IMREAD_COLOR
+    enc, ext = s["encoded"], os.path.splitext(full)[1].lower().lstrip(".")
+    if enc == "auto":
+        enc = ext if ext in _ENCODINGS else "png"
+    # Encoded and not resized: store the file's own bytes when a Data layer (which decodes natively) gets the
+    # channels asked for; convert_imageset stores them even when it does not (a grey JPEG in a colour LMDB).
+    keep_file = enc is not None and s["resize"] is None and _ENCODINGS[enc] == _ENCODINGS.get(ext)
+    img = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR if keep_file else flag)
+    if keep_file and img is not None and (img.ndim == 2) != s["gray"]:
+        keep_file, img = False, cv2.imdecode(buf, flag)
     if img is None:
         raise ValueError("not an image, or a corrupt one (OpenCV could not decode it)")
     if s["resize"] is not None:
@@ -161,28 +171,24 @@ def _convert_one(full, label, s):
         img = img[:, :, None]
     h, w, c = img.shape
     datum = s["pb2"].Datum(channels=c, height=h, width=w, label=int(label))
-    enc = s["encoded"]
     if enc is None:
         datum.data = np.ascontiguousarray(img.transpose(2, 0, 1)).tobytes()
     else:
-        ext = os.path.splitext(full)[1].lower().lstrip(".")
-        if enc == "auto":
-            enc = ext if ext in _ENCODINGS else "png"
-        if s["resize"] is None and _ENCODINGS[enc] == _ENCODINGS.get(ext) and (c == 3) != s["gray"]:
-            datum.data = raw  # the file's own bytes, as convert_imageset does
+        if keep_file:
+            datum.data = raw
         else:
-            ok, buf = cv2.imencode(_ENCODINGS[enc], img)
+            ok, out = cv2.imencode(_ENCODINGS[enc], img)
             if not ok:
                 raise ValueError(f"OpenCV could not encode it as {enc}")
-            datum.data = buf.tobytes()
+            datum.data = out.tobytes()
         datum.encoded = True
     return datum.SerializeToString(), img
 
 
 def _convert_chunk(s, chunk):
-    """Worker task: settings and a list of (index, key, full path, label). Returns (records, failures, sums) where sums maps an
-    image shape (h, w, c) to [count, per-channel float64 sum, uint32 per-pixel sum or None]; the per-pixel sum
-    (for a mean file) only when asked, since it costs as much as resizing."""
+    """Worker task: settings and a list of (index, key, full path, label). Returns (records, failures, sums) where
+    sums maps an image shape (h, w, c) to [count, per-channel float64 sum, uint32 per-pixel sum or None]; the
+    per-pixel sum (for a mean file) only when asked, since it costs as much as resizing."""
     import cv2
 
     records, failures, sums = [], [], {}

@@ -136,6 +136,23 @@ def test_encoded_without_resize_keeps_file_bytes(tmp_path):
         assert datum.data == (src / key.decode().split("_", 1)[1]).read_bytes()
 
 
+def test_encoded_grey_file_in_colour_lmdb_is_reencoded(tmp_path):
+    """A grey PNG in a colour LMDB is stored as a 3-channel PNG, so Caffe's native decoding gives 3 channels."""
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    grey = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    cv2.imwrite(str(tmp_path / "img" / "a" / "g.png"), grey)
+    data.make_lmdb(tmp_path / "img", tmp_path / "enc", resize=None, encoded=True, workers=1, progress=False)
+    assert data.lmdb_info(tmp_path / "enc")["channels"] == 3
+    pixels, _ = data_layer_read(tmp_path, tmp_path / "enc", 1)
+    np.testing.assert_array_equal(pixels[0], np.stack([grey] * 3))
+    data.make_lmdb(tmp_path / "img", tmp_path / "genc", resize=None, encoded=True, gray=True, workers=1,
+                   progress=False)
+    assert data.lmdb_info(tmp_path / "genc")["channels"] == 1
+    datum = caffe_pb2().Datum()
+    datum.ParseFromString(raw_records(tmp_path / "genc")[0][1])
+    assert datum.data == (tmp_path / "img" / "a" / "g.png").read_bytes()
+
+
 def test_parallel_equals_serial_and_shuffle_is_seeded(tmp_path):
     src = make_folder(tmp_path / "img", per_class=40)
     data.make_lmdb(src, tmp_path / "w1", resize=(8, 8), workers=1, progress=False)

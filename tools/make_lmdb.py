@@ -25,15 +25,15 @@ def main(argv=None):
     p.add_argument("--shuffle", action="store_true", help="shuffle the images (with --seed)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     p.add_argument("--gray", action="store_true", help="store one grey channel instead of BGR")
-    p.add_argument("--encoded", nargs="?", const=True, default=False, metavar="FORMAT",
-                   help="store encoded images: the file's own format, or png/jpg")
+    p.add_argument("--encoded", action="store_true", help="store encoded images (default: the file's own format)")
+    p.add_argument("--encode-type", choices=["png", "jpg", "bmp"], help="encode as this format (implies --encoded)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
     p.add_argument("--mean-file", help="also write the per-pixel mean as a binaryproto here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     def run(a):
         stats = data.make_lmdb(a.source, a.output, root=a.root, resize=a.resize, shuffle=a.shuffle, seed=a.seed,
-                               gray=a.gray, encoded=a.encoded, workers=a.workers, mean_file=a.mean_file,
+                               gray=a.gray, encoded=a.encode_type or a.encoded, workers=a.workers, mean_file=a.mean_file,
                                force=a.force)
         print(f"{stats['path']}: {stats['count']} images, {len(stats['skipped'])} skipped, "
               f"mean values {stats['mean_values']}")
