@@ -56,7 +56,7 @@ def _phase_of(layer):
 
 
 def _source_fields(net):
-    """[(layer, getter, setter)] for every data source of the net."""
+    """[(layer, its *_data_param)] for every layer of the net that reads a source."""
     out = []
     for l in net.layer:
         if l.type == "Data":
@@ -85,7 +85,8 @@ def absolute_sources(net_param, base, train=None, test=None):
             else:
                 src = os.path.abspath(src)
         if not os.path.exists(src):
-            raise FileNotFoundError(f"{layer.type} layer {layer.name!r}: data source {p.source or given} not found "
+            raise FileNotFoundError(f"{layer.type} layer {layer.name!r}: data source "
+                                    f"{given if given is not None else p.source} not found "
                                     f"(looked beside the prototxt{' in ' + base if base else ''} and in the "
                                     f"current folder)")
         p.source = src
@@ -119,6 +120,18 @@ def _lmdb_count(path):
     from .data import lmdb_info
 
     return lmdb_info(path)["count"]
+
+
+def check_data(net):
+    """Check every LMDB Data layer's source before Caffe opens it (missing, empty, images smaller than the crop)."""
+    from .data import check_lmdb
+
+    for l in net.layer:
+        if l.type == "Data":
+            try:
+                check_lmdb(l.data_param.source, crop_size=l.transform_param.crop_size)
+            except ValueError as e:
+                raise ValueError(f"Data layer {l.name!r} ({_phase_of(l)}): {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ nets + weights
@@ -238,6 +251,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     else:
         net_param = absolute_sources(net_param, None, train_source, test_source)
     net_param = masklayer.remove_mask_layer(net_param)
+    check_data(net_param)
     model_param = fileio.read_caffemodel(weights)
     check_fits(net_param, model_param, os.fspath(weights), os.fspath(model or net_param.name))
     names = weighted_layers(net_param)
@@ -576,6 +590,7 @@ def retrain_dense(model, weights, output_dir, base_lr=1e-4, epochs=20, max_iter=
     else:
         net_param = absolute_sources(net_param, None, train_source, test_source)
     dense = masklayer.remove_mask_layer(net_param)
+    check_data(dense)
     model_param = fileio.read_caffemodel(weights)
     check_fits(dense, model_param, os.fspath(weights), os.fspath(model or dense.name))
     solver_path = os.path.join(out, DENSE_SOLVER)

@@ -183,3 +183,18 @@ def test_caffemodel_size_overhead(pruned):
     dense = os.path.getsize(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
     sparse = os.path.getsize(os.path.join(pruned, phases.PRUNED))
     assert 1.9 < sparse / dense < 2.2
+
+
+def test_train_sparse_refuses_masks_that_do_not_fit(pruned, tmp_path):
+    import json
+
+    run = copy_run(pruned, tmp_path)
+    path = os.path.join(run, phases.SPARSE_NET)
+    net = fileio.read_net_prototxt(path)
+    layer = next(l for l in net.layer if masklayer.is_mask_layer(l))
+    spec = json.loads(layer.python_param.param_str)
+    spec["layers"][0]["shape"] = [16, 1, 5, 5]
+    layer.python_param.param_str = json.dumps(spec)
+    fileio.write_prototxt(path, net)
+    with pytest.raises(ValueError, match="mask of layer 'conv1'.*does not fit the net"):
+        phases.train_sparse(run)

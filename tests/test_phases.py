@@ -95,6 +95,19 @@ def test_prune_refuses_bad_inputs(setup, pruned, tmp_path):
     assert not os.path.exists(tmp_path / "y" / phases.PRUNED)
     with pytest.raises(FileNotFoundError, match="not a folder written by tools/prune.py"):
         phases.train_sparse(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="data source .*nope not found"):
+        phases.prune(model, weights, str(tmp_path / "z"), ratio="3x", train_source=str(tmp_path / "nope"))
+    small = write_tiny_lmdb(tmp_path / "small_lmdb", np.zeros((2, 1, 8, 8)), [0, 1])
+    with pytest.raises(ValueError, match="TRAIN.*smaller than the crop size 28"):
+        phases.prune(model, weights, str(tmp_path / "z"), ratio="3x", train_source=small)
+    truncated = tmp_path / "truncated.caffemodel"
+    with open(weights, "rb") as f:
+        truncated.write_bytes(f.read()[:1000])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        phases.prune(model, str(truncated), str(tmp_path / "z"), ratio="3x")
+    with pytest.raises(ValueError, match="unknown profile"):
+        phases.prune(model, weights, str(tmp_path / "z"), ratio="3x", profile="nope")
+    assert not os.path.exists(tmp_path / "z" / phases.PRUNED)
 
 
 def test_prune_tool_one_line_error(setup, tmp_path):
