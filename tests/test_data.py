@@ -84,6 +84,18 @@ def test_folder_count_labels_shapes_skipped_and_data_layer(tmp_path):
     np.testing.assert_allclose(stats["mean_values"], expected.mean(axis=(0, 2, 3)), atol=1e-3)
 
 
+def test_mean_file_matches_compute_image_mean(tmp_path):
+    from dsd_caffe.caffe_env import caffe_tool
+
+    src = make_folder(tmp_path / "img")
+    data.make_lmdb(src, tmp_path / "out", resize=(12, 10), workers=2, mean_file=tmp_path / "ours.binaryproto",
+                   progress=False)
+    subprocess.run([caffe_tool("compute_image_mean"), "--backend=lmdb", str(tmp_path / "out"),
+                    str(tmp_path / "caffe.binaryproto")], check=True, capture_output=True)
+    theirs = data.read_mean_file(tmp_path / "caffe.binaryproto")
+    np.testing.assert_allclose(data.read_mean_file(tmp_path / "ours.binaryproto"), theirs, rtol=1e-6)
+
+
 def test_list_file_gray_with_root(tmp_path):
     src = make_folder(tmp_path / "img")
     listing = tmp_path / "lists" / "train.txt"
