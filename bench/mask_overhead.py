@@ -3,8 +3,9 @@
 Both solvers (SGD, momentum 0.9, weight decay) are built side by side in one process on the generated SqueezeNet
 v1.0 trainval (Han naming) with its Data layer replaced by DummyData; the sparse one has the mask layer with a
 uniform 3x mask. Iterations alternate (dense, sparse, dense, ...) after one warm-up each, and the ratios of the
-median wall and process-CPU times are printed. Goal: <= 1.02. Also prints the mask layer's own forward+backward time, and the caffemodel
-sizes (dense vs sparse-phase with masks). Usage: OMP_NUM_THREADS=1 python bench/mask_overhead.py [--iters 3]
+median wall and process-CPU times are printed. Goal: <= 1.02. Also prints the mask layer's own forward+backward
+time and the caffemodel sizes (dense vs sparse-phase with masks).
+Usage: OMP_NUM_THREADS=1 python bench/mask_overhead.py [--iters 3]
 """
 import argparse
 import os

@@ -666,6 +666,11 @@ def _accuracy_png(path, phases_done):
     plt.close(fig)
 
 
+def _finished(model_path):
+    """A phase's model is final once its provenance JSON (written after it) exists too."""
+    return os.path.exists(model_path) and os.path.exists(fileio.sidecar_path(model_path))
+
+
 def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
             cycles=1, sparse_epochs=None, sparse_iters=None, sparse_lr=None, dense_epochs=20, dense_iters=None,
             dense_lr=1e-4, snapshot=None, solver_args=None, engine="binary", test_iterations=None, seed=0,
@@ -737,9 +742,8 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
     for c in range(1, cycles + 1):
         sdir, ddir = os.path.join(out, f"cycle{c}-sparse"), os.path.join(out, f"cycle{c}-dense")
         if not done(f"cycle{c}-sparse"):
-            if not os.path.exists(os.path.join(sdir, SPARSE)):
-                if not os.path.exists(os.path.join(sdir, PRUNED)) or \
-                        not os.path.exists(fileio.sidecar_path(os.path.join(sdir, PRUNED))):
+            if not _finished(os.path.join(sdir, SPARSE)):
+                if not _finished(os.path.join(sdir, PRUNED)):
                     res = prune(None, current, sdir, density=target, profile=profile, skip=skip, force=True,
                                 seed=seed, base_lr=sparse_lr, epochs=sparse_epochs, max_iter=sparse_iters,
                                 snapshot=snapshot, solver_args=solver_args, net_param=net)
@@ -747,8 +751,7 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
                 train_sparse(sdir, engine=engine, gpu=gpu, force=True)
             record(f"cycle{c}-sparse", os.path.join(sdir, SPARSE), "sparse")
         if not done(f"cycle{c}-dense"):
-            if not os.path.exists(os.path.join(ddir, DENSE)) or \
-                    not os.path.exists(fileio.sidecar_path(os.path.join(ddir, DENSE))):
+            if not _finished(os.path.join(ddir, DENSE)):
                 retrain_dense(None, os.path.join(sdir, SPARSE), ddir, base_lr=dense_lr, epochs=dense_epochs,
                               max_iter=dense_iters, engine=engine, gpu=gpu, force=False, seed=seed,
                               snapshot=snapshot, solver_args=solver_args, net_param=net)
