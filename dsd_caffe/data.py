@@ -29,22 +29,13 @@ CHUNK = 32  # images per worker task (and per LMDB transaction)
 
 
 def _check_output(path, force, lmdb=False):
-    """fileio.check_output, plus a real write probe of the output folder (root ignores permission bits, and a
-    read-only file system or a file in the way only shows when writing), so the error names the folder. With
-    ``lmdb``, --force replaces only an LMDB (a folder holding nothing but data.mdb and lock.mdb), never other data."""
-    import tempfile
-
+    """fileio.check_output; with ``lmdb``, --force replaces only an LMDB (a folder holding nothing but data.mdb
+    and lock.mdb), never other data."""
     fileio.check_output(path, force)
     if lmdb and os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path) or \
                 not set(os.listdir(path)) <= {"data.mdb", "lock.mdb"}:
             raise FileExistsError(f"{path} exists and is not an LMDB; refusing to replace it even with --force")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".write-test-"))
-    except OSError as e:
-        raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
     return path
 
 
@@ -59,7 +50,7 @@ def _pb2():
 def read_list_file(path):
     """Read a Caffe list file (``relative/path label`` per line, split at the last space like
     ``convert_imageset``) into a list of (path, label). Blank lines are ignored."""
-    path = fileio._require_file(path, "list file")
+    path = fileio.require_file(path, "list file")
     items = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -244,10 +235,6 @@ def _put(env, records):
 def _open_env(path, map_size):
     import lmdb
 
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)  # the temporary folder is 0700; the finished LMDB follows the umask
-
     return lmdb.open(path, map_size=int(map_size), subdir=True, sync=False, metasync=False,
                      readahead=False, meminit=False)
 
@@ -272,7 +259,7 @@ def write_mean_file(path, mean_chw, force=False):
 
 def read_mean_file(path):
     """Read a binaryproto mean into a (C, H, W) float32 array."""
-    path = fileio._require_file(path, "mean file")
+    path = fileio.require_file(path, "mean file")
     blob = _pb2().BlobProto()
     with open(path, "rb") as f:
         blob.ParseFromString(f.read())
@@ -539,7 +526,7 @@ _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 
 def read_idx(path):
     """Read an IDX file (gzip or plain), as MNIST and Fashion-MNIST ship, into a numpy array."""
-    path = fileio._require_file(path, "IDX file")
+    path = fileio.require_file(path, "IDX file")
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:

@@ -20,8 +20,13 @@ def check_output(path, force=False):
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {folder} is not writable")
+    # A real write probe: root ignores permission bits, and a read-only file system or a file in the way
+    # only shows when writing.
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".write-test-"))
+    except OSError as e:
+        raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
     return path
 
 
@@ -44,7 +49,11 @@ def atomic_path(path, force=True, directory=False):
     os.makedirs(folder, exist_ok=True)
     prefix = "." + os.path.basename(path) + ".tmp-"
     tmp = tempfile.mkdtemp(dir=folder, prefix=prefix)
-    if not directory:
+    if directory:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a finished folder gets the usual mode
+    else:
         os.rmdir(tmp)
     try:
         yield tmp
@@ -116,7 +125,7 @@ def write_provenance(model_path, *, source, densities, phase, iteration, seed, f
     return write_json(sidecar_path(model_path), record, force=force)
 
 
-def _require_file(path, what):
+def require_file(path, what):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -148,13 +157,13 @@ def parse_prototxt(text, message, name="<string>"):
 
 def read_net_prototxt(path):
     """Read a NetParameter prototxt with a clear error on a missing file or a syntax error."""
-    path = _require_file(path, "prototxt")
+    path = require_file(path, "prototxt")
     with open(path) as f:
         return parse_prototxt(f.read(), _caffe_pb2().NetParameter(), path)
 
 
 def read_solver_prototxt(path):
-    path = _require_file(path, "solver prototxt")
+    path = require_file(path, "solver prototxt")
     with open(path) as f:
         return parse_prototxt(f.read(), _caffe_pb2().SolverParameter(), path)
 
@@ -170,7 +179,7 @@ def read_caffemodel(path):
     """Read a binary caffemodel into a NetParameter, refusing empty, truncated or corrupted files."""
     from google.protobuf.message import DecodeError
 
-    path = _require_file(path, "caffemodel")
+    path = require_file(path, "caffemodel")
     with open(path, "rb") as f:
         data = f.read()
     if not data:
