@@ -427,10 +427,10 @@ def train(solver_path, weights=None, engine="binary", desc="train", gpu=None):
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     set_device(gpu)
     with _FolderLock(folder):
-        return _train_locked(solver_path, folder, sp, prefix, weights, engine, desc)
+        return _train_locked(solver_path, folder, sp, prefix, weights, engine, desc, gpu)
 
 
-def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc):
+def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc, gpu=None):
     snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
     if snaps and snaps[0][0] >= sp.max_iter:
         log.info("%s: already trained to iteration %d", desc, snaps[0][0])
@@ -443,7 +443,7 @@ def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc):
     state = _portable_state(resume[1], folder) if resume else None
     try:
         if engine == "binary":
-            _train_binary(solver_path, folder, sp, weights, state, resume[0] if resume else 0, desc)
+            _train_binary(solver_path, folder, sp, weights, state, resume[0] if resume else 0, desc, gpu)
         else:
             _train_pycaffe(solver_path, folder, sp, weights, state, resume[0] if resume else 0, desc)
     finally:
@@ -455,11 +455,13 @@ def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc):
     return snaps[0][2]
 
 
-def _train_binary(solver_path, folder, sp, weights, state, start, desc):
+def _train_binary(solver_path, folder, sp, weights, state, start, desc, gpu=None):
     from .caffe_env import caffe_binary
 
     cmd = [caffe_binary(), "train", "-solver", os.path.basename(solver_path)]
     cmd += ["-snapshot", os.path.abspath(state)] if state else ["-weights", os.path.abspath(os.fspath(weights))]
+    if gpu is not None:
+        cmd += ["-gpu", str(gpu)]
     env = dict(os.environ, GLOG_minloglevel="0", GLOG_logtostderr="1")
     logpath = os.path.join(folder, "train.log")
     it_re = re.compile(r"Iteration (\d+)")

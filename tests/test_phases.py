@@ -155,23 +155,28 @@ def test_retrain_dense_releases_masks(setup, pruned, tmp_path):
         phases.retrain_dense(os.path.join(run, phases.SPARSE_NET), sparse, out, max_iter=3)
 
 
-def dsd_args(setup, out):
+def dsd_args(setup, out, sparse_iters=30, cycles=1):
     folder, model, weights = setup
     return [sys.executable, os.path.join(ROOT, "tools", "dsd.py"), "--model", model, "--weights", weights,
-            "--output", out, "--ratio", "3x", "--sparse-iters", "30", "--dense-iters", "4", "--snapshot", "2",
-            "--sparse-lr", "0.05", "--test-iterations", "2"]
+            "--output", out, "--ratio", "3x", "--sparse-iters", str(sparse_iters), "--dense-iters", "4",
+            "--snapshot", "2", "--sparse-lr", "0.05", "--test-iterations", "2", "--cycles", str(cycles)]
 
 
 def test_dsd_pipeline_and_finished_run(setup, tmp_path):
     out = str(tmp_path / "dsd")
-    r = subprocess.run(dsd_args(setup, out), capture_output=True, text=True)
+    r = subprocess.run(dsd_args(setup, out, sparse_iters=4, cycles=2), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     state = fileio.read_json(os.path.join(out, phases.STATE))
-    assert state["finished"] and [p["name"] for p in state["phases"]] == ["dense", "cycle1-sparse", "cycle1-dense"]
+    assert state["finished"] and [p["name"] for p in state["phases"]] == [
+        "dense", "cycle1-sparse", "cycle1-dense", "cycle2-sparse", "cycle2-dense"]
+    assert state["final_model"] == os.path.join("cycle2-dense", phases.DENSE)
+    # DSDSD: the second pruning starts from the first re-dense model
+    prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, "cycle2-sparse", phases.PRUNED)))
+    assert prov["source"] == os.path.join(out, "cycle1-dense", phases.DENSE)
     assert all(p["accuracy"] is not None for p in state["phases"])
     assert state["phases"][1]["density"] == pytest.approx(1 / 3, abs=0.002)
     assert os.path.getsize(os.path.join(out, "accuracy.png")) > 0
-    r = subprocess.run(dsd_args(setup, out), capture_output=True, text=True)
+    r = subprocess.run(dsd_args(setup, out, sparse_iters=4, cycles=2), capture_output=True, text=True)
     assert r.returncode == 2 and "finished DSD run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
