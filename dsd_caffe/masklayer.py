@@ -282,10 +282,9 @@ def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
 
 # ---------------------------------------------------------------------------------------------- pycaffe API
 def _mask_from_net(net):
-    caffe_layers = list(net.layers)
-    for lname, layer in zip(net._layer_names, caffe_layers):
-        if isinstance(layer, MaskLayer) or (layer.type == "Python" and hasattr(layer, "layers")
-                                            and hasattr(layer, "_check")):
+    """(name, MaskLayer object) of a caffe.Net (pycaffe hands back the Python layer object itself)."""
+    for lname, layer in zip(net._layer_names, net.layers):
+        if isinstance(layer, MaskLayer):
             return lname, layer
     return None, None
 
