@@ -409,9 +409,16 @@ def runtime_env(threads=None, decision=None, environ=None):
     """Environment variables to set before Caffe's BLAS loads: ``OPENBLAS_CORETYPE`` (only when the decision forces
     one and the environment does not already set it) and ``OPENBLAS_NUM_THREADS`` (``threads`` if given, else the
     decision's, unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is already set). Existing values are never overridden
-    (this returns only what to add)."""
+    (this returns only what to add). A decision made on another CPU (a cache moved between machines) is ignored."""
     environ = os.environ if environ is None else environ
     decision = load_decision() if decision is None else decision
+    here = cpu_info()
+    made_on = decision.get("cpu")
+    if made_on and (made_on.get("vendor"), made_on.get("model_name")) != (here["vendor"], here["model_name"]):
+        log.warning("the BLAS choice in %s was made on another CPU (%s, this is %s); ignoring it: run "
+                    "`python -m dsd_caffe.blas` to choose again", decision_path(), made_on.get("model_name"),
+                    here["model_name"])
+        decision = {}
     env = {}
     core = decision.get("coretype")
     if core and "OPENBLAS_CORETYPE" not in environ:

@@ -143,3 +143,11 @@ def test_pick_prefers_default_and_fewer_threads_unless_clearly_faster():
     assert blas.pick([r("SkylakeX", 1, 2.0), r("SkylakeX", 2, 1.0), r(D, 2, 1.9)]) == r("SkylakeX", 2, 1.0)
     with pytest.raises(ValueError):
         blas.pick([])
+
+
+def test_runtime_env_ignores_a_choice_made_on_another_cpu():
+    here = blas.cpu_info()
+    same = {"coretype": "Haswell", "threads": 2, "cpu": {"vendor": here["vendor"], "model_name": here["model_name"]}}
+    assert blas.runtime_env(decision=same, environ={}) == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_NUM_THREADS": "2"}
+    other = dict(same, cpu={"vendor": "GenuineIntel", "model_name": "Some other CPU"})
+    assert blas.runtime_env(decision=other, environ={}) == {}
