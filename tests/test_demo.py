@@ -1,0 +1,113 @@
+"""The DSD demo, shortened (tens of iterations per phase) but real: Fashion-MNIST LMDBs, real Caffe training.
+
+One module-scoped run; the tests check its table, densities, models and re-run behaviour.
+"""
+import os
+import re
+
+import numpy as np
+import pytest
+
+from dsd_caffe import demo, fileio, masklayer, phases, pruning
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(demo.data.FASHION_MNIST_DIR,
+                                                                "train-images-idx3-ubyte.gz")),
+                                reason="Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
+
+QUICK = dict(scale=0.02, tests_per_phase=2)  # dense 80, sparse 20, re-dense 20 iterations
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    res = demo.run_demo(out, seed=0, **QUICK)
+    return out, res
+
+
+def test_config_scales_iterations():
+    cfg = demo.config_for(scale=0.02)
+    assert (cfg["dense_iters"], cfg["sparse_iters"], cfg["redense_iters"]) == (80, 20, 20)
+    assert demo.config_for()["dense_iters"] == demo.DEFAULTS["dense_iters"]
+    for bad in (0, -1, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="scale"):
+            demo.config_for(scale=bad)
+    with pytest.raises(TypeError, match="unknown demo setting"):
+        demo.config_for(learning_rate=1)
+
+
+def test_table_structure_and_densities(run):
+    out, res = run
+    lines = res["table"].splitlines()
+    assert lines[0].split() == ["model", "top-1", "top-5", "density"]
+    assert [l.split()[0] for l in lines[1:5]] == ["dense", "sparse", "DSD", "baseline"]
+    assert re.fullmatch(r"DSD - baseline: [+-]\d+\.\d\d points of top-1", lines[5])
+    for name in demo.ROWS:
+        r = res["test"][name]
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+    # the trained net beats chance by far even after 80 iterations
+    assert res["test"]["dense"]["top1"] > 0.2  # chance is 0.1
+    t = res["test"]
+    assert t["dense"]["density"] == 1.0 and t["baseline"]["density"] == 1.0
+    # 3x on every layer but conv1 (kept dense): the overall density is a little above 1/3
+    assert 1 / 3 < t["sparse"]["density"] < 0.36
+    assert t["sparse"]["density"] < t["DSD"]["density"] <= 1.0
+    assert res["gain"] == pytest.approx(t["DSD"]["top1"] - t["baseline"]["top1"])
+    assert fileio.read_json(os.path.join(out, "results.json"))["table"] == res["table"]
+    for png in ("accuracy.png", "weights_histogram.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_phase_model_loads(run):
+    from dsd_caffe.caffe_env import import_caffe
+
+    caffe = import_caffe()
+    out, res = run
+    dense_net = os.path.join(out, "dense", "trainval.prototxt")
+    sparse_dir = os.path.join(out, "dsd", "cycle1-sparse")
+    models = [(dense_net, os.path.join(out, res["models"][k])) for k in ("dense", "DSD", "baseline")]
+    models += [(os.path.join(sparse_dir, phases.SPARSE_NET), os.path.join(sparse_dir, f))
+               for f in (phases.PRUNED, phases.SPARSE)]
+    for net_path, weights in models:
+        assert os.path.exists(fileio.sidecar_path(weights)), weights
+        net = caffe.Net(net_path, weights, caffe.TEST)
+        w = masklayer.weight_arrays(weights)
+        for name, arr in w.items():
+            np.testing.assert_array_equal(net.params[name][0].data, arr)
+
+
+def test_sparse_model_has_exactly_the_pruned_density(run):
+    out, res = run
+    sparse_dir = os.path.join(out, "dsd", "cycle1-sparse")
+    pruned = masklayer.sparsity_report(os.path.join(sparse_dir, phases.PRUNED))
+    sparse = masklayer.sparsity_report(os.path.join(sparse_dir, phases.SPARSE))
+    masks = phases.load_masks(os.path.join(sparse_dir, phases.MASKS))
+    assert "conv1" not in masks  # kept dense
+    for name, rep in pruned.items():
+        if name == "total":
+            continue
+        expected = pruning.kept_count(rep["count"], 1 / 3) if name in masks else rep["count"]
+        assert rep["nonzero"] == expected, name
+        assert sparse[name]["nonzero"] == expected, name
+    assert sparse["total"]["density"] == pruned["total"]["density"] == res["test"]["sparse"]["density"]
+    phases.check_masked(os.path.join(sparse_dir, phases.SPARSE), masks)  # every pruned weight exactly 0.0
+    # the baseline never pruned anything; DSD's re-dense phase revived pruned weights
+    assert res["test"]["baseline"]["density"] == 1.0
+    dsd = masklayer.weight_arrays(os.path.join(out, res["models"]["DSD"]))
+    assert any(np.count_nonzero(dsd[n][~m]) for n, m in masks.items())
+
+
+def test_rerun_reuses_everything(run):
+    out, res = run
+    logs = [os.path.join(out, p, "train.log") for p in ("dense", "dsd/cycle1-sparse", "dsd/cycle1-dense",
+                                                        "baseline/step1", "baseline/step2")]
+    before = {p: os.path.getsize(p) for p in logs}
+    again = demo.run_demo(out, seed=0, **QUICK)
+    assert {p: os.path.getsize(p) for p in logs} == before  # no phase trained again
+    assert again["table"] == res["table"]
+
+
+def test_other_settings_in_the_same_folder_are_refused(run):
+    out, _ = run
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        demo.run_demo(out, seed=1, **QUICK)
