@@ -77,11 +77,10 @@ def layer_list(net):
 
 
 class CaffeRunner:
-    def __init__(self, batch, threads):
-        from dsd_caffe import blas, caffe_env
+    def __init__(self, batch):
+        from dsd_caffe import caffe_env
 
-        self.env = blas.runtime_env(threads=threads)
-        caffe = caffe_env.import_caffe()
+        caffe = caffe_env.import_caffe()  # the BLAS env is already in os.environ (main)
         caffe.set_mode_cpu()
         self.tmp = tempfile.TemporaryDirectory(prefix="engine_vs_torch_")
         net = squeezenet_param(batch)
@@ -244,7 +243,7 @@ def main(argv=None):
     env = blas.runtime_env(threads=a.threads)
     os.environ.update(env)  # before Caffe's OpenBLAS loads
     threads = int(env.get("OPENBLAS_NUM_THREADS", os.cpu_count()))
-    caffe = CaffeRunner(a.batch, threads)
+    caffe = CaffeRunner(a.batch)
     py = torch_python(a.torch_python)
     tr = None
     if py is None:
