@@ -87,7 +87,7 @@ def _probe_net(tmp_path, lmdb):
 
 
 def _run_caffe(args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), GLOG_minloglevel="0")
     proc = subprocess.run([caffe_binary(), *args], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stderr
