@@ -717,6 +717,14 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
         if os.path.isdir(out) and os.listdir(out) and not force:
             raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder "
                                   "or --force")
+    if state is None:  # check the inputs before the folder holds a run state naming them
+        from .caffe_env import set_device
+
+        set_device(gpu)
+        first = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(model), train_source, test_source)
+        first = masklayer.remove_mask_layer(first)
+        check_data(first)
+        check_fits(first, fileio.read_caffemodel(weights), weights, model)
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"output folder {out} is not writable")
@@ -795,6 +803,7 @@ def sensitivity(model, weights, output_dir, densities=DEFAULT_SENSITIVITY_DENSIT
     net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
                                  None, test_source)
     net_param = masklayer.remove_mask_layer(net_param)
+    check_data(net_param)
     model_param = fileio.read_caffemodel(weights)
     check_fits(net_param, model_param, os.fspath(weights), model)
     names = weighted_layers(net_param)
