@@ -1,0 +1,439 @@
+"""The bad-input catalogue across tools: every case runs the real tool as a subprocess and expects exit status 2 and
+exactly one line on stderr, `<tool>.py: error: ...`, naming the bad file, layer or value, with no traceback (a
+traceback only with --debug, tested once). Bad images during an LMDB build are skipped and listed (exit 0).
+
+Other files test more cases of single tools (tests/test_evaluate.py, test_data.py, test_deepcompression.py,
+test_phases.py, test_netgen.py); this one is the consolidated catalogue."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DC_DEPLOY, DC_NET, write_tiny_lmdb
+from dsd_caffe import fileio, netgen, phases
+
+caffe = pytest.importorskip("caffe")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool(name, *args, debug=False):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]
+    if debug:
+        cmd.append("--debug")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def bad(name, *args, expect=(), logs_ok=False):
+    """Run tools/<name>.py and check: exit status 2, one stderr line `<name>.py: error: ...` containing every
+    string of ``expect``, no traceback. ``logs_ok``: the error comes after work that logs progress, so log lines
+    may precede it (the error is still the one last line). Returns the message."""
+    r = tool(name, *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and "Check failed" not in r.stderr, r.stderr[-3000:]
+    if logs_ok:
+        assert sum(": error:" in line for line in lines) == 1, r.stderr[-3000:]
+        lines = lines[-1:]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"{name}.py: error: "), lines[0]
+    for s in expect:
+        assert s in lines[0], (s, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    """A folder with tiny LMDBs, the small SqueezeNet trainval, its dense caffemodel and bad variants of it."""
+    folder = tmp_path_factory.mktemp("bad_input")
+    rng = np.random.default_rng(0)
+    write_tiny_lmdb(folder / "train_lmdb", rng.integers(0, 256, (8, 1, 28, 28)), rng.integers(0, 10, 8))
+    write_tiny_lmdb(folder / "val_lmdb", rng.integers(0, 256, (8, 1, 28, 28)), rng.integers(0, 10, 8))
+    write_tiny_lmdb(folder / "small_lmdb", rng.integers(0, 256, (4, 1, 16, 16)), rng.integers(0, 10, 4))
+    (folder / "empty_lmdb").mkdir()
+    (folder / "garbage_lmdb").mkdir()
+    (folder / "garbage_lmdb" / "data.mdb").write_bytes(b"this is not an lmdb" * 100)
+    tv = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=4, test_batch=4)
+    model = str(folder / "trainval.prototxt")
+    fileio.write_prototxt(model, tv)
+    fileio.write_prototxt(str(folder / "abs.prototxt"), phases.absolute_sources(tv, str(folder)))
+    caffe.set_random_seed(0)
+    weights = str(folder / "dense.caffemodel")
+    caffe.Net(str(folder / "abs.prototxt"), caffe.TEST).save(weights)
+    raw = open(weights, "rb").read()
+    (folder / "truncated.caffemodel").write_bytes(raw[: len(raw) // 2])
+    (folder / "empty.caffemodel").write_bytes(b"")
+    (folder / "garbage.caffemodel").write_bytes(bytes(rng.integers(0, 256, 5000, dtype=np.uint8)))
+    other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
+    fileio.write_prototxt(str(folder / "other.prototxt"), phases.absolute_sources(other, str(folder)))
+    caffe.Net(str(folder / "other.prototxt"), caffe.TEST).save(str(folder / "other.caffemodel"))
+    fileio.write_caffemodel(str(folder / "deepscale.caffemodel"),
+                            netgen.rename_weights(fileio.read_caffemodel(weights), "han", "deepscale"))
+    text = open(model).read().splitlines()
+    text[5] = text[5] + " {"  # an unbalanced brace on line 6
+    (folder / "syntax.prototxt").write_text("\n".join(text) + "\n")
+    return {"dir": folder, "model": model, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def pruned(net):
+    out = str(net["dir"] / "pruned")
+    phases.prune(net["model"], net["weights"], out, ratio="3x", max_iter=2, snapshot=1, base_lr=0.01)
+    return out
+
+
+def p(net, name):
+    return str(net["dir"] / name)
+
+
+# ------------------------------------------------------------------------------------------------ caffemodels
+@pytest.mark.parametrize("which", ["prune", "evaluate", "retrain_dense", "dsd", "sensitivity"])
+def test_truncated_caffemodel(net, tmp_path, which):
+    w = p(net, "truncated.caffemodel")
+    args = {"prune": ("--ratio", "3x", "--output", tmp_path / "o"),
+            "evaluate": ("--iterations", 1),
+            "retrain_dense": ("--max-iter", 1, "--output", tmp_path / "o"),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o", "--sparse-iters", 1, "--dense-iters", 1),
+            "sensitivity": ("--output", tmp_path / "o")}[which]
+    bad(which, "--model", net["model"], "--weights", w, *args, expect=("truncated.caffemodel", "truncated"))
+    assert not os.path.exists(tmp_path / "o" / "dsd_state.json")
+
+
+def test_empty_caffemodel(net):
+    bad("evaluate", "--model", net["model"], "--weights", p(net, "empty.caffemodel"), expect=("empty.caffemodel",))
+
+
+def test_corrupted_caffemodel(net, tmp_path):
+    bad("prune", "--model", net["model"], "--weights", p(net, "garbage.caffemodel"), "--ratio", "3x", "--output",
+        tmp_path / "o", expect=("garbage.caffemodel",))
+
+
+def test_missing_caffemodel(net, tmp_path):
+    bad("dsd", "--model", net["model"], "--weights", p(net, "nope.caffemodel"), "--ratio", "3x", "--output",
+        tmp_path / "o", expect=("nope.caffemodel",))
+
+
+def test_caffemodel_from_another_net(net, tmp_path):
+    msg = bad("prune", "--model", net["model"], "--weights", p(net, "other.caffemodel"), "--ratio", "3x",
+              "--output", tmp_path / "o", expect=("other.caffemodel", "'conv1'"))
+    assert "16" in msg and "32" in msg  # both shapes of conv1's weights
+    assert not os.path.exists(tmp_path / "o" / phases.PRUNED)
+
+
+def test_caffemodel_in_the_other_naming(net, tmp_path):
+    msg = bad("retrain_dense", "--model", net["model"], "--weights", p(net, "deepscale.caffemodel"), "--max-iter",
+              1, "--output", tmp_path / "o", expect=("deepscale.caffemodel",))
+    assert "deepscale" in msg.lower().replace("deepscale.caffemodel", "") and "naming" in msg.lower(), msg
+
+
+# ------------------------------------------------------------------------------------------------ prototxts
+@pytest.mark.parametrize("which", ["prune", "evaluate"])
+def test_prototxt_syntax_error_line_and_column(net, tmp_path, which):
+    args = ("--ratio", "3x", "--output", tmp_path / "o") if which == "prune" else ()
+    msg = bad(which, "--model", p(net, "syntax.prototxt"), "--weights", net["weights"], *args,
+              expect=("syntax.prototxt",))
+    assert "line" in msg or ":6:" in msg or "6:" in msg, msg
+
+
+def test_missing_prototxt(net):
+    bad("evaluate", "--model", p(net, "nope.prototxt"), "--weights", net["weights"], expect=("nope.prototxt",))
+
+
+# ------------------------------------------------------------------------------------------------ LMDBs
+def test_missing_lmdb(net, tmp_path):
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o",
+        "--train-source", p(net, "no_such_lmdb"), expect=("no_such_lmdb",))
+
+
+def test_empty_lmdb(net, tmp_path):
+    bad("retrain_dense", "--model", net["model"], "--weights", net["weights"], "--max-iter", 1, "--output",
+        tmp_path / "o", "--test-source", p(net, "empty_lmdb"), expect=("empty_lmdb", "empty"))
+
+
+def test_unreadable_lmdb(net, tmp_path):
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o",
+        "--train-source", p(net, "garbage_lmdb"), expect=("garbage_lmdb",))
+
+
+def test_lmdb_is_a_file(net, tmp_path):
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o",
+        "--train-source", net["weights"], expect=("dense.caffemodel",))
+
+
+def test_lmdb_images_smaller_than_the_crop(net, tmp_path):
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o",
+        "--test-source", p(net, "small_lmdb"), expect=("small_lmdb", "16x16", "crop size 28"))
+
+
+def test_sensitivity_lmdb_smaller_than_the_crop(net, tmp_path):
+    bad("sensitivity", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o",
+        "--test-source", p(net, "small_lmdb"), expect=("small_lmdb",))
+
+
+# ------------------------------------------------------------------------------------------------ ratios
+RATIOS = [("--ratio", "1x"), ("--ratio", "0x"), ("--ratio", "-3x"), ("--ratio", "nanx"), ("--ratio", "NaN"),
+          ("--ratio", "3"), ("--ratio", "x"), ("--density", "0"), ("--density", "1"), ("--density", "-0.3"),
+          ("--density", "nan"), ("--density", "3x"), ("--sparsity", "1.5"), ("--sparsity", "0"),
+          ("--sparsity", "inf")]
+
+
+@pytest.mark.parametrize("flag,value", RATIOS, ids=[f"{f[2:]}={v}" for f, v in RATIOS])
+def test_invalid_ratio_forms(net, tmp_path, flag, value):
+    msg = bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o",
+              f"{flag}={value}", expect=(value, "accepted forms"))
+    assert not os.path.exists(tmp_path / "o")
+    if value == "3":
+        assert '"3x"' in msg  # the hint for a bare number
+
+
+def test_two_ratio_flags_at_once(net, tmp_path):
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", "--ratio", "3x",
+        "--sparsity", "0.6", expect=("--ratio and --sparsity", "accepted forms"))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_no_ratio_with_uniform_profile(net, tmp_path):
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o",
+        expect=("uniform",))
+
+
+# ------------------------------------------------------------------------------------------------ profiles, masks
+def test_profile_naming_unknown_layers(net, tmp_path):
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps({"*": 0.33, "conv1": 1.0, "fire9/squeeze1x1": 0.5}))
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", "--profile", prof,
+        expect=("fire9/squeeze1x1",))
+    assert not os.path.exists(tmp_path / "o" / phases.PRUNED)
+
+
+def test_profile_not_json(net, tmp_path):
+    prof = tmp_path / "profile.json"
+    prof.write_text("{conv1: 0.5")
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", "--profile", prof,
+        expect=("profile.json",))
+
+
+def test_unknown_profile_name(net, tmp_path):
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", "--ratio", "3x",
+        "--profile", "squeezenet-4x", expect=("squeezenet-4x",))
+
+
+def test_mask_that_does_not_fit_the_net(pruned, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
+    path = os.path.join(run, phases.SPARSE_NET)
+    net = fileio.read_net_prototxt(path)
+    layer = next(l for l in net.layer if l.type == "Python")
+    spec = json.loads(layer.python_param.param_str)
+    spec["layers"][1]["shape"] = [s + 1 for s in spec["layers"][1]["shape"]]
+    layer.python_param.param_str = json.dumps(spec)
+    fileio.write_prototxt(path, net)
+    bad("train_sparse", run, expect=(spec["layers"][1]["name"], "does not fit"))
+
+
+def test_masks_file_that_does_not_fit(pruned, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
+    masks = phases.load_masks(os.path.join(run, phases.MASKS))
+    name = next(iter(masks))
+    masks[name] = np.ones((3, 3), bool)
+    phases.save_masks(os.path.join(run, phases.MASKS), masks, force=True)
+    bad("train_sparse", run, expect=(phases.MASKS,))
+
+
+def test_folder_not_written_by_prune(net, tmp_path):
+    bad("train_sparse", tmp_path, expect=(str(tmp_path), "prune"))
+
+
+def test_sensitivity_unknown_layer(net, tmp_path):
+    bad("sensitivity", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o",
+        "--layers", "conv1,fire99/conv3x3_2", expect=("fire99/conv3x3_2",))
+
+
+# ------------------------------------------------------------------------------------------------ .net files
+@pytest.fixture(scope="module")
+def net_bytes():
+    if not os.path.exists(DC_NET):
+        pytest.skip("shared reference .net not available")
+    with open(DC_NET, "rb") as f:
+        return f.read()
+
+
+def test_net_file_truncated(net_bytes, tmp_path):
+    (tmp_path / "cut.net").write_bytes(net_bytes[:-100])
+    bad("decode_compressed", "--model", DC_DEPLOY, "--net", tmp_path / "cut.net", "--output", tmp_path / "o.caffemodel",
+        expect=("cut.net", "truncated"))
+    assert not os.path.exists(tmp_path / "o.caffemodel")
+
+
+def test_net_file_too_long(net_bytes, tmp_path):
+    (tmp_path / "long.net").write_bytes(net_bytes + b"\0" * 7)
+    bad("decode_compressed", "--model", DC_DEPLOY, "--net", tmp_path / "long.net", "--output",
+        tmp_path / "o.caffemodel", expect=("long.net", "too long"))
+    assert not os.path.exists(tmp_path / "o.caffemodel")
+
+
+def test_net_file_with_the_wrong_prototxt(net, net_bytes, tmp_path):
+    (tmp_path / "x.net").write_bytes(net_bytes)
+    deploy = netgen.deploy(fileio.read_net_prototxt(net["model"]), input_shape=(1, 1, 28, 28))
+    fileio.write_prototxt(str(tmp_path / "deploy.prototxt"), deploy)
+    bad("decode_compressed", "--model", tmp_path / "deploy.prototxt", "--net", tmp_path / "x.net", "--output",
+        tmp_path / "o.caffemodel", expect=("x.net",))
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+@pytest.fixture
+def locked(tmp_path):
+    """A folder this process cannot write into (chattr +i for root, else mode 0555)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr: every folder is writable")
+    else:
+        folder.chmod(0o555)
+    yield folder
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("which", ["prune", "dsd", "retrain_dense"])
+def test_unwritable_output_folder(net, locked, which):
+    extra = {"prune": ("--ratio", "3x"), "dsd": ("--ratio", "3x"), "retrain_dense": ("--max-iter", 1)}[which]
+    bad(which, "--model", net["model"], "--weights", net["weights"], "--output", locked / "run", *extra,
+        expect=("locked",))
+
+
+def test_make_lmdb_unwritable_output(locked, tmp_path):
+    src = tmp_path / "img" / "cat"
+    src.mkdir(parents=True)
+    import cv2
+
+    cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    bad("make_lmdb", tmp_path / "img", locked / "out_lmdb", "--resize", "8x8", expect=("locked",))
+
+
+def test_output_folder_holding_a_finished_dsd_run(net, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    fileio.write_json(str(out / phases.STATE), {"config": {}, "phases": [], "finished": True})
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x",
+        expect=(str(out), "finished", "--force"))
+
+
+def test_output_folder_holding_an_unfinished_run_with_other_settings(net, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    fileio.write_json(str(out / phases.STATE), {"config": {"cycles": 9}, "phases": [], "finished": False})
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x",
+        expect=(str(out), "other settings", "cycles"))
+
+
+def test_output_folder_holding_other_files(net, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x",
+        expect=(str(out), "not empty"))
+    assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+def test_output_folder_holding_a_pruned_model(net, pruned):
+    bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", pruned, "--ratio", "3x",
+        expect=(pruned, "--force"))
+
+
+def test_output_lmdb_exists(net, tmp_path):
+    src = tmp_path / "img" / "cat"
+    src.mkdir(parents=True)
+    import cv2
+
+    cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    bad("make_lmdb", tmp_path / "img", p(net, "train_lmdb"), "--resize", "8x8", expect=("train_lmdb", "--force"))
+
+
+def test_decode_output_exists(net, net_bytes, tmp_path):
+    out = tmp_path / "o.caffemodel"
+    out.write_bytes(b"precious")
+    bad("decode_compressed", "--model", DC_DEPLOY, "--net", DC_NET, "--output", out, expect=("o.caffemodel",))
+    assert out.read_bytes() == b"precious"
+
+
+# ------------------------------------------------------------------------------------------------ make_lmdb
+def test_make_lmdb_skips_and_lists_bad_images(tmp_path):
+    import cv2
+
+    from dsd_caffe import data
+
+    src = tmp_path / "img"
+    for cls in ("cat", "dog"):
+        (src / cls).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(src / cls / f"{i}.png"), np.full((10, 12, 3), 40 * i, np.uint8))
+    (src / "cat" / "notes.jpg").write_text("not an image at all")
+    good = (src / "dog" / "0.png").read_bytes()
+    (src / "dog" / "broken.png").write_bytes(good[: len(good) // 2])
+    r = tool("make_lmdb", src, tmp_path / "out_lmdb", "--resize", "8x8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    said = r.stdout + r.stderr
+    assert "notes.jpg" in said and "broken.png" in said, said
+    assert data.lmdb_info(str(tmp_path / "out_lmdb"))["count"] == 4
+
+
+def test_make_lmdb_no_image_at_all(tmp_path):
+    src = tmp_path / "img" / "cat"
+    src.mkdir(parents=True)
+    (src / "a.jpg").write_text("nope")
+    bad("make_lmdb", tmp_path / "img", tmp_path / "out_lmdb", expect=("none of the 1 files", "img"), logs_ok=True)
+    assert not os.path.exists(tmp_path / "out_lmdb")
+
+
+def test_make_lmdb_missing_source(tmp_path):
+    bad("make_lmdb", tmp_path / "nowhere", tmp_path / "out_lmdb", expect=("nowhere",))
+
+
+def test_import_fashion_mnist_missing_files(tmp_path):
+    bad("import_fashion_mnist", tmp_path / "o", "--source-dir", tmp_path / "nothing_here",
+        expect=("nothing_here",))
+
+
+# ------------------------------------------------------------------------------------------------ --gpu
+@pytest.mark.parametrize("which", ["evaluate", "retrain_dense", "dsd", "train_sparse", "sensitivity"])
+def test_gpu_on_a_cpu_only_build(net, pruned, tmp_path, which):
+    from dsd_caffe.caffe_env import has_gpu_support
+
+    if has_gpu_support():
+        pytest.skip("this Caffe is a CUDA build")
+    common = ("--model", net["model"], "--weights", net["weights"])
+    args = {"evaluate": common,
+            "retrain_dense": common + ("--max-iter", 1, "--output", tmp_path / "o"),
+            "dsd": common + ("--ratio", "3x", "--output", tmp_path / "o"),
+            "train_sparse": (pruned,),
+            "sensitivity": common + ("--output", tmp_path / "o")}[which]
+    bad(which, *args, "--gpu", 0, expect=("--gpu", "CPU-only"))
+    assert not os.path.exists(tmp_path / "o" / "dsd_state.json")
+
+
+# ------------------------------------------------------------------------------------------------ others
+def test_dsd_cycles_zero(net, tmp_path):
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", "--ratio", "3x",
+        "--cycles", "0", expect=("--cycles", "0"))
+
+
+def test_evaluate_iterations_zero(net):
+    bad("evaluate", "--model", net["model"], "--weights", net["weights"], "--iterations", "0",
+        expect=("iterations",))
+
+
+def test_traceback_only_with_debug(net, tmp_path):
+    r = tool("prune", "--model", net["model"], "--weights", p(net, "truncated.caffemodel"), "--ratio", "3x",
+             "--output", tmp_path / "o", debug=True)
+    assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr
+    assert "truncated.caffemodel" in r.stderr
