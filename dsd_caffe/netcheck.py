@@ -172,7 +172,7 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
                 log.warning("%s mirrors images at random in the TEST phase (transform_param mirror: true); "
                             "scores then vary from run to run, in `caffe test` too", where)
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
-            _check_transform(tp, info["channels"], info["height"], info["width"], where)
+            _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
             if iterations and info["count"] < iterations * dp.batch_size:
                 log.info("%s: %d iterations x batch %d = %d images but the LMDB holds %d; like `caffe test`, "
                          "the reader wraps around and counts some images more than once", where, iterations,
