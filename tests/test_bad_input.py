@@ -170,6 +170,13 @@ def test_lmdb_images_smaller_than_the_crop(net, tmp_path):
         "--test-source", p(net, "small_lmdb"), expect=("small_lmdb", "16x16", "crop size 28"))
 
 
+def test_evaluate_lmdb_smaller_than_the_crop(net, tmp_path):
+    tv = netgen.small_squeezenet("train_lmdb", p(net, "small_lmdb"), train_batch=4, test_batch=4)
+    fileio.write_prototxt(str(tmp_path / "small.prototxt"), tv)
+    bad("evaluate", "--model", tmp_path / "small.prototxt", "--weights", net["weights"],
+        expect=("small_lmdb", "16x16", "crop_size 28"))
+
+
 def test_sensitivity_lmdb_smaller_than_the_crop(net, tmp_path):
     bad("sensitivity", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o",
         "--test-source", p(net, "small_lmdb"), expect=("small_lmdb",))
