@@ -345,6 +345,8 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
             for n in threads:
                 if any(not r["ok"] for (c, _n), r in results.items() if c == core):
                     break  # a wrong kernel is wrong at any thread count
+                if core != DEFAULT and results.get((DEFAULT, n), {}).get("corename") == core:
+                    break  # forcing the kernel the library picks by itself changes nothing
                 r = self_check(library, core, n, fault=faults.get(core), seconds_per_shape=seconds_per_shape)
                 log.info("BLAS candidate %s x %d thread(s): %s", core, n,
                          f"{r['seconds']:.4f} s" if r["ok"] else f"rejected ({r['reason']})")
