@@ -43,6 +43,8 @@ def bad(name, *args, expect=(), logs_ok=False):
     assert lines[0].startswith(f"{name}.py: error: "), lines[0]
     for s in expect:
         assert s in lines[0], (s, lines[0])
+    if os.environ.get("SHOW_MESSAGES"):
+        print("\nMESSAGE", lines[0])
     return lines[0]
 
 
@@ -132,12 +134,32 @@ def test_caffemodel_in_the_other_naming(net, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ prototxts
-@pytest.mark.parametrize("which", ["prune", "evaluate"])
+@pytest.mark.parametrize("which", ["prune", "evaluate", "dsd", "retrain_dense"])
 def test_prototxt_syntax_error_line_and_column(net, tmp_path, which):
-    args = ("--ratio", "3x", "--output", tmp_path / "o") if which == "prune" else ()
-    msg = bad(which, "--model", p(net, "syntax.prototxt"), "--weights", net["weights"], *args,
-              expect=("syntax.prototxt",))
-    assert "line" in msg or ":6:" in msg or "6:" in msg, msg
+    args = {"prune": ("--ratio", "3x", "--output", tmp_path / "o"), "evaluate": (),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o"),
+            "retrain_dense": ("--max-iter", 1, "--output", tmp_path / "o")}[which]
+    bad(which, "--model", p(net, "syntax.prototxt"), "--weights", net["weights"], *args,
+        expect=("syntax.prototxt:6:16:", "syntax error"))
+    assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")  # prune's write probe: empty
+
+
+def test_truncated_pruned_model_in_a_sparse_folder(pruned, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
+    path = os.path.join(run, phases.PRUNED)
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(raw[: len(raw) - 100])
+    bad("train_sparse", run, expect=(phases.PRUNED, "truncated"))
+
+
+def test_compress_truncated_caffemodel(net, tmp_path):
+    deploy = netgen.deploy(fileio.read_net_prototxt(net["model"]), input_shape=(1, 1, 28, 28))
+    fileio.write_prototxt(str(tmp_path / "deploy.prototxt"), deploy)
+    bad("compress", "--model", tmp_path / "deploy.prototxt", "--weights", p(net, "truncated.caffemodel"),
+        "--output", tmp_path / "o.net", expect=("truncated.caffemodel", "truncated"))
+    assert not os.path.exists(tmp_path / "o.net")
 
 
 def test_missing_prototxt(net):
