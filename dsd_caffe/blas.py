@@ -298,13 +298,16 @@ def pick(passed, preset=None):
     are >25% faster. With a ``preset`` core type, only the thread count is chosen."""
     if not passed:
         raise ValueError("no passed candidates to pick from")
-    best = min(passed, key=lambda r: r["seconds"])
-    if not preset:
-        default = [r for r in passed if r["coretype"] == DEFAULT and r["threads"] == best["threads"]]
-        if default and default[0]["seconds"] <= best["seconds"] * (1 + PREFER_DEFAULT_WITHIN):
-            best = default[0]
-    same = sorted((r for r in passed if r["coretype"] == best["coretype"]), key=lambda r: r["threads"])
-    return next(r for r in same if r["seconds"] <= best["seconds"] * (1 + PREFER_FEWER_THREADS_WITHIN))
+    overall = min(r["seconds"] for r in passed)
+    counts = sorted({r["threads"] for r in passed})
+    threads = next(n for n in counts if min(r["seconds"] for r in passed if r["threads"] == n)
+                   <= overall * (1 + PREFER_FEWER_THREADS_WITHIN))
+    at_n = [r for r in passed if r["threads"] == threads]
+    best = min(at_n, key=lambda r: r["seconds"])
+    default = [r for r in at_n if r["coretype"] == DEFAULT]
+    if not preset and default and default[0]["seconds"] <= best["seconds"] * (1 + PREFER_DEFAULT_WITHIN):
+        best = default[0]
+    return best
 
 
 def cpu_count():

@@ -141,6 +141,10 @@ def test_pick_prefers_default_and_fewer_threads_unless_clearly_faster():
     assert blas.pick([r(D, 1, 1.0), r(D, 2, 0.85)])["threads"] == 1
     assert blas.pick([r(D, 1, 1.0), r(D, 2, 0.55)])["threads"] == 2
     assert blas.pick([r("SkylakeX", 1, 2.0), r("SkylakeX", 2, 1.0), r(D, 2, 1.9)]) == r("SkylakeX", 2, 1.0)
+    # threads first, then the kernel at that thread count (seen here: Haswell x2 fastest, yet 1 thread is chosen,
+    # and at 1 thread Haswell is no faster than the library's own Zen)
+    seen = [r(D, 1, 0.0121), r(D, 2, 0.0155), r("Haswell", 1, 0.0122), r("Haswell", 2, 0.0101)]
+    assert blas.pick(seen) == r(D, 1, 0.0121)
     with pytest.raises(ValueError):
         blas.pick([])
 
