@@ -364,11 +364,11 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
     decision = {"library": library, "cpu": {"vendor": cpu["vendor"], "model_name": cpu["model_name"]},
                 "preset_coretype": preset, "tolerance": TOLERANCE, "candidates": results, "time_shapes": TIME_SHAPES}
     if preset:
-        if not passed:
+        if not any(r["ok"] for r in results if r["coretype"] == preset):
             log.warning("OPENBLAS_CORETYPE=%s is set in the environment but FAILS the BLAS self-check (%s); "
                         "keeping it as asked", preset, results[0].get("reason"))
-        decision.update(coretype=preset, ok=bool(passed))
-        pool = passed
+        pool = [r for r in passed if r["coretype"] == preset]
+        decision.update(coretype=preset, ok=bool(pool))
     else:
         if not passed:
             raise RuntimeError(f"no BLAS candidate passed the self-check on {library}: " +
