@@ -597,7 +597,7 @@ def retrain_dense(model, weights, output_dir, base_lr=1e-4, epochs=20, max_iter=
     check_fits(dense, model_param, os.fspath(weights), os.fspath(model or dense.name))
     solver_path = os.path.join(out, DENSE_SOLVER)
     if not snapshots(os.path.join(out, "snapshots"), "redense") or force:
-        os.makedirs(out, exist_ok=True)
+        fileio.check_output(os.path.join(out, DENSE_NET), force=True)  # makes the folder; a real write probe
         if not os.access(out, os.W_OK | os.X_OK):
             raise PermissionError(f"output folder {out} is not writable")
         fileio.write_prototxt(os.path.join(out, DENSE_NET), relative_sources(dense, out), force=True)
@@ -725,7 +725,7 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
         first = masklayer.remove_mask_layer(first)
         check_data(first)
         check_fits(first, fileio.read_caffemodel(weights), weights, model)
-    os.makedirs(out, exist_ok=True)
+    fileio.check_output(state_path, force=True)  # makes the folder; a real write probe (root ignores modes)
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"output folder {out} is not writable")
     if state is None:
