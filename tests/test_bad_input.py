@@ -336,7 +336,7 @@ def locked(tmp_path):
 def test_unwritable_output_folder(net, locked, which):
     extra = {"prune": ("--ratio", "3x"), "dsd": ("--ratio", "3x"), "retrain_dense": ("--max-iter", 1)}[which]
     bad(which, "--model", net["model"], "--weights", net["weights"], "--output", locked / "run", *extra,
-        expect=("locked",))
+        expect=("locked", "not writable"))
 
 
 def test_make_lmdb_unwritable_output(locked, tmp_path):
