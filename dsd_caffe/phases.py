@@ -559,7 +559,9 @@ def train_sparse(output_dir, engine="binary", gpu=None, force=False):
         raise ValueError(f"{out}: the mask layers of {SPARSE_NET} and {PRUNED} differ")
     stored = masklayer.read_masks(os.path.join(out, PRUNED))
     if set(stored) != set(masks) or any(not np.array_equal(stored[k], masks[k]) for k in masks):
-        raise ValueError(f"{out}: {MASKS} and the masks inside {PRUNED} differ")
+        k = (sorted(set(stored) ^ set(masks)) or [k for k in masks if not np.array_equal(stored[k], masks[k])])[0]
+        raise ValueError(f"{out}: {MASKS} and the masks inside {PRUNED} differ, first at layer {k!r} (shape "
+                         f"{np.shape(masks.get(k))} in {MASKS}, {np.shape(stored.get(k))} in {PRUNED})")
     snap = train(os.path.join(out, SPARSE_SOLVER), os.path.join(out, PRUNED), engine=engine, desc="sparse",
                  gpu=gpu)
     dens = check_masked(snap, masks)
