@@ -107,6 +107,7 @@ def _hidden_tmp(out, *parts):
 #: name -> condition on the run folder; the kill lands as soon as it holds (plus a seeded jitter). In phase order.
 KILL_POINTS = {
     "startup": lambda out: True,  # before dsd.py even imports caffe
+    "random-delay": lambda out: True,  # a seeded random time, anywhere in the run (see random_chain)
     "dense-eval": lambda out: _exists(out, "dsd_state.json"),
     "pruning": lambda out: _exists(out, "cycle1-sparse"),
     "pruned-model-written": lambda out: _exists(out, "cycle1-sparse", "pruned.caffemodel"),
@@ -157,7 +158,7 @@ def kill_at(cmd, out, point, jitter, poll=0.01, timeout=600):
     A point whose condition already holds before the start (an earlier run got past it) is skipped: the run is
     not started and the dict says skipped."""
     cond = KILL_POINTS[point]
-    if point != "startup" and cond(out):
+    if point not in ("startup", "random-delay") and cond(out):
         return {"point": point, "skipped": True, "killed": False, "rc": None, "t": 0.0, "where": describe(out),
                 "stderr": ""}
     t0 = time.monotonic()
@@ -201,6 +202,18 @@ def chain(cmd, out, points, rng, max_jitter=0.4):
         kills.append(rec)
         if not rec["killed"] and not rec["skipped"] and rec["rc"] != 0:
             raise RuntimeError(f"run ended with status {rec['rc']} before kill point {point}: {rec['stderr']}")
+    return kills, run_to_end(cmd)
+
+
+def random_chain(cmd, out, delays):
+    """Kill the same command after each of ``delays`` seconds in turn, then run it to the end."""
+    kills = []
+    for d in delays:
+        rec = kill_at(cmd, out, "random-delay", float(d))
+        rec["jitter"] = float(d)
+        kills.append(rec)
+        if not rec["killed"] and rec["rc"] != 0:
+            raise RuntimeError(f"run ended with status {rec['rc']} before its kill at {d:.2f}s: {rec['stderr']}")
     return kills, run_to_end(cmd)
 
 
@@ -281,6 +294,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chains", type=int, default=3, help="kill chains (each: one run killed at several points)")
     p.add_argument("--per-chain", type=int, default=6, help="kill points per chain")
+    p.add_argument("--random-kills", type=int, default=6, help="one more chain killed at seeded random delays")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
@@ -295,19 +309,24 @@ def main(argv=None):
     t0 = time.monotonic()
     model, weights = make_setup(work, seed=a.seed)
     ref = os.path.join(work, "reference")
+    t1 = time.monotonic()
     r = run_to_end(dsd_command(model, weights, ref, seed=a.seed, engine=a.engine))
     if r.returncode:
         sys.exit(f"uninterrupted run failed: {r.stderr[-2000:]}")
-    t_ref = time.monotonic() - t0
-    print(f"uninterrupted run: {t_ref:.1f} s (with set-up)")
-    names = list(KILL_POINTS)
+    t_ref = time.monotonic() - t1
+    print(f"set-up {t1 - t0:.1f} s; uninterrupted run {t_ref:.1f} s")
+    names = [n for n in KILL_POINTS if n != "random-delay"]
     totals = {"kills": 0, "ended_first": 0, "skipped": 0, "chains_ok": 0, "failures": []}
-    for c in range(a.chains):
-        points = sorted(rng.choice(len(names), size=min(a.per_chain, len(names)), replace=False))
+    n_chains = a.chains + (a.random_kills > 0)
+    for c in range(n_chains):
         out = os.path.join(work, f"chain{c}")
         cmd = dsd_command(model, weights, out, seed=a.seed, engine=a.engine)
         try:
-            kills, final = chain(cmd, out, [names[i] for i in points], rng)
+            if c < a.chains:
+                points = sorted(rng.choice(len(names), size=min(a.per_chain, len(names)), replace=False))
+                kills, final = chain(cmd, out, [names[i] for i in points], rng)
+            else:  # seeded random delays: each resumed run killed again after 0.3 s .. most of a full run
+                kills, final = random_chain(cmd, out, rng.uniform(0.3, 0.8 * t_ref, size=a.random_kills))
         except (RuntimeError, TimeoutError) as e:
             totals["failures"].append(f"chain {c}: {e}")
             print(f"chain {c}: FAILED {e}")
@@ -332,7 +351,7 @@ def main(argv=None):
         print(f"chain {c}: resumed to the end; masks identical, sparse snapshots exact; files checked {counts}")
     print(f"\nsummary: {totals['kills']} kills ({totals['ended_first']} runs ended before their kill point, "
           f"{totals['skipped']} points already past) in "
-          f"{a.chains} chains; {totals['chains_ok']}/{a.chains} chains resumed and passed every check; "
+          f"{n_chains} chains; {totals['chains_ok']}/{n_chains} chains resumed and passed every check; "
           f"{time.monotonic() - t0:.0f} s in all")
     for f in totals["failures"]:
         print("  " + f)

@@ -272,7 +272,7 @@ def test_masks_file_that_does_not_fit(pruned, tmp_path):
     name = next(iter(masks))
     masks[name] = np.ones((3, 3), bool)
     phases.save_masks(os.path.join(run, phases.MASKS), masks, force=True)
-    bad("train_sparse", run, expect=(phases.MASKS,))
+    bad("train_sparse", run, expect=(phases.MASKS, repr(name), "(3, 3)"))
 
 
 def test_folder_not_written_by_prune(net, tmp_path):
