@@ -117,7 +117,7 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
     last = len(net.layers) - 1
     loss = np.float32(0)
     sums = [None] * len(outputs)
-    acc = _accuracy_blobs(net) if confusion else None
+    acc = _accuracy_blobs(net)  # its labels are checked on every pass (Caffe only DCHECKs them)
     if confusion and acc is None:
         raise ValueError("a confusion matrix needs an Accuracy layer (its bottoms give the scores and labels), "
                          "and the net has none in the TEST phase")
@@ -134,6 +134,13 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
                 for v in data:
                     log.debug("Batch %d, %s = %s", i, name, cfmt(v))
         if acc is not None:
+            lab, n_cls = net.blobs[acc[1]].data.reshape(-1), net.blobs[acc[0]].data.shape[1]
+            out = lab[((lab < 0) | (lab >= n_cls)) & (lab != (ignore_label if ignore_label is not None else -1.5))]
+            if out.size:
+                raise ValueError(f"label {out[0]:g} in TEST batch {i + 1} is outside the {n_cls} classes of Accuracy "
+                                 f"layer {acc[2]!r} (0..{n_cls - 1}); Caffe would report a meaningless accuracy. "
+                                 "Does the LMDB belong to this net?")
+        if acc is not None and confusion:
             labels, pred, n_classes = _predictions(net, acc[0], acc[1])
             if cm is None:
                 cm = np.zeros((n_classes, n_classes), np.int64)
