@@ -199,6 +199,16 @@ def test_evaluate_lmdb_smaller_than_the_crop(net, tmp_path):
         expect=("small_lmdb", "16x16", "crop_size 28"))
 
 
+def test_lmdb_labels_outside_the_classes(net, tmp_path):
+    """Caffe only DCHECKs labels: a release build reads past the scores and prints a meaningless accuracy."""
+    rng = np.random.default_rng(1)
+    write_tiny_lmdb(tmp_path / "lab_lmdb", rng.integers(0, 256, (8, 1, 28, 28)), [3, 15, 2, 1, 0, 4, 5, 6])
+    tv = netgen.small_squeezenet("train_lmdb", str(tmp_path / "lab_lmdb"), train_batch=4, test_batch=4)
+    fileio.write_prototxt(str(tmp_path / "lab.prototxt"), tv)
+    bad("evaluate", "--model", tmp_path / "lab.prototxt", "--weights", net["weights"], "--iterations", 2,
+        expect=("label 15", "10 classes"), logs_ok=True)
+
+
 def test_sensitivity_lmdb_smaller_than_the_crop(net, tmp_path):
     bad("sensitivity", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o",
         "--test-source", p(net, "small_lmdb"), expect=("small_lmdb",))
