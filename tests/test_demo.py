@@ -58,7 +58,7 @@ def test_table_structure_and_densities(run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_phase_model_loads(run):
+def test_every_phase_model_loads(run, tmp_path):
     from dsd_caffe.caffe_env import import_caffe
 
     caffe = import_caffe()
@@ -70,7 +70,11 @@ def test_every_phase_model_loads(run):
                for f in (phases.PRUNED, phases.SPARSE)]
     for net_path, weights in models:
         assert os.path.exists(fileio.sidecar_path(weights)), weights
-        net = caffe.Net(net_path, weights, caffe.TEST)
+        # Caffe resolves Data sources against the working folder: load a copy with absolute sources
+        param = phases.absolute_sources(fileio.read_net_prototxt(net_path), os.path.dirname(net_path))
+        path = str(tmp_path / "net.prototxt")
+        fileio.write_prototxt(path, param)
+        net = caffe.Net(path, weights, caffe.TEST)
         w = masklayer.weight_arrays(weights)
         for name, arr in w.items():
             np.testing.assert_array_equal(net.params[name][0].data, arr)
