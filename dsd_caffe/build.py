@@ -12,8 +12,10 @@ the virtual environment exists. Steps, each named in the one-line error if it fa
    series, apply ``patches/*.patch``, configure (CPU-only by default, Python layer, LMDB, HDF5, OpenCV,
    linked to this interpreter's libpython), compile and install into a temporary folder, and rename it into
    the cache at the end. An interrupted build never leaves a folder that looks complete.
-4. ``link``: make ``import caffe`` work in ``.venv`` (a ``.pth`` file) and write ``.venv/bin/caffe``, a wrapper
-   that runs the binary with ``.venv/bin`` first on PATH, so that Python layers under ``caffe train`` import the
+4. ``link``: make ``import caffe`` work in ``.venv`` (a ``.pth`` file).
+5. ``blas``: choose the fastest BLAS core type and thread count that passes an SGEMM self-check
+   (``dsd_caffe.blas``; once per build and CPU), then write ``.venv/bin/caffe``, a wrapper that runs the binary
+   with those settings and ``.venv/bin`` first on PATH, so that Python layers under ``caffe train`` import the
    venv's numpy and ``dsd_caffe``.
 
 ``--gpu`` builds with CUDA (CPU_ONLY off) where ``nvcc`` exists. The cache lives in ``$DSD_CAFFE_CACHE`` or
@@ -356,18 +358,45 @@ def site_packages(venv):
     return os.path.join(venv, "lib", py, "site-packages")
 
 
-def link_venv(venv, pydir, binary):
-    """``import caffe`` in the venv via a .pth, and ``venv/bin/caffe`` running ``binary`` with the venv's Python."""
+def link_pycaffe(venv, pydir):
+    """``import caffe`` in the venv via a .pth file."""
     with open(os.path.join(site_packages(venv), "dsd_caffe_pycaffe.pth"), "w") as f:
         f.write(pydir + "\n")
+
+
+def choose_blas(python):
+    """The BLAS configuration (``dsd_caffe.blas``): chosen and self-checked once per Caffe build and CPU; returns
+    the environment variables to set when Caffe runs. A failed choice warns and keeps the library's defaults."""
+    code = "import json; from dsd_caffe import blas; print(json.dumps(blas.runtime_env(environ={})))"
+    env = dict(os.environ, GLOG_minloglevel="2")
+    if not json.loads(_run("blas", [python, "-c", code], env=env) or "{}"):
+        try:
+            if not os.path.exists(_run("blas", [python, "-c", "from dsd_caffe import blas; "
+                                                "print(blas.decision_path())"], env=env).strip()):
+                log.info("blas: checking and timing the BLAS kernels (once per build and CPU)")
+                _run("blas", [python, "-m", "dsd_caffe.blas"], env=env)
+        except SetupError as e:
+            log.warning("%s; keeping OpenBLAS's own defaults", e)
+    return json.loads(_run("blas", [python, "-c", code], env=env) or "{}")
+
+
+def write_wrapper(venv, binary, blas_env):
+    """``venv/bin/caffe``: runs ``binary`` with the venv's Python first on PATH and the chosen BLAS settings."""
     wrapper = os.path.join(venv, "bin", "caffe")
     venv_bin = os.path.join(os.path.abspath(venv), "bin")
-    text = (
-        "#!/bin/sh\n"
-        "# Written by python3 -m dsd_caffe.build: the real caffe binary, with this venv's python first on PATH\n"
-        "# so that an embedded Python layer imports the venv's packages (numpy, dsd_caffe).\n"
-        f'PATH="{venv_bin}:$PATH" exec "{binary}" "$@"\n'
-    )
+    lines = [
+        "#!/bin/sh",
+        "# Written by python3 -m dsd_caffe.build: the real caffe binary, with this venv's python first on PATH",
+        "# so that an embedded Python layer imports the venv's packages (numpy, dsd_caffe), and the BLAS settings",
+        "# chosen at set-up (python -m dsd_caffe.blas) unless the environment sets them already.",
+    ]
+    if "OPENBLAS_CORETYPE" in blas_env:
+        lines.append(f'[ -n "${{OPENBLAS_CORETYPE+x}}" ] || export OPENBLAS_CORETYPE={blas_env["OPENBLAS_CORETYPE"]}')
+    if "OPENBLAS_NUM_THREADS" in blas_env:
+        lines.append(f'[ -n "${{OPENBLAS_NUM_THREADS}}${{OMP_NUM_THREADS}}" ] || '
+                     f'export OPENBLAS_NUM_THREADS={blas_env["OPENBLAS_NUM_THREADS"]}')
+    lines.append(f'PATH="{venv_bin}:$PATH" exec "{binary}" "$@"')
+    text = "\n".join(lines) + "\n"
     with open(wrapper + ".tmp", "w") as f:
         f.write(text)
     os.chmod(wrapper + ".tmp", 0o755)
@@ -412,8 +441,9 @@ def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
             prefix = build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
         pydir = os.path.join(prefix, "lib", "python3", "dist-packages")
         binary = os.path.join(prefix, "bin", "caffe")
-    link_venv(venv, pydir, binary)
+    link_pycaffe(venv, pydir)
     check_caffe(python)
+    write_wrapper(venv, binary, choose_blas(python))
     log.info("set-up done in %.1f s: %s/bin/python imports caffe; %s/bin/caffe", time.time() - t0, venv, venv)
     return {"venv": venv, "pycaffe": pydir, "caffe": binary}
 

@@ -13,6 +13,9 @@ SETUP_HINT = "run `make setup` (or `python3 -m dsd_caffe.build`) and use .venv/b
 def import_caffe():
     """Return the ``caffe`` module, with glog's INFO chatter off unless GLOG_minloglevel is set."""
     os.environ.setdefault("GLOG_minloglevel", "2")
+    from . import blas
+
+    blas.apply()  # the BLAS core type and threads chosen at set-up; read when Caffe's OpenBLAS loads
     try:
         import caffe
     except ImportError as e:
