@@ -91,6 +91,20 @@ def run_to_end(cmd, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
+def finish(cmd, out):
+    """Re-run ``cmd`` to the end, unless the killed run had already finished (a kill as it exited): the tool then
+    rightly refuses the finished run, and there is nothing to resume."""
+    import json
+
+    try:
+        with open(os.path.join(out, "dsd_state.json")) as f:
+            if json.load(f).get("finished"):
+                return subprocess.CompletedProcess(cmd, 0, "", "the killed run had finished")
+    except (OSError, ValueError):
+        pass
+    return run_to_end(cmd)
+
+
 # ------------------------------------------------------------------------------------------------ kill points
 def _exists(out, *parts):
     return os.path.exists(os.path.join(out, *parts))
@@ -202,19 +216,22 @@ def chain(cmd, out, points, rng, max_jitter=0.4):
         kills.append(rec)
         if not rec["killed"] and not rec["skipped"] and rec["rc"] != 0:
             raise RuntimeError(f"run ended with status {rec['rc']} before kill point {point}: {rec['stderr']}")
-    return kills, run_to_end(cmd)
+    return kills, finish(cmd, out)
 
 
 def random_chain(cmd, out, delays):
-    """Kill the same command after each of ``delays`` seconds in turn, then run it to the end."""
+    """Kill the same command after each of ``delays`` seconds in turn, then run it to the end. Stops early when a
+    run finishes before its kill (the final CompletedProcess is then that run's status)."""
     kills = []
     for d in delays:
         rec = kill_at(cmd, out, "random-delay", float(d))
         rec["jitter"] = float(d)
         kills.append(rec)
-        if not rec["killed"] and rec["rc"] != 0:
-            raise RuntimeError(f"run ended with status {rec['rc']} before its kill at {d:.2f}s: {rec['stderr']}")
-    return kills, run_to_end(cmd)
+        if not rec["killed"]:
+            if rec["rc"] != 0:
+                raise RuntimeError(f"run ended with status {rec['rc']} before its kill at {d:.2f}s: {rec['stderr']}")
+            return kills, subprocess.CompletedProcess(cmd, 0, "", "")
+    return kills, finish(cmd, out)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -249,8 +266,10 @@ def check_run(out, reference_out, dense_weights):
                                              for m in ("pruned.caffemodel", "sparse.caffemodel")]
     for path in sparse_models:
         w = masklayer.weight_arrays(path)
+        inside = masklayer.read_masks(path)  # the masks persist in every snapshot
         for name, m in ref.items():
             assert np.count_nonzero(w[name]) == m.sum() and not np.any(w[name][~m]), (path, name)
+            assert np.array_equal(inside[name], m), (path, name)
     dsnaps = phases.snapshots(os.path.join(out, "cycle1-dense", "snapshots"), "redense")
     assert dsnaps and dsnaps[0][0] == DENSE_ITERS, [s[0] for s in dsnaps]
 
@@ -294,7 +313,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chains", type=int, default=3, help="kill chains (each: one run killed at several points)")
     p.add_argument("--per-chain", type=int, default=6, help="kill points per chain")
-    p.add_argument("--random-kills", type=int, default=6, help="one more chain killed at seeded random delays")
+    p.add_argument("--random-kills", type=int, default=6,
+                   help="fresh runs, each killed once at a seeded random time, then resumed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
@@ -317,7 +337,7 @@ def main(argv=None):
     print(f"set-up {t1 - t0:.1f} s; uninterrupted run {t_ref:.1f} s")
     names = [n for n in KILL_POINTS if n != "random-delay"]
     totals = {"kills": 0, "ended_first": 0, "skipped": 0, "chains_ok": 0, "failures": []}
-    n_chains = a.chains + (a.random_kills > 0)
+    n_chains = a.chains + a.random_kills
     for c in range(n_chains):
         out = os.path.join(work, f"chain{c}")
         cmd = dsd_command(model, weights, out, seed=a.seed, engine=a.engine)
@@ -325,8 +345,8 @@ def main(argv=None):
             if c < a.chains:
                 points = sorted(rng.choice(len(names), size=min(a.per_chain, len(names)), replace=False))
                 kills, final = chain(cmd, out, [names[i] for i in points], rng)
-            else:  # seeded random delays: each resumed run killed again after 0.3 s .. most of a full run
-                kills, final = random_chain(cmd, out, rng.uniform(0.3, 0.8 * t_ref, size=a.random_kills))
+            else:  # a fresh run killed once at a seeded random time within an uninterrupted run's length
+                kills, final = random_chain(cmd, out, rng.uniform(0.3, t_ref, size=1))
         except (RuntimeError, TimeoutError) as e:
             totals["failures"].append(f"chain {c}: {e}")
             print(f"chain {c}: FAILED {e}")
