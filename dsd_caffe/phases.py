@@ -181,6 +181,22 @@ def _set_blob(blob, array):
     blob.data.extend(array.ravel().tolist())
 
 
+def _checked_inputs(model, net_param, weights, train_source, test_source):
+    """The dense form of the net (absolute sources, no mask layer) and its caffemodel, both checked: the LMDBs
+    exist and fit the crop, and the caffemodel fits the net."""
+    if net_param is None:
+        model = os.fspath(model)
+        net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
+                                     train_source, test_source)
+    else:
+        net_param = absolute_sources(net_param, None, train_source, test_source)
+    dense = masklayer.remove_mask_layer(net_param)
+    check_data(dense)
+    model_param = fileio.read_caffemodel(weights)
+    check_fits(dense, model_param, os.fspath(weights), os.fspath(model or dense.name))
+    return dense, model_param
+
+
 def save_masks(path, masks, force=False):
     with fileio.atomic_path(path, force=force) as tmp:
         with open(tmp, "wb") as f:
@@ -244,16 +260,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     fileio.check_output(os.path.join(out, SPARSE_NET), force=True)
     if target is None and profile in ("uniform", "global"):
         raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
-    if net_param is None:
-        model = os.fspath(model)
-        net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
-                                     train_source, test_source)
-    else:
-        net_param = absolute_sources(net_param, None, train_source, test_source)
-    net_param = masklayer.remove_mask_layer(net_param)
-    check_data(net_param)
-    model_param = fileio.read_caffemodel(weights)
-    check_fits(net_param, model_param, os.fspath(weights), os.fspath(model or net_param.name))
+    net_param, model_param = _checked_inputs(model, net_param, weights, train_source, test_source)
     names = weighted_layers(net_param)
     if not names:
         raise ValueError(f"net {net_param.name!r} has no Convolution/InnerProduct layer to prune")
@@ -587,16 +594,7 @@ def retrain_dense(model, weights, output_dir, base_lr=1e-4, epochs=20, max_iter=
     final = os.path.join(out, DENSE)
     if os.path.exists(final) and os.path.exists(fileio.sidecar_path(final)) and not force:
         raise FileExistsError(f"{out} already holds a finished re-dense phase ({DENSE}); pass --force to redo it")
-    if net_param is None:
-        model = os.fspath(model)
-        net_param = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(os.path.abspath(model)),
-                                     train_source, test_source)
-    else:
-        net_param = absolute_sources(net_param, None, train_source, test_source)
-    dense = masklayer.remove_mask_layer(net_param)
-    check_data(dense)
-    model_param = fileio.read_caffemodel(weights)
-    check_fits(dense, model_param, os.fspath(weights), os.fspath(model or dense.name))
+    dense, model_param = _checked_inputs(model, net_param, weights, train_source, test_source)
     solver_path = os.path.join(out, DENSE_SOLVER)
     if not snapshots(os.path.join(out, "snapshots"), "redense") or force:
         fileio.check_output(os.path.join(out, DENSE_NET), force=True)  # makes the folder; a real write probe
