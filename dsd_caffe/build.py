@@ -23,6 +23,7 @@ the virtual environment exists. Steps, each named in the one-line error if it fa
 """
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -222,15 +223,31 @@ def _write_stamp(path, data):
 # ---------------------------------------------------------------- step 3: caffe
 
 
-def find_existing_caffe(python):
-    """An existing Caffe: ``CAFFE_ROOT`` (a built source tree) -> (pycaffe dir, caffe binary), or None."""
+def find_existing_caffe():
+    """An existing Caffe -> (folder holding the pycaffe package, caffe binary), or None to use our own build.
+
+    ``CAFFE_ROOT`` names a built source tree (``python/caffe`` and ``build/tools/caffe``). Otherwise a pycaffe
+    that this (non-venv) interpreter already imports is used, with the ``caffe`` binary on PATH.
+    """
     root = os.environ.get("CAFFE_ROOT")
     if root:
         pydir, binary = os.path.join(root, "python"), os.path.join(root, "build", "tools", "caffe")
         if not os.path.isdir(os.path.join(pydir, "caffe")) or not os.access(binary, os.X_OK):
             raise SetupError("caffe", f"CAFFE_ROOT={root} has no python/caffe or build/tools/caffe")
         return pydir, binary
-    return None
+    if sys.prefix != sys.base_prefix:
+        return None  # inside a venv (ours, linked to the cache): nothing foreign to adopt
+    spec = importlib.util.find_spec("caffe")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    pkg = os.path.realpath(list(spec.submodule_search_locations)[0])
+    if pkg.startswith(cache_root() + os.sep):
+        return None
+    binary = shutil.which("caffe")
+    if not binary:
+        raise SetupError("caffe", f"this Python imports pycaffe from {pkg}, but no caffe binary is on PATH; "
+                                  "set CAFFE_ROOT to its source tree")
+    return os.path.dirname(pkg), os.path.realpath(binary)
 
 
 def cached_build(key):
@@ -427,10 +444,10 @@ def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
     os.makedirs(cache_root(), exist_ok=True)
     python = ensure_venv(venv)
     linkage = python_linkage(python)
-    existing = find_existing_caffe(python)
+    existing = find_existing_caffe()
     if existing:
         pydir, binary = existing
-        log.info("caffe: using CAFFE_ROOT %s", os.environ["CAFFE_ROOT"])
+        log.info("caffe: using the existing Caffe: pycaffe in %s, binary %s", pydir, binary)
     else:
         options, patches = build_options(gpu), our_patches()
         key = cache_key(options, linkage, patches)

@@ -187,3 +187,17 @@ def test_our_patches_carry_a_reason():
     for p in build.our_patches():
         first = open(p).readline().strip()
         assert first and not first.startswith(("---", "diff")), f"{p} lacks its one-line reason"
+
+
+def test_existing_caffe_root_is_used_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAFFE_ROOT", str(tmp_path))
+    with pytest.raises(build.SetupError, match="CAFFE_ROOT=.*has no python/caffe"):
+        build.find_existing_caffe()
+    (tmp_path / "python" / "caffe").mkdir(parents=True)
+    tool = tmp_path / "build" / "tools" / "caffe"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert build.find_existing_caffe() == (str(tmp_path / "python"), str(tool))
+    monkeypatch.delenv("CAFFE_ROOT")
+    assert build.find_existing_caffe() is None  # inside our venv: use our own build
