@@ -8,7 +8,7 @@ Layout of ``output_dir`` (default ``runs/demo``)::
     dsd/                           phases.run_dsd: cycle1-sparse/ (pruned, masks, sparse.caffemodel), cycle1-dense/
     baseline/step1, baseline/step2 the dense model trained on for exactly the sparse and re-dense iterations,
                                    at exactly their learning-rate schedules (phases.retrain_dense on a dense net)
-    results.json, accuracy.png, weights_histogram.png, demo_config.json
+    results.json, accuracy.png, weights_histogram.png, demo_config.json, evaluations.json (cache)
 
 Every net tests on the validation split while it trains (the curves in accuracy.png); the table reports the
 held-out test split, evaluated once per finished model. The hyperparameters (DEFAULTS) were chosen on the
@@ -275,7 +275,8 @@ def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=F
                 raise ValueError(f"{out} holds a demo run with other settings ({', '.join(diff)}); use another "
                                  "--output, the same settings, or --force to start over")
     if force:
-        for name in ("dense", "dsd", "baseline", "results.json", "accuracy.png", "weights_histogram.png"):
+        for name in ("dense", "dsd", "baseline", "results.json", "evaluations.json", "accuracy.png",
+                     "weights_histogram.png"):
             p = os.path.join(out, name)
             if os.path.isdir(p):
                 shutil.rmtree(p)
@@ -302,9 +303,22 @@ def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=F
     models = {"dense": dense, "sparse": os.path.join(out, "dsd", "cycle1-sparse", phases.SPARSE),
               "DSD": os.path.join(out, "dsd", "cycle1-dense", phases.DENSE), "baseline": base}
     log.info("5/6 evaluation on the test split (%s)", lmdbs["test"])
-    test = {name: evaluate_split(net, p, lmdbs["test"]) for name, p in models.items()}
-    val = {name: evaluate_split(net, p, lmdbs["val"]) for name, p in models.items()}
-    val["pruned"] = evaluate_split(net, os.path.join(out, "dsd", "cycle1-sparse", phases.PRUNED), lmdbs["val"])
+    cache_path = os.path.join(out, "evaluations.json")
+    cache = fileio.read_json(cache_path) if os.path.exists(cache_path) else {}
+
+    def cached(weights, split):
+        """evaluate_split, reused while the model file is unchanged (size and mtime)."""
+        st = os.stat(weights)
+        key = f"{os.path.relpath(weights, out)}|{split}"
+        stamp = [st.st_size, st.st_mtime_ns]
+        if cache.get(key, {}).get("stamp") != stamp:
+            cache[key] = {"stamp": stamp, "result": evaluate_split(net, weights, lmdbs[split])}
+            fileio.write_json(cache_path, cache)
+        return cache[key]["result"]
+
+    test = {name: cached(p, "test") for name, p in models.items()}
+    val = {name: cached(p, "val") for name, p in models.items()}
+    val["pruned"] = cached(os.path.join(out, "dsd", "cycle1-sparse", phases.PRUNED), "val")
 
     log.info("6/6 plots")
     d_it = cfg["dense_iters"]
