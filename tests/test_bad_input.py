@@ -471,6 +471,22 @@ def test_evaluate_iterations_zero(net):
         expect=("iterations",))
 
 
+@pytest.mark.parametrize("flag,value,what", [("--iter-size", "0", "iter_size"), ("--base-lr", "-1", "base_lr"),
+                                             ("--max-iter", "0", "max_iter")])
+def test_retrain_dense_bad_solver_numbers(net, tmp_path, flag, value, what):
+    args = () if flag == "--max-iter" else ("--max-iter", 2)
+    bad("retrain_dense", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", flag,
+        value, *args, expect=(what, value))
+
+
+def test_sparse_solver_syntax_error(pruned, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
+    with open(os.path.join(run, phases.SPARSE_SOLVER), "a") as f:
+        f.write("max_iter: lots\n")
+    bad("train_sparse", run, expect=(phases.SPARSE_SOLVER, "syntax error"))
+
+
 def test_traceback_only_with_debug(net, tmp_path):
     r = tool("prune", "--model", net["model"], "--weights", p(net, "truncated.caffemodel"), "--ratio", "3x",
              "--output", tmp_path / "o", debug=True)
