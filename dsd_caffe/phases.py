@@ -479,7 +479,7 @@ def _train_binary(solver_path, folder, sp, weights, state, start, desc, gpu=None
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         for line in proc.stderr:
             logf.write(line)
-            if line.startswith(("F", "E")) or "Check failed" in line or "Error" in line:
+            if line.startswith(("F", "E")) or "Check failed" in line or "Error" in line or "corrupted" in line:
                 last.append(line.rstrip())
             m = it_re.search(line)
             if m and int(m.group(1)) > bar.n:
