@@ -489,6 +489,28 @@ def check_lmdb(path, crop_size=0, channels=None):
     return info
 
 
+def label_range(path, limit=2000):
+    """(smallest, largest) label among the first ``limit`` records of an LMDB of Datums (labels only are read)."""
+    import lmdb
+
+    lmdb_info(path)
+    pb2 = _pb2()
+    low = high = None
+    env = lmdb.open(os.fspath(path), readonly=True, lock=False, subdir=True)
+    try:
+        with env.begin() as txn:
+            for n, value in enumerate(txn.cursor().iternext(keys=False, values=True)):
+                if n >= limit:
+                    break
+                d = pb2.Datum()
+                d.ParseFromString(value)
+                low = d.label if low is None else min(low, d.label)
+                high = d.label if high is None else max(high, d.label)
+    finally:
+        env.close()
+    return low, high
+
+
 def _decode(data):
     import cv2
 

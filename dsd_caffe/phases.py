@@ -122,14 +122,42 @@ def _lmdb_count(path):
     return lmdb_info(path)["count"]
 
 
-def check_data(net):
-    """Check every LMDB Data layer's source before Caffe opens it (missing, empty, images smaller than the crop)."""
-    from .data import check_lmdb
+def num_classes(net):
+    """The class count the loss sees: num_output of the Convolution/InnerProduct that feeds SoftmaxWithLoss (through
+    pooling, ReLU, dropout...), or None when the net has no such loss."""
+    layers = list(net.layer)
+    for i, l in enumerate(layers):
+        if l.type != "SoftmaxWithLoss" or not l.bottom:
+            continue
+        blob = l.bottom[0]
+        for producer in reversed(layers[:i]):
+            if blob not in producer.top:
+                continue
+            if producer.type in ("Convolution", "InnerProduct"):
+                param = producer.convolution_param if producer.type == "Convolution" else producer.inner_product_param
+                return param.num_output
+            if not producer.bottom:
+                return None
+            blob = producer.bottom[0]
+    return None
 
+
+def check_data(net):
+    """Check every LMDB Data layer's source before Caffe opens it: missing, empty, images smaller than the crop,
+    and labels outside the net's classes (Caffe checks those only in debug builds: an out-of-range label makes
+    SoftmaxWithLoss write outside its blob)."""
+    from .data import check_lmdb, label_range
+
+    classes = num_classes(net)
     for l in net.layer:
         if l.type == "Data":
             try:
                 check_lmdb(l.data_param.source, crop_size=l.transform_param.crop_size)
+                low, high = label_range(l.data_param.source) if classes else (0, 0)
+                if low < 0 or high >= classes:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"LMDB {l.data_param.source} holds label {bad}, outside the net's {classes} "
+                                     f"classes (0..{classes - 1}); does the LMDB belong to this net?")
             except ValueError as e:
                 raise ValueError(f"Data layer {l.name!r} ({_phase_of(l)}): {e}") from None
 

@@ -318,3 +318,11 @@ def test_any_net_with_inner_product(tmp_path):
     w = masklayer.weight_arrays(final)
     for name, m in phases.load_masks(os.path.join(out, phases.MASKS)).items():
         assert np.all(w[name][~m] == 0) and m.mean() == 0.5
+
+
+def test_num_classes_follows_the_loss_back_to_its_classifier():
+    from dsd_caffe import netgen
+
+    assert phases.num_classes(netgen.squeezenet_v1_0(naming="han")) == 1000
+    assert phases.num_classes(netgen.squeezenet_v1_0(naming="deepscale", num_classes=7)) == 7
+    assert phases.num_classes(netgen.small_squeezenet("a", "b", num_classes=10)) == 10
