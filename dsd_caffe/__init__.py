@@ -62,6 +62,7 @@ _EXPORTS = {
     "fetch": "zoo",
     "verify": "zoo",
     "git_blob_id": "zoo",
+    "run_demo": "demo",
     "decode": "deepcompression",
     "decode_to_caffemodel": "deepcompression",
     "encode": "deepcompression",

@@ -113,7 +113,7 @@ def train_dense(out, net, cfg, engine="binary"):
     os.makedirs(out, exist_ok=True)
     seed, iters = cfg["seed"], cfg["dense_iters"]
     fileio.write_prototxt(os.path.join(out, "trainval.prototxt"), phases.relative_sources(net, out))
-    (train_src, _), (test_src, _) = phases._train_data(net)
+    (train_src, _), (test_src, _) = phases.data_sources(net)
     s = solvers.dense_solver("trainval.prototxt", train_size=data.lmdb_info(train_src)["count"],
                              test_size=data.lmdb_info(test_src)["count"], base_lr=cfg["dense_lr"],
                              max_iter=iters, snapshot=max(1, iters // 4), snapshot_prefix="snapshots/dense",

@@ -101,8 +101,8 @@ def relative_sources(net_param, folder):
     return net
 
 
-def _train_data(net):
-    """(source, batch_size, test source, test batch) of the LMDB Data layers."""
+def data_sources(net):
+    """((train source, batch size), (test source, test batch size)) of the LMDB Data layers of ``net``."""
     train = test = None
     for l in net.layer:
         if l.type == "Data":
@@ -309,7 +309,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     sparse_net = masklayer.add_mask_layer(net_param, {n: dense_w[n].shape for n in masked})
     new_model = masklayer.add_masks_to_caffemodel(model_param, masked, sparse_net)
     fileio.write_prototxt(os.path.join(out, SPARSE_NET), relative_sources(sparse_net, out), force=True)
-    (train_src, batch), (test_src, test_batch) = _train_data(sparse_net)
+    (train_src, batch), (test_src, test_batch) = data_sources(sparse_net)
     args = dict(solver_args or {})
     args.setdefault("batch_size", batch)
     args.setdefault("test_batch", test_batch)
@@ -629,7 +629,7 @@ def retrain_dense(model, weights, output_dir, base_lr=1e-4, epochs=20, max_iter=
         if not os.access(out, os.W_OK | os.X_OK):
             raise PermissionError(f"output folder {out} is not writable")
         fileio.write_prototxt(os.path.join(out, DENSE_NET), relative_sources(dense, out), force=True)
-        (train_src, batch), (test_src, test_batch) = _train_data(dense)
+        (train_src, batch), (test_src, test_batch) = data_sources(dense)
         args = dict(solver_args or {})
         args.setdefault("batch_size", batch)
         args.setdefault("test_batch", test_batch)
@@ -657,7 +657,7 @@ def evaluate_model(net_param, weights, iterations=None, gpu=None):
 
     net = masklayer.remove_mask_layer(net_param)
     if iterations is None:
-        _, (test_src, test_batch) = _train_data(net)
+        _, (test_src, test_batch) = data_sources(net)
         iterations = solvers.test_iters(_lmdb_count(test_src), test_batch)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "test.prototxt")
