@@ -233,10 +233,7 @@ def _plot_accuracy(path, curves, boundaries):
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("DSD vs the equal-length dense baseline (Fashion-MNIST val)")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=90)
 
 
 def _plot_histograms(path, models):
@@ -257,10 +254,7 @@ def _plot_histograms(path, models):
         ax.set_yscale("log")
         ax.set_xlabel("weight")
     fig.suptitle("conv weights per phase (zeros not drawn)")
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=80)
 
 
 # ------------------------------------------------------------------------------------------------ the demo

@@ -262,7 +262,4 @@ def _plot(cm, names, path, force):
     ax.set_ylabel("true")
     total = cm.sum()
     ax.set_title(f"accuracy {np.trace(cm) / total:.4f} on {total} images" if total else "no images")
-    fig.tight_layout()
-    with fileio.atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=100, force=force)

@@ -90,6 +90,17 @@ def atomic_write(path, data, force=True):
     return os.fspath(path)
 
 
+def save_figure(fig, path, dpi=80, force=True):
+    """Lay out a matplotlib figure, write it as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return os.fspath(path)
+
+
 def write_json(path, obj, force=True):
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", force=force)
 

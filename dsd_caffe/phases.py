@@ -262,10 +262,7 @@ def _histogram_png(path, before, after, title):
         ax.set_yscale("log")
         ax.set_xlabel("weight")
     fig.suptitle(title)
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=80)
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -690,10 +687,7 @@ def _accuracy_png(path, phases_done):
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy across DSD phases")
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=80)
 
 
 def _finished(model_path):
@@ -901,7 +895,4 @@ def _sensitivity_png(path, rows, names, base):
     ax.set_xlabel("density kept in the one pruned layer")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    fileio.save_figure(fig, path, dpi=80)
