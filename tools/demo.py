@@ -6,7 +6,9 @@ from dsd_caffe import cli, demo
 
 
 def run(a):
-    res = demo.run_demo(a.output, seed=a.seed, scale=0.1 if a.quick else a.scale, engine=a.engine, force=a.force)
+    knobs = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
+    res = demo.run_demo(a.output, seed=a.seed, scale=0.1 if a.quick else a.scale, engine=a.engine, force=a.force,
+                        **knobs)
     print(res["table"])
     print(f"plots: {a.output}/accuracy.png, {a.output}/weights_histogram.png; numbers: {a.output}/results.json")
 
@@ -19,6 +21,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")
     p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary",
                    help="train with the `caffe` binary (default; logs the validation curves) or pycaffe")
+    p.add_argument("--width", type=float, help="width multiplier of the small net (default 1)")
+    p.add_argument("--profile", help="pruning profile: uniform (default), global or a JSON file of densities")
     p.add_argument("--force", action="store_true", help="start over in a folder holding another run")
     cli.main(p, run, argv)
 
