@@ -19,12 +19,12 @@ import sys
 import time
 
 
-def _one(output, seed, scale, engine):
+def _one(output, seed, scale, engine, overrides):
     """Run one seed in a subprocess (Caffe's state is per process); returns its results dict."""
     folder = os.path.join(output, f"seed{seed}")
     code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO, format='%(asctime)s seed"
             f"{seed} %(name)s: %(message)s', datefmt='%H:%M:%S'); from dsd_caffe import demo; "
-            f"demo.run_demo({folder!r}, seed={seed}, scale={scale!r}, engine={engine!r})")
+            f"demo.run_demo({folder!r}, seed={seed}, scale={scale!r}, engine={engine!r}, **{overrides!r})")
     t0 = time.time()
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, TQDM_DISABLE="1"))
     with open(os.path.join(folder, "results.json")) as f:
@@ -44,12 +44,15 @@ def main(argv=None):
     p.add_argument("--output", default="runs/bench-dsd", help="folder for the runs (default runs/bench-dsd)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time (default 1)")
     p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary")
+    p.add_argument("--width", type=float, help="width multiplier of the small net (default: the demo's)")
+    p.add_argument("--profile", help="pruning profile (default: the demo's, uniform)")
     a = p.parse_args(argv)
+    overrides = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     output = os.path.abspath(a.output)
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futures = {pool.submit(_one, output, s, a.scale, a.engine): s for s in a.seeds}
+        futures = {pool.submit(_one, output, s, a.scale, a.engine, overrides): s for s in a.seeds}
         for fut in concurrent.futures.as_completed(futures):
             s = futures[fut]
             results[s] = fut.result()
@@ -60,7 +63,7 @@ def main(argv=None):
     print(f"DSD vs equal-length baseline, Fashion-MNIST test top-1, {len(a.seeds)} seeds, scale {a.scale}")
     print(f"dense {cfg['dense_iters']} it @ {cfg['dense_lr']}, sparse {cfg['sparse_iters']} it @ {cfg['sparse_lr']}"
           f" (density {cfg['density']:.3f}, skip {','.join(cfg['skip']) or '-'}), re-dense {cfg['redense_iters']} it"
-          f" @ {cfg['redense_lr']}, {cfg['lr_policy']}, width {cfg['width']}")
+          f" @ {cfg['redense_lr']}, {cfg['lr_policy']}, width {cfg['width']}, profile {cfg['profile']}")
     print(f"{'seed':>4} {'dense':>7} {'sparse':>7} {'DSD':>7} {'baseline':>8} {'gain':>7} {'val gain':>8}")
     for s in a.seeds:
         t = results[s]["test"]
