@@ -382,18 +382,17 @@ def link_pycaffe(venv, pydir):
 
 
 def choose_blas(python):
-    """The BLAS configuration (``dsd_caffe.blas``): chosen and self-checked once per Caffe build and CPU; returns
+    """The BLAS configuration (``dsd_caffe.blas``): chosen and self-checked once per Caffe build, then returned as
     the environment variables to set when Caffe runs. A failed choice warns and keeps the library's defaults."""
-    code = "import json; from dsd_caffe import blas; print(json.dumps(blas.runtime_env(environ={})))"
     env = dict(os.environ, GLOG_minloglevel="2")
-    if not json.loads(_run("blas", [python, "-c", code], env=env) or "{}"):
+    decision = _run("blas", [python, "-c", "from dsd_caffe import blas; print(blas.decision_path())"], env=env)
+    if not os.path.exists(decision.strip()):
+        log.info("blas: checking and timing the BLAS kernels (once per build)")
         try:
-            if not os.path.exists(_run("blas", [python, "-c", "from dsd_caffe import blas; "
-                                                "print(blas.decision_path())"], env=env).strip()):
-                log.info("blas: checking and timing the BLAS kernels (once per build and CPU)")
-                _run("blas", [python, "-m", "dsd_caffe.blas"], env=env)
+            _run("blas", [python, "-m", "dsd_caffe.blas"], env=env)
         except SetupError as e:
             log.warning("%s; keeping OpenBLAS's own defaults", e)
+    code = "import json; from dsd_caffe import blas; print(json.dumps(blas.runtime_env(environ={})))"
     return json.loads(_run("blas", [python, "-c", code], env=env) or "{}")
 
 
