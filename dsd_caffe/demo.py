@@ -189,6 +189,16 @@ def val_curve(log_path, key="accuracy_top1"):
     return sorted(points.items())
 
 
+def _warn_if_untrained(log_path, classes):
+    """Warn when dense training ended near chance (diverged or dead ReLUs): DSD and baseline would then compare
+    untrained nets."""
+    curve = val_curve(log_path)
+    if curve and curve[-1][1] < 1.5 / classes:
+        log.warning("dense training ended at validation top-1 %.3f, about chance (1/%d): it diverged or its ReLUs "
+                    "died; lower the learning rate or change the seed before reading the comparison",
+                    curve[-1][1], classes)
+
+
 def evaluate_split(trainval, weights, split_source):
     """{"top1", "top5", "loss", "density"} of ``weights`` on the LMDB ``split_source`` (one full pass)."""
     net = phases.absolute_sources(trainval, None, test=split_source)
@@ -289,6 +299,7 @@ def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=F
     log.info("2/6 dense training: %d iterations at lr %g (%s)", cfg["dense_iters"], cfg["dense_lr"],
              cfg["lr_policy"])
     dense = train_dense(dense_dir, net, cfg, engine)
+    _warn_if_untrained(os.path.join(dense_dir, "train.log"), classes=10)
     trainval_path = os.path.join(dense_dir, "trainval.prototxt")
     log.info("3/6 DSD: prune to %.3f, sparse %d iterations at lr %g, re-dense %d iterations at lr %g",
              cfg["density"], cfg["sparse_iters"], cfg["sparse_lr"], cfg["redense_iters"], cfg["redense_lr"])

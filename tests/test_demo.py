@@ -115,3 +115,22 @@ def test_other_settings_in_the_same_folder_are_refused(run):
     out, _ = run
     with pytest.raises(ValueError, match="other settings.*seed"):
         demo.run_demo(out, seed=1, **QUICK)
+
+
+def test_untrained_dense_net_is_flagged(tmp_path, caplog):
+    from dsd_caffe import demo
+
+    log = tmp_path / "train.log"
+    lines = []
+    for it, acc in ((500, 0.41), (1000, 0.097)):
+        lines.append(f"I1126 solver.cpp:347] Iteration {it}, Testing net (#0)")
+        lines.append(f"I1126 solver.cpp:414]     Test net output #0: accuracy_top1 = {acc}")
+    log.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="dsd_caffe.demo"):
+        demo._warn_if_untrained(str(log), classes=10)
+    assert "about chance" in caplog.text
+    caplog.clear()
+    log.write_text("\n".join(lines[:2]) + "\n")
+    with caplog.at_level("WARNING", logger="dsd_caffe.demo"):
+        demo._warn_if_untrained(str(log), classes=10)
+    assert caplog.text == ""
