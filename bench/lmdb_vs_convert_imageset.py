@@ -97,7 +97,7 @@ def main():
             print(f"generated {a.images} JPEGs of {a.size}x{a.size} in {time.perf_counter() - t:.1f}s")
         n = sum(1 for _ in open(listing))
         workers = a.workers or os.cpu_count()
-        data._pb2()  # pycaffe's import is a fixed start-up cost of the library: timed only in the CLI row
+        caffe_env.caffe_pb2()  # pycaffe's import is a fixed start-up cost of the library: timed only in the CLI row
         runs = {"convert_imageset": convert_imageset, "make_lmdb": make_lmdb, "make_lmdb.py (CLI)": make_lmdb_cli}
         outs = {"convert_imageset": "convert_imageset_lmdb", "make_lmdb": "make_lmdb_lmdb",
                 "make_lmdb.py (CLI)": "make_lmdb_cli_lmdb"}

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import fileio
+from .caffe_env import caffe_pb2
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,6 @@ def _check_output(path, force, lmdb=False):
                 not set(os.listdir(path)) <= {"data.mdb", "lock.mdb"}:
             raise FileExistsError(f"{path} exists and is not an LMDB; refusing to replace it even with --force")
     return path
-
-
-def _pb2():
-    from .caffe_env import caffe_pb2
-
-    return caffe_pb2()
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -245,7 +240,7 @@ def _close_env(env):
 
 
 def _mean_blob(mean_chw):
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     c, h, w = mean_chw.shape
     blob = pb2.BlobProto(num=1, channels=c, height=h, width=w)
     blob.data.extend(mean_chw.astype(np.float32).ravel().tolist())
@@ -260,7 +255,7 @@ def write_mean_file(path, mean_chw, force=False):
 def read_mean_file(path):
     """Read a binaryproto mean into a (C, H, W) float32 array."""
     path = fileio.require_file(path, "mean file")
-    blob = _pb2().BlobProto()
+    blob = caffe_pb2().BlobProto()
     with open(path, "rb") as f:
         blob.ParseFromString(f.read())
     shape = tuple(blob.shape.dim) or (blob.num, blob.channels, blob.height, blob.width)
@@ -315,7 +310,7 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
             raise ValueError(f"path too long for an LMDB key ({len(key)} bytes > {MAX_KEY_BYTES}): {name}")
         tasks.append((i, key, os.path.join(root, name), label))
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
-    settings = {"gray": bool(gray), "resize": size, "encoded": enc, "pb2": _pb2(),
+    settings = {"gray": bool(gray), "resize": size, "encoded": enc, "pb2": caffe_pb2(),
                 "pixel_mean": mean_file is not None}
     workers = min(workers, max(1, len(chunks)))
     log.info("building %s from %d files (%s, %d workers)", output, len(items),
@@ -409,7 +404,7 @@ def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZ
         raise ValueError(f"labels must be {len(images)} integers, got shape {labels.shape} of {labels.dtype}")
     if len(images) == 0:
         raise ValueError("no images to write")
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     _, c, h, w = images.shape
     path = _check_output(os.path.abspath(os.fspath(path)), force, lmdb=True)
     with fileio.atomic_path(path, force=force, directory=True) as tmp:
@@ -457,7 +452,7 @@ def lmdb_info(path):
         raise ValueError(f"LMDB {path} is unreadable ({e})") from None
     finally:
         env.close()
-    datum = _pb2().Datum()
+    datum = caffe_pb2().Datum()
     try:
         datum.ParseFromString(value)
     except DecodeError:
@@ -494,7 +489,7 @@ def label_range(path, limit=2000):
     import lmdb
 
     lmdb_info(path)
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     low = high = None
     env = lmdb.open(os.fspath(path), readonly=True, lock=False, subdir=True)
     try:
@@ -522,7 +517,7 @@ def read_lmdb(path, limit=None):
     import lmdb
 
     lmdb_info(path)
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     env = lmdb.open(os.fspath(path), readonly=True, lock=False, subdir=True)
     try:
         with env.begin() as txn:

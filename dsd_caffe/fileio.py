@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from .caffe_env import caffe_pb2
+
 log = logging.getLogger(__name__)
 
 
@@ -147,12 +149,6 @@ def require_file(path, what):
     return path
 
 
-def _caffe_pb2():
-    from .caffe_env import caffe_pb2
-
-    return caffe_pb2()
-
-
 def parse_prototxt(text, message, name="<string>"):
     """Parse prototxt ``text`` into ``message``; a syntax error becomes ValueError naming line and column."""
     from google.protobuf import text_format
@@ -170,13 +166,13 @@ def read_net_prototxt(path):
     """Read a NetParameter prototxt with a clear error on a missing file or a syntax error."""
     path = require_file(path, "prototxt")
     with open(path) as f:
-        return parse_prototxt(f.read(), _caffe_pb2().NetParameter(), path)
+        return parse_prototxt(f.read(), caffe_pb2().NetParameter(), path)
 
 
 def read_solver_prototxt(path):
     path = require_file(path, "solver prototxt")
     with open(path) as f:
-        return parse_prototxt(f.read(), _caffe_pb2().SolverParameter(), path)
+        return parse_prototxt(f.read(), caffe_pb2().SolverParameter(), path)
 
 
 def write_prototxt(path, message, force=True):
@@ -195,7 +191,7 @@ def read_caffemodel(path):
         data = f.read()
     if not data:
         raise ValueError(f"caffemodel {path} is empty")
-    net = _caffe_pb2().NetParameter()
+    net = caffe_pb2().NetParameter()
     try:
         net.ParseFromString(data)
     except DecodeError as e:

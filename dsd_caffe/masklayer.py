@@ -27,6 +27,8 @@ import logging
 
 import numpy as np
 
+from .caffe_env import caffe_pb2
+
 log = logging.getLogger(__name__)
 
 MODULE = "dsd_caffe.masklayer"
@@ -145,12 +147,6 @@ class MaskLayer(_caffe_layer_base()):
 
 
 # ---------------------------------------------------------------------------------------------- net surgery
-def _pb2():
-    from .caffe_env import caffe_pb2
-
-    return caffe_pb2()
-
-
 def param_name(layer):
     """The name under which ``layer``'s weight blob is shared: its own param name, else ``<layer>_w``."""
     if len(layer.param) and layer.param[0].name:
@@ -173,7 +169,7 @@ def _data_end(net):
 def add_mask_layer(net_param, shapes, name=NAME):
     """Return a copy of ``net_param`` with the mask layer for ``shapes`` ({layer: weight shape}, in net order)
     inserted after the data layers, and each masked layer's weight param named for sharing."""
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     net = pb2.NetParameter()
     net.CopyFrom(net_param)
     if net.layers:
@@ -213,7 +209,7 @@ def add_mask_layer(net_param, shapes, name=NAME):
 
 def remove_mask_layer(net_param):
     """Return a copy of ``net_param`` without the mask layer (the weights' param names stay; they are harmless)."""
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     net = pb2.NetParameter()
     net.CopyFrom(net_param)
     keep = [l for l in net.layer if not is_mask_layer(l)]
@@ -243,7 +239,7 @@ def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
     if spec is None:
         raise ValueError("the net has no mask layer")
     name, entries = spec
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     out = pb2.NetParameter()
     out.CopyFrom(model_param)
     by_name = {l.name: l for l in out.layer}

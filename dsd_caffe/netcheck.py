@@ -14,15 +14,11 @@ import collections
 import logging
 import os
 
+from .caffe_env import caffe_pb2
+
 log = logging.getLogger(__name__)
 
 PHASES = {"TRAIN": 0, "TEST": 1}
-
-
-def _pb2():
-    from .caffe_env import caffe_pb2
-
-    return caffe_pb2()
 
 
 def phase_value(phase):
@@ -120,7 +116,7 @@ def _read_mean(path, where):
     full = resolve_source(path)
     if not os.path.isfile(full):
         raise FileNotFoundError(f"{where}: mean_file {path} does not exist")
-    blob = _pb2().BlobProto()
+    blob = caffe_pb2().BlobProto()
     with open(full, "rb") as f:
         data = f.read()
     try:
@@ -152,7 +148,7 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
 
     Sources are resolved like the caffe binary resolves them: relative to the current working folder.
     """
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     out = {}
     for layer in included_layers(net_param, phase):
         where = f"{layer.type} layer {layer.name!r}"

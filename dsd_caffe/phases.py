@@ -22,7 +22,8 @@ import tempfile
 
 import numpy as np
 
-from . import fileio, masklayer, pruning
+from . import fileio, masklayer, netgen, pruning
+from .caffe_env import caffe_pb2
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,6 @@ STATE = "dsd_state.json"
 ENGINES = ("binary", "pycaffe")
 
 
-def _pb2():
-    from .caffe_env import caffe_pb2
-
-    return caffe_pb2()
-
-
 def _copy(msg):
     out = type(msg)()
     out.CopyFrom(msg)
@@ -50,7 +45,7 @@ def _copy(msg):
 
 # ------------------------------------------------------------------------------------------------ data sources
 def _phase_of(layer):
-    pb2 = _pb2()
+    pb2 = caffe_pb2()
     phases = {r.phase for r in layer.include if r.HasField("phase")}
     return "TRAIN" if phases == {pb2.TRAIN} else "TEST" if phases == {pb2.TEST} else "BOTH"
 
@@ -163,12 +158,6 @@ def check_data(net):
 
 
 # ------------------------------------------------------------------------------------------------ nets + weights
-def weighted_layers(net_param):
-    from .netgen import weighted_layers as wl
-
-    return wl(net_param)
-
-
 def _input_shape(net):
     for l in net.layer:
         if l.type == "Data":
@@ -182,7 +171,7 @@ def _input_shape(net):
 
 def net_weight_shapes(net_param):
     """{layer: [blob shapes]} of ``net_param`` (absolute sources), from a real caffe.Net of its deploy form."""
-    from . import netcheck, netgen
+    from . import netcheck
     from .caffe_env import import_caffe
 
     caffe = import_caffe()
@@ -286,7 +275,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     if target is None and profile in ("uniform", "global"):
         raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
     net_param, model_param = _checked_inputs(model, net_param, weights, train_source, test_source)
-    names = weighted_layers(net_param)
+    names = netgen.weighted_layers(net_param)
     if not names:
         raise ValueError(f"net {net_param.name!r} has no Convolution/InnerProduct layer to prune")
     all_w = masklayer.weight_arrays(model_param)
@@ -351,7 +340,7 @@ def snapshots(folder, prefix, clean=False):
                 _drop_snapshot(stem, "incomplete")
             continue
         try:
-            st = _pb2().SolverState()
+            st = caffe_pb2().SolverState()
             with open(state, "rb") as f:
                 st.ParseFromString(f.read())
             if st.iter != int(m.group(1)):
@@ -425,7 +414,7 @@ class _FolderLock:
 
 def _portable_state(state, folder):
     """A solverstate whose learned_net resolves from ``folder``: the file itself, or a hidden rewritten copy."""
-    st = _pb2().SolverState()
+    st = caffe_pb2().SolverState()
     with open(state, "rb") as f:
         st.ParseFromString(f.read())
     learned = st.learned_net
@@ -828,7 +817,7 @@ def sensitivity(model, weights, output_dir, densities=DEFAULT_SENSITIVITY_DENSIT
     check_data(net_param)
     model_param = fileio.read_caffemodel(weights)
     check_fits(net_param, model_param, os.fspath(weights), model)
-    names = weighted_layers(net_param)
+    names = netgen.weighted_layers(net_param)
     if layers:
         unknown = [n for n in layers if n not in names]
         if unknown:

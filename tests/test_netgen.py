@@ -9,7 +9,7 @@ from google.protobuf import text_format
 
 from conftest import DC_DEPLOY, DSD_TRAINVAL
 from dsd_caffe import netgen
-from dsd_caffe.caffe_env import caffe_binary, caffe_pb2, import_caffe
+from dsd_caffe.caffe_env import caffe_binary, import_caffe
 from dsd_caffe.fileio import read_caffemodel, read_net_prototxt, write_caffemodel, write_prototxt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,13 +5,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from conftest import write_tiny_lmdb
-from dsd_caffe import fileio, masklayer, phases, pruning
+from dsd_caffe import fileio, masklayer, netgen, phases, pruning
 from test_masklayer import small_setup
 
 caffe = pytest.importorskip("caffe")
@@ -41,7 +40,7 @@ def test_prune_writes_everything(setup, pruned):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     with open(os.path.join(out, "weights_histogram.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    names = phases.weighted_layers(fileio.read_net_prototxt(model))
+    names = netgen.weighted_layers(fileio.read_net_prototxt(model))
     assert [r["name"] for r in res["rows"]] == names and "threshold" in res["table"].splitlines()[0]
     prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, phases.PRUNED)))
     assert prov["phase"] == "prune" and prov["source"] == os.path.abspath(weights)

@@ -1,7 +1,6 @@
 """Pruning math (pure numpy): ratios, exact-k masks, ties, profiles, and hypothesis property tests."""
 import json
 import math
-import os
 import subprocess
 import sys
 
