@@ -5,6 +5,8 @@ Decodes ``compressed_SqueezeNet.net`` (shared reference) and prints, side by sid
   - the published .net file, and our lossless re-encoding in the same format (goal: <= 675,763 bytes);
   - our Huffman variant, lossless (goal: <= 470,000 bytes), with its parts (codebooks, biases, code and gap streams);
   - the order-0 entropy bound of the codes and gaps (per layer), which no per-layer Huffman code can beat;
+  - what adaptive context models (an arithmetic coder's cost, learning included) would reach: codes given the sign
+    of the kernel neighbour, mask bits given three neighbouring mask bits;
   - lossy Huffman variants re-quantized to fewer bits (k-means, linear init), with their weight error.
 Every size is deterministic; the timings are for information only.
 
@@ -39,6 +41,48 @@ def entropy_bytes(layers, specs):
         gaps += _entropy(dc._gap_symbols(np.flatnonzero(flat == 0) if dense else np.flatnonzero(flat),
                                          dc.HUFFMAN_ESCAPE))
     return codes, gaps
+
+
+def _seen_before(keys):
+    """For each element, how many earlier elements share its key."""
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(k)) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, len(k)]))
+    out = np.empty(len(k), np.int64)
+    out[order] = np.arange(len(k)) - first
+    return out
+
+
+def adaptive_bytes(symbols, contexts, alphabet, alpha=0.5):
+    """Cost (bytes) of coding ``symbols`` with an adaptive per-context model (Krichevsky-Trofimov counts), as an
+    arithmetic coder would pay it: the model's learning is included, no table is sent."""
+    symbols, contexts = np.asarray(symbols, np.int64), np.asarray(contexts, np.int64)
+    n_cs = _seen_before(contexts * alphabet + symbols)
+    n_c = _seen_before(contexts)
+    return float(-np.log2((n_cs + alpha) / (n_c + alpha * alphabet)).sum()) / 8
+
+
+def context_model_bytes(layers, specs):
+    """Adaptive context-model costs (bytes) of the codes and of the mask, per layer, summed.
+    Codes: context = sign of the previous weight in the same kernel (or 0 for 1x1). Mask: context = the mask bits of
+    the previous kernel position, the same position in the previous input channel and in the previous filter."""
+    codes = mask = 0.0
+    for s in specs:
+        w = layers[s.name][0]
+        f = w.reshape(w.shape[0], w.shape[1], -1)
+        nz = f != 0
+        values = np.unique(f[nz])
+        prev = np.zeros_like(f)
+        prev[:, :, 1:] = f[:, :, :-1]
+        codes += adaptive_bytes(np.searchsorted(values, f[nz]), (np.sign(prev) + 1).astype(np.int64)[nz],
+                                len(values))
+        ctx = np.zeros(nz.shape, np.int64)
+        ctx[:, :, 1:] += nz[:, :, :-1]
+        ctx[:, 1:] += 2 * nz[:, :-1]
+        ctx[1:] += 4 * nz[:-1]
+        mask += adaptive_bytes(nz.ravel().astype(np.int64), ctx.ravel(), 2)
+    return codes, mask
 
 
 def main():
@@ -87,6 +131,10 @@ def main():
     rows.append(("  entropy bound: codes + gaps only", round(bound), None,
                  f"codes {h_codes:,.0f} + gaps {h_gaps:,.0f} B; + biases {bias:,} + codebooks {codebooks:,} "
                  f"= {bound + bias + codebooks:,.0f}"))
+    c_codes, c_mask = context_model_bytes(layers, specs)
+    rows.append(("  adaptive context models", round(c_codes + c_mask), None,
+                 f"codes {c_codes:,.0f} + mask {c_mask:,.0f} B; + biases and codebooks "
+                 f"= {c_codes + c_mask + bias + codebooks:,.0f}"))
     for bits in [int(b) for b in a.bits.split(",") if b.strip()]:
         data, _ = dc.encode_huffman_bytes(layers, specs, bits=bits)
         q = dc.decode_bytes(data, specs)
