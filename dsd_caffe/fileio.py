@@ -50,7 +50,8 @@ def atomic_path(path, force=True, directory=False):
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     prefix = "." + os.path.basename(path) + ".tmp-"
-    tmp = tempfile.mkdtemp(dir=folder, prefix=prefix)
+    _remove_stale(folder, prefix)
+    tmp = tempfile.mkdtemp(dir=folder, prefix=f"{prefix}{os.getpid()}-")
     if directory:
         umask = os.umask(0)
         os.umask(umask)
@@ -66,6 +67,25 @@ def atomic_path(path, force=True, directory=False):
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(folder, prefix):
+    """Delete temporaries ``<prefix><pid>-*`` whose writer process is gone (killed mid-write)."""
+    for name in os.listdir(folder):
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            log.info("removing %s, left by the killed process %s", os.path.join(folder, name), pid)
+            _remove(os.path.join(folder, name))
 
 
 def _fsync_dir(folder):
