@@ -13,6 +13,7 @@ binary does) in the current folder.
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -684,6 +685,27 @@ def _finished(model_path):
     return os.path.exists(model_path) and os.path.exists(fileio.sidecar_path(model_path))
 
 
+_COUNTS = ("sparse_iters", "dense_iters", "snapshot", "test_iterations", "iter_size")
+
+
+def _check_numbers(**values):
+    """Refuse a non-positive or non-finite phase setting before a run starts (flag names as on the command line)."""
+    for name, v in values.items():
+        flag = "--" + name.replace("_", "-")
+        if v is None:
+            continue
+        if name == "seed":
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        elif name in _COUNTS:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+        if not ok:
+            want = ("an integer >= 0" if name == "seed" else "an integer >= 1" if name in _COUNTS
+                    else "a positive finite number")
+            raise ValueError(f"{flag} must be {want}, got {v!r}")
+
+
 def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
             cycles=1, sparse_epochs=None, sparse_iters=None, sparse_lr=None, dense_epochs=20, dense_iters=None,
             dense_lr=1e-4, snapshot=None, solver_args=None, engine="binary", test_iterations=None, seed=0,
@@ -735,7 +757,17 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
         first = absolute_sources(fileio.read_net_prototxt(model), os.path.dirname(model), train_source, test_source)
         first = masklayer.remove_mask_layer(first)
         check_data(first)
-        check_fits(first, fileio.read_caffemodel(weights), weights, model)
+        dense_param = fileio.read_caffemodel(weights)
+        check_fits(first, dense_param, weights, model)
+        _check_numbers(sparse_epochs=sparse_epochs, sparse_iters=sparse_iters, sparse_lr=sparse_lr,
+                       dense_epochs=dense_epochs, dense_iters=dense_iters, dense_lr=dense_lr, snapshot=snapshot,
+                       test_iterations=test_iterations, seed=seed,
+                       iter_size=(solver_args or {}).get("iter_size"))
+        if target is None and profile in ("uniform", "global"):
+            raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
+        all_w = masklayer.weight_arrays(dense_param)
+        pruning.layer_densities({n: all_w[n] for n in netgen.weighted_layers(first)}, target, profile=profile,
+                                skip=skip)
     fileio.check_output(state_path, force=True)  # makes the folder; a real write probe (root ignores modes)
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"output folder {out} is not writable")

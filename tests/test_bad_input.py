@@ -390,6 +390,16 @@ def test_output_folder_holding_other_files(net, tmp_path):
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 
+@pytest.mark.parametrize("flag,value", [("--sparse-lr", "0"), ("--dense-lr", "-1e-4"), ("--dense-lr", "nan"),
+                                        ("--sparse-iters", "0"), ("--dense-epochs", "inf"), ("--snapshot", "-5"),
+                                        ("--iter-size", "0"), ("--seed", "-1"), ("--profile", "nonsense")])
+def test_dsd_bad_numbers_refused_before_the_run_exists(net, tmp_path, flag, value):
+    out = tmp_path / "o"
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x", f"{flag}={value}",
+        expect=(flag if flag != "--profile" else "nonsense",))
+    assert not (out / phases.STATE).exists()
+
+
 def test_output_folder_holding_a_pruned_model(net, pruned):
     bad("prune", "--model", net["model"], "--weights", net["weights"], "--output", pruned, "--ratio", "3x",
         expect=(pruned, "--force"))
