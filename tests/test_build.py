@@ -129,6 +129,24 @@ def test_python_layer_under_caffe_train_and_test(tmp_path, tiny_lmdb):
     _check_probe(out)
 
 
+def test_pycaffe_io_patch(tmp_path):
+    """patches/0002: `import caffe` does not import skimage or scipy; caffe.io.load_image works with today's skimage."""
+    code = textwrap.dedent(f"""
+        import sys, numpy as np, caffe, cv2
+        assert "skimage" not in sys.modules and "scipy" not in sys.modules
+        img = np.zeros((5, 7, 3), np.uint8)
+        img[1, 2] = (0, 0, 255)  # BGR red for OpenCV
+        cv2.imwrite({str(tmp_path / "x.png")!r}, img)
+        rgb = caffe.io.load_image({str(tmp_path / "x.png")!r})
+        grey = caffe.io.load_image({str(tmp_path / "x.png")!r}, color=False)
+        assert rgb.shape == (5, 7, 3) and rgb[1, 2].tolist() == [1.0, 0.0, 0.0], rgb[1, 2]
+        assert grey.shape == (5, 7, 1) and 0 < grey[1, 2, 0] < 1
+        assert caffe.io.resize_image(rgb, (10, 14)).shape == (10, 14, 3)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_build_record_describes_the_cpu_build():
     record = json.loads(open(os.path.join(caffe_prefix(), build.STAMP)).read())
     assert record["cpu_only"] is True
