@@ -256,6 +256,11 @@ def _histogram_png(path, before, after, title):
 
 
 # ------------------------------------------------------------------------------------------------ prune
+def _check_target(target, profile):
+    if target is None and profile in ("uniform", "global"):
+        raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
+
+
 def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
           force=False, seed=0, train_source=None, test_source=None, base_lr=None, epochs=None, max_iter=None,
           snapshot=None, solver_args=None, net_param=None):
@@ -273,8 +278,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     if os.path.exists(pruned_path) and not force:
         raise FileExistsError(f"{out} already holds a pruned model ({PRUNED}); pass --force to overwrite it")
     fileio.check_output(os.path.join(out, SPARSE_NET), force=True)
-    if target is None and profile in ("uniform", "global"):
-        raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
+    _check_target(target, profile)
     net_param, model_param = _checked_inputs(model, net_param, weights, train_source, test_source)
     names = netgen.weighted_layers(net_param)
     if not names:
@@ -691,7 +695,6 @@ _COUNTS = ("sparse_iters", "dense_iters", "snapshot", "test_iterations", "iter_s
 def _check_numbers(**values):
     """Refuse a non-positive or non-finite phase setting before a run starts (flag names as on the command line)."""
     for name, v in values.items():
-        flag = "--" + name.replace("_", "-")
         if v is None:
             continue
         if name == "seed":
@@ -703,7 +706,7 @@ def _check_numbers(**values):
         if not ok:
             want = ("an integer >= 0" if name == "seed" else "an integer >= 1" if name in _COUNTS
                     else "a positive finite number")
-            raise ValueError(f"{flag} must be {want}, got {v!r}")
+            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {v!r}")
 
 
 def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
@@ -763,8 +766,7 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
                        dense_epochs=dense_epochs, dense_iters=dense_iters, dense_lr=dense_lr, snapshot=snapshot,
                        test_iterations=test_iterations, seed=seed,
                        iter_size=(solver_args or {}).get("iter_size"))
-        if target is None and profile in ("uniform", "global"):
-            raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
+        _check_target(target, profile)
         all_w = masklayer.weight_arrays(dense_param)
         pruning.layer_densities({n: all_w[n] for n in netgen.weighted_layers(first)}, target, profile=profile,
                                 skip=skip)
