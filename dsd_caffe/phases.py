@@ -694,19 +694,16 @@ _COUNTS = ("sparse_iters", "dense_iters", "snapshot", "test_iterations", "iter_s
 
 def _check_numbers(**values):
     """Refuse a non-positive or non-finite phase setting before a run starts (flag names as on the command line)."""
+    from .solvers import _count
+
     for name, v in values.items():
+        flag = "--" + name.replace("_", "-")
         if v is None:
             continue
-        if name == "seed":
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        elif name in _COUNTS:
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
-        else:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
-        if not ok:
-            want = ("an integer >= 0" if name == "seed" else "an integer >= 1" if name in _COUNTS
-                    else "a positive finite number")
-            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {v!r}")
+        if name == "seed" or name in _COUNTS:
+            _count(v, flag, 0 if name == "seed" else 1)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"{flag} must be a positive finite number, got {v!r}")
 
 
 def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
