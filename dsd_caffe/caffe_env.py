@@ -5,6 +5,7 @@ Nothing here runs at ``import dsd_caffe`` time, so the pure-numpy parts of the t
 import functools
 import json
 import os
+from .errors import UserError
 
 SETUP_HINT = "run `make setup` (or `python3 -m dsd_caffe.build`) and use .venv/bin/python"
 
@@ -19,7 +20,7 @@ def import_caffe():
     try:
         import caffe
     except ImportError as e:
-        raise ImportError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
+        raise UserError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
     return caffe
 
 
@@ -73,9 +74,9 @@ def set_device(gpu=None):
         caffe.set_mode_cpu()
         return caffe
     if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
-        raise ValueError(f"--gpu must be a device number >= 0, got {gpu!r}")
+        raise UserError(f"--gpu must be a device number >= 0, got {gpu!r}")
     if not has_gpu_support():
-        raise ValueError(
+        raise UserError(
             f"--gpu {gpu} was asked for, but this Caffe is a CPU-only build; rebuild with "
             "`python3 -m dsd_caffe.build --gpu` on a machine with CUDA, or drop --gpu"
         )

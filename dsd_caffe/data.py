@@ -17,6 +17,7 @@ import numpy as np
 
 from . import fileio
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,12 @@ def read_list_file(path):
             try:
                 label = int(label)
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected `<path> <integer label>`, got {line!r}") from None
+                raise UserError(f"{path}:{lineno}: expected `<path> <integer label>`, got {line!r}") from None
             if not name or label < 0:
-                raise ValueError(f"{path}:{lineno}: expected `<path> <label >= 0>`, got {line!r}")
+                raise UserError(f"{path}:{lineno}: expected `<path> <label >= 0>`, got {line!r}")
             items.append((name, label))
     if not items:
-        raise ValueError(f"list file {path} lists no images")
+        raise UserError(f"list file {path} lists no images")
     return items
 
 
@@ -74,7 +75,7 @@ def list_folder(root):
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ValueError(f"image folder {root} has no class sub-folders (expected <root>/<class>/<image>)")
+        raise UserError(f"image folder {root} has no class sub-folders (expected <root>/<class>/<image>)")
     items = []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
@@ -84,7 +85,7 @@ def list_folder(root):
                     items.append((os.path.relpath(os.path.join(dirpath, fn), root), label))
     items.sort()
     if not items:
-        raise ValueError(f"image folder {root} holds no files in its class sub-folders {classes}")
+        raise UserError(f"image folder {root} holds no files in its class sub-folders {classes}")
     return items, classes
 
 
@@ -96,9 +97,9 @@ def _parse_resize(resize):
     try:
         h, w = (int(v) for v in resize)
     except (TypeError, ValueError):
-        raise ValueError(f"resize must be (height, width), an int or None, got {resize!r}") from None
+        raise UserError(f"resize must be (height, width), an int or None, got {resize!r}") from None
     if h <= 0 or w <= 0:
-        raise ValueError(f"resize must be positive, got {resize!r}")
+        raise UserError(f"resize must be positive, got {resize!r}")
     return h, w
 
 
@@ -112,7 +113,7 @@ def _parse_encoded(encoded):
         return "auto"  # the file's own format, like convert_imageset --encoded
     enc = str(encoded).lower().lstrip(".")
     if enc not in _ENCODINGS:
-        raise ValueError(f"encoded must be True, False or one of {sorted(_ENCODINGS)}, got {encoded!r}")
+        raise UserError(f"encoded must be True, False or one of {sorted(_ENCODINGS)}, got {encoded!r}")
     return enc
 
 
@@ -135,7 +136,7 @@ def _convert_one(full, label, s):
     with open(full, "rb") as f:
         raw = f.read()
     if not raw:
-        raise ValueError("empty file")
+        raise UserError("empty file")
     buf = np.frombuffer(raw, np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if s["gray"] else cv2.IMREAD_COLOR
     enc, ext = s["encoded"], os.path.splitext(full)[1].lower().lstrip(".")
@@ -148,7 +149,7 @@ def _convert_one(full, label, s):
     if keep_file and img is not None and (img.ndim == 2) != s["gray"]:
         keep_file, img = False, cv2.imdecode(buf, flag)
     if img is None:
-        raise ValueError("not an image, or a corrupt one (OpenCV could not decode it)")
+        raise UserError("not an image, or a corrupt one (OpenCV could not decode it)")
     if s["resize"] is not None:
         h, w = s["resize"]
         if img.shape[:2] != (h, w):
@@ -165,7 +166,7 @@ def _convert_one(full, label, s):
         else:
             ok, out = cv2.imencode(_ENCODINGS[enc], img)
             if not ok:
-                raise ValueError(f"OpenCV could not encode it as {enc}")
+                raise UserError(f"OpenCV could not encode it as {enc}")
             datum.data = out.tobytes()
         datum.encoded = True
     return datum.SerializeToString(), img
@@ -261,7 +262,7 @@ def read_mean_file(path):
     shape = tuple(blob.shape.dim) or (blob.num, blob.channels, blob.height, blob.width)
     arr = np.asarray(blob.data, dtype=np.float32)
     if arr.size != int(np.prod(shape)) or arr.size == 0:
-        raise ValueError(f"mean file {path}: {arr.size} values do not fill its shape {shape}")
+        raise UserError(f"mean file {path}: {arr.size} values do not fill its shape {shape}")
     return arr.reshape(shape[-3:])
 
 
@@ -284,7 +285,7 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        raise UserError(f"workers must be an integer >= 1, got {workers!r}")
     if os.path.isdir(source):
         items, classes = list_folder(source)
         root = source
@@ -300,14 +301,14 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
         mean_file = os.fspath(mean_file)
         _check_output(mean_file, force)
     if os.path.abspath(source).rstrip(os.sep) == output:
-        raise ValueError(f"output {output} is the input")
+        raise UserError(f"output {output} is the input")
     order = np.random.default_rng(seed).permutation(len(items)) if shuffle else range(len(items))
     items = [items[i] for i in order]
     tasks = []
     for i, (name, label) in enumerate(items):
         key = f"{i:08d}_{name}".encode()
         if len(key) > MAX_KEY_BYTES:
-            raise ValueError(f"path too long for an LMDB key ({len(key)} bytes > {MAX_KEY_BYTES}): {name}")
+            raise UserError(f"path too long for an LMDB key ({len(key)} bytes > {MAX_KEY_BYTES}): {name}")
         tasks.append((i, key, os.path.join(root, name), label))
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     settings = {"gray": bool(gray), "resize": size, "encoded": enc, "pb2": caffe_pb2(),
@@ -349,7 +350,7 @@ def make_lmdb(source, output, root=None, resize=(256, 256), shuffle=False, seed=
                     pool.shutdown(wait=False, cancel_futures=True)
             count = sum(counts.values())
             if count == 0:
-                raise ValueError(f"none of the {len(tasks)} files in {source} could be decoded as an image")
+                raise UserError(f"none of the {len(tasks)} files in {source} could be decoded as an image")
         finally:
             _close_env(env)
 
@@ -397,13 +398,13 @@ def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZ
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
+        raise UserError(f"images must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
     if images.dtype != np.uint8:
         raise TypeError(f"images must be uint8, got {images.dtype}")
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {len(images)} integers, got shape {labels.shape} of {labels.dtype}")
+        raise UserError(f"labels must be {len(images)} integers, got shape {labels.shape} of {labels.dtype}")
     if len(images) == 0:
-        raise ValueError("no images to write")
+        raise UserError("no images to write")
     pb2 = caffe_pb2()
     _, c, h, w = images.shape
     path = _check_output(os.path.abspath(os.fspath(path)), force, lmdb=True)
@@ -433,40 +434,40 @@ def lmdb_info(path):
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ValueError(f"LMDB {path} does not exist")
+        raise UserError(f"LMDB {path} does not exist")
     if not os.path.isdir(path):
-        raise ValueError(f"LMDB {path} is a file; an LMDB is a folder holding data.mdb")
+        raise UserError(f"LMDB {path} is a file; an LMDB is a folder holding data.mdb")
     if not os.path.exists(os.path.join(path, "data.mdb")):
-        raise ValueError(f"LMDB {path} is empty (no data.mdb in it)")
+        raise UserError(f"LMDB {path} is empty (no data.mdb in it)")
     try:
         env = lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False)
     except lmdb.Error as e:
-        raise ValueError(f"LMDB {path} is unreadable ({e})") from None
+        raise UserError(f"LMDB {path} is unreadable ({e})") from None
     try:
         count = env.stat()["entries"]
         if count == 0:
-            raise ValueError(f"LMDB {path} is empty (0 records)")
+            raise UserError(f"LMDB {path} is empty (0 records)")
         with env.begin() as txn:
             key, value = next(iter(txn.cursor()))
     except lmdb.Error as e:
-        raise ValueError(f"LMDB {path} is unreadable ({e})") from None
+        raise UserError(f"LMDB {path} is unreadable ({e})") from None
     finally:
         env.close()
     datum = caffe_pb2().Datum()
     try:
         datum.ParseFromString(value)
     except DecodeError:
-        raise ValueError(f"LMDB {path}: record {key!r} is not a caffe Datum") from None
+        raise UserError(f"LMDB {path}: record {key!r} is not a caffe Datum") from None
     c, h, w = datum.channels, datum.height, datum.width
     if datum.encoded:
         img = _decode(datum.data)
         if img is None:
-            raise ValueError(f"LMDB {path}: record {key!r} holds an encoded image OpenCV cannot decode")
+            raise UserError(f"LMDB {path}: record {key!r} holds an encoded image OpenCV cannot decode")
         h, w = img.shape[:2]
         c = 1 if img.ndim == 2 else img.shape[2]
     elif c * h * w == 0 or (datum.data and len(datum.data) != c * h * w) or \
             (not datum.data and len(datum.float_data) != c * h * w):
-        raise ValueError(f"LMDB {path}: record {key!r} is not a valid Datum (shape {c}x{h}x{w}, "
+        raise UserError(f"LMDB {path}: record {key!r} is not a valid Datum (shape {c}x{h}x{w}, "
                          f"{len(datum.data) or len(datum.float_data)} values)")
     return {"count": int(count), "channels": int(c), "height": int(h), "width": int(w),
             "encoded": bool(datum.encoded), "label": int(datum.label)}
@@ -477,10 +478,10 @@ def check_lmdb(path, crop_size=0, channels=None):
     ``crop_size`` on each side and, when given, ``channels`` channels. Returns the info dict."""
     info = lmdb_info(path)
     if crop_size and (info["height"] < crop_size or info["width"] < crop_size):
-        raise ValueError(f"LMDB {path} holds {info['height']}x{info['width']} images, smaller than the crop "
+        raise UserError(f"LMDB {path} holds {info['height']}x{info['width']} images, smaller than the crop "
                          f"size {crop_size}")
     if channels is not None and info["channels"] != channels:
-        raise ValueError(f"LMDB {path} holds {info['channels']}-channel images, the net expects {channels}")
+        raise UserError(f"LMDB {path} holds {info['channels']}-channel images, the net expects {channels}")
     return info
 
 
@@ -549,18 +550,18 @@ def read_idx(path):
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"IDX file {path} is unreadable ({e})") from None
+        raise UserError(f"IDX file {path} is unreadable ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise UserError(f"{path} is not an IDX file (bad magic number)")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"IDX file {path} is truncated (header)")
+        raise UserError(f"IDX file {path} is truncated (header)")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_TYPES[data[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"IDX file {path} holds {len(data)} bytes, its header {shape} says {expected}")
+        raise UserError(f"IDX file {path} holds {len(data)} bytes, its header {shape} says {expected}")
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -570,7 +571,7 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
     (both splits keep the file's order). LMDBs already present from the same settings are reused unless ``force``.
     Returns {"train": path, "val": path, "test": path}."""
     if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 0 < val_size < 60000:
-        raise ValueError(f"val_size must be an integer in 1..59999, got {val_size!r}")
+        raise UserError(f"val_size must be an integer in 1..59999, got {val_size!r}")
     output_dir = os.path.abspath(os.fspath(output_dir))
     paths = {split: os.path.join(output_dir, f"{split}_lmdb") for split in ("train", "val", "test")}
     settings = {"val_size": int(val_size), "seed": int(seed)}
@@ -585,7 +586,7 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
                                   f"pass --force to rebuild it with {settings}")
         info = lmdb_info(path)
         if info["count"] != meta.get("count"):
-            raise ValueError(f"{path} holds {info['count']} records, its JSON says {meta.get('count')}; "
+            raise UserError(f"{path} holds {info['count']} records, its JSON says {meta.get('count')}; "
                              "pass --force to rebuild it")
     if not todo:
         log.info("Fashion-MNIST LMDBs already in %s; reusing them", output_dir)
@@ -610,7 +611,7 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
     for split in todo:
         images, labels, origin = arrays[split]
         if len(images) != len(labels):
-            raise ValueError(f"Fashion-MNIST {origin}: {len(images)} images but {len(labels)} labels")
+            raise UserError(f"Fashion-MNIST {origin}: {len(images)} images but {len(labels)} labels")
         write_array_lmdb(paths[split], images[:, None], labels.astype(np.int64), force=True,
                          map_size=images.nbytes * 2 + (16 << 20))
         counts = np.bincount(labels, minlength=10)

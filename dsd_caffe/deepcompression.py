@@ -53,6 +53,7 @@ import zlib
 import numpy as np
 
 from . import fileio
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def layer_specs(prototxt):
             try:
                 deploy = netgen.deploy(masklayer.remove_mask_layer(net_param))
             except (ValueError, TypeError) as e:
-                raise ValueError(
+                raise UserError(
                     f"prototxt {prototxt} reads data (layer {data_layers[0].name!r} of type {data_layers[0].type}) "
                     f"and its deploy form cannot be made ({e}); give the deploy prototxt (with an Input layer)"
                 ) from None
@@ -104,7 +105,7 @@ def layer_specs(prototxt):
             bias = int(blobs[1].data.size) if len(blobs) > 1 else 0
             specs.append(LayerSpec(name, layer.type, NET_BITS[layer.type], tuple(blobs[0].data.shape), bias))
     if not specs:
-        raise ValueError(f"prototxt {prototxt} has no Convolution or InnerProduct layer")
+        raise UserError(f"prototxt {prototxt} has no Convolution or InnerProduct layer")
     return specs
 
 
@@ -136,14 +137,14 @@ def parse_net(data, specs, name="<bytes>"):
     specs = _specs(specs)
     nlayers = len(specs)
     if len(data) < 4 * nlayers:
-        raise ValueError(f"{name} is truncated: {len(data)} bytes cannot hold the header of {nlayers} layer counts "
+        raise UserError(f"{name} is truncated: {len(data)} bytes cannot hold the header of {nlayers} layer counts "
                          f"({4 * nlayers} bytes)")
     counts = np.frombuffer(data, "<u4", nlayers)
     sizes = []
     for spec, n in zip(specs, counts):
         size = int(np.prod(spec.shape))
         if n > size:
-            raise ValueError(f"{name}: layer {spec.name!r} claims {int(n)} entries but its blob holds only {size} "
+            raise UserError(f"{name}: layer {spec.name!r} claims {int(n)} entries but its blob holds only {size} "
                              "weights (corrupted, or not the file for this prototxt)")
         sizes.append(_net_layer_bytes(int(n), spec.bits, spec.bias_size))
     expected = 4 * nlayers + sum(sum(s) for s in sizes)
@@ -151,13 +152,13 @@ def parse_net(data, specs, name="<bytes>"):
         offset = 4 * nlayers
         for spec, s in zip(specs, sizes):
             if offset + sum(s) > len(data):
-                raise ValueError(
+                raise UserError(
                     f"{name} is truncated: layer {spec.name!r} needs {sum(s)} bytes from offset {offset} but only "
                     f"{max(0, len(data) - offset)} remain (file has {len(data)} bytes, its header and the prototxt "
                     f"need {expected})")
             offset += sum(s)
     if len(data) > expected:
-        raise ValueError(
+        raise UserError(
             f"{name} is too long: {len(data) - expected} bytes left over after the last layer {specs[-1].name!r} "
             f"(file has {len(data)} bytes, its header and the prototxt account for {expected}); corrupted, or not "
             "the file for this prototxt")
@@ -175,14 +176,14 @@ def parse_net(data, specs, name="<bytes>"):
         gaps = _unpack_nibbles(np.frombuffer(data, np.uint8, index_bytes, offset), n)
         offset += index_bytes
         if codebook[0] != 0:
-            raise ValueError(f"{name}: layer {spec.name!r} has codebook[0] = {codebook[0]!r}, not 0.0 (corrupted?)")
+            raise UserError(f"{name}: layer {spec.name!r} has codebook[0] = {codebook[0]!r}, not 0.0 (corrupted?)")
         for what, arr in (("codebook", codebook), ("bias", bias)):
             if not np.all(np.isfinite(arr)):
-                raise ValueError(f"{name}: layer {spec.name!r} has a non-finite {what} value (corrupted?)")
+                raise UserError(f"{name}: layer {spec.name!r} has a non-finite {what} value (corrupted?)")
         positions = np.cumsum(gaps.astype(np.int64) + 1) - 1
         size = int(np.prod(spec.shape))
         if n and positions[-1] >= size:
-            raise ValueError(f"{name}: layer {spec.name!r}: its index stream points to position {int(positions[-1])} "
+            raise UserError(f"{name}: layer {spec.name!r}: its index stream points to position {int(positions[-1])} "
                              f"past the end of its {size}-weight blob (corrupted?)")
         records[spec.name] = dict(codebook=codebook, bias=bias, codes=codes, gaps=gaps, positions=positions)
     return records
@@ -197,7 +198,7 @@ def _read(net_file):
     with open(path, "rb") as f:
         data = f.read()
     if not data:
-        raise ValueError(f"compressed file {path} is empty")
+        raise UserError(f"compressed file {path} is empty")
     return data
 
 
@@ -314,7 +315,7 @@ def quantize_layer(weights, bits):
     codebook holds the non-zero values ascending (codebook index i is code i + 1), ``codes`` is a uint8 array
     shaped like ``weights`` with 0 where the weight is 0. Lossless when the layer already has few enough values."""
     if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be between 1 and 8, got {bits}")
+        raise UserError(f"bits must be between 1 and 8, got {bits}")
     flat = np.asarray(weights, np.float32).ravel()
     nz = np.flatnonzero(flat)
     values = flat[nz]
@@ -342,7 +343,7 @@ def quantize(layers, bits):
 def _bits_for(bits, name):
     if isinstance(bits, dict):
         if name not in bits:
-            raise KeyError(f"no bit width given for layer {name!r}")
+            raise UserError(f"no bit width given for layer {name!r}")
         return int(bits[name])
     return int(bits)
 
@@ -380,7 +381,7 @@ def encode_net_bytes(layers, specs):
         entry_codes, entry_gaps, fillers = _net_entries(codes.ravel())
         n = len(entry_codes)
         if n == 0:
-            raise ValueError(f"layer {spec.name!r} is all zeros: the .net format cannot store an empty layer")
+            raise UserError(f"layer {spec.name!r} is all zeros: the .net format cannot store an empty layer")
         stream = entry_codes if spec.bits == 8 else _pack_nibbles(entry_codes)
         parts = [full.astype("<f4").tobytes(), np.asarray(b, "<f4").tobytes(), stream.tobytes(),
                  _pack_nibbles(entry_gaps).tobytes()]
@@ -399,16 +400,16 @@ def _report_row(spec, w, codes, distinct, entries, fillers, nbytes):
 
 def _layer_arrays(layers, spec):
     if spec.name not in layers:
-        raise KeyError(f"layer {spec.name!r} of the prototxt has no weights to encode")
+        raise UserError(f"layer {spec.name!r} of the prototxt has no weights to encode")
     w, b = layers[spec.name]
     w = np.asarray(w, np.float32)
     b = np.zeros(0, np.float32) if b is None else np.asarray(b, np.float32).ravel()
     if w.size != int(np.prod(spec.shape)):
-        raise ValueError(f"layer {spec.name!r}: weights of shape {w.shape} do not fit the prototxt's {spec.shape}")
+        raise UserError(f"layer {spec.name!r}: weights of shape {w.shape} do not fit the prototxt's {spec.shape}")
     if b.size != spec.bias_size:
-        raise ValueError(f"layer {spec.name!r}: {b.size} bias values, the prototxt wants {spec.bias_size}")
+        raise UserError(f"layer {spec.name!r}: {b.size} bias values, the prototxt wants {spec.bias_size}")
     if not np.all(np.isfinite(w)) or not np.all(np.isfinite(b)):
-        raise ValueError(f"layer {spec.name!r} has non-finite weights or bias")
+        raise UserError(f"layer {spec.name!r} has non-finite weights or bias")
     return w.reshape(spec.shape), b
 
 
@@ -473,14 +474,14 @@ def _huffman_decode(payload, nbits, count, lengths, what):
     """Decode ``count`` symbols from ``payload``; raise ValueError (naming ``what``) on an inconsistent stream."""
     if count == 0:
         if nbits:
-            raise ValueError(f"{what}: {nbits} payload bits for no symbols")
+            raise UserError(f"{what}: {nbits} payload bits for no symbols")
         return np.zeros(0, np.int64)
     present = np.flatnonzero(lengths)
     if len(present) == 0:
-        raise ValueError(f"{what}: empty Huffman table for {count} symbols")
+        raise UserError(f"{what}: empty Huffman table for {count} symbols")
     kraft = sum(2.0 ** -int(lengths[s]) for s in present)
     if kraft > 1:
-        raise ValueError(f"{what}: invalid Huffman table (Kraft sum {kraft:.3f} > 1)")
+        raise UserError(f"{what}: invalid Huffman table (Kraft sum {kraft:.3f} > 1)")
     width = int(lengths.max())
     cw = _canonical(lengths)
     sym_tab = np.zeros(1 << width, np.int64)
@@ -502,9 +503,9 @@ def _huffman_decode(payload, nbits, count, lengths, what):
         out[i] = sym_tab[v]
         pos += len_tab[v]
         if pos > nbits:
-            raise ValueError(f"{what}: the Huffman stream ends after {i} of {count} symbols (corrupted?)")
+            raise UserError(f"{what}: the Huffman stream ends after {i} of {count} symbols (corrupted?)")
     if pos != nbits:
-        raise ValueError(f"{what}: {nbits - pos} payload bits left over after {count} symbols (corrupted?)")
+        raise UserError(f"{what}: {nbits - pos} payload bits left over after {count} symbols (corrupted?)")
     return np.asarray(out, np.int64)
 
 
@@ -520,13 +521,13 @@ def _gap_symbols(positions, escape):
 def _gaps_to_positions(symbols, escape, size, what):
     is_entry = symbols != escape
     if len(symbols) and not is_entry[-1]:
-        raise ValueError(f"{what}: the gap stream ends with an escape (corrupted?)")
+        raise UserError(f"{what}: the gap stream ends with an escape (corrupted?)")
     esc_before = np.cumsum(~is_entry)[is_entry]
     skipped = np.diff(np.concatenate([[0], esc_before])) * escape
     gaps = symbols[is_entry] + skipped
     positions = np.cumsum(gaps + 1) - 1
     if len(positions) and positions[-1] >= size:
-        raise ValueError(f"{what}: the gap stream points to position {int(positions[-1])} past the end of the "
+        raise UserError(f"{what}: the gap stream points to position {int(positions[-1])} past the end of the "
                          f"{size}-weight blob (corrupted?)")
     return positions
 
@@ -605,14 +606,14 @@ def _read_codebook(reader, k):
             if not byte & 0x80:
                 break
             if shift > 35:
-                raise ValueError(f"{reader.name}: layer {reader.layer!r} has a malformed codebook (corrupted?)")
+                raise UserError(f"{reader.name}: layer {reader.layer!r} has a malformed codebook (corrupted?)")
         if i == 0:
             ints.append(value >> 1 if not value & 1 else -((value + 1) >> 1))
         else:
             ints.append(ints[-1] + value)
     ints = np.asarray(ints, np.int64)
     if k and (ints.max() > 0x7F7FFFFF or ints.min() < -0x7F7FFFFF):
-        raise ValueError(f"{reader.name}: layer {reader.layer!r} has a non-finite codebook value (corrupted?)")
+        raise UserError(f"{reader.name}: layer {reader.layer!r} has a non-finite codebook value (corrupted?)")
     bits = np.where(ints < 0, (-ints) | 0x80000000, ints).astype(np.uint32)
     return bits.view(np.float32)
 
@@ -624,7 +625,7 @@ class _Reader:
     def take(self, count, what):
         if self.offset + count > len(self.data):
             where = f"layer {self.layer!r}" if self.layer else "the header"
-            raise ValueError(f"{self.name} is truncated: {where} needs {count} bytes for its {what} at offset "
+            raise UserError(f"{self.name} is truncated: {where} needs {count} bytes for its {what} at offset "
                              f"{self.offset} but only {len(self.data) - self.offset} remain")
         chunk = self.data[self.offset:self.offset + count]
         self.offset += count
@@ -636,35 +637,35 @@ class _Reader:
 
 def _decode_huffman(data, specs, name):
     if len(data) < 11:
-        raise ValueError(f"{name} is truncated: {len(data)} bytes cannot hold the Huffman-variant header")
+        raise UserError(f"{name} is truncated: {len(data)} bytes cannot hold the Huffman-variant header")
     body, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
     r = _Reader(body, name)
     r.take(4, "magic")
     version, nlayers = r.unpack("<BH", "version")
     if version != VERSION:
-        raise ValueError(f"{name}: Huffman-variant version {version} is not supported (this reader knows {VERSION})")
+        raise UserError(f"{name}: Huffman-variant version {version} is not supported (this reader knows {VERSION})")
     if zlib.crc32(body) != crc:
-        raise ValueError(f"{name} is corrupted or truncated: its CRC32 does not match ({len(data)} bytes)")
+        raise UserError(f"{name} is corrupted or truncated: its CRC32 does not match ({len(data)} bytes)")
     if nlayers != len(specs):
-        raise ValueError(f"{name} holds {nlayers} layers, the prototxt has {len(specs)} weighted layers")
+        raise UserError(f"{name} holds {nlayers} layers, the prototxt has {len(specs)} weighted layers")
     out = {}
     for spec in specs:
         r.layer = spec.name
         (nlen,) = r.unpack("<B", "name")
         lname = r.take(nlen, "name").decode("utf-8", "replace")
         if lname != spec.name:
-            raise ValueError(f"{name}: next layer is {lname!r}, the prototxt expects {spec.name!r}")
+            raise UserError(f"{name}: next layer is {lname!r}, the prototxt expects {spec.name!r}")
         bits, mode, size, n_codes, n_gaps, escape = r.unpack("<BBIIIB", "layer header")
         if size != int(np.prod(spec.shape)):
-            raise ValueError(f"{name}: layer {spec.name!r} holds {size} weights, the prototxt's blob "
+            raise UserError(f"{name}: layer {spec.name!r} holds {size} weights, the prototxt's blob "
                              f"{spec.shape} holds {int(np.prod(spec.shape))}")
         if not 1 <= bits <= 8 or mode not in (0, 1) or escape < 1 or n_codes > size or n_gaps > 2 * size + 1:
-            raise ValueError(f"{name}: layer {spec.name!r} has an invalid header (corrupted?)")
+            raise UserError(f"{name}: layer {spec.name!r} has an invalid header (corrupted?)")
         (k,) = r.unpack("<H", "codebook size")
         codebook = _read_codebook(r, k)
         (nbias,) = r.unpack("<I", "bias count")
         if nbias != spec.bias_size:
-            raise ValueError(f"{name}: layer {spec.name!r} has {nbias} bias values, the prototxt wants "
+            raise UserError(f"{name}: layer {spec.name!r} has {nbias} bias values, the prototxt wants "
                              f"{spec.bias_size}")
         bias = np.frombuffer(r.take(4 * nbias, "bias"), "<f4").astype(np.float32)
         code_len = _unpack_nibbles(np.frombuffer(r.take((k + 1) // 2, "code lengths"), np.uint8), k)
@@ -682,14 +683,14 @@ def _decode_huffman(data, specs, name):
             mask[positions] = False
             positions = np.flatnonzero(mask)
         if len(positions) != n_codes:
-            raise ValueError(f"{what}: {len(positions)} non-zero positions but {n_codes} codes (corrupted?)")
+            raise UserError(f"{what}: {len(positions)} non-zero positions but {n_codes} codes (corrupted?)")
         if n_codes and codes.max() >= k:
-            raise ValueError(f"{what}: a code points past its {k}-entry codebook (corrupted?)")
+            raise UserError(f"{what}: a code points past its {k}-entry codebook (corrupted?)")
         flat = np.zeros(size, np.float32)
         flat[positions] = codebook[codes]
         out[spec.name] = (flat.reshape(spec.shape), bias)
     if r.offset != len(body):
-        raise ValueError(f"{name} is too long: {len(body) - r.offset} bytes left over after the last layer "
+        raise UserError(f"{name} is too long: {len(body) - r.offset} bytes left over after the last layer "
                          f"{specs[-1].name!r}")
     return out
 
@@ -703,9 +704,9 @@ def encode(layers, output, prototxt, format="net", bits=None, force=False):
     ``format`` is "net" (Deep Compression's, 8-bit conv / 4-bit fc) or "huffman" (ours; ``bits`` may override
     the widths there). Returns {"layers": [per-layer rows], "bytes": total}."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "net" and bits is not None:
-        raise ValueError("the .net format fixes the widths (8 bits conv, 4 bits fc); --bits needs --format huffman")
+        raise UserError("the .net format fixes the widths (8 bits conv, 4 bits fc); --bits needs --format huffman")
     fileio.check_output(output, force)
     specs = _specs(prototxt)
     if format == "net":
@@ -723,10 +724,10 @@ def read_weights(caffemodel, specs):
     layers = {}
     for spec in specs:
         if spec.name not in blobs:
-            raise ValueError(f"caffemodel {caffemodel} has no weights for layer {spec.name!r}")
+            raise UserError(f"caffemodel {caffemodel} has no weights for layer {spec.name!r}")
         arrays = [np.asarray(bl.data, np.float32) for bl in blobs[spec.name]]
         if arrays[0].size != int(np.prod(spec.shape)):
-            raise ValueError(f"caffemodel {caffemodel}: layer {spec.name!r} holds {arrays[0].size} weights, the "
+            raise UserError(f"caffemodel {caffemodel}: layer {spec.name!r} holds {arrays[0].size} weights, the "
                              f"prototxt's blob {spec.shape} needs {int(np.prod(spec.shape))}")
         bias = arrays[1] if len(arrays) > 1 else np.zeros(0, np.float32)
         layers[spec.name] = (arrays[0].reshape(spec.shape), bias)

@@ -24,6 +24,7 @@ import shutil
 import numpy as np
 
 from . import data, fileio, masklayer, netgen, phases, solvers
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def _iters(n, scale):
 def config_for(seed=0, scale=1.0, **overrides):
     """The demo's settings: DEFAULTS with ``overrides``, iteration counts multiplied by ``scale``."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 100 or math.isnan(scale):
-        raise ValueError(f"scale must be a number in (0, 100], got {scale!r}")
+        raise UserError(f"scale must be a number in (0, 100], got {scale!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        raise UserError(f"seed must be an integer >= 0, got {seed!r}")
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown demo setting(s): {', '.join(sorted(unknown))}")
@@ -279,7 +280,7 @@ def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=F
         if old != cfg:
             if not force:
                 diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-                raise ValueError(f"{out} holds a demo run with other settings ({', '.join(diff)}); use another "
+                raise UserError(f"{out} holds a demo run with other settings ({', '.join(diff)}); use another "
                                  "--output, the same settings, or --force to start over")
     if force:
         for name in ("dense", "dsd", "baseline", "results.json", "evaluations.json", "accuracy.png",

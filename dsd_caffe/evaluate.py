@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from . import caffe_env, fileio, netcheck
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def cfmt(x):
 
 def _check_iterations(iterations):
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations <= 0:
-        raise ValueError(f"--iterations must be a whole number > 0, got {iterations!r}")
+        raise UserError(f"--iterations must be a whole number > 0, got {iterations!r}")
     return int(iterations)
 
 
@@ -100,7 +101,7 @@ def _predictions(net, score_blob, label_blob):
     if scores.ndim > 2 and scores.shape[0] * int(np.prod(scores.shape[2:])) == n and scores.shape[0] != n:
         scores = np.moveaxis(scores, 1, -1)  # per-pixel labels: classes along axis 1
     if scores.size % n:
-        raise ValueError(f"score blob {score_blob!r} ({scores.shape}) does not fit {n} labels")
+        raise UserError(f"score blob {score_blob!r} ({scores.shape}) does not fit {n} labels")
     scores = scores.reshape(n, -1)
     return labels.astype(np.int64), scores.argmax(axis=1), scores.shape[1]
 
@@ -119,7 +120,7 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
     sums = [None] * len(outputs)
     acc = _accuracy_blobs(net)  # its labels are checked on every pass (Caffe only DCHECKs them)
     if confusion and acc is None:
-        raise ValueError("a confusion matrix needs an Accuracy layer (its bottoms give the scores and labels), "
+        raise UserError("a confusion matrix needs an Accuracy layer (its bottoms give the scores and labels), "
                          "and the net has none in the TEST phase")
     cm = None
     for i in tqdm(range(iterations), desc="evaluate", unit="batch", disable=None if progress else True):
@@ -137,7 +138,7 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
             lab, n_cls = net.blobs[acc[1]].data.reshape(-1), net.blobs[acc[0]].data.shape[1]
             out = lab[((lab < 0) | (lab >= n_cls)) & (lab != (ignore_label if ignore_label is not None else -1.5))]
             if out.size:
-                raise ValueError(f"label {out[0]:g} in TEST batch {i + 1} is outside the {n_cls} classes of Accuracy "
+                raise UserError(f"label {out[0]:g} in TEST batch {i + 1} is outside the {n_cls} classes of Accuracy "
                                  f"layer {acc[2]!r} (0..{n_cls - 1}); Caffe would report a meaningless accuracy. "
                                  "Does the LMDB belong to this net?")
         if acc is not None and confusion:
@@ -215,7 +216,7 @@ def write_confusion(confusion, folder, class_names=None, force=False):
     k = cm.shape[0]
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
-        raise ValueError(f"{len(names)} class names for a {k}-class confusion matrix")
+        raise UserError(f"{len(names)} class names for a {k}-class confusion matrix")
     folder = os.fspath(folder)
     paths = {n: os.path.join(folder, n) for n in ("confusion.csv", "per_class.csv", "confusion.png")}
     for p in paths.values():

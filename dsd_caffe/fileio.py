@@ -1,24 +1,52 @@
-"""Crash-safe file I/O: atomic writes, guarded outputs, prototxt/caffemodel reading with clear errors,
-and the JSON provenance file written beside every model.
+"""Crash-safe file I/O: atomic writes, guarded outputs, one writer per output, prototxt/caffemodel reading with
+clear errors, and the JSON provenance file written beside every model.
 
-Every writer here writes to a temporary name in the destination folder and renames at the end, so a crash
-never leaves a truncated output behind under the real name.
+Rules every tool follows through this module:
+
+- Every writer writes to a temporary name in the destination folder and renames at the end
+  (:func:`atomic_path`), so a crash, a refusal or a full disk never leaves a truncated output under the real
+  name. A tool that writes several files stages them in one temporary folder renamed into place
+  (``atomic_path(..., directory=True)``): afterwards the folder holds the old output or the new one, whole.
+- Only regular files and folders are ever replaced: a device, FIFO or socket at an output path is refused, also
+  with ``--force`` (:func:`check_output`). ``--force`` replaces a folder only when it holds nothing but what the
+  tool itself writes (:func:`check_replaceable`).
+- One writer per output (:func:`output_lock`): a second process writing the same output is refused with one line
+  naming the live pid; the lock goes with the process, however it ends.
 """
 import contextlib
+import fnmatch
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
+import threading
 
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 
+def _check_kind(path):
+    """Refuse a path that exists and is neither a regular file nor a folder (devices, FIFOs, sockets)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # nothing there, or a dangling link: replaced like a file
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise UserError(f"output {path} is {kind}; only regular files and folders are written or replaced, "
+                        "also with --force")
+
+
 def check_output(path, force=False):
-    """Refuse to overwrite ``path`` unless ``force``; check its folder is writable. Returns ``path``."""
+    """Refuse to overwrite ``path`` unless ``force``, and refuse anything but a regular file or folder even then;
+    check its folder is writable. Returns ``path``."""
     path = os.fspath(path)
+    _check_kind(path)
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))
@@ -60,13 +88,92 @@ def atomic_path(path, force=True, directory=False):
         os.rmdir(tmp)
     try:
         yield tmp
-        if os.path.isdir(path) and not os.path.islink(path) and directory:
-            shutil.rmtree(path)
+        _check_kind(path)  # something may have appeared there while the temporary was written
+        aside = None
+        if directory and os.path.isdir(path) and not os.path.islink(path):
+            aside = tempfile.mkdtemp(dir=folder, prefix=f"{prefix}{os.getpid()}-old-")
+            os.replace(path, aside)  # the old folder leaves only when the new one is complete
         os.replace(tmp, path)
         _fsync_dir(folder)
+        if aside:
+            _remove(aside)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def check_replaceable(folder, owned, force, tool):
+    """Refuse to replace ``folder`` unless it is absent, empty, or (with ``force``) holds nothing but entries
+    matching the ``owned`` names or patterns, the files ``tool`` itself writes. Returns the folder's path."""
+    folder = os.path.abspath(os.fspath(folder))
+    _check_kind(folder)
+    if not os.path.lexists(folder):
+        return folder
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise FileExistsError(f"output {folder} exists and is not a folder")
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return folder
+    foreign = [e for e in entries if not any(fnmatch.fnmatchcase(e, pat) for pat in owned)]
+    if foreign:
+        raise FileExistsError(f"output folder {folder} holds {foreign[0]!r}, which {tool} did not write; "
+                              "refusing to replace it, also with --force (use another --output)")
+    if not force:
+        raise FileExistsError(f"output folder {folder} already holds output of {tool}; pass --force to replace it")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ locks
+_held = {}  # lock path -> [open file, depth]: a process may take its own lock again (nested phases)
+_held_guard = threading.Lock()
+
+
+def lock_path(output):
+    """The lock file of an output: ``.<name>.lock`` beside it, so it exists before the output does and
+    survives the output's replacement."""
+    output = os.path.abspath(os.fspath(output))
+    return os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(output):
+    """Hold the exclusive lock of ``output`` (a file or folder) while the block runs. A second process is refused
+    with a UserError naming the pid that holds it. The lock is an ``flock``: it goes with the process, also on
+    SIGKILL, and the small lock file stays (harmless)."""
+    import fcntl
+
+    path = lock_path(output)
+    with _held_guard:
+        if path in _held:
+            _held[path][1] += 1
+            entry = _held[path]
+        else:
+            entry = None
+    if entry is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(f"{os.path.abspath(os.fspath(output))} is in use by another dsd-caffe process "
+                            f"(pid {pid}); wait for it to end, or use another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        with _held_guard:
+            entry = _held[path] = [f, 1]
+    try:
+        yield path
+    finally:
+        with _held_guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[path]
+                entry[0].close()
 
 
 def _pid_alive(pid):
@@ -133,7 +240,7 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
 def sidecar_path(model_path):
@@ -179,7 +286,7 @@ def parse_prototxt(text, message, name="<string>"):
         line, col = getattr(e, "GetLine", lambda: None)(), getattr(e, "GetColumn", lambda: None)()
         where = f"{name}:{line}:{col}" if line else name
         msg = str(e).split(" : ", 1)[-1] if line else str(e)
-        raise ValueError(f"{where}: prototxt syntax error: {msg}") from None
+        raise UserError(f"{where}: prototxt syntax error: {msg}") from None
 
 
 def read_net_prototxt(path):
@@ -210,14 +317,14 @@ def read_caffemodel(path):
     with open(path, "rb") as f:
         data = f.read()
     if not data:
-        raise ValueError(f"caffemodel {path} is empty")
+        raise UserError(f"caffemodel {path} is empty")
     net = caffe_pb2().NetParameter()
     try:
         net.ParseFromString(data)
     except DecodeError as e:
-        raise ValueError(f"caffemodel {path} is truncated or corrupted ({e})") from None
+        raise UserError(f"caffemodel {path} is truncated or corrupted ({e})") from None
     if not any(len(l.blobs) for l in net.layer) and not any(len(l.blobs) for l in net.layers):
-        raise ValueError(f"caffemodel {path} holds no weights (is it a caffemodel?)")
+        raise UserError(f"caffemodel {path} holds no weights (is it a caffemodel?)")
     return net
 
 

@@ -28,6 +28,7 @@ import logging
 import numpy as np
 
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,14 @@ def unpack_mask(packed, shape, what="mask"):
     packed = np.asarray(packed, dtype=np.float32).ravel()
     count = int(np.prod(shape))
     if packed.size != packed_length(count):
-        raise ValueError(f"{what}: stored mask has {packed.size} values, but a weight blob of shape "
+        raise UserError(f"{what}: stored mask has {packed.size} values, but a weight blob of shape "
                          f"{tuple(shape)} needs {packed_length(count)}; the mask does not fit the net")
     if packed[0] != HEADER:
-        raise ValueError(f"{what}: mask blob is not set (header {packed[0]!r}); load the pruned caffemodel "
+        raise UserError(f"{what}: mask blob is not set (header {packed[0]!r}); load the pruned caffemodel "
                          "written by tools/prune.py (or a sparse-phase snapshot) as weights")
     words = packed[1:]
     if not np.all((words >= 0) & (words <= 65535) & (words == np.round(words))):
-        raise ValueError(f"{what}: mask blob holds values that are not packed mask bits; corrupted caffemodel?")
+        raise UserError(f"{what}: mask blob holds values that are not packed mask bits; corrupted caffemodel?")
     bits = np.unpackbits(words.astype("<u2").view(np.uint8), bitorder="little", count=count)
     return bits.astype(bool).reshape(shape)
 
@@ -77,16 +78,16 @@ def _parse_param_str(text):
     try:
         spec = json.loads(text or "")
     except json.JSONDecodeError as e:
-        raise ValueError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None
+        raise UserError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None
     layers = spec.get("layers") if isinstance(spec, dict) else None
     if not isinstance(layers, list) or not layers:
-        raise ValueError(f'MaskLayer param_str must be {{"layers": [{{"name": ..., "shape": [...]}}, ...]}}, '
+        raise UserError(f'MaskLayer param_str must be {{"layers": [{{"name": ..., "shape": [...]}}, ...]}}, '
                          f"got {text!r}")
     out = []
     for entry in layers:
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("shape"), list)
                 and all(isinstance(d, int) and d > 0 for d in entry["shape"])):
-            raise ValueError(f"MaskLayer param_str: bad layer entry {entry!r}")
+            raise UserError(f"MaskLayer param_str: bad layer entry {entry!r}")
         out.append((entry["name"], tuple(entry["shape"])))
     return out
 
@@ -103,7 +104,7 @@ class MaskLayer(_caffe_layer_base()):
     def setup(self, bottom, top):
         self.layers = _parse_param_str(self.param_str)
         if len(bottom) != 0 or len(top) != 1:
-            raise ValueError(f"MaskLayer takes no bottom and one top (a zero loss), got {len(bottom)} bottoms "
+            raise UserError(f"MaskLayer takes no bottom and one top (a zero loss), got {len(bottom)} bottoms "
                              f"and {len(top)} tops")
         for _, shape in self.layers:
             self.blobs.add_blob(*shape)
@@ -119,14 +120,14 @@ class MaskLayer(_caffe_layer_base()):
         """Decode the masks when their blobs change (after loading weights or restoring a solverstate)."""
         n = len(self.layers)
         if len(self.blobs) != 2 * n:
-            raise ValueError(f"MaskLayer has {len(self.blobs)} blobs, expected {2 * n}")
+            raise UserError(f"MaskLayer has {len(self.blobs)} blobs, expected {2 * n}")
         if self._packed is not None and all(np.array_equal(p, self.blobs[n + i].data)
                                             for i, p in enumerate(self._packed)):
             return
         packed, keep = [], []
         for i, (name, shape) in enumerate(self.layers):
             if tuple(self.blobs[i].data.shape) != shape:
-                raise ValueError(f"MaskLayer: weights of {name} have shape {self.blobs[i].data.shape}, "
+                raise UserError(f"MaskLayer: weights of {name} have shape {self.blobs[i].data.shape}, "
                                  f"param_str says {shape}")
             data = np.array(self.blobs[n + i].data, copy=True)
             keep.append(unpack_mask(data, shape, what=f"mask of layer {name}").astype(np.float32))
@@ -173,17 +174,17 @@ def add_mask_layer(net_param, shapes, name=NAME):
     net = pb2.NetParameter()
     net.CopyFrom(net_param)
     if net.layers:
-        raise ValueError("net uses the old V1 'layers' format; upgrade it with Caffe's upgrade_net_proto_text")
+        raise UserError("net uses the old V1 'layers' format; upgrade it with Caffe's upgrade_net_proto_text")
     if any(is_mask_layer(l) for l in net.layer):
-        raise ValueError(f"net {net.name!r} already holds a mask layer")
+        raise UserError(f"net {net.name!r} already holds a mask layer")
     by_name = {l.name: l for l in net.layer}
     entries, params = [], []
     for lname, shape in shapes.items():
         layer = by_name.get(lname)
         if layer is None:
-            raise ValueError(f"layer {lname!r} is not in net {net.name!r}")
+            raise UserError(f"layer {lname!r} is not in net {net.name!r}")
         if layer.type not in ("Convolution", "InnerProduct", "Deconvolution"):
-            raise ValueError(f"layer {lname!r} is a {layer.type} layer; only weighted layers can be masked")
+            raise UserError(f"layer {lname!r} is a {layer.type} layer; only weighted layers can be masked")
         if not len(layer.param):
             layer.param.add()
         spec = layer.param[0]
@@ -237,7 +238,7 @@ def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
     that it loads into ``net_with_mask_layer``. The weights are zeroed where the masks are False."""
     spec = mask_layer_spec(net_with_mask_layer)
     if spec is None:
-        raise ValueError("the net has no mask layer")
+        raise UserError("the net has no mask layer")
     name, entries = spec
     pb2 = caffe_pb2()
     out = pb2.NetParameter()
@@ -249,14 +250,14 @@ def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
     packed = []
     for lname, shape in entries:
         if lname not in masks:
-            raise ValueError(f"no mask given for layer {lname!r}")
+            raise UserError(f"no mask given for layer {lname!r}")
         m = np.asarray(masks[lname], dtype=bool)
         src = by_name.get(lname)
         if src is None or not len(src.blobs):
-            raise ValueError(f"caffemodel has no weights for layer {lname!r}")
+            raise UserError(f"caffemodel has no weights for layer {lname!r}")
         w = blob_array(src.blobs[0])
         if w.shape != tuple(shape) or m.shape != tuple(shape):
-            raise ValueError(f"layer {lname!r}: weights {w.shape}, mask {m.shape}, net expects {tuple(shape)}; "
+            raise UserError(f"layer {lname!r}: weights {w.shape}, mask {m.shape}, net expects {tuple(shape)}; "
                              "the mask does not fit the net")
         w = np.where(m, w, np.float32(0.0)).astype(np.float32)
         del src.blobs[0].data[:]
@@ -295,17 +296,17 @@ def read_masks(source):
     if hasattr(source, "layer"):  # NetParameter
         spec = mask_layer_spec(source)
         if spec is None:
-            raise ValueError("the caffemodel holds no mask layer (is it a sparse-phase model?)")
+            raise UserError("the caffemodel holds no mask layer (is it a sparse-phase model?)")
         name, entries = spec
         layer = next(l for l in source.layer if l.name == name)
         n = len(entries)
         if len(layer.blobs) != 2 * n:
-            raise ValueError(f"mask layer {name!r} holds {len(layer.blobs)} blobs, expected {2 * n}")
+            raise UserError(f"mask layer {name!r} holds {len(layer.blobs)} blobs, expected {2 * n}")
         return {lname: unpack_mask(layer.blobs[n + i].data, shape, what=f"mask of layer {lname}")
                 for i, (lname, shape) in enumerate(entries)}
     name, layer = _mask_from_net(source)
     if layer is None:
-        raise ValueError("the net holds no mask layer (load the TRAIN phase of a sparse trainval)")
+        raise UserError("the net holds no mask layer (load the TRAIN phase of a sparse trainval)")
     n = len(layer.layers)
     return {lname: unpack_mask(layer.blobs[n + i].data, shape, what=f"mask of layer {lname}")
             for i, (lname, shape) in enumerate(layer.layers)}

@@ -15,6 +15,7 @@ import logging
 import os
 
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,11 @@ def phase_value(phase):
     """``"TEST"``/``"TRAIN"``/``caffe.TEST``/0/1 -> the NetState phase number."""
     if isinstance(phase, str):
         if phase.upper() not in PHASES:
-            raise ValueError(f"phase must be TRAIN or TEST, got {phase!r}")
+            raise UserError(f"phase must be TRAIN or TEST, got {phase!r}")
         return PHASES[phase.upper()]
     if phase in (0, 1):
         return int(phase)
-    raise ValueError(f"phase must be TRAIN or TEST, got {phase!r}")
+    raise UserError(f"phase must be TRAIN or TEST, got {phase!r}")
 
 
 def _meets(rule, phase, level, stages):
@@ -53,7 +54,7 @@ def included_layers(net_param, phase="TEST", level=0, stages=()):
     kept = []
     for layer in net_param.layer:
         if len(layer.include) and len(layer.exclude):
-            raise ValueError(f"layer {layer.name!r} has both include and exclude rules; Caffe allows only one kind")
+            raise UserError(f"layer {layer.name!r} has both include and exclude rules; Caffe allows only one kind")
         keep = len(layer.include) == 0
         if any(_meets(r, phase, level, stages) for r in layer.exclude):
             keep = False
@@ -74,14 +75,14 @@ def check_structure(net_param, phase="TEST", name="net"):
     tops = set(net_param.input)
     layers = included_layers(net_param, phase)
     if not layers:
-        raise ValueError(f"{name}: no layer is included in the {phase} phase")
+        raise UserError(f"{name}: no layer is included in the {phase} phase")
     for layer in layers:
         if layer.type not in known:
-            raise ValueError(f"{name}: layer {layer.name!r} has unknown type {layer.type!r} "
+            raise UserError(f"{name}: layer {layer.name!r} has unknown type {layer.type!r} "
                              f"(this Caffe knows {len(known)} types, e.g. Convolution, Data, Python)")
         for b in layer.bottom:
             if b not in tops:
-                raise ValueError(f"{name}: layer {layer.name!r} reads bottom {b!r}, which no earlier layer "
+                raise UserError(f"{name}: layer {layer.name!r} reads bottom {b!r}, which no earlier layer "
                                  f"of the {phase} phase produces")
         tops.update(layer.top)
 
@@ -104,7 +105,7 @@ def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
         info = data.lmdb_info(full)
     except ValueError as e:
         rel = "" if os.path.isabs(source) else f" (source {source!r} resolved against the current folder)"
-        raise ValueError(f"{where}: {e}{rel}") from None
+        raise UserError(f"{where}: {e}{rel}") from None
     if info["encoded"] and (force_color or force_gray):
         info["channels"] = 3 if force_color else 1
     return info
@@ -122,7 +123,7 @@ def _read_mean(path, where):
     try:
         blob.ParseFromString(data)
     except DecodeError:
-        raise ValueError(f"{where}: mean_file {path} is not a binaryproto mean") from None
+        raise UserError(f"{where}: mean_file {path} is not a binaryproto mean") from None
     if blob.HasField("shape") and len(blob.shape.dim):
         dims = list(blob.shape.dim)[-3:]
     else:
@@ -133,14 +134,14 @@ def _read_mean(path, where):
 def _check_transform(tp, c, h, w, where):
     crop = tp.crop_size
     if crop and (h < crop or w < crop):
-        raise ValueError(f"{where}: images are {h}x{w}, smaller than crop_size {crop}")
+        raise UserError(f"{where}: images are {h}x{w}, smaller than crop_size {crop}")
     if len(tp.mean_value) not in (0, 1, c):
-        raise ValueError(f"{where}: {len(tp.mean_value)} mean_value entries for {c}-channel images "
+        raise UserError(f"{where}: {len(tp.mean_value)} mean_value entries for {c}-channel images "
                          "(give 1 or one per channel)")
     if tp.mean_file:
         mc, mh, mw = _read_mean(tp.mean_file, where)
         if (mc, mh, mw) != (c, h, w):
-            raise ValueError(f"{where}: mean_file {tp.mean_file} is {mc}x{mh}x{mw} but images are {c}x{h}x{w}")
+            raise UserError(f"{where}: mean_file {tp.mean_file} is {mc}x{mh}x{mw} but images are {c}x{h}x{w}")
 
 
 def check_data_layers(net_param, phase="TEST", iterations=None):
@@ -155,9 +156,9 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
         if layer.type == "Data":
             dp = layer.data_param
             if not dp.source:
-                raise ValueError(f"{where} has no data_param.source")
+                raise UserError(f"{where} has no data_param.source")
             if dp.batch_size <= 0:
-                raise ValueError(f"{where}: batch_size must be > 0")
+                raise UserError(f"{where}: batch_size must be > 0")
             if dp.backend != pb2.DataParameter.LMDB:
                 if not os.path.exists(resolve_source(dp.source)):
                     raise FileNotFoundError(f"{where}: LevelDB {dp.source} does not exist (relative paths are "
@@ -178,12 +179,12 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
             src = {"ImageData": layer.image_data_param.source, "HDF5Data": layer.hdf5_data_param.source,
                    "WindowData": layer.window_data_param.source}[layer.type]
             if not src:
-                raise ValueError(f"{where} has no source")
+                raise UserError(f"{where} has no source")
             if not os.path.isfile(resolve_source(src)):
                 raise FileNotFoundError(f"{where}: source {src} does not exist (relative paths are resolved "
                                         f"against the current folder {os.getcwd()})")
             if os.path.getsize(resolve_source(src)) == 0:
-                raise ValueError(f"{where}: source {src} is empty")
+                raise UserError(f"{where}: source {src} is empty")
     return out
 
 
@@ -265,30 +266,30 @@ def check_weights_fit(net_shapes, caffemodel_param, weights_name="caffemodel", n
             continue
         target = net_shapes[layer.name]
         if len(layer.blobs) != len(target):
-            raise ValueError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} has {len(layer.blobs)} "
+            raise UserError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} has {len(layer.blobs)} "
                              f"parameter blobs in the caffemodel but {len(target)} in the net{hint}")
         for j, (shape, bp) in enumerate(zip(target, layer.blobs)):
             src_shape = blob_proto_shape(bp)[0]
             what = "weights" if j == 0 else "bias" if j == 1 else f"param {j}"
             if not _shape_equals(shape, bp):
-                raise ValueError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} {what} are "
+                raise UserError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} {what} are "
                                  f"{_fmt(src_shape)} in the caffemodel but {_fmt(shape)} in the net{hint}")
             count = 1
             for d in shape:
                 count *= d
             n = len(bp.double_data) or len(bp.data)
             if n != count:
-                raise ValueError(f"{weights_name} is corrupted: layer {layer.name!r} {what} hold {n} values for "
+                raise UserError(f"{weights_name} is corrupted: layer {layer.name!r} {what} hold {n} values for "
                                  f"shape {_fmt(shape)} ({count} values)")
         if target:
             copied.append(layer.name)
     learnable = [n for n, shapes in net_shapes.items() if shapes]
     missing = [n for n in learnable if n not in copied]
     if learnable and not copied:
-        raise ValueError(f"{weights_name} does not fit {net_name}: none of the net's learnable layers "
+        raise UserError(f"{weights_name} does not fit {net_name}: none of the net's learnable layers "
                          f"({', '.join(learnable[:3])}, ...) is in the caffemodel{hint}")
     if missing and not allow_missing:
-        raise ValueError(f"{weights_name} does not fit {net_name}: it has no weights for layer {missing[0]!r}"
+        raise UserError(f"{weights_name} does not fit {net_name}: it has no weights for layer {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                          + f" (Caffe would silently leave them at their initial values){hint}")
     for n in missing:

@@ -30,6 +30,7 @@ import math
 import os
 
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,13 @@ SMALL_PARAMS = 15770
 
 def _check_naming(naming):
     if naming not in NAMINGS:
-        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
+        raise UserError(f"naming must be one of {NAMINGS}, got {naming!r}")
     return naming
 
 
 def _positive_int(value, what):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        raise UserError(f"{what} must be a positive integer, got {value!r}")
     return value
 
 
@@ -165,7 +166,7 @@ def squeezenet_v1_0(naming="han", train_source="train_lmdb", test_source="val_lm
         _positive_int(v, what)
     means = tuple(mean_values or ())
     if len(means) not in (0, 1, channels):
-        raise ValueError(f"mean_values {means} must hold 1 or {channels} (channels) values")
+        raise UserError(f"mean_values {means} must hold 1 or {channels} (channels) values")
     means = means * channels if len(means) == 1 else means  # one per channel: deploy() reads channels from it
     b = _Builder(name)
     b.data("TRAIN", train_source, train_batch, crop_size, means, bool(mirror))
@@ -200,11 +201,11 @@ def small_squeezenet(train_source="train_lmdb", test_source="test_lmdb", num_cla
                     (test_batch, "test_batch"), (size, "size")):
         _positive_int(v, what)
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 16:
-        raise ValueError(f"width must be a number in (0, 16], got {width!r}")
+        raise UserError(f"width must be a number in (0, 16], got {width!r}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+        raise UserError(f"scale must be a positive number, got {scale!r}")
     if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
+        raise UserError(f"size must be at least 8 pixels, got {size}")
 
     def w(n):
         return max(1, int(round(n * width)))
@@ -265,7 +266,7 @@ def _output_blob(net_param):
     for l in reversed(net_param.layer):
         if l.type not in ("Accuracy", "Softmax") and l.top:
             return l.top[0]
-    raise ValueError(f"net {net_param.name!r} has no layers")
+    raise UserError(f"net {net_param.name!r} has no layers")
 
 
 def deploy(trainval_netparam, input_shape=None):
@@ -282,15 +283,15 @@ def deploy(trainval_netparam, input_shape=None):
     if input_shape is None:
         crop = next((l.transform_param.crop_size for l in data_layers if l.transform_param.crop_size), 0)
         if not crop:
-            raise ValueError(f"net {trainval_netparam.name!r}: no crop_size in its Data layers; give input_shape")
+            raise UserError(f"net {trainval_netparam.name!r}: no crop_size in its Data layers; give input_shape")
         channels = next((len(l.transform_param.mean_value) for l in data_layers), 0)
         if not channels:
-            raise ValueError(f"net {trainval_netparam.name!r}: no mean_value per channel in its Data layers; "
+            raise UserError(f"net {trainval_netparam.name!r}: no mean_value per channel in its Data layers; "
                              "give input_shape")
         input_shape = (1, channels, crop, crop)
     input_shape = tuple(int(x) for x in input_shape)
     if len(input_shape) != 4 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be 4 positive ints (N, C, H, W), got {input_shape}")
+        raise UserError(f"input_shape must be 4 positive ints (N, C, H, W), got {input_shape}")
     out = pb2.NetParameter(name=trainval_netparam.name)
     inp = out.layer.add(name="data", type="Input")
     inp.top.append("data")
@@ -340,7 +341,7 @@ def rename_map(src, dst):
     _check_naming(dst)
     a, b = _squeezenet_names(src), _squeezenet_names(dst)
     if len(a) != len(b):
-        raise ValueError(f"namings {src} and {dst} do not line up")  # pragma: no cover - both are generated
+        raise UserError(f"namings {src} and {dst} do not line up")  # pragma: no cover - both are generated
     return {x: y for x, y in zip(a, b) if x != y}
 
 
@@ -373,7 +374,7 @@ def rename_weights(caffemodel_netparam, src, dst):
             del field[:]
             field.extend(renamed)
     if not found and weighted_layers(out):
-        raise ValueError(f"caffemodel {caffemodel_netparam.name!r} has no {src}-named SqueezeNet layers "
+        raise UserError(f"caffemodel {caffemodel_netparam.name!r} has no {src}-named SqueezeNet layers "
                          f"(detected naming: {detect_naming(out)})")
     return out
 
@@ -394,7 +395,7 @@ def set_data_sources(net_param, train=None, test=None):
             done.add("test")
     for which, value in (("train", train), ("test", test)):
         if value is not None and which not in done:
-            raise ValueError(f"net {net_param.name!r} has no {which.upper()} Data layer to set to {value}")
+            raise UserError(f"net {net_param.name!r} has no {which.upper()} Data layer to set to {value}")
     return net_param
 
 

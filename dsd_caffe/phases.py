@@ -25,6 +25,7 @@ import numpy as np
 
 from . import fileio, masklayer, netgen, pruning
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def absolute_sources(net_param, base, train=None, test=None):
         given = train if phase == "TRAIN" else test if phase == "TEST" else None
         src = os.fspath(given) if given is not None else p.source
         if not src:
-            raise ValueError(f"{layer.type} layer {layer.name!r} has no source")
+            raise UserError(f"{layer.type} layer {layer.name!r} has no source")
         if not os.path.isabs(src):
             near = os.path.abspath(os.path.join(base, src)) if base is not None else None
             if given is None and near is not None and os.path.exists(near):
@@ -108,7 +109,7 @@ def data_sources(net):
             if ph in ("TEST", "BOTH") and test is None:
                 test = (l.data_param.source, l.data_param.batch_size)
     if train is None:
-        raise ValueError(f"net {net.name!r} has no TRAIN Data (LMDB) layer")
+        raise UserError(f"net {net.name!r} has no TRAIN Data (LMDB) layer")
     return train, test or train
 
 
@@ -152,10 +153,10 @@ def check_data(net):
                 low, high = label_range(l.data_param.source) if classes else (0, 0)
                 if low < 0 or high >= classes:
                     bad = low if low < 0 else high
-                    raise ValueError(f"LMDB {l.data_param.source} holds label {bad}, outside the net's {classes} "
+                    raise UserError(f"LMDB {l.data_param.source} holds label {bad}, outside the net's {classes} "
                                      f"classes (0..{classes - 1}); does the LMDB belong to this net?")
             except ValueError as e:
-                raise ValueError(f"Data layer {l.name!r} ({_phase_of(l)}): {e}") from None
+                raise UserError(f"Data layer {l.name!r} ({_phase_of(l)}): {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ nets + weights
@@ -167,7 +168,7 @@ def _input_shape(net):
             info = lmdb_info(l.data_param.source)
             crop = l.transform_param.crop_size
             return (1, info["channels"], crop or info["height"], crop or info["width"])
-    raise ValueError(f"net {net.name!r} has no Data layer to take the input shape from")
+    raise UserError(f"net {net.name!r} has no Data layer to take the input shape from")
 
 
 def net_weight_shapes(net_param):
@@ -229,7 +230,7 @@ def load_masks(path):
         with np.load(path) as z:
             return {k: z[k].astype(bool) for k in z.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"masks file {path} is unreadable ({e})") from None
+        raise UserError(f"masks file {path} is unreadable ({e})") from None
 
 
 def _histogram_png(path, before, after, title):
@@ -258,7 +259,7 @@ def _histogram_png(path, before, after, title):
 # ------------------------------------------------------------------------------------------------ prune
 def _check_target(target, profile):
     if target is None and profile in ("uniform", "global"):
-        raise ValueError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
+        raise UserError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
 
 
 def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
@@ -282,7 +283,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     net_param, model_param = _checked_inputs(model, net_param, weights, train_source, test_source)
     names = netgen.weighted_layers(net_param)
     if not names:
-        raise ValueError(f"net {net_param.name!r} has no Convolution/InnerProduct layer to prune")
+        raise UserError(f"net {net_param.name!r} has no Convolution/InnerProduct layer to prune")
     all_w = masklayer.weight_arrays(model_param)
     dense_w = {n: all_w[n] for n in names}
     densities = pruning.layer_densities(dense_w, target, profile=profile, skip=skip)
@@ -292,7 +293,7 @@ def prune(model, weights, output_dir, ratio=None, density=None, sparsity=None, p
     table = pruning.format_table(rows)
     masked = {n: m for n, m in masks.items() if not m.all()}
     if not masked:
-        raise ValueError("every layer is kept at density 1.0; nothing to prune")
+        raise UserError("every layer is kept at density 1.0; nothing to prune")
 
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK | os.X_OK):
@@ -349,10 +350,10 @@ def snapshots(folder, prefix, clean=False):
             with open(state, "rb") as f:
                 st.ParseFromString(f.read())
             if st.iter != int(m.group(1)):
-                raise ValueError("iteration mismatch")
+                raise UserError("iteration mismatch")
             expected = _learnable_count(fileio.read_caffemodel(model))
             if len(st.history) != expected:
-                raise ValueError(f"{len(st.history)} history blobs for {expected} learnable blobs")
+                raise UserError(f"{len(st.history)} history blobs for {expected} learnable blobs")
         except Exception as e:  # noqa: BLE001 - any unreadable snapshot is skipped, and said so
             if clean:
                 _drop_snapshot(stem, e)
@@ -445,7 +446,7 @@ def train(solver_path, weights=None, engine="binary", desc="train", gpu=None):
     from .caffe_env import set_device
 
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     solver_path = os.path.abspath(os.fspath(solver_path))
     folder = os.path.dirname(solver_path)
     sp = fileio.read_solver_prototxt(solver_path)
@@ -463,7 +464,7 @@ def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc, gpu=No
         return snaps[0][2]
     resume = snaps[0] if snaps else None
     if resume is None and weights is None:
-        raise ValueError(f"{solver_path}: no weights given and no snapshot to resume from")
+        raise UserError(f"{solver_path}: no weights given and no snapshot to resume from")
     if resume:
         log.info("%s: resuming from %s", desc, resume[1])
     state = _portable_state(resume[1], folder) if resume else None
@@ -477,7 +478,7 @@ def _train_locked(solver_path, folder, sp, prefix, weights, engine, desc, gpu=No
             os.unlink(state)
     snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
     if not snaps or snaps[0][0] < sp.max_iter:
-        raise ValueError(f"{desc}: training ended without a snapshot at iteration {sp.max_iter} in {folder}")
+        raise UserError(f"{desc}: training ended without a snapshot at iteration {sp.max_iter} in {folder}")
     return snaps[0][2]
 
 
@@ -506,7 +507,7 @@ def _train_binary(solver_path, folder, sp, weights, state, start, desc, gpu=None
         rc = proc.wait()
     if rc != 0:
         tail = last[0] if last else "no error line in the log"
-        raise ValueError(f"{desc}: `caffe train` failed with status {rc} in {folder}: {tail.strip()} "
+        raise UserError(f"{desc}: `caffe train` failed with status {rc} in {folder}: {tail.strip()} "
                          f"(full log: {logpath})")
 
 
@@ -553,11 +554,11 @@ def check_masked(model_path, masks):
     out = {}
     for name, m in masks.items():
         if name not in w or w[name].shape != m.shape:
-            raise ValueError(f"{model_path}: mask of layer {name!r} {m.shape} does not fit its weights "
+            raise UserError(f"{model_path}: mask of layer {name!r} {m.shape} does not fit its weights "
                              f"{w.get(name, np.empty(0)).shape}")
         bad = int(np.count_nonzero(w[name][~m]))
         if bad:
-            raise ValueError(f"{model_path}: {bad} pruned weights of layer {name!r} are not 0.0")
+            raise UserError(f"{model_path}: {bad} pruned weights of layer {name!r} are not 0.0")
         out[name] = float(np.count_nonzero(w[name]) / w[name].size)
     return out
 
@@ -576,24 +577,24 @@ def train_sparse(output_dir, engine="binary", gpu=None, force=False):
     net_spec = masklayer.mask_layer_spec(fileio.read_net_prototxt(os.path.join(out, SPARSE_NET)))
     model_spec = masklayer.mask_layer_spec(fileio.read_caffemodel(os.path.join(out, PRUNED)))
     if net_spec is None or model_spec is None:
-        raise ValueError(f"{out}: {SPARSE_NET if net_spec is None else PRUNED} holds no mask layer")
+        raise UserError(f"{out}: {SPARSE_NET if net_spec is None else PRUNED} holds no mask layer")
     for (ln, ls), (mn, ms) in zip(net_spec[1], model_spec[1]):
         if (ln, ls) != (mn, ms):
-            raise ValueError(f"{out}: the mask of layer {mn!r} in {PRUNED} is {ms}, but {SPARSE_NET} masks {ln!r} "
+            raise UserError(f"{out}: the mask of layer {mn!r} in {PRUNED} is {ms}, but {SPARSE_NET} masks {ln!r} "
                              f"{ls}; the mask does not fit the net")
     if len(net_spec[1]) != len(model_spec[1]) or net_spec[0] != model_spec[0]:
-        raise ValueError(f"{out}: the mask layers of {SPARSE_NET} and {PRUNED} differ")
+        raise UserError(f"{out}: the mask layers of {SPARSE_NET} and {PRUNED} differ")
     stored = masklayer.read_masks(os.path.join(out, PRUNED))
     if set(stored) != set(masks) or any(not np.array_equal(stored[k], masks[k]) for k in masks):
         k = (sorted(set(stored) ^ set(masks)) or [k for k in masks if not np.array_equal(stored[k], masks[k])])[0]
-        raise ValueError(f"{out}: {MASKS} and the masks inside {PRUNED} differ, first at layer {k!r} (shape "
+        raise UserError(f"{out}: {MASKS} and the masks inside {PRUNED} differ, first at layer {k!r} (shape "
                          f"{np.shape(masks.get(k))} in {MASKS}, {np.shape(stored.get(k))} in {PRUNED})")
     snap = train(os.path.join(out, SPARSE_SOLVER), os.path.join(out, PRUNED), engine=engine, desc="sparse",
                  gpu=gpu)
     dens = check_masked(snap, masks)
     back = masklayer.read_masks(snap)
     if set(back) != set(masks) or any(not np.array_equal(back[k], masks[k]) for k in masks):
-        raise ValueError(f"{snap}: the masks in the snapshot differ from {MASKS}")
+        raise UserError(f"{snap}: the masks in the snapshot differ from {MASKS}")
     it = int(_SNAP_RE.search(snap[: -len(".caffemodel")] + ".solverstate").group(1))
     prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, PRUNED)))
     finish_model(snap, final, dict(source=os.path.join(out, PRUNED), densities=dens, phase="sparse", iteration=it,
@@ -703,7 +704,7 @@ def _check_numbers(**values):
         if name == "seed" or name in _COUNTS:
             _count(v, flag, 0 if name == "seed" else 1)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise ValueError(f"{flag} must be a positive finite number, got {v!r}")
+            raise UserError(f"{flag} must be a positive finite number, got {v!r}")
 
 
 def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None, profile="uniform", skip=(),
@@ -717,9 +718,9 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
     complete snapshot. A finished run is refused unless ``force`` (which starts over). Returns the state dict.
     """
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"--cycles must be a whole number >= 1, got {cycles!r}")
+        raise UserError(f"--cycles must be a whole number >= 1, got {cycles!r}")
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     out = os.path.abspath(os.fspath(output_dir))
     state_path = os.path.join(out, STATE)
     model = os.path.abspath(os.fspath(model))
@@ -743,7 +744,7 @@ def run_dsd(model, weights, output_dir, ratio=None, density=None, sparsity=None,
         elif state.get("config") != config:
             diff = sorted(k for k in set(config) | set(state.get("config", {}))
                           if config.get(k) != state.get("config", {}).get(k))
-            raise ValueError(f"{out} holds an unfinished DSD run with other settings ({', '.join(diff)}); use "
+            raise UserError(f"{out} holds an unfinished DSD run with other settings ({', '.join(diff)}); use "
                              "the same command to resume it, another folder, or --force to start over")
     else:
         state = None
@@ -837,7 +838,7 @@ def sensitivity(model, weights, output_dir, densities=DEFAULT_SENSITIVITY_DENSIT
     iterations = _check_iterations(iterations)
     dens = [float(d) for d in densities]
     if not dens or any(not 0 < d <= 1 for d in dens):
-        raise ValueError(f"densities must be numbers in (0, 1], got {list(densities)}")
+        raise UserError(f"densities must be numbers in (0, 1], got {list(densities)}")
     out = os.path.abspath(os.fspath(output_dir))
     csv_path, png_path = os.path.join(out, "sensitivity.csv"), os.path.join(out, "sensitivity.png")
     fileio.check_output(csv_path, force=force)
@@ -852,7 +853,7 @@ def sensitivity(model, weights, output_dir, densities=DEFAULT_SENSITIVITY_DENSIT
     if layers:
         unknown = [n for n in layers if n not in names]
         if unknown:
-            raise ValueError(f"unknown layer(s) {', '.join(unknown)}; weighted layers: {', '.join(names)}")
+            raise UserError(f"unknown layer(s) {', '.join(unknown)}; weighted layers: {', '.join(names)}")
         names = [n for n in names if n in layers]
     caffe = set_device(gpu)
     with tempfile.TemporaryDirectory() as tmp:

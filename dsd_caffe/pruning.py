@@ -40,6 +40,7 @@ import os
 import re
 
 import numpy as np
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ _RATIO_RE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*[xX]\s
 
 
 def _refuse(what):
-    return ValueError(f"{what}; {ACCEPTED_FORMS}")
+    return UserError(f"{what}; {ACCEPTED_FORMS}")
 
 
 def _as_fraction(value, flag):
@@ -201,7 +202,7 @@ def format_ratio(density):
     d = _check_density(density, "density", allow_one=False)
     n = 1.0 / d
     if not math.isfinite(n):
-        raise ValueError(f"density {density!r} is too small to write as a ratio")
+        raise UserError(f"density {density!r} is too small to write as a ratio")
     text = repr(n)  # the shortest text that reads back as n
     if text.endswith(".0"):
         text = text[:-2]
@@ -210,14 +211,14 @@ def format_ratio(density):
 
 def _check_density(value, what, allow_one=True):
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{what}: invalid density {value!r} (a number in (0, 1])")
+        raise UserError(f"{what}: invalid density {value!r} (a number in (0, 1])")
     try:
         d = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}: invalid density {value!r} (a number in (0, 1])") from None
+        raise UserError(f"{what}: invalid density {value!r} (a number in (0, 1])") from None
     if not math.isfinite(d) or not (0.0 < d < 1.0 or (allow_one and d == 1.0)):
         bounds = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"{what}: invalid density {value!r} (must be in {bounds})")
+        raise UserError(f"{what}: invalid density {value!r} (must be in {bounds})")
     return d
 
 
@@ -229,7 +230,7 @@ def kept_count(size, density):
     clamped to [1, size]."""
     size = int(size)
     if size < 1:
-        raise ValueError(f"cannot prune an empty layer (size {size})")
+        raise UserError(f"cannot prune an empty layer (size {size})")
     d = _check_density(density, "kept_count")
     return min(size, max(1, int(math.floor(d * size + 0.5))))
 
@@ -240,11 +241,11 @@ def _magnitudes(weights, name):
     if w.dtype.kind not in "fiu":
         raise TypeError(f"{what}: weights must be a real numeric array, not dtype {w.dtype}")
     if w.size == 0:
-        raise ValueError(f"{what}: empty weight array of shape {w.shape}")
+        raise UserError(f"{what}: empty weight array of shape {w.shape}")
     a = np.abs(w if w.dtype.kind == "f" else w.astype(np.float64)).ravel()  # abs(int8 -128) overflows
     if w.dtype.kind == "f" and not np.all(np.isfinite(a)):
         bad = int(np.count_nonzero(~np.isfinite(a)))
-        raise ValueError(f"{what}: {bad} weight(s) are NaN or infinite; refusing to prune a diverged model")
+        raise UserError(f"{what}: {bad} weight(s) are NaN or infinite; refusing to prune a diverged model")
     return w, a
 
 
@@ -283,7 +284,7 @@ def density(array):
     """Fraction of non-zero entries of ``array``."""
     a = np.asarray(array)
     if a.size == 0:
-        raise ValueError(f"density of an empty array of shape {a.shape} is undefined")
+        raise UserError(f"density of an empty array of shape {a.shape} is undefined")
     return np.count_nonzero(a) / a.size
 
 
@@ -293,14 +294,14 @@ def as_bool_mask(mask, shape=None, name=None):
     what = name or "mask"
     m = np.asarray(mask)
     if shape is not None and m.shape != tuple(shape):
-        raise ValueError(f"{what}: mask shape {m.shape} does not fit weights of shape {tuple(shape)}")
+        raise UserError(f"{what}: mask shape {m.shape} does not fit weights of shape {tuple(shape)}")
     if m.dtype == bool:
         return m
     if m.dtype.kind not in "fiu":
         raise TypeError(f"{what}: mask must be bool or 0/1 numbers, not dtype {m.dtype}")
     ones = m == 1
     if not np.all(ones | (m == 0)):
-        raise ValueError(f"{what}: mask has values other than 0 and 1")
+        raise UserError(f"{what}: mask has values other than 0 and 1")
     return ones
 
 
@@ -308,7 +309,7 @@ def make_masks(weights, densities):
     """``{name: bool mask}`` for every layer of ``weights`` at ``densities[name]`` (in (0, 1]; 1.0 keeps all)."""
     missing = [n for n in weights if n not in densities]
     if missing:
-        raise ValueError(f"no density given for layer(s) {', '.join(missing)}")
+        raise UserError(f"no density given for layer(s) {', '.join(missing)}")
     return {name: magnitude_mask(w, densities[name], name=name) for name, w in weights.items()}
 
 
@@ -317,7 +318,7 @@ def apply_masks(weights, masks):
     are copied unchanged. A mask for an unknown layer, or of the wrong shape, is refused."""
     unknown = [n for n in masks if n not in weights]
     if unknown:
-        raise ValueError(f"mask(s) for unknown layer(s) {', '.join(unknown)}; known layers: {', '.join(weights)}")
+        raise UserError(f"mask(s) for unknown layer(s) {', '.join(unknown)}; known layers: {', '.join(weights)}")
     out = {}
     for name, w in weights.items():
         w = np.asarray(w)
@@ -381,11 +382,11 @@ def select_layers(names, skip=()):
     skip = list(skip)
     unused = [p for p in skip if not any(_matches(n, p) for n in names)]
     if unused:
-        raise ValueError(f"--skip {', '.join(unused)}: matches no prunable layer; known layers: {', '.join(names)}")
+        raise UserError(f"--skip {', '.join(unused)}: matches no prunable layer; known layers: {', '.join(names)}")
     skipped = [n for n in names if any(_matches(n, p) for p in skip)]
     selected = [n for n in names if n not in skipped]
     if not selected:
-        raise ValueError(f"every layer is skipped ({', '.join(names)}); nothing to prune")
+        raise UserError(f"every layer is skipped ({', '.join(names)}); nothing to prune")
     return selected, skipped
 
 
@@ -397,7 +398,7 @@ def layer_densities(weights, density=None, profile="uniform", skip=()):
     and global, optional for the others.
     """
     if not weights:
-        raise ValueError("no layers to prune")
+        raise UserError("no layers to prune")
     selected, skipped = select_layers(weights, skip)
     if density is not None:
         density = _check_density(density, "target", allow_one=False)
@@ -406,7 +407,7 @@ def layer_densities(weights, density=None, profile="uniform", skip=()):
     if not isinstance(prof, str):
         raise TypeError(f"profile must be a name or a path, not {type(profile).__name__}")
     if prof in ("uniform", "global") and density is None:
-        raise ValueError(f"profile {prof!r} needs a density; {ACCEPTED_FORMS}")
+        raise UserError(f"profile {prof!r} needs a density; {ACCEPTED_FORMS}")
     if prof == "uniform":
         chosen = {n: density for n in selected}
     elif prof == "global":
@@ -416,7 +417,7 @@ def layer_densities(weights, density=None, profile="uniform", skip=()):
     elif os.path.exists(prof) or prof.endswith(".json") or os.sep in prof:
         chosen = _file_densities(prof, selected, list(weights), density)
     else:
-        raise ValueError(f"unknown profile {prof!r}: use {', '.join(PROFILES)} or the path of a JSON file")
+        raise UserError(f"unknown profile {prof!r}: use {', '.join(PROFILES)} or the path of a JSON file")
     out = {}
     for n in weights:
         out[n] = 1.0 if n in skipped else chosen[n]
@@ -433,7 +434,7 @@ def _global_densities(weights, density):
     kept = [int(c) for c in np.add.reduceat(mask, np.cumsum([0] + sizes[:-1]))] if total else []
     empty = [n for n, c in zip(names, kept) if c == 0]
     if empty:
-        raise ValueError(f"the global threshold {threshold:.4g} removes every weight of layer(s) {', '.join(empty)}; "
+        raise UserError(f"the global threshold {threshold:.4g} removes every weight of layer(s) {', '.join(empty)}; "
                          "skip them, use a higher density, or another profile")
     log.info("global threshold %.6g keeps %d of %d weights", threshold, k, total)
     return {n: c / s for n, c, s in zip(names, kept, sizes)}
@@ -452,7 +453,7 @@ def _squeezenet_densities(sizes, density):
         else:
             unknown.append(n)
     if unknown:
-        raise ValueError(f"profile squeezenet-3x has no density for layer(s) {', '.join(unknown)} (it knows "
+        raise UserError(f"profile squeezenet-3x has no density for layer(s) {', '.join(unknown)} (it knows "
                          f"SqueezeNet v1.0 in Han's or DeepScale's naming: {', '.join(SQUEEZENET_3X)}); "
                          "skip them or use a JSON profile")
     if density is None or abs(density - 1.0 / 3.0) <= 0.005:
@@ -484,7 +485,7 @@ def _profile_value(value, path, key):
         try:
             return parse_ratio(ratio=value)
         except ValueError:
-            raise ValueError(f"{path}: {key!r}: invalid value {value!r} (a density in (0, 1] or a ratio such as "
+            raise UserError(f"{path}: {key!r}: invalid value {value!r} (a density in (0, 1] or a ratio such as "
                              "\"3x\")") from None
     return _check_density(value, f"{path}: {key!r}")
 
@@ -496,11 +497,11 @@ def read_profile(path):
         with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("densities"), dict):
         data = data["densities"]
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: a profile is a JSON object of layer name -> density, e.g. "
+        raise UserError(f"{path}: a profile is a JSON object of layer name -> density, e.g. "
                          '{"*": 0.33, "conv1": 1.0}')
     return {str(k): _profile_value(v, path, k) for k, v in data.items()}
 
@@ -523,7 +524,7 @@ def _file_densities(path, names, all_names, density):
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{path}: unknown layer(s) {', '.join(unknown)}; known layers: {', '.join(all_names)}")
+        raise UserError(f"{path}: unknown layer(s) {', '.join(unknown)}; known layers: {', '.join(all_names)}")
     out = {}
     missing = []
     for n in names:
@@ -540,5 +541,5 @@ def _file_densities(path, names, all_names, density):
             else:
                 out[n] = default
     if missing:
-        raise ValueError(f"{path}: no density for layer(s) {', '.join(missing)}; add them or a \"*\" default")
+        raise UserError(f"{path}: no density for layer(s) {', '.join(missing)}; add them or a \"*\" default")
     return out

@@ -24,6 +24,7 @@ import math
 import os
 
 from .caffe_env import caffe_pb2
+from .errors import UserError
 
 #: DeepScale's published dense solver values for SqueezeNet v1.0.
 DEEPSCALE_DENSE = dict(batch_size=32, iter_size=16, base_lr=0.04, lr_policy="poly", power=1.0, max_iter=170000,
@@ -35,7 +36,7 @@ IMAGENET_TRAIN, IMAGENET_VAL = 1281167, 50000
 
 def _count(value, what, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+        raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -43,7 +44,7 @@ def epochs_to_iters(epochs, train_size, batch_size, iter_size=1):
     """Solver iterations for ``epochs`` passes over ``train_size`` images at ``batch_size * iter_size`` per
     iteration (rounded up, at least 1)."""
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0 or math.isinf(epochs):
-        raise ValueError(f"epochs must be a positive number, got {epochs!r}")
+        raise UserError(f"epochs must be a positive number, got {epochs!r}")
     _count(train_size, "train_size")
     _count(batch_size, "batch_size")
     _count(iter_size, "iter_size")
@@ -68,12 +69,12 @@ def _solver(net, train_size, test_size, *, batch_size, iter_size, test_batch, ba
     _count(batch_size, "batch_size")
     _count(iter_size, "iter_size")
     if epochs is not None and max_iter is not None:
-        raise ValueError(f"give epochs ({epochs}) or max_iter ({max_iter}), not both")
+        raise UserError(f"give epochs ({epochs}) or max_iter ({max_iter}), not both")
     if epochs is not None:
         max_iter = epochs_to_iters(epochs, train_size, batch_size, iter_size)
     _count(max_iter, "max_iter")
     if not base_lr > 0:
-        raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
+        raise UserError(f"base_lr must be > 0, got {base_lr!r}")
     s = pb2.SolverParameter()
     s.net = os.fspath(net)
     s.test_iter.append(test_iters(test_size, test_batch))
@@ -95,7 +96,7 @@ def _solver(net, train_size, test_size, *, batch_size, iter_size, test_batch, ba
         if lr_policy == "inv":
             s.power = float(power)
     elif lr_policy != "fixed":
-        raise ValueError(f"lr_policy {lr_policy!r} is not one of fixed, step, exp, inv, poly, sigmoid")
+        raise UserError(f"lr_policy {lr_policy!r} is not one of fixed, step, exp, inv, poly, sigmoid")
     s.momentum = float(momentum)
     s.weight_decay = float(weight_decay)
     s.snapshot = _count(snapshot if snapshot is not None else math.ceil(max_iter / 10), "snapshot", 0)

@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 
 from . import fileio
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ZooModel:
         """Absolute path of the matching prototxt (``kind`` "deploy" or "trainval"), or None."""
         rel = {"deploy": self.deploy, "trainval": self.trainval}.get(kind)
         if kind not in ("deploy", "trainval"):
-            raise ValueError(f"prototxt kind must be 'deploy' or 'trainval', got {kind!r}")
+            raise UserError(f"prototxt kind must be 'deploy' or 'trainval', got {kind!r}")
         return None if rel is None else os.path.join(MODELS, rel)
 
 
@@ -106,7 +107,7 @@ ZOO = {
 def get(name):
     """The ZooModel called ``name``."""
     if name not in ZOO:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+        raise UserError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
     return ZOO[name]
 
 
@@ -135,23 +136,23 @@ def verify(path, name):
         raise FileNotFoundError(f"{name}: {path} does not exist")
     size = os.path.getsize(path)
     if model.size is not None and size != model.size:
-        raise ValueError(f"{path} is not the released {model.filename}: {size} bytes, expected {model.size}")
+        raise UserError(f"{path} is not the released {model.filename}: {size} bytes, expected {model.size}")
     if model.blob_id:
         actual = git_blob_id(path)
         if actual != model.blob_id:
-            raise ValueError(f"{path} is not the released {model.filename}: git blob id {actual}, expected "
+            raise UserError(f"{path} is not the released {model.filename}: git blob id {actual}, expected "
                              f"{model.blob_id}")
     elif model.sha256:
         actual = _hash_file(path, prefix_size=False, algorithm="sha256")
         if actual != model.sha256:
-            raise ValueError(f"{path} is not the released {model.filename}: SHA-256 {actual}, expected "
+            raise UserError(f"{path} is not the released {model.filename}: SHA-256 {actual}, expected "
                              f"{model.sha256}")
     elif model.sha1:
         actual = _hash_file(path, prefix_size=False)
         if actual != model.sha1:
-            raise ValueError(f"{path} is not the released {model.filename}: SHA-1 {actual}, expected {model.sha1}")
+            raise UserError(f"{path} is not the released {model.filename}: SHA-1 {actual}, expected {model.sha1}")
     else:
-        raise ValueError(f"no checksum is recorded for {name}; cannot verify {path}")
+        raise UserError(f"no checksum is recorded for {name}; cannot verify {path}")
     log.debug("%s verified as %s", path, name)
     return path
 
@@ -194,7 +195,7 @@ def fetch(name, dest, url=None, force=False):
         try:
             verify(dest, name)
         except ValueError as e:
-            raise ValueError(f"{e}; delete it or pass --force to fetch it again") from None
+            raise UserError(f"{e}; delete it or pass --force to fetch it again") from None
         log.info("%s already holds %s (verified)", dest, name)
         return dest
     source = url or model.url
@@ -210,7 +211,7 @@ def fetch(name, dest, url=None, force=False):
         try:
             verify(tmp, name)
         except ValueError as e:
-            raise ValueError(f"{source}: {str(e).replace(tmp, 'the download')}") from None
+            raise UserError(f"{source}: {str(e).replace(tmp, 'the download')}") from None
     log.info("%s: %s verified", name, dest)
     return dest
 
@@ -244,7 +245,7 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
 
     if name_or_prototxt not in ZOO:
         if not str(name_or_prototxt).endswith((".prototxt", ".pt")) and not os.path.exists(name_or_prototxt):
-            raise KeyError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
+            raise UserError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
         return evaluate.load_net(name_or_prototxt, weights, phase, gpu=gpu)
     model = get(name_or_prototxt)
     if weights is not None:
@@ -256,7 +257,7 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
         weights = fetch(model.name, folder, url=url)
     prototxt = prototxt or model.prototxt("deploy")
     if prototxt is None:
-        raise ValueError(f"{model.name}: the project has no matching prototxt; pass prototxt=")
+        raise UserError(f"{model.name}: the project has no matching prototxt; pass prototxt=")
     if not os.path.exists(prototxt):
         raise FileNotFoundError(f"{model.name}: prototxt {prototxt} does not exist (run tools/generate.py)")
     if model.format == "caffemodel":

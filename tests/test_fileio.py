@@ -34,3 +34,69 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
     fileio.write_json(tmp_path / "model.json", {"a": 1})
     assert sorted(os.listdir(tmp_path)) == sorted(["model.json", alive.name, other.name])
     assert fileio.read_json(tmp_path / "model.json") == {"a": 1}
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+def test_devices_are_never_replaced_even_with_force(device):
+    with pytest.raises(ValueError, match="character device"):
+        fileio.check_output(device, force=True)
+    with pytest.raises(ValueError, match="character device"):
+        fileio.write_json(device, {"a": 1}, force=True)
+    assert os.path.exists(device) and not os.path.isfile(device)
+
+
+def test_fifo_and_link_to_a_device_are_refused(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        fileio.atomic_write(fifo, "x", force=True)
+    link = tmp_path / "link"
+    link.symlink_to("/dev/null")
+    with pytest.raises(ValueError, match="character device"):
+        fileio.atomic_write(link, "x", force=True)
+    assert os.path.islink(link)
+
+
+def test_folder_swap_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
+    out = tmp_path / "out"
+    with fileio.atomic_path(out, directory=True) as tmp:
+        open(os.path.join(tmp, "a"), "w").write("old")
+    with pytest.raises(RuntimeError):
+        with fileio.atomic_path(out, directory=True) as tmp:
+            open(os.path.join(tmp, "a"), "w").write("new, half")
+            raise RuntimeError("crash")
+    assert open(out / "a").read() == "old" and os.listdir(tmp_path) == ["out"]
+    with fileio.atomic_path(out, directory=True) as tmp:
+        open(os.path.join(tmp, "b"), "w").write("new")
+    assert os.listdir(out) == ["b"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_replaceable_folder_holds_only_what_the_tool_writes(tmp_path):
+    own = ["*.caffemodel", "snapshots"]
+    assert fileio.check_replaceable(tmp_path / "absent", own, False, "prune.py")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x.caffemodel").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="--force"):
+        fileio.check_replaceable(tmp_path / "run", own, False, "prune.py")
+    fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
+    (tmp_path / "run" / "thesis.tex").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="'thesis.tex', which prune.py did not write"):
+        fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
+
+
+def test_a_second_process_is_refused_with_the_live_pid(tmp_path):
+    out = tmp_path / "run"
+    code = ("import sys, time; from dsd_caffe import fileio\n"
+            f"with fileio.output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"in use by another dsd-caffe process \\(pid {holder.pid}\\)"):
+            with fileio.output_lock(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with fileio.output_lock(out):  # the lock went with the killed holder
+        with fileio.output_lock(out):  # and a process may take its own lock again
+            pass

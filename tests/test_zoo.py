@@ -46,7 +46,7 @@ def test_zoo_entries_are_complete():
         assert m.blob_id or m.sha256 or m.sha1
         if m.deploy:
             assert m.prototxt("deploy").endswith(".prototxt") and m.prototxt("trainval").endswith(".prototxt")
-    with pytest.raises(KeyError, match="unknown zoo model"):
+    with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.get("alexnet")
 
 
@@ -135,7 +135,7 @@ def test_load_zoo_name_and_prototxt(tmp_path):
     for n in (net, net2, net3):
         for name in ("conv1", "fc"):
             assert np.array_equal(n.params[name][0].data, src.params[name][0].data)
-    with pytest.raises(KeyError, match="neither a zoo model"):
+    with pytest.raises(ValueError, match="neither a zoo model"):
         zoo.load("no-such-model")
 
 
