@@ -85,6 +85,29 @@ def set_device(gpu=None):
     return caffe
 
 
+def make_net(net_param, phase="TEST", weights=None):
+    """A ``caffe.Net`` built from a NetParameter in memory (pycaffe builds nets only from files: this writes a
+    temporary prototxt and removes it), in ``phase`` ("TRAIN"/"TEST"), with ``weights`` (a caffemodel path)
+    copied in when given. Relative data sources resolve against the current folder, as in Caffe: pass a
+    NetParameter with absolute sources (``sources.absolute_sources``) to be independent of it."""
+    import tempfile
+
+    from google.protobuf import text_format
+
+    caffe = import_caffe()
+    phase_value = {"TRAIN": caffe.TRAIN, "TEST": caffe.TEST}.get(phase, phase)
+    fd, path = tempfile.mkstemp(prefix="dsd-net-", suffix=".prototxt")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text_format.MessageToString(net_param))
+        net = caffe.Net(path, phase_value)
+    finally:
+        os.unlink(path)
+    if weights is not None:
+        net.copy_from(os.fspath(weights))
+    return net
+
+
 def caffe_binary():
     """The ``caffe`` command to run in a subprocess: the .venv wrapper beside this Python when present (it runs
     Python layers with this interpreter and its packages), else the binary beside pycaffe."""
