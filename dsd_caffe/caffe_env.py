@@ -24,6 +24,28 @@ def import_caffe():
     return caffe
 
 
+def glog_flags():
+    """{"minloglevel": c_int, "logtostderr": c_bool} views of glog's flags in the libglog this process loaded
+    (with pycaffe), or None when it cannot be found. Setting ``.value`` takes effect at once."""
+    import ctypes
+
+    import_caffe()
+    path = None
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "libglog.so" in line:
+                path = line.split()[-1]
+                break
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)
+    try:
+        return {"minloglevel": ctypes.c_int.in_dll(lib, "_ZN3fLI17FLAGS_minloglevelE"),
+                "logtostderr": ctypes.c_bool.in_dll(lib, "_ZN3fLB17FLAGS_logtostderrE")}
+    except ValueError:
+        return None
+
+
 def caffe_pb2():
     """Return ``caffe.proto.caffe_pb2``."""
     import_caffe()

@@ -87,10 +87,10 @@ def layer_specs(prototxt):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.fspath(prototxt)
         if data_layers:
-            from . import masklayer, netgen
+            from . import masks, netgen
 
             try:
-                deploy = netgen.deploy(masklayer.remove_mask_layer(net_param))
+                deploy = netgen.deploy(masks.remove_mask_layer(net_param))
             except (ValueError, TypeError) as e:
                 raise UserError(
                     f"prototxt {prototxt} reads data (layer {data_layers[0].name!r} of type {data_layers[0].type}) "

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from . import caffe_env, fileio, netcheck
+from . import caffe_env, fileio, netcheck, plots, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,15 @@ def _check_iterations(iterations):
     return int(iterations)
 
 
-def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow_missing=False):
+def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow_missing=False, net_param=None):
     """Validate ``model`` (prototxt), its data sources and ``weights`` (caffemodel) in Python, then build the
-    ``caffe.Net`` and copy the weights. Every bad input is a ValueError/FileNotFoundError naming it."""
-    caffe = caffe_env.set_device(gpu)
-    model = os.fspath(model)
-    net_param = fileio.read_net_prototxt(model)
+    ``caffe.Net`` and copy the weights. Data sources resolve beside the prototxt first, then in the current
+    folder (``dsd_caffe.sources``), so this works from any folder. ``net_param`` (absolute sources) replaces
+    reading ``model``. Every bad input is a UserError/OSError naming it."""
+    caffe_env.set_device(gpu)
+    model = os.fspath(model) if model is not None else "net"
+    if net_param is None:
+        net_param = sources.read_net(model, require=(phase.upper(), "BOTH") if isinstance(phase, str) else ())
     weights_param, hdf5 = None, False
     if weights is not None and _is_hdf5(weights):
         log.warning("%s is an HDF5 weights file: Caffe reads it, but its fit to the net is not checked first",
@@ -66,13 +69,16 @@ def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow
         weights_param = fileio.read_caffemodel(weights)
     netcheck.check_structure(net_param, phase, name=model)
     netcheck.check_data_layers(net_param, phase, iterations=iterations)
-    net = caffe.Net(model, netcheck.phase_value(phase))
+    net = caffe_env.make_net(net_param, "TEST" if netcheck.phase_value(phase) else "TRAIN")
     if weights_param is not None:
         netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
                                    net_name=model, allow_missing=allow_missing)
+    if weights is not None:
         net.copy_from(os.fspath(weights))
-    elif hdf5:
-        net.copy_from(os.fspath(weights))
+        try:
+            net._dsd_weights = os.path.abspath(os.fspath(weights))  # masks.read_masks names it in its hint
+        except AttributeError:
+            pass
     return net
 
 
@@ -162,19 +168,47 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
     return res
 
 
-def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_missing=False):
+def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_missing=False, net_param=None):
     """``caffe test --model model --weights weights --iterations N`` in pycaffe: an ordered dict
-    {output name: mean} (see :class:`Results`); :func:`format_results` gives the binary's lines."""
+    {output name: mean} (see :class:`Results`); :func:`format_results` gives the binary's lines. ``net_param``
+    (absolute sources) replaces reading ``model``."""
     iterations = _check_iterations(iterations)
-    net = load_net(model, weights, "TEST", gpu=gpu, iterations=iterations, allow_missing=allow_missing)
+    if net_param is None:
+        net_param = sources.read_net(model, require=("TEST", "BOTH"))
+    netcheck.require_data(net_param, "TEST", name=os.fspath(model) if model is not None else "net")
+    net = load_net(model, weights, "TEST", gpu=gpu, iterations=iterations, allow_missing=allow_missing,
+                   net_param=net_param)
     ignore = None
-    for layer in netcheck.included_layers(fileio.read_net_prototxt(model), "TEST"):
+    for layer in netcheck.included_layers(net_param, "TEST"):
         if layer.type == "Accuracy":
             if layer.accuracy_param.HasField("ignore_label"):
                 ignore = layer.accuracy_param.ignore_label
             break
     log.info("Running for %d iterations.", iterations)
     return run(net, iterations, confusion=confusion, ignore_label=ignore)
+
+
+def evaluate_param(net_param, weights, iterations=None, gpu=None):
+    """Test-phase outputs {name: float} of ``weights`` on ``net_param`` (absolute sources, mask layer ignored);
+    ``iterations`` defaults to covering the TEST LMDB once."""
+    from . import masks, solvers
+
+    net = masks.remove_mask_layer(net_param)
+    if iterations is None:
+        _, (test_src, test_batch) = sources.data_sources(net)
+        iterations = solvers.test_iters(sources.lmdb_count(test_src), test_batch)
+    res = evaluate(None, os.fspath(weights), iterations=iterations, gpu=gpu, net_param=net)
+    return {k: float(np.asarray(v).ravel()[0]) for k, v in res.items() if np.asarray(v).size == 1}
+
+
+def lmdb_class_names(lmdb_path):
+    """The class names an LMDB's JSON (written beside it by the toolkit) records, or None."""
+    sidecar = fileio.sidecar_path(os.fspath(lmdb_path))
+    if os.path.isfile(sidecar):
+        names = fileio.read_json(sidecar).get("classes")
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    return None
 
 
 def format_results(results, net=None):
@@ -207,60 +241,25 @@ def per_class(confusion):
     return rows
 
 
-def write_confusion(confusion, folder, class_names=None, force=False):
-    """Write ``confusion.csv``, ``per_class.csv`` and ``confusion.png`` into ``folder`` (atomically each)."""
-    import csv
-    import io
+CONFUSION_FILES = ("confusion.csv", "per_class.csv", "confusion.png")
 
+
+def write_confusion(confusion, folder, class_names=None, force=False):
+    """Write ``confusion.csv``, ``per_class.csv`` and ``confusion.png`` into ``folder``, staged in a temporary
+    folder renamed into place (a folder holding anything else is never replaced)."""
     cm = np.asarray(confusion)
     k = cm.shape[0]
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
         raise UserError(f"{len(names)} class names for a {k}-class confusion matrix")
-    folder = os.fspath(folder)
-    paths = {n: os.path.join(folder, n) for n in ("confusion.csv", "per_class.csv", "confusion.png")}
-    for p in paths.values():
-        fileio.check_output(p, force)
-    os.makedirs(folder, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["true\\predicted"] + names)
-    for i in range(k):
-        w.writerow([names[i]] + [int(x) for x in cm[i]])
-    fileio.atomic_write(paths["confusion.csv"], buf.getvalue(), force=force)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["class", "name", "images", "correct", "accuracy"])
-    for c, total, correct, accuracy in per_class(cm):
-        w.writerow([c, names[c], total, correct, f"{accuracy:.6f}"])
-    fileio.atomic_write(paths["per_class.csv"], buf.getvalue(), force=force)
-    _plot(cm, names, paths["confusion.png"], force)
-    return paths
-
-
-def _plot(cm, names, path, force):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = cm.shape[0]
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
-    size = min(4 + 0.4 * k, 20)
-    fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    if k <= 30:
-        ax.set_xticks(range(k), names, rotation=90)
-        ax.set_yticks(range(k), names)
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    total = cm.sum()
-    ax.set_title(f"accuracy {np.trace(cm) / total:.4f} on {total} images" if total else "no images")
-    fileio.save_figure(fig, path, dpi=100, force=force)
+    folder = os.path.abspath(os.fspath(folder))
+    with fileio.output_lock(folder):
+        fileio.check_replaceable(folder, CONFUSION_FILES, force, "evaluate.py")
+        with fileio.atomic_path(folder, force=True, directory=True) as tmp:
+            rows = [["true\\predicted"] + names] + [[names[i]] + [int(x) for x in cm[i]] for i in range(k)]
+            fileio.atomic_write(os.path.join(tmp, "confusion.csv"), fileio.csv_text(rows))
+            rows = [["class", "name", "images", "correct", "accuracy"]] + [
+                [c, names[c], total, correct, f"{accuracy:.6f}"] for c, total, correct, accuracy in per_class(cm)]
+            fileio.atomic_write(os.path.join(tmp, "per_class.csv"), fileio.csv_text(rows))
+            plots.confusion(os.path.join(tmp, "confusion.png"), cm, names)
+    return {n: os.path.join(folder, n) for n in CONFUSION_FILES}

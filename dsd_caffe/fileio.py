@@ -219,15 +219,14 @@ def atomic_write(path, data, force=True):
     return os.fspath(path)
 
 
-def save_figure(fig, path, dpi=80, force=True):
-    """Lay out a matplotlib figure, write it as a PNG atomically, and close it."""
-    import matplotlib.pyplot as plt
+def csv_text(rows):
+    """Rows (lists of values) as CSV text with ``\n`` line ends."""
+    import csv
+    import io
 
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    return os.fspath(path)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
 
 
 def write_json(path, obj, force=True):

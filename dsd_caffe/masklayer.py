@@ -1,5 +1,7 @@
 """The mask layer: a Caffe Python layer that keeps pruned weights at exactly 0.0 while Caffe trains.
 
+This module holds only the layer and its mask codec; putting it into nets and caffemodels is :mod:`dsd_caffe.masks`.
+
 How it works (under the ``caffe train`` binary and under pycaffe's Solver alike):
 
 - The generated sparse trainval holds one ``MaskLayer`` right after the data layer(s). Its ``param { name: ... }``
@@ -27,7 +29,6 @@ import logging
 
 import numpy as np
 
-from .caffe_env import caffe_pb2
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def unpack_mask(packed, shape, what="mask"):
 
 
 # ---------------------------------------------------------------------------------------------- the layer
-def _parse_param_str(text):
+def parse_param_str(text):
     try:
         spec = json.loads(text or "")
     except json.JSONDecodeError as e:
@@ -102,7 +103,7 @@ class MaskLayer(_caffe_layer_base()):
     """Blobs: the shared weights of each masked layer (in param_str order), then one packed mask per layer."""
 
     def setup(self, bottom, top):
-        self.layers = _parse_param_str(self.param_str)
+        self.layers = parse_param_str(self.param_str)
         if len(bottom) != 0 or len(top) != 1:
             raise UserError(f"MaskLayer takes no bottom and one top (a zero loss), got {len(bottom)} bottoms "
                              f"and {len(top)} tops")
@@ -145,193 +146,3 @@ class MaskLayer(_caffe_layer_base()):
         self._check()
         for i, keep in enumerate(self._keep):
             np.multiply(self.blobs[i].diff, keep, out=self.blobs[i].diff)
-
-
-# ---------------------------------------------------------------------------------------------- net surgery
-def param_name(layer):
-    """The name under which ``layer``'s weight blob is shared: its own param name, else ``<layer>_w``."""
-    if len(layer.param) and layer.param[0].name:
-        return layer.param[0].name
-    return f"{layer.name}_w"
-
-
-def is_mask_layer(layer):
-    return layer.type == "Python" and layer.python_param.layer == LAYER and layer.python_param.module == MODULE
-
-
-def _data_end(net):
-    """Index after the last leading data/input layer (layers with no bottom)."""
-    i = 0
-    while i < len(net.layer) and len(net.layer[i].bottom) == 0:
-        i += 1
-    return i
-
-
-def add_mask_layer(net_param, shapes, name=NAME):
-    """Return a copy of ``net_param`` with the mask layer for ``shapes`` ({layer: weight shape}, in net order)
-    inserted after the data layers, and each masked layer's weight param named for sharing."""
-    pb2 = caffe_pb2()
-    net = pb2.NetParameter()
-    net.CopyFrom(net_param)
-    if net.layers:
-        raise UserError("net uses the old V1 'layers' format; upgrade it with Caffe's upgrade_net_proto_text")
-    if any(is_mask_layer(l) for l in net.layer):
-        raise UserError(f"net {net.name!r} already holds a mask layer")
-    by_name = {l.name: l for l in net.layer}
-    entries, params = [], []
-    for lname, shape in shapes.items():
-        layer = by_name.get(lname)
-        if layer is None:
-            raise UserError(f"layer {lname!r} is not in net {net.name!r}")
-        if layer.type not in ("Convolution", "InnerProduct", "Deconvolution"):
-            raise UserError(f"layer {lname!r} is a {layer.type} layer; only weighted layers can be masked")
-        if not len(layer.param):
-            layer.param.add()
-        spec = layer.param[0]
-        spec.name = param_name(layer)
-        shared = pb2.ParamSpec(name=spec.name, lr_mult=spec.lr_mult if spec.HasField("lr_mult") else 1.0,
-                               decay_mult=spec.decay_mult if spec.HasField("decay_mult") else 1.0)
-        params.append(shared)
-        entries.append({"name": lname, "shape": [int(d) for d in shape]})
-    mask = pb2.LayerParameter(name=name, type="Python", top=[TOP], loss_weight=[1.0])
-    mask.include.add(phase=pb2.TRAIN)
-    mask.python_param.module = MODULE
-    mask.python_param.layer = LAYER
-    mask.python_param.param_str = json.dumps({"layers": entries})
-    mask.param.extend(params)
-    for e in entries:
-        mask.param.add(lr_mult=0.0, decay_mult=0.0)
-    layers = list(net.layer)
-    at = _data_end(net)
-    del net.layer[:]
-    net.layer.extend(layers[:at] + [mask] + layers[at:])
-    return net
-
-
-def remove_mask_layer(net_param):
-    """Return a copy of ``net_param`` without the mask layer (the weights' param names stay; they are harmless)."""
-    pb2 = caffe_pb2()
-    net = pb2.NetParameter()
-    net.CopyFrom(net_param)
-    keep = [l for l in net.layer if not is_mask_layer(l)]
-    del net.layer[:]
-    net.layer.extend(keep)
-    return net
-
-
-def mask_layer_spec(net_param):
-    """(mask layer name, [(layer, shape), ...]) of the mask layer in a net or caffemodel NetParameter, or None."""
-    for l in net_param.layer:
-        if is_mask_layer(l):
-            return l.name, _parse_param_str(l.python_param.param_str)
-    return None
-
-
-def blob_array(blob):
-    shape = tuple(blob.shape.dim) if blob.HasField("shape") else tuple(
-        d for d in (blob.num, blob.channels, blob.height, blob.width))
-    return np.asarray(blob.data, dtype=np.float32).reshape(shape)
-
-
-def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
-    """Return a copy of caffemodel ``model_param`` with the mask layer's blobs (shared weights, packed masks) so
-    that it loads into ``net_with_mask_layer``. The weights are zeroed where the masks are False."""
-    spec = mask_layer_spec(net_with_mask_layer)
-    if spec is None:
-        raise UserError("the net has no mask layer")
-    name, entries = spec
-    pb2 = caffe_pb2()
-    out = pb2.NetParameter()
-    out.CopyFrom(model_param)
-    by_name = {l.name: l for l in out.layer}
-    layer = pb2.LayerParameter()
-    layer.CopyFrom(next(l for l in net_with_mask_layer.layer if l.name == name))
-    del layer.blobs[:]
-    packed = []
-    for lname, shape in entries:
-        if lname not in masks:
-            raise UserError(f"no mask given for layer {lname!r}")
-        m = np.asarray(masks[lname], dtype=bool)
-        src = by_name.get(lname)
-        if src is None or not len(src.blobs):
-            raise UserError(f"caffemodel has no weights for layer {lname!r}")
-        w = blob_array(src.blobs[0])
-        if w.shape != tuple(shape) or m.shape != tuple(shape):
-            raise UserError(f"layer {lname!r}: weights {w.shape}, mask {m.shape}, net expects {tuple(shape)}; "
-                             "the mask does not fit the net")
-        w = np.where(m, w, np.float32(0.0)).astype(np.float32)
-        del src.blobs[0].data[:]
-        src.blobs[0].data.extend(w.ravel().tolist())
-        b = layer.blobs.add()
-        b.shape.dim.extend(shape)
-        b.data.extend(w.ravel().tolist())
-        packed.append(pack_mask(m))
-    for p in packed:
-        b = layer.blobs.add()
-        b.shape.dim.append(p.size)
-        b.data.extend(p.tolist())
-    keep = [l for l in out.layer if not is_mask_layer(l)]
-    del out.layer[:]
-    out.layer.extend(keep)
-    out.layer.add().CopyFrom(layer)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- pycaffe API
-def _mask_from_net(net):
-    """(name, MaskLayer object) of a caffe.Net (pycaffe hands back the Python layer object itself)."""
-    for lname, layer in zip(net._layer_names, net.layers):
-        if isinstance(layer, MaskLayer):
-            return lname, layer
-    return None, None
-
-
-def read_masks(source):
-    """{layer: bool mask} from a ``caffe.Net`` (TRAIN phase of a sparse trainval), a caffemodel path or a
-    caffemodel NetParameter. Raises ValueError when there is no mask layer."""
-    from . import fileio
-
-    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        source = fileio.read_caffemodel(source)
-    if hasattr(source, "layer"):  # NetParameter
-        spec = mask_layer_spec(source)
-        if spec is None:
-            raise UserError("the caffemodel holds no mask layer (is it a sparse-phase model?)")
-        name, entries = spec
-        layer = next(l for l in source.layer if l.name == name)
-        n = len(entries)
-        if len(layer.blobs) != 2 * n:
-            raise UserError(f"mask layer {name!r} holds {len(layer.blobs)} blobs, expected {2 * n}")
-        return {lname: unpack_mask(layer.blobs[n + i].data, shape, what=f"mask of layer {lname}")
-                for i, (lname, shape) in enumerate(entries)}
-    name, layer = _mask_from_net(source)
-    if layer is None:
-        raise UserError("the net holds no mask layer (load the TRAIN phase of a sparse trainval)")
-    n = len(layer.layers)
-    return {lname: unpack_mask(layer.blobs[n + i].data, shape, what=f"mask of layer {lname}")
-            for i, (lname, shape) in enumerate(layer.layers)}
-
-
-def weight_arrays(source, layer_types=("Convolution", "InnerProduct", "Deconvolution")):
-    """{layer: weight ndarray} of the weighted layers of a caffemodel (path or NetParameter) or a ``caffe.Net``."""
-    from . import fileio
-
-    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        source = fileio.read_caffemodel(source)
-    if hasattr(source, "layer"):
-        return {l.name: blob_array(l.blobs[0]) for l in source.layer
-                if l.type in layer_types and len(l.blobs)}
-    return {name: np.array(source.params[name][0].data) for name, layer in zip(source._layer_names, source.layers)
-            if layer.type in layer_types and name in source.params}
-
-
-def sparsity_report(source):
-    """{layer: {"shape", "count", "nonzero", "density"}} of the weighted layers, plus "total"."""
-    report, total, nonzero = {}, 0, 0
-    for name, w in weight_arrays(source).items():
-        nz = int(np.count_nonzero(w))
-        report[name] = {"shape": list(w.shape), "count": int(w.size), "nonzero": nz, "density": nz / w.size}
-        total += w.size
-        nonzero += nz
-    report["total"] = {"count": int(total), "nonzero": int(nonzero), "density": nonzero / total if total else 0.0}
-    return report

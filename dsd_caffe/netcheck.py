@@ -5,17 +5,30 @@ abort. These checks mirror Caffe's own rules (``Net::FilterNet``, ``Net::CopyTra
 ``Blob::ShapeEquals``, ``DataTransformer::Transform``) and raise one clear ValueError/FileNotFoundError instead:
 
 - :func:`included_layers`: the layers Caffe keeps for a phase/level/stages (``include``/``exclude`` rules).
-- :func:`check_data_layers`: Data/ImageData/HDF5Data sources exist (resolved like the caffe binary does: relative
-  to the current folder), LMDBs are readable and non-empty, images are at least the crop size, mean values fit.
+- :func:`check_structure`: every layer type is registered in this Caffe build (``LayerRegistry::CreateLayer``), a
+  Python layer's module imports and has its class (``PythonLayer``'s ``bp::import``), every bottom is produced
+  before it is read (``Net::AppendBottom``).
+- :func:`require_data`: a net that must read data (evaluation, training) has a data layer in that phase, not only
+  an Input layer (``caffe test`` on a deploy net runs on zeros and reports meaningless numbers).
+- :func:`check_data_layers`: Data/ImageData/HDF5Data sources exist, LMDBs are readable and non-empty, images are
+  at least the crop size (``DataTransformer::Transform``), mean values fit; :func:`check_labels`: labels lie in the
+  net's classes (``SoftmaxWithLoss`` checks them only in debug builds).
 - :func:`param_shapes` and :func:`check_weights_fit`: a caffemodel fits a net (first differing layer named, with
-  the layer naming each side seems to use).
+  the layer naming each side seems to use); :func:`check_fits` builds the net's weight shapes first, or, when its
+  data is not on this machine, checks names and kernel shapes only (:func:`check_fits_by_name`).
+
+Sources: a net given here has absolute data sources (``sources.absolute_sources``, the one resolver); a relative
+one is resolved against the current folder, as the caffe binary does.
 """
 import collections
+import difflib
+import importlib
 import logging
 import os
 
 from .caffe_env import caffe_pb2
 from .errors import UserError
+from .sources import phase_of
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +91,46 @@ def check_structure(net_param, phase="TEST", name="net"):
         raise UserError(f"{name}: no layer is included in the {phase} phase")
     for layer in layers:
         if layer.type not in known:
-            raise UserError(f"{name}: layer {layer.name!r} has unknown type {layer.type!r} "
-                             f"(this Caffe knows {len(known)} types, e.g. Convolution, Data, Python)")
+            close = difflib.get_close_matches(layer.type, sorted(known), n=1)
+            raise UserError(f"{name}: layer {layer.name!r} has type {layer.type!r}, which this Caffe build does "
+                            f"not have" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if layer.type == "Python":
+            _check_python_layer(layer, name)
         for b in layer.bottom:
             if b not in tops:
                 raise UserError(f"{name}: layer {layer.name!r} reads bottom {b!r}, which no earlier layer "
                                  f"of the {phase} phase produces")
         tops.update(layer.top)
+
+
+def _check_python_layer(layer, name):
+    """Caffe's PythonLayer imports ``python_param.module`` and takes ``python_param.layer`` from it; a failure
+    there is a 20-line Boost.Python traceback and a NULL-return SystemError."""
+    module, cls = layer.python_param.module, layer.python_param.layer
+    where = f"{name}: Python layer {layer.name!r}"
+    if not module or not cls:
+        raise UserError(f"{where} needs python_param {{ module: ... layer: ... }}")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from None
+    if not isinstance(getattr(mod, cls, None), type):
+        raise UserError(f"{where}: module {module!r} has no class {cls!r}")
+
+
+#: layer types that read data (a net without any in a phase reads nothing in it)
+DATA_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "Python")
+
+
+def require_data(net_param, phase="TEST", name="net"):
+    """Refuse a net with no data layer in ``phase`` (a deploy net: Input layers only)."""
+    layers = included_layers(net_param, phase)
+    if not any(l.type in DATA_TYPES and not l.bottom and l.top for l in layers):
+        inputs = [l.name for l in layers if l.type == "Input"] or list(net_param.input)
+        what = f"only Input layers ({', '.join(inputs)}): a deploy net" if inputs else "no data layer"
+        raise UserError(f"{name} has {what} in the {phase} phase, so there is no data to evaluate or train on "
+                        "(caffe test would run it on all-zero inputs); give the trainval prototxt with its Data "
+                        "layers")
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -170,6 +216,13 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
                             "scores then vary from run to run, in `caffe test` too", where)
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
             _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
+            if tp.crop_size:
+                from . import data
+
+                try:
+                    data.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size)
+                except ValueError as e:
+                    raise UserError(f"{where}: {e}") from None
             if iterations and info["count"] < iterations * dp.batch_size:
                 log.info("%s: %d iterations x batch %d = %d images but the LMDB holds %d; like `caffe test`, "
                          "the reader wraps around and counts some images more than once", where, iterations,
@@ -295,3 +348,126 @@ def check_weights_fit(net_shapes, caffemodel_param, weights_name="caffemodel", n
     for n in missing:
         log.warning("layer %s keeps its initial values: %s has no weights for it", n, weights_name)
     return copied
+
+
+def num_classes(net):
+    """The class count the loss sees: num_output of the Convolution/InnerProduct that feeds SoftmaxWithLoss (through
+    pooling, ReLU, dropout...), or None when the net has no such loss."""
+    layers = list(net.layer)
+    for i, l in enumerate(layers):
+        if l.type != "SoftmaxWithLoss" or not l.bottom:
+            continue
+        blob = l.bottom[0]
+        for producer in reversed(layers[:i]):
+            if blob not in producer.top:
+                continue
+            if producer.type in ("Convolution", "InnerProduct"):
+                param = producer.convolution_param if producer.type == "Convolution" else producer.inner_product_param
+                return param.num_output
+            if not producer.bottom:
+                return None
+            blob = producer.bottom[0]
+    return None
+
+
+def check_labels(net):
+    """Refuse LMDB Data layers whose labels lie outside the net's classes (Caffe checks them only in debug
+    builds: an out-of-range label makes SoftmaxWithLoss write outside its blob)."""
+    from .data import label_range
+
+    classes = num_classes(net)
+    if not classes:
+        return
+    for l in net.layer:
+        if l.type == "Data":
+            low, high = label_range(resolve_source(l.data_param.source))
+            if low < 0 or high >= classes:
+                bad = low if low < 0 else high
+                raise UserError(f"Data layer {l.name!r} ({phase_of(l)}): LMDB {l.data_param.source} holds label "
+                                f"{bad}, outside the net's {classes} classes (0..{classes - 1}); does the LMDB "
+                                "belong to this net?")
+
+
+def check_data(net, phases=("TRAIN", "TEST")):
+    """Everything a training run reads: the data layers of each phase and their labels."""
+    for phase in phases:
+        check_data_layers(net, phase)
+    check_labels(net)
+
+
+def check_net(net_param, phases=("TRAIN", "TEST"), name="net"):
+    """Structure checks for every phase (types registered, Python layers importable, bottoms produced)."""
+    for phase in phases:
+        check_structure(net_param, phase, name)
+
+
+def input_shape(net_param):
+    """(1, C, H, W) of the net's first Data layer (its LMDB's first record and crop), or None when the LMDB is not
+    on this machine."""
+    from .data import lmdb_info
+
+    for l in net_param.layer:
+        if l.type == "Data":
+            path = resolve_source(l.data_param.source)
+            if not os.path.isdir(path):
+                return None
+            info = lmdb_info(path)
+            crop = l.transform_param.crop_size
+            return (1, info["channels"], crop or info["height"], crop or info["width"])
+    return None
+
+
+def weight_shapes(net_param):
+    """{layer: [blob shapes]} of a net from a real caffe.Net of its deploy form, or None when the input shape is
+    unknown (a trainval whose data is not on this machine)."""
+    from . import masks, netgen
+    from .caffe_env import make_net
+
+    net_param = masks.remove_mask_layer(net_param)
+    has_input = any(l.type == "Input" for l in net_param.layer) or len(net_param.input)
+    shape = None if has_input else input_shape(net_param)
+    if not has_input and shape is None:
+        return None
+    deploy = net_param if has_input else netgen.deploy(net_param, input_shape=shape)
+    return param_shapes(make_net(deploy, "TEST"))
+
+
+def check_fits(net_param, model_param, weights_name="caffemodel", net_name="net"):
+    """:func:`check_weights_fit` against the net's real weight shapes when they can be built, else
+    :func:`check_fits_by_name` (logged). Returns the layer names the caffemodel sets."""
+    shapes = weight_shapes(net_param)
+    if shapes is None:
+        log.info("the net's data is not on this machine: %s is checked against %s by layer names and kernel "
+                 "shapes only (Caffe checks the rest when it loads it)", weights_name, net_name)
+        return check_fits_by_name(net_param, model_param, weights_name, net_name)
+    return check_weights_fit(shapes, model_param, weights_name=weights_name, net_name=net_name)
+
+
+def check_fits_by_name(net_param, model_param, weights_name="caffemodel", net_name="net"):
+    """Every Convolution/InnerProduct layer of the net has weights in the caffemodel with its num_output and
+    kernel size (what can be checked without running the net)."""
+    src = {l.name: l for l in list(model_param.layer) or list(model_param.layers)}
+    hint = _naming_hint(list(src), [l.name for l in net_param.layer])
+    names = []
+    for layer in net_param.layer:
+        if layer.type not in ("Convolution", "InnerProduct"):
+            continue
+        got = src.get(layer.name)
+        if got is None or not len(got.blobs):
+            raise UserError(f"{weights_name} does not fit {net_name}: it has no weights for layer "
+                            f"{layer.name!r}{hint}")
+        shape = blob_proto_shape(got.blobs[0])[0]
+        if layer.type == "Convolution":
+            cp = layer.convolution_param
+            k = tuple(cp.kernel_size) if len(cp.kernel_size) else (cp.kernel_h, cp.kernel_w)
+            k = k * 2 if len(k) == 1 else k
+            want = (cp.num_output,) + k
+            have = (shape[0],) + tuple(shape[2:]) if len(shape) == 4 else shape
+        else:
+            want, have = (layer.inner_product_param.num_output,), shape[:1]
+        if tuple(have) != tuple(want):
+            raise UserError(f"{weights_name} does not fit {net_name}: layer {layer.name!r} weights are "
+                            f"{_fmt(shape)} in the caffemodel, but the net asks for {want[0]} outputs"
+                            + (f" of kernel {_fmt(want[1:])}" if len(want) > 1 else "") + hint)
+        names.append(layer.name)
+    return names

@@ -15,6 +15,10 @@ Conventions
 * The *threshold* of a layer is the smallest ``|w|`` kept: every kept weight has ``|w| >= threshold`` and every
   dropped weight has ``|w| <= threshold``.
 * Pruned weights are exactly ``0.0``.
+* Re-pruning: a weight that is already exactly 0 counts as pruned. So pruning a pruned model keeps only non-zero
+  weights, a layer kept at density 1.0 keeps its non-zero weights (its zeros stay pruned), and a density above a
+  layer's current one is refused, naming both (pruning only removes weights). Tables report what the pruned
+  weights really hold: ``kept`` is their non-zero count.
 
 Profiles (:func:`layer_densities`)
 ----------------------------------
@@ -275,11 +279,6 @@ def magnitude_mask(weights, density, name=None):
     return mask_and_threshold(weights, density, name)[0]
 
 
-def magnitude_threshold(weights, density, name=None):
-    """The smallest ``|w|`` that :func:`magnitude_mask` keeps."""
-    return mask_and_threshold(weights, density, name)[1]
-
-
 def density(array):
     """Fraction of non-zero entries of ``array``."""
     a = np.asarray(array)
@@ -306,11 +305,28 @@ def as_bool_mask(mask, shape=None, name=None):
 
 
 def make_masks(weights, densities):
-    """``{name: bool mask}`` for every layer of ``weights`` at ``densities[name]`` (in (0, 1]; 1.0 keeps all)."""
+    """``{name: bool mask}`` for every layer of ``weights`` at ``densities[name]`` (in (0, 1]; 1.0 keeps every
+    non-zero weight). Re-pruning (see the module docstring): a weight that is already 0 counts as pruned, and a
+    layer asked to keep more weights than it has non-zero is refused, naming both densities."""
     missing = [n for n in weights if n not in densities]
     if missing:
         raise UserError(f"no density given for layer(s) {', '.join(missing)}")
-    return {name: magnitude_mask(w, densities[name], name=name) for name, w in weights.items()}
+    masks = {}
+    for name, w in weights.items():
+        w = np.asarray(w)
+        d = _check_density(densities[name], name)
+        nonzero = int(np.count_nonzero(w))
+        if d == 1.0:
+            masks[name] = w != 0
+            continue
+        k = kept_count(w.size, d)
+        if k > nonzero:
+            raise UserError(f"layer {name!r} holds {nonzero} non-zero weights (density {nonzero / w.size:.4f}), "
+                            f"fewer than the {k} that density {d:.4f} keeps: the model is already pruned, and a "
+                            "weight that is already 0 counts as pruned, so it can only be pruned further; ask "
+                            f"for a density <= {nonzero / w.size:.4f} or prune the dense model")
+        masks[name] = magnitude_mask(w, d, name=name)
+    return masks
 
 
 def apply_masks(weights, masks):
@@ -330,7 +346,7 @@ def apply_masks(weights, masks):
     return out
 
 
-def prune(weights, densities):
+def prune_weights(weights, densities):
     """``(pruned_weights, masks, rows)``: :func:`make_masks`, :func:`apply_masks` and :func:`summary_rows`."""
     masks = make_masks(weights, densities)
     return apply_masks(weights, masks), masks, summary_rows(weights, masks)

@@ -1,32 +1,75 @@
-"""Solver builders (``caffe_pb2.SolverParameter``) for DSD's three phases: dense, sparse and re-dense training.
+"""Solvers for DSD's three phases, ``dense``, ``sparse`` and ``redense``, from one table of defaults.
+
+:data:`DEFAULTS` is the only place a phase's default learning rate, policy, length, momentum, weight decay,
+batch and snapshot cadence is written. Two recipes:
+
+- ``imagenet`` (the default for any net): SqueezeNet v1.0 as published. Dense: DeepScale's solver (batch 32 x
+  iter_size 16, base_lr 0.04, poly, 170,000 iterations, about 68 epochs). Sparse: the same shape at a tenth of
+  the rate for 20 epochs (the DSD release publishes no sparse solver; this is ours). Redense: base_lr 1e-4 for 20
+  epochs, as the DSD paper. Sparse and redense take iter_size 1 (the net's own batch) unless told: the README's
+  ImageNet commands pass ``--iter-size 16`` for DeepScale's effective batch of 512.
+- ``fashion-mnist``: the small net of ``make demo``, chosen on the validation split (README, "DSD on
+  Fashion-MNIST"): dense 4,000 iterations at 0.04, sparse and re-dense 1,000 at 0.004, batch 64.
+
+The tools, the pipeline, the demo and ``tools/generate.py`` (the committed ``solvers/``) all read it; a test checks
+the committed files against it. A :class:`Schedule` holds what a user overrides (None: the table's value).
 
 Epochs become ``max_iter`` = ceil(epochs * train_size / (batch_size * iter_size)); ``test_iter`` =
-ceil(test_size / test_batch) covers the whole test set.
+ceil(test_size / test_batch) covers the whole test set; snapshots are taken every ceil(max_iter / snapshots).
 
-Paths. Caffe resolves a solver's ``net`` and ``snapshot_prefix`` (and a net's Data ``source``) against the
-working folder of the ``caffe`` process, not against the solver file. The toolkit therefore writes them
-relative to the solver file's own folder and runs ``caffe train`` *from that folder*
-(``cd solvers/squeezenet_v1.0 && caffe train -solver dense_solver.prototxt``; from Python,
-``subprocess.run([...], cwd=folder)``). The committed layout keeps solvers and nets at the same depth
-(``solvers/<net>/`` and ``models/<net>/``) so a net's ``../../data/...`` sources mean the same folder from either.
-``resolve_paths(solver, folder)`` gives a copy with absolute paths, for running from anywhere else.
-
-Defaults:
-- dense: DeepScale's published SqueezeNet v1.0 values: batch 32 x iter_size 16, base_lr 0.04, poly power 1,
-  max_iter 170000 (about 68 ImageNet epochs), momentum 0.9, weight_decay 0.0002.
-- sparse: the same schedule shape at base_lr 0.004 (a tenth of dense; the DSD release publishes no sparse solver),
-  20 epochs when no max_iter/epochs is given.
-- re-dense: base_lr 1e-4, 20 epochs.
-- every phase: snapshots every tenth of the run (``snapshot_prefix`` "dense"/"sparse"/"redense", in the solver's
-  folder: Caffe does not create missing folders), CPU mode, random_seed 42, test_initialization false.
+Paths. Caffe resolves a solver's ``net`` and ``snapshot_prefix`` against the working folder of the ``caffe``
+process. The toolkit writes them relative to the solver file's own folder and runs ``caffe train`` *from that
+folder*; :func:`resolve_paths` gives a copy with absolute paths, for running from anywhere else.
 """
+import dataclasses
 import math
 import os
 
 from .caffe_env import caffe_pb2
 from .errors import UserError
 
-#: DeepScale's published dense solver values for SqueezeNet v1.0.
+PHASES = ("dense", "sparse", "redense")
+RECIPES = ("imagenet", "fashion-mnist")
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseDefaults:
+    """One row of the table. ``max_iter`` or ``epochs`` (one of them) sets the length; ``snapshots`` and
+    ``tests`` are per run (None tests: every 1,000 iterations)."""
+    base_lr: float
+    max_iter: int = None
+    epochs: float = None
+    lr_policy: str = "poly"
+    power: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0002
+    batch_size: int = 32
+    iter_size: int = 1
+    test_batch: int = 50
+    snapshots: int = 10
+    tests: int = None
+    display: int = 40
+
+
+#: The one table of per-phase defaults: DEFAULTS[recipe][phase].
+DEFAULTS = {
+    "imagenet": {
+        "dense": PhaseDefaults(base_lr=0.04, max_iter=170000, iter_size=16),
+        "sparse": PhaseDefaults(base_lr=0.004, epochs=20),
+        "redense": PhaseDefaults(base_lr=1e-4, epochs=20),
+    },
+    "fashion-mnist": {
+        "dense": PhaseDefaults(base_lr=0.04, max_iter=4000, batch_size=64, iter_size=1, test_batch=100,
+                               snapshots=4, tests=8, display=100),
+        "sparse": PhaseDefaults(base_lr=0.004, max_iter=1000, batch_size=64, iter_size=1, test_batch=100,
+                                snapshots=2, tests=8, display=50),
+        "redense": PhaseDefaults(base_lr=0.004, max_iter=1000, batch_size=64, iter_size=1, test_batch=100,
+                                 snapshots=2, tests=8, display=50),
+    },
+}
+
+#: DeepScale's published dense solver values for SqueezeNet v1.0 (the imagenet recipe's dense row).
 DEEPSCALE_DENSE = dict(batch_size=32, iter_size=16, base_lr=0.04, lr_policy="poly", power=1.0, max_iter=170000,
                        momentum=0.9, weight_decay=0.0002)
 
@@ -34,20 +77,40 @@ DEEPSCALE_DENSE = dict(batch_size=32, iter_size=16, base_lr=0.04, lr_policy="pol
 IMAGENET_TRAIN, IMAGENET_VAL = 1281167, 50000
 
 
-def _count(value, what, minimum=1):
+def defaults(phase, recipe="imagenet"):
+    if recipe not in DEFAULTS:
+        raise UserError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if phase not in PHASES:
+        raise UserError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    return DEFAULTS[recipe][phase]
+
+
+def count(value, what, minimum=1):
+    """``value`` if it is an integer >= ``minimum``, else UserError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
+def positive(value, what):
+    """``value`` as a float if it is a positive finite number, else UserError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UserError(f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def snapshot_interval(max_iter, snapshots):
+    """Iterations between snapshots when a run of ``max_iter`` takes ``snapshots`` of them."""
+    return max(1, math.ceil(max_iter / snapshots))
+
+
 def epochs_to_iters(epochs, train_size, batch_size, iter_size=1):
     """Solver iterations for ``epochs`` passes over ``train_size`` images at ``batch_size * iter_size`` per
     iteration (rounded up, at least 1)."""
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0 or math.isinf(epochs):
-        raise UserError(f"epochs must be a positive number, got {epochs!r}")
-    _count(train_size, "train_size")
-    _count(batch_size, "batch_size")
-    _count(iter_size, "iter_size")
+    positive(epochs, "epochs")
+    count(train_size, "train_size")
+    count(batch_size, "batch_size")
+    count(iter_size, "iter_size")
     # exact for integer epochs; a float epoch count is rounded to 1e-9 first so 0.1 * 10 is not 1.0000000001
     images = round(epochs * train_size, 9)
     return max(1, math.ceil(images / (batch_size * iter_size)))
@@ -55,51 +118,111 @@ def epochs_to_iters(epochs, train_size, batch_size, iter_size=1):
 
 def test_iters(test_size, batch):
     """``test_iter`` covering all ``test_size`` images at ``batch`` per iteration (rounded up)."""
-    _count(test_size, "test_size")
-    _count(batch, "batch")
+    count(test_size, "test_size")
+    count(batch, "batch")
     return math.ceil(test_size / batch)
 
 
-def _solver(net, train_size, test_size, *, batch_size, iter_size, test_batch, base_lr, lr_policy, power, gamma,
-            stepsize, momentum, weight_decay, max_iter, epochs, test_interval, display, snapshot, snapshot_prefix,
-            random_seed, average_loss, test_initialization, solver_type):
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """What a user sets for one phase's training; None takes the value from :data:`DEFAULTS`. Validated once, at
+    construction; ``flag`` ("sparse", "redense" or "") names the flags in messages (``--sparse-base-lr``)."""
+    base_lr: float = None
+    epochs: float = None
+    max_iter: int = None
+    snapshot: int = None
+    iter_size: int = None
+    lr_policy: str = None
+    momentum: float = None
+    weight_decay: float = None
+    test_interval: int = None
+    display: int = None
+    flag: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self):
+        name = (lambda field: f"--{self.flag + '-' if self.flag else ''}{field.replace('_', '-')}")
+        for field in ("base_lr", "epochs"):
+            if getattr(self, field) is not None:
+                positive(getattr(self, field), name(field))
+        for field in ("max_iter", "snapshot", "iter_size", "test_interval"):
+            if getattr(self, field) is not None:
+                count(getattr(self, field), name(field))
+        if self.epochs is not None and self.max_iter is not None:
+            raise UserError(f"give {name('epochs')} ({self.epochs}) or {name('max_iter')} ({self.max_iter}), "
+                            "not both")
+        if self.lr_policy is not None and self.lr_policy not in LR_POLICIES:
+            raise UserError(f"lr_policy {self.lr_policy!r} is not one of {', '.join(LR_POLICIES)}")
+        for field in ("momentum", "weight_decay"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+                raise UserError(f"{field} must be a finite number >= 0, got {v!r}")
+        if self.display is not None:
+            count(self.display, "display", 0)
+
+    def settings(self):
+        """The values the user set, {field: value} (what a phase's record compares)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "flag" and getattr(self, f.name) is not None}
+
+
+def build(phase, net, train_size, test_size, schedule=Schedule(), recipe="imagenet", batch_size=None,
+          test_batch=None, snapshot_prefix=None, random_seed=42, **extra):
+    """The SolverParameter of ``phase`` for ``net`` (a prototxt path, written into the solver): the table's
+    defaults for ``recipe`` overridden by ``schedule``; ``batch_size``/``test_batch`` are the net's own (they turn
+    epochs and test set sizes into iterations). ``train_size`` may be None when ``max_iter`` is known; ``extra``
+    holds the rarer solver fields (gamma, stepsize, power, average_loss, test_initialization, solver_type)."""
+    d = defaults(phase, recipe)
+    s = schedule
+    batch = batch_size or d.batch_size
+    iter_size = s.iter_size or d.iter_size
+    max_iter = s.max_iter
+    if max_iter is None:
+        epochs = s.epochs if s.epochs is not None else d.epochs
+        if epochs is None:
+            max_iter = d.max_iter
+        elif train_size is None:
+            raise UserError(f"the {phase} phase's length is given in epochs ({epochs:g}) but the TRAIN data is not "
+                            "on this machine to count its images; give the iterations (--max-iter)")
+        else:
+            max_iter = epochs_to_iters(epochs, train_size, batch, iter_size)
+    return _solver(net, test_size, test_batch or d.test_batch, base_lr=s.base_lr or d.base_lr,
+                   lr_policy=s.lr_policy or d.lr_policy, power=extra.pop("power", d.power),
+                   momentum=d.momentum if s.momentum is None else s.momentum,
+                   weight_decay=d.weight_decay if s.weight_decay is None else s.weight_decay,
+                   max_iter=max_iter, iter_size=iter_size,
+                   test_interval=s.test_interval or (math.ceil(max_iter / d.tests) if d.tests else
+                                                     max(1, min(1000, max_iter))),
+                   display=d.display if s.display is None else s.display,
+                   snapshot=s.snapshot or snapshot_interval(max_iter, d.snapshots),
+                   snapshot_prefix=snapshot_prefix or phase, random_seed=random_seed, **extra)
+
+
+def _solver(net, test_size, test_batch, *, base_lr, lr_policy, power, momentum, weight_decay, max_iter, iter_size,
+            test_interval, display, snapshot, snapshot_prefix, random_seed, gamma=0.1, stepsize=None,
+            average_loss=40, test_initialization=False, solver_type="SGD"):
     pb2 = caffe_pb2()
     if not isinstance(net, (str, os.PathLike)) or not os.fspath(net):
         raise TypeError(f"net must be a prototxt path, got {net!r}")
-    _count(batch_size, "batch_size")
-    _count(iter_size, "iter_size")
-    if epochs is not None and max_iter is not None:
-        raise UserError(f"give epochs ({epochs}) or max_iter ({max_iter}), not both")
-    if epochs is not None:
-        max_iter = epochs_to_iters(epochs, train_size, batch_size, iter_size)
-    _count(max_iter, "max_iter")
-    if not base_lr > 0:
-        raise UserError(f"base_lr must be > 0, got {base_lr!r}")
     s = pb2.SolverParameter()
     s.net = os.fspath(net)
     s.test_iter.append(test_iters(test_size, test_batch))
-    s.test_interval = _count(test_interval if test_interval is not None else max(1, min(1000, max_iter)),
-                             "test_interval")
+    s.test_interval = test_interval
     s.test_initialization = bool(test_initialization)
-    s.base_lr = float(base_lr)
-    s.display = _count(display, "display", 0)
-    s.average_loss = _count(average_loss, "average_loss")
-    s.max_iter = max_iter
-    s.iter_size = iter_size
+    s.base_lr = positive(base_lr, "base_lr")
+    s.display = display
+    s.average_loss = count(average_loss, "average_loss")
+    s.max_iter = count(max_iter, "max_iter")
+    s.iter_size = count(iter_size, "iter_size")
     s.lr_policy = lr_policy
-    if lr_policy == "poly":
+    if lr_policy in ("poly", "inv"):
         s.power = float(power)
-    elif lr_policy in ("step", "exp", "inv", "multistep", "sigmoid"):
+    if lr_policy in ("step", "exp", "inv", "multistep", "sigmoid"):
         s.gamma = float(gamma)
-        if lr_policy in ("step", "sigmoid"):
-            s.stepsize = _count(stepsize, "stepsize")
-        if lr_policy == "inv":
-            s.power = float(power)
-    elif lr_policy != "fixed":
-        raise UserError(f"lr_policy {lr_policy!r} is not one of fixed, step, exp, inv, poly, sigmoid")
+    if lr_policy in ("step", "sigmoid"):
+        s.stepsize = count(stepsize, "stepsize")
     s.momentum = float(momentum)
     s.weight_decay = float(weight_decay)
-    s.snapshot = _count(snapshot if snapshot is not None else math.ceil(max_iter / 10), "snapshot", 0)
+    s.snapshot = snapshot
     s.snapshot_prefix = os.fspath(snapshot_prefix)
     s.solver_mode = pb2.SolverParameter.CPU
     if random_seed is not None:
@@ -108,51 +231,33 @@ def _solver(net, train_size, test_size, *, batch_size, iter_size, test_batch, ba
     return s
 
 
-def _common(kw, **defaults):
-    out = dict(batch_size=32, iter_size=1, test_batch=50, lr_policy="poly", power=1.0, gamma=0.1, stepsize=None,
-               momentum=0.9, weight_decay=0.0002, max_iter=None, epochs=None, test_interval=None, display=40,
-               snapshot=None, random_seed=42, average_loss=40, test_initialization=False, solver_type="SGD")
-    out.update(defaults)
-    unknown = set(kw) - set(out) - {"base_lr"}
-    if unknown:
-        raise TypeError(f"unknown solver argument(s): {', '.join(sorted(unknown))}")
-    out.update(kw)
-    return out
+_SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(Schedule)} - {"flag"}
 
 
-def dense_solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, base_lr=0.04,
-                 snapshot_prefix="dense", **kw):
-    """Dense training. Defaults: DeepScale's SqueezeNet v1.0 solver (max_iter 170000 unless epochs is given).
+def _builder(phase):
+    def solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, recipe="imagenet", batch_size=None,
+               test_batch=None, snapshot_prefix=None, random_seed=42, **kw):
+        unknown = set(kw) - _SCHEDULE_FIELDS - {"gamma", "stepsize", "power", "average_loss",
+                                                "test_initialization", "solver_type"}
+        if unknown:
+            raise TypeError(f"unknown solver argument(s): {', '.join(sorted(unknown))}")
+        schedule = Schedule(**{k: v for k, v in kw.items() if k in _SCHEDULE_FIELDS})
+        extra = {k: v for k, v in kw.items() if k not in _SCHEDULE_FIELDS}
+        return build(phase, net, train_size, test_size, schedule, recipe, batch_size, test_batch,
+                     snapshot_prefix, random_seed, **extra)
 
-    Keyword arguments: batch_size, iter_size, test_batch, lr_policy, power, gamma, stepsize, momentum,
-    weight_decay, max_iter, epochs, test_interval, display, snapshot, random_seed, average_loss,
-    test_initialization, solver_type. ``batch_size`` must match the net's TRAIN batch (Caffe takes the batch
-    from the net; here it only turns epochs into iterations).
-    """
-    args = _common(kw, batch_size=32, iter_size=16)
-    if args["max_iter"] is None and args["epochs"] is None:
-        args["max_iter"] = DEEPSCALE_DENSE["max_iter"]
-    return _solver(net, train_size, test_size, base_lr=base_lr, snapshot_prefix=snapshot_prefix, **args)
-
-
-def sparse_solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, base_lr=0.004,
-                  snapshot_prefix="sparse", **kw):
-    """Sparse retraining under the mask (same keywords as dense_solver; 20 epochs unless told)."""
-    args = _common(kw, batch_size=32, iter_size=16)
-    if args["max_iter"] is None and args["epochs"] is None:
-        args["epochs"] = 20
-    return _solver(net, train_size, test_size, base_lr=base_lr, snapshot_prefix=snapshot_prefix, **args)
+    solver.__name__ = f"{phase}_solver"
+    solver.__doc__ = (f"The {phase} phase's solver for ``net`` from :data:`DEFAULTS` (``recipe``), with any "
+                      "Schedule field (base_lr, epochs, max_iter, snapshot, iter_size, lr_policy, momentum, "
+                      "weight_decay, test_interval, display) or gamma/stepsize/power/average_loss/"
+                      "test_initialization/solver_type overriding it. ``batch_size`` must match the net's TRAIN "
+                      "batch (Caffe takes the batch from the net; here it only turns epochs into iterations).")
+    return solver
 
 
-def redense_solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, base_lr=1e-4, epochs=20,
-                   snapshot_prefix="redense", **kw):
-    """Dense retraining after the mask is released: base_lr 1e-4, 20 epochs by default (an explicit
-    ``max_iter`` replaces the epochs)."""
-    args = _common(kw, batch_size=32, iter_size=16)
-    if args["max_iter"] is not None:
-        epochs = None
-    args["epochs"] = epochs
-    return _solver(net, train_size, test_size, base_lr=base_lr, snapshot_prefix=snapshot_prefix, **args)
+dense_solver = _builder("dense")
+sparse_solver = _builder("sparse")
+redense_solver = _builder("redense")
 
 
 def relative_net(solver_path, net_path):

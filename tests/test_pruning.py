@@ -44,7 +44,7 @@ def random_weights(shapes, seed=0):
 def test_pruning_never_imports_caffe():
     code = ("import sys, numpy as np; import dsd_caffe.pruning as p; "
             "w = {'a': np.arange(12.0).reshape(3, 4)}; "
-            "p.prune(w, p.layer_densities(w, p.parse_ratio('3x'))); "
+            "p.prune_weights(w, p.layer_densities(w, p.parse_ratio('3x'))); "
             "p.layer_densities({'conv1': np.ones(3)}, profile='squeezenet-3x'); "
             "bad = [m for m in sys.modules if m == 'caffe' or m.startswith('caffe.')]; "
             "assert not bad, bad; print('clean')")
@@ -223,7 +223,7 @@ def test_density_and_summary():
     with pytest.raises(ValueError):
         density(np.zeros(0))
     w = {"c1": np.arange(1.0, 13.0).reshape(3, 4), "fc": -np.arange(1.0, 11.0)}
-    pruned, masks, rows = pruning.prune(w, {"c1": 0.25, "fc": 0.5})
+    pruned, masks, rows = pruning.prune_weights(w, {"c1": 0.25, "fc": 0.5})
     assert rows == [
         {"name": "c1", "shape": (3, 4), "size": 12, "kept": 3, "density": 0.25, "threshold": 10.0},
         {"name": "fc", "shape": (10,), "size": 10, "kept": 5, "density": 0.5, "threshold": 6.0},
@@ -382,7 +382,7 @@ def test_squeezenet_3x_table_consistent():
 def test_squeezenet_3x_on_squeezenet_shapes(naming):
     w = random_weights(squeezenet_shapes(naming), seed=7)
     dens = layer_densities(w, parse_ratio(ratio="3x"), "squeezenet-3x")
-    pruned, masks, rows = pruning.prune(w, dens)
+    pruned, masks, rows = pruning.prune_weights(w, dens)
     kept = total = 0
     for name, arr in pruned.items():
         ref_nz, ref_total = SQUEEZENET_3X[pruning.han_name(name)]
@@ -522,3 +522,36 @@ def test_prop_any_input_accepts_or_value_error(ratio, dens, sparsity):
     if d >= 1e-300:
         assert parse_ratio(ratio=format_ratio(d)) == pytest.approx(d, rel=1e-15)
         assert parse_ratio(density=repr(d)) == d
+
+
+def test_repruning_counts_zeros_as_pruned():
+    w = np.random.default_rng(7).standard_normal((12, 12)).astype(np.float32)
+    third = pruning.apply_masks({"c": w}, pruning.make_masks({"c": w}, {"c": 1 / 3}))["c"]
+    assert np.count_nonzero(third) == 48
+    again = pruning.make_masks({"c": third}, {"c": 1 / 3})["c"]  # 3x on a 3x model: the same 48, nothing more
+    np.testing.assert_array_equal(again, third != 0)
+    rows = pruning.summary_rows({"c": third}, {"c": again})
+    assert (rows[0]["kept"], rows[0]["density"]) == (48, 48 / 144)
+    with pytest.raises(ValueError, match=r"48 non-zero weights \(density 0.3333\), fewer than the 72 that "
+                                          r"density 0.5000 keeps"):
+        pruning.make_masks({"c": third}, {"c": 0.5})  # 2x on a 3x model would mark zeros as kept
+    quarter = pruning.make_masks({"c": third}, {"c": 0.25})["c"]
+    assert quarter.sum() == 36 and not np.any(quarter & (third == 0))
+    kept_dense = pruning.make_masks({"c": third}, {"c": 1.0})["c"]  # a skipped layer keeps its non-zeros only
+    np.testing.assert_array_equal(kept_dense, third != 0)
+
+
+@PROPS
+@given(shape=shapes, d=densities, zeros=st.floats(0, 0.9), seed=st.integers(0, 2**32 - 1))
+def test_prop_repruning_never_keeps_a_zero(shape, d, zeros, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape)
+    w[rng.random(shape) < zeros] = 0.0
+    nonzero = int(np.count_nonzero(w))
+    k = kept_count(w.size, d) if d < 1 else nonzero
+    if d < 1 and k > nonzero:
+        with pytest.raises(ValueError, match="already pruned"):
+            pruning.make_masks({"w": w}, {"w": d})
+        return
+    mask = pruning.make_masks({"w": w}, {"w": d})["w"]
+    assert int(mask.sum()) == k and not np.any(mask & (w == 0))

@@ -1,23 +1,8 @@
-"""Decode a Deep Compression `.net` file (or dsd-caffe's Huffman variant) with its deploy prototxt into a
-caffemodel, plus the provenance JSON beside it. Weighted layers are chosen by type (Convolution: 8-bit codes,
-InnerProduct: 4-bit); a truncated or oversized file is refused, naming the layer and the byte counts."""
-from dsd_caffe import cli, deepcompression
+"""Decode a Deep Compression `.net` file (or dsd-caffe's Huffman variant) with its deploy prototxt into a caffemodel,
+plus the provenance JSON beside it.
 
-
-def run(a):
-    out = deepcompression.decode_to_caffemodel(a.net, a.model, a.output, force=a.force)
-    print(f"wrote {out}", flush=True)
-    return 0
-
-
-def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", required=True, help="deploy prototxt (with an Input layer) of the compressed net")
-    p.add_argument("--net", required=True, help="the compressed .net file")
-    p.add_argument("--output", required=True, help="caffemodel to write")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    cli.main(p, run, argv)
-
+The code and the full --help are in dsd_caffe/commands/decode_compressed.py (installed as dsd-decode-compressed)."""
+from dsd_caffe.commands.decode_compressed import main
 
 if __name__ == "__main__":
     main()

@@ -1,31 +1,8 @@
 """The one-command DSD demo on Fashion-MNIST (`make demo`): dense training, prune 3x, sparse retraining, dense
-retraining, and an equal-length dense baseline, all with real Caffe. Prints the table (dense, sparse, DSD,
-baseline: test top-1, top-5, density) and writes accuracy.png and weights_histogram.png into the output folder.
-Re-running reuses every finished step (and resumes an interrupted one)."""
-from dsd_caffe import cli, demo
+retraining, and the equal-length dense baseline (DSD's control), all with real Caffe.
 
-
-def run(a):
-    knobs = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
-    res = demo.run_demo(a.output, seed=a.seed, scale=0.1 if a.quick else a.scale, engine=a.engine, force=a.force,
-                        **knobs)
-    print(res["table"])
-    print(f"plots: {a.output}/accuracy.png, {a.output}/weights_histogram.png; numbers: {a.output}/results.json")
-
-
-def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and dropout (default 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every phase's iteration count (default 1)")
-    p.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")
-    p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary",
-                   help="train with the `caffe` binary (default; logs the validation curves) or pycaffe")
-    p.add_argument("--width", type=float, help="width multiplier of the small net (default 1)")
-    p.add_argument("--profile", help="pruning profile: uniform (default), global or a JSON file of densities")
-    p.add_argument("--force", action="store_true", help="start over in a folder holding another run")
-    cli.main(p, run, argv)
-
+The code and the full --help are in dsd_caffe/commands/demo.py (installed as dsd-demo)."""
+from dsd_caffe.commands.demo import main
 
 if __name__ == "__main__":
     main()

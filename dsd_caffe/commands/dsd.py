@@ -1,0 +1,66 @@
+"""Dense-Sparse-Dense from a dense caffemodel: prune -> sparse phase -> redense phase, --cycles N times, and with
+--control the equal-length dense control beside it; --seeds N repeats the pair over seeds and says whether DSD
+helped.
+
+Everything lands in --output: cycleK-sparse/ and cycleK-redense/ (each with its prototxts, snapshots, log and
+final model + JSON), with --control also controlK-sparse/ and controlK-redense/ (the dense model trained on for
+the same iterations, with the very solvers the DSD phases ran), dsd_state.json (settings, per-step results and
+densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/ folders and verdict.json.
+Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, top-5, density) is printed at
+the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
+Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
+snapshot of the current phase. A finished run is refused unless --force (start over). One run per --output: a
+second one is refused while the first is alive.
+"""
+from dsd_caffe import cli
+from dsd_caffe.commands import flags
+
+
+def run(a):
+    from dsd_caffe import pipeline
+
+    common = dict(snapshot=a.snapshot, iter_size=a.iter_size)
+    config = pipeline.RunConfig(
+        model=a.model, weights=a.weights, prune=flags.prune_config(a, a.seed),
+        sparse=flags.schedule(a, "sparse", **common), redense=flags.schedule(a, "redense", **common),
+        cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
+        test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed)
+    result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, a.gpu, a.force)
+    for seed, state in result["runs"].items():
+        if len(result["runs"]) > 1:
+            print(f"seed {seed}:")
+        print(pipeline.format_table(state))
+    if result["verdict"] is not None:
+        print(result["verdict"].format())
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="dense trainval prototxt")
+    p.add_argument("--weights", required=True, help="dense caffemodel")
+    cli.add_output(p, "run folder")
+    flags.add_pruning(p)
+    p.add_argument("--cycles", type=int, default=1, help="1 = DSD, 2 = DSDSD, ...")
+    flags.add_schedule(p, "sparse", prefix="sparse")
+    flags.add_schedule(p, "redense", prefix="redense")
+    flags.add_run_settings(p)
+    flags.add_recipe(p)
+    p.add_argument("--iterations", type=int, help="evaluation batches per model (default: the whole TEST LMDB)")
+    flags.add_sources(p)
+    p.add_argument("--holdout-source", help="an LMDB used for nothing else (e.g. the test split): every finished "
+                   "model is evaluated on it once, and the table and verdict use it")
+    p.add_argument("--control", action="store_true",
+                   help="also train the equal-length dense control from the same model, and compare")
+    p.add_argument("--seeds", type=int, default=1, help="paired runs (with --control) over seeds --seed, +1, ...")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time, in separate processes")
+    flags.add_device(p)
+    p.add_argument("--seed", type=int, default=0, help="random_seed of every solver (dropout, crops, mirrors)")
+    p.add_argument("--force", action="store_true", help="start a finished or different run over")
+    for old, new, dest, kind in (("--sparse-iters", "--sparse-max-iter", "sparse_max_iter", int),
+                                 ("--sparse-lr", "--sparse-base-lr", "sparse_base_lr", float),
+                                 ("--dense-iters", "--redense-max-iter", "redense_max_iter", int),
+                                 ("--dense-epochs", "--redense-epochs", "redense_epochs", float),
+                                 ("--dense-lr", "--redense-base-lr", "redense_base_lr", float),
+                                 ("--test-iterations", "--iterations", "iterations", int)):
+        cli.add_deprecated(p, old, new, dest, kind)
+    cli.main(p, run, argv)

@@ -1,0 +1,47 @@
+"""Evaluate a trained net like `caffe test`, in pycaffe: the same summary lines (Loss, accuracy_top1, ..., loss
+with its weight) with the same values to the last printed digit on the same LMDB and weights.
+
+Inputs are checked first (prototxt syntax, layer types, caffemodel fit, crop size, a data layer to read: a deploy
+net is refused, since `caffe test` would run it on zeros). Data sources resolve beside the prototxt first, then in
+the current folder (where `caffe test` looks), so this runs from any folder. With --output DIR it also writes a
+confusion matrix and per-class accuracy (confusion.csv, per_class.csv, confusion.png), with the class names of the
+TEST LMDB's JSON (or --class-names).
+"""
+from dsd_caffe import cli
+
+
+def run(a):
+    from dsd_caffe import evaluate, sources
+
+    results = evaluate.evaluate(a.model, a.weights, iterations=a.iterations, gpu=a.gpu,
+                                confusion=a.output is not None, allow_missing=a.allow_missing)
+    for line in evaluate.format_results(results):
+        print(line, flush=True)
+    if a.output is not None:
+        names = None
+        if a.class_names:
+            with open(a.class_names) as f:
+                names = [line.strip() for line in f if line.strip()]
+        else:
+            _, (test_source, _) = sources.data_sources(sources.read_net(a.model, require=("TEST", "BOTH")))
+            names = evaluate.lmdb_class_names(test_source)
+        paths = evaluate.write_confusion(results.confusion, a.output, names, force=a.force)
+        print(f"wrote {', '.join(paths.values())}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="trainval/test prototxt (its TEST phase is used)")
+    p.add_argument("--weights", required=True, help="caffemodel")
+    p.add_argument("--iterations", type=int, default=50, help="forward passes, as caffe test's --iterations")
+    p.add_argument("--gpu", type=int, default=None, help="GPU device number (CUDA builds only; default: the CPU)")
+    cli.add_output(p, "folder for confusion.csv, per_class.csv and confusion.png (default: none written)",
+                   required=False)
+    cli.add_deprecated(p, "--confusion", "--output", "output")
+    p.add_argument("--class-names", help="text file with one class name per line, for --output (default: the "
+                   "classes in the TEST LMDB's JSON, else the class numbers)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="accept a caffemodel that leaves some learnable layers at their initial values")
+    p.add_argument("--force", action="store_true", help="replace existing --output files")
+    cli.main(p, run, argv)

@@ -1,0 +1,79 @@
+"""Flag groups shared by several tools, so a flag means the same thing everywhere: a phase's schedule
+(``--max-iter``, ``--epochs``, ``--base-lr``, ...; prefixed with the phase where a tool drives several), how much
+to prune, and where the data comes from. Defaults come from ``solvers.DEFAULTS``: a flag left out takes the
+table's value, which its help names."""
+from dsd_caffe import cli
+
+
+def add_schedule(p, phase, prefix="", recipe="imagenet", default=None):
+    """The schedule flags of ``phase`` (``--base-lr``...; ``--<prefix>-base-lr`` with a prefix); ``default`` says
+    where a left-out flag's value comes from when it is not the table."""
+    from dsd_caffe import solvers
+
+    d = solvers.DEFAULTS[recipe][phase]
+    flag = (lambda name: f"--{prefix + '-' if prefix else ''}{name}")
+    length = f"{d.epochs:g} epochs" if d.epochs else f"{d.max_iter} iterations"
+    g = p.add_argument_group(f"{phase} phase")
+    g.add_argument(flag("base-lr"), type=float, metavar="LR",
+                   help=f"{phase} base_lr (default: {default or f'{d.base_lr:g}, solvers.DEFAULTS'})")
+    g.add_argument(flag("epochs"), type=float, metavar="N",
+                   help=f"{phase} training epochs (default: {default or f'{length}, solvers.DEFAULTS'})")
+    g.add_argument(flag("max-iter"), type=int, metavar="N", help=f"{phase} iterations, instead of epochs")
+    return g
+
+
+def schedule(args, prefix="", **common):
+    """The Schedule the flags of :func:`add_schedule` (and ``common`` settings) give."""
+    from dsd_caffe.solvers import Schedule
+
+    get = (lambda name: getattr(args, f"{prefix + '_' if prefix else ''}{name}"))
+    return Schedule(base_lr=get("base_lr"), epochs=get("epochs"), max_iter=get("max_iter"), flag=prefix,
+                    **{k: v for k, v in common.items() if v is not None})
+
+
+def add_run_settings(p):
+    """--snapshot and --iter-size (every phase the tool trains)."""
+    p.add_argument("--snapshot", type=int, metavar="N",
+                   help="snapshot every N iterations (default: a tenth of each phase, solvers.DEFAULTS)")
+    p.add_argument("--iter-size", type=int, metavar="N", help="solver iter_size: batches per iteration (default: "
+                   "1, the net's batch; solvers.DEFAULTS)")
+
+
+def add_pruning(p, required=True):
+    """How much to prune and where."""
+    g = p.add_argument_group("how much to keep (give one)")
+    g.add_argument("--ratio", help='keep 1/N of the weights, e.g. "3x" keeps 1/3')
+    g.add_argument("--density", help="fraction kept, e.g. 0.33")
+    g.add_argument("--sparsity", help="fraction removed, e.g. 0.67")
+    p.add_argument("--profile", default="uniform",
+                   help="per-layer densities: uniform, global (one threshold), squeezenet-3x (the released sparse "
+                        "SqueezeNet's) or a JSON file {layer or pattern: density}")
+    cli.add_list(p, "--skip", help="layers (names or patterns) kept dense", default=[])
+
+
+def prune_config(args, seed=0):
+    from dsd_caffe.phases import PruneConfig
+
+    return PruneConfig(ratio=args.ratio, density=args.density, sparsity=args.sparsity, profile=args.profile,
+                       skip=tuple(args.skip), seed=seed)
+
+
+def add_sources(p, train=True):
+    if train:
+        p.add_argument("--train-source", help="TRAIN LMDB instead of the trainval's (default: the trainval's)")
+    p.add_argument("--test-source", help="TEST (validation) LMDB instead of the trainval's (default: the "
+                   "trainval's)")
+
+
+def add_device(p, engine=True):
+    if engine:
+        p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary",
+                       help="train with the `caffe train` binary or pycaffe's Solver in this process")
+    p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
+
+
+def add_recipe(p):
+    from dsd_caffe import solvers
+
+    p.add_argument("--recipe", choices=solvers.RECIPES, default="imagenet",
+                   help="which defaults of solvers.DEFAULTS the phases take")

@@ -1,0 +1,34 @@
+"""Run DSD's redense phase: release the masks and retrain the whole net at a low learning rate.
+
+Writes into --output released.caffemodel (the sparse model without its mask layer: pruned weights restart at
+exactly 0.0, survivors keep their values), a plain redense_trainval.prototxt, redense_solver.prototxt (base_lr
+1e-4 and 20 epochs by default: solvers.DEFAULTS), Caffe's snapshots and log, and redense.caffemodel with its JSON.
+The solver history starts fresh. A progress bar shows the iteration, loss, last test accuracy and ETA. Ctrl-C
+stops at a snapshot: the same command resumes. A finished phase is reused with the same settings and refused with
+others (--force redoes it).
+"""
+from dsd_caffe import cli
+from dsd_caffe.commands import flags
+
+
+def run(a):
+    from dsd_caffe import phases
+
+    print(phases.retrain_dense(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
+                               flags.schedule(a, snapshot=a.snapshot, iter_size=a.iter_size), a.recipe,
+                               a.engine, a.gpu, a.force, a.seed))
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="trainval prototxt (the sparse one is fine)")
+    p.add_argument("--weights", required=True, help="sparse caffemodel (e.g. DIR/sparse.caffemodel)")
+    cli.add_output(p, "output folder")
+    flags.add_schedule(p, "redense")
+    flags.add_run_settings(p)
+    flags.add_sources(p)
+    flags.add_recipe(p)
+    flags.add_device(p)
+    p.add_argument("--seed", type=int, default=0, help="random_seed of the solver")
+    p.add_argument("--force", action="store_true", help="redo a finished redense phase from scratch")
+    cli.main(p, run, argv)

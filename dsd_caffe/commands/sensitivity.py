@@ -1,0 +1,38 @@
+"""Per-layer pruning sensitivity (how Han et al. choose per-layer densities).
+
+Prunes one layer at a time, by magnitude, at each of --densities, evaluates the net on the TEST (validation) LMDB
+for a fixed number of batches (the same batches every time), and writes into --output: sensitivity.csv (layer,
+density, accuracy and every net output, 4 decimals; the first row is the unpruned net), sensitivity.json (full
+precision) and sensitivity.png (a heat map of the accuracy drop per layer and density). Only the TEST phase is
+read: no TRAIN LMDB is needed (--test-source replaces the trainval's). Write the chosen densities into a JSON
+profile for prune.py --profile.
+"""
+from dsd_caffe import cli
+
+
+def run(a):
+    from dsd_caffe import sensitivity
+
+    config = sensitivity.ScanConfig(densities=tuple(a.densities), layers=tuple(a.layers) if a.layers else None,
+                                    iterations=a.iterations)
+    rows = sensitivity.sensitivity_scan(a.model, a.weights, a.output, config, a.test_source, a.force, a.gpu)
+    for r in rows:
+        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+        print(f"{r['layer']:<24} {r['density']:.2f} {acc}")
+
+
+def main(argv=None):
+    from dsd_caffe.sensitivity import DEFAULT_DENSITIES
+
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="trainval prototxt (its TEST Data layer is used)")
+    p.add_argument("--weights", required=True, help="caffemodel")
+    cli.add_output(p, "output folder")
+    cli.add_list(p, "--densities", help="densities kept", default=[str(d) for d in DEFAULT_DENSITIES])
+    cli.add_list(p, "--layers", help="layer names (default: every Convolution/InnerProduct)")
+    p.add_argument("--iterations", type=int, default=10, help="TEST batches per evaluation")
+    p.add_argument("--test-source", help="validation LMDB instead of the trainval's TEST source (default: the "
+                   "trainval's)")
+    p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
+    p.add_argument("--force", action="store_true", help="replace an existing sensitivity folder")
+    cli.main(p, run, argv)

@@ -1,0 +1,293 @@
+"""Masks around the mask layer: net and caffemodel surgery, the masks file, the release, and sparsity reports.
+
+The layer itself (what Caffe runs) is in :mod:`dsd_caffe.masklayer`; everything here works on NetParameters,
+caffemodel files and numpy arrays, and imports no Caffe layer code.
+
+- :func:`add_mask_layer` / :func:`remove_mask_layer`: the sparse trainval is the net plus one mask layer after the
+  data layers, over **every** weighted layer (a layer kept dense gets an all-ones mask). So a net has exactly one
+  sparse form, and a generated ``sparse_trainval.prototxt`` fits every pruned caffemodel of that net.
+- :func:`add_masks_to_caffemodel`: the pruned caffemodel: weights zeroed where the mask is False, plus the mask
+  layer's blobs (shared weights, packed masks).
+- :func:`release_masks`: DSD's release step, explicit: from a sparse-phase caffemodel, check that every pruned
+  weight is exactly 0.0, and return the caffemodel without the mask layer. Re-dense training starts from it:
+  pruned weights restart at exactly 0.0, survivors keep their values.
+"""
+import json
+import os
+
+import numpy as np
+
+from . import fileio
+from .caffe_env import caffe_pb2
+from .errors import UserError
+from .masklayer import LAYER, MODULE, NAME, TOP, pack_mask, parse_param_str, unpack_mask
+
+WEIGHTED = ("Convolution", "InnerProduct", "Deconvolution")
+
+
+# ---------------------------------------------------------------------------------------------- net surgery
+def param_name(layer):
+    """The name under which ``layer``'s weight blob is shared: its own param name, else ``<layer>_w``."""
+    if len(layer.param) and layer.param[0].name:
+        return layer.param[0].name
+    return f"{layer.name}_w"
+
+
+def is_mask_layer(layer):
+    return layer.type == "Python" and layer.python_param.layer == LAYER and layer.python_param.module == MODULE
+
+
+def _data_end(net):
+    """Index after the last leading data/input layer (layers with no bottom)."""
+    i = 0
+    while i < len(net.layer) and len(net.layer[i].bottom) == 0:
+        i += 1
+    return i
+
+
+def add_mask_layer(net_param, shapes, name=NAME):
+    """Return a copy of ``net_param`` with the mask layer for ``shapes`` ({layer: weight shape}, in net order)
+    inserted after the data layers, and each masked layer's weight param named for sharing."""
+    pb2 = caffe_pb2()
+    net = pb2.NetParameter()
+    net.CopyFrom(net_param)
+    if net.layers:
+        raise UserError("net uses the old V1 'layers' format; upgrade it with Caffe's upgrade_net_proto_text")
+    if any(is_mask_layer(l) for l in net.layer):
+        raise UserError(f"net {net.name!r} already holds a mask layer")
+    by_name = {l.name: l for l in net.layer}
+    entries, params = [], []
+    for lname, shape in shapes.items():
+        layer = by_name.get(lname)
+        if layer is None:
+            raise UserError(f"layer {lname!r} is not in net {net.name!r}")
+        if layer.type not in WEIGHTED:
+            raise UserError(f"layer {lname!r} is a {layer.type} layer; only weighted layers can be masked")
+        if not len(layer.param):
+            layer.param.add()
+        spec = layer.param[0]
+        spec.name = param_name(layer)
+        params.append(pb2.ParamSpec(name=spec.name, lr_mult=spec.lr_mult if spec.HasField("lr_mult") else 1.0,
+                                    decay_mult=spec.decay_mult if spec.HasField("decay_mult") else 1.0))
+        entries.append({"name": lname, "shape": [int(d) for d in shape]})
+    mask = pb2.LayerParameter(name=name, type="Python", top=[TOP], loss_weight=[1.0])
+    mask.include.add(phase=pb2.TRAIN)
+    mask.python_param.module = MODULE
+    mask.python_param.layer = LAYER
+    mask.python_param.param_str = json.dumps({"layers": entries})
+    mask.param.extend(params)
+    for _ in entries:
+        mask.param.add(lr_mult=0.0, decay_mult=0.0)
+    layers = list(net.layer)
+    at = _data_end(net)
+    _keep_layers(net, layers[:at] + [mask] + layers[at:])
+    return net
+
+
+def remove_mask_layer(net_param):
+    """Return a copy of ``net_param`` without the mask layer (the weights' param names stay; they are harmless)."""
+    net = caffe_pb2().NetParameter()
+    net.CopyFrom(net_param)
+    _keep_layers(net, [l for l in net.layer if not is_mask_layer(l)])
+    return net
+
+
+def _keep_layers(net, layers):
+    keep = [type(l)() for l in layers]
+    for new, old in zip(keep, layers):
+        new.CopyFrom(old)
+    del net.layer[:]
+    net.layer.extend(keep)
+
+
+def mask_layer_spec(net_param):
+    """(mask layer name, [(layer, shape), ...]) of the mask layer in a net or caffemodel NetParameter, or None."""
+    for l in net_param.layer:
+        if is_mask_layer(l):
+            return l.name, parse_param_str(l.python_param.param_str)
+    return None
+
+
+def sparse_net(net_param, shapes):
+    """The sparse form of a dense net: the mask layer over every weighted layer (``shapes``: {layer: shape})."""
+    return add_mask_layer(remove_mask_layer(net_param), shapes)
+
+
+# ---------------------------------------------------------------------------------------------- caffemodels
+def blob_array(blob):
+    shape = tuple(blob.shape.dim) if blob.HasField("shape") else tuple(
+        d for d in (blob.num, blob.channels, blob.height, blob.width))
+    return np.asarray(blob.data, dtype=np.float32).reshape(shape)
+
+
+def _as_param(source):
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        return fileio.read_caffemodel(source)
+    return source
+
+
+def weight_arrays(source, layer_types=WEIGHTED):
+    """{layer: weight ndarray} of the weighted layers of a caffemodel (path or NetParameter) or a ``caffe.Net``."""
+    source = _as_param(source)
+    if hasattr(source, "layer"):
+        return {l.name: blob_array(l.blobs[0]) for l in source.layer
+                if l.type in layer_types and len(l.blobs)}
+    return {name: np.array(source.params[name][0].data) for name, layer in zip(source._layer_names, source.layers)
+            if layer.type in layer_types and name in source.params}
+
+
+def flat(weights):
+    """All arrays of a {layer: weights} dict in one flat array (for histograms)."""
+    return np.concatenate([np.ravel(w) for w in weights.values()])
+
+
+def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
+    """Return a copy of caffemodel ``model_param`` with the mask layer's blobs (shared weights, packed masks) so
+    that it loads into ``net_with_mask_layer``. The weights are zeroed where the masks are False."""
+    spec = mask_layer_spec(net_with_mask_layer)
+    if spec is None:
+        raise UserError("the net has no mask layer")
+    name, entries = spec
+    pb2 = caffe_pb2()
+    out = pb2.NetParameter()
+    out.CopyFrom(model_param)
+    by_name = {l.name: l for l in out.layer}
+    layer = pb2.LayerParameter()
+    layer.CopyFrom(next(l for l in net_with_mask_layer.layer if l.name == name))
+    del layer.blobs[:]
+    packed = []
+    for lname, shape in entries:
+        if lname not in masks:
+            raise UserError(f"no mask given for layer {lname!r}")
+        m = np.asarray(masks[lname], dtype=bool)
+        src = by_name.get(lname)
+        if src is None or not len(src.blobs):
+            raise UserError(f"caffemodel has no weights for layer {lname!r}")
+        w = blob_array(src.blobs[0])
+        if w.shape != tuple(shape) or m.shape != tuple(shape):
+            raise UserError(f"layer {lname!r}: weights {w.shape}, mask {m.shape}, net expects {tuple(shape)}; "
+                            "the mask does not fit the net")
+        w = np.where(m, w, np.float32(0.0)).astype(np.float32)
+        del src.blobs[0].data[:]
+        src.blobs[0].data.extend(w.ravel().tolist())
+        b = layer.blobs.add()
+        b.shape.dim.extend(shape)
+        b.data.extend(w.ravel().tolist())
+        packed.append(pack_mask(m))
+    for p in packed:
+        b = layer.blobs.add()
+        b.shape.dim.append(p.size)
+        b.data.extend(p.tolist())
+    _keep_layers(out, [l for l in out.layer if not is_mask_layer(l)] + [layer])
+    return out
+
+
+def read_masks(source):
+    """{layer: bool mask} from a caffemodel (path or NetParameter) of the sparse phase, or a ``caffe.Net`` built
+    in the TRAIN phase of a sparse trainval. UserError when there is none, saying what to load instead."""
+    if not hasattr(source, "_layer_names"):
+        param = _as_param(source)
+        spec = mask_layer_spec(param)
+        if spec is None:
+            raise UserError("the caffemodel holds no mask layer (is it a sparse-phase model? a pruned model or a "
+                            "sparse.caffemodel has one; a re-dense model has none)")
+        name, entries = spec
+        layer = next(l for l in param.layer if l.name == name)
+        blobs = [l.data for l in layer.blobs]
+    else:
+        from .masklayer import MaskLayer
+
+        layer = next((l for l in source.layers if isinstance(l, MaskLayer)), None)
+        if layer is None:
+            hint = getattr(source, "_dsd_weights", None)
+            raise UserError("this caffe.Net holds no mask layer: the mask layer is in the TRAIN phase only, and "
+                            + (f"this net was built in TEST; read_masks({hint!r}) reads them from its caffemodel"
+                               if hint else "a TEST net has none; pass the caffemodel path to read_masks instead"))
+        entries = layer.layers
+        blobs = [b.data for b in layer.blobs]
+    n = len(entries)
+    if len(blobs) != 2 * n:
+        raise UserError(f"mask layer holds {len(blobs)} blobs, expected {2 * n}")
+    return {lname: unpack_mask(blobs[n + i], shape, what=f"mask of layer {lname}")
+            for i, (lname, shape) in enumerate(entries)}
+
+
+def check_masked(model, masks):
+    """Raise UserError unless every pruned weight of the caffemodel is exactly 0.0; returns {layer: density}."""
+    w = weight_arrays(model)
+    out = {}
+    for name, m in masks.items():
+        if name not in w or w[name].shape != m.shape:
+            raise UserError(f"{model}: mask of layer {name!r} {m.shape} does not fit its weights "
+                            f"{w.get(name, np.empty(0)).shape}")
+        bad = int(np.count_nonzero(w[name][~m]))
+        if bad:
+            raise UserError(f"{model}: {bad} pruned weights of layer {name!r} are not 0.0")
+        out[name] = float(np.count_nonzero(w[name]) / w[name].size)
+    return out
+
+
+def release_masks(sparse_model):
+    """DSD's release: the caffemodel of a sparse-phase model without its mask layer, after checking that every
+    pruned weight is exactly 0.0. Returns (NetParameter, {layer: density})."""
+    param = _as_param(sparse_model)
+    densities = check_masked(param, read_masks(param))
+    return remove_mask_layer(param), densities
+
+
+# ---------------------------------------------------------------------------------------------- masks file
+def save_masks(path, masks, force=False):
+    with fileio.atomic_path(path, force=force) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: np.asarray(v, bool) for k, v in masks.items()})
+    return path
+
+
+def load_masks(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"masks file {path} does not exist")
+    try:
+        with np.load(path) as z:
+            return {k: z[k].astype(bool) for k in z.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"masks file {path} is unreadable ({e})") from None
+
+
+def same_masks(a, b):
+    """The first layer where two {layer: mask} dicts differ (by name or content), or None."""
+    diff = sorted(set(a) ^ set(b)) or [k for k in a if not np.array_equal(a[k], b[k])]
+    return diff[0] if diff else None
+
+
+# ---------------------------------------------------------------------------------------------- reports
+class SparsityReport(dict):
+    """{layer: {"shape", "count", "nonzero", "density"}, ..., "total": {...}}; ``str()`` is a table."""
+
+    def format_table(self):
+        rows = [(k, v) for k, v in self.items() if k != "total"] + [("total", self["total"])]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{'layer':<{width}} {'nonzero':>10} {'weights':>10} {'density':>8}"]
+        for k, v in rows:
+            lines.append(f"{k:<{width}} {v['nonzero']:>10,} {v['count']:>10,} {v['density']:>8.4f}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.format_table()
+
+
+def sparsity_report(source):
+    """Per-layer and total non-zero weights of a caffemodel (path or NetParameter) or a ``caffe.Net``, as a
+    :class:`SparsityReport` (a dict; ``print()`` it for a table)."""
+    report, total, nonzero = SparsityReport(), 0, 0
+    for name, w in weight_arrays(source).items():
+        nz = int(np.count_nonzero(w))
+        report[name] = {"shape": list(w.shape), "count": int(w.size), "nonzero": nz, "density": nz / w.size}
+        total += w.size
+        nonzero += nz
+    report["total"] = {"count": int(total), "nonzero": int(nonzero), "density": nonzero / total if total else 0.0}
+    return report
+
+
+def layer_densities_of(model):
+    """{layer: fraction of non-zero weights} of a caffemodel (path or NetParameter)."""
+    return {n: float(np.count_nonzero(w) / w.size) for n, w in weight_arrays(model).items()}

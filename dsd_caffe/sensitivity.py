@@ -1,0 +1,131 @@
+"""Per-layer pruning sensitivity, as Han et al. choose per-layer densities: prune one layer at a time by magnitude
+at several densities and evaluate the net on a TEST (validation) LMDB.
+
+Only the TEST phase is read: no TRAIN LMDB is needed (``test_source`` replaces the trainval's). Every evaluation
+sees the same batches: they are read once from the data layer and fed to the net again for each (layer, density).
+Outputs, staged in a temporary folder and renamed into place: ``sensitivity.csv`` (layer, density, accuracy and
+every net output, 4 decimals; the first row is the unpruned net), ``sensitivity.json`` (the same, full
+precision) and ``sensitivity.png`` (a heat map, readable with SqueezeNet's 26 layers).
+"""
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+from . import fileio, masks, netcheck, netgen, plots, pruning, sources, training
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+FILES = ("sensitivity.csv", "sensitivity.json", "sensitivity.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """What to scan: ``densities`` kept (each in (0, 1]), ``layers`` (None: every Convolution/InnerProduct) and
+    ``iterations`` TEST batches per evaluation."""
+    densities: tuple = DEFAULT_DENSITIES
+    layers: tuple = None
+    iterations: int = 10
+
+    def __post_init__(self):
+        try:
+            dens = tuple(float(d) for d in self.densities)
+        except (TypeError, ValueError):
+            raise UserError(f"--densities must be numbers in (0, 1], got {self.densities!r}") from None
+        if not dens or any(not 0 < d <= 1 for d in dens):
+            raise UserError(f"--densities must be numbers in (0, 1], got {list(self.densities)}")
+        from .solvers import count
+
+        count(self.iterations, "--iterations")
+        object.__setattr__(self, "densities", dens)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+def sensitivity_scan(model, weights, output_dir, config=ScanConfig(), test_source=None, force=False, gpu=None):
+    """Run the scan and write its files into ``output_dir``; returns the rows (dicts)."""
+    out = os.path.abspath(os.fspath(output_dir))
+    with fileio.output_lock(out):
+        fileio.check_replaceable(out, FILES, force, "sensitivity.py")
+        net_param = masks.remove_mask_layer(sources.read_net(model, test=test_source, require=("TEST", "BOTH")))
+        netcheck.check_net(net_param, phases=("TEST",), name=os.fspath(model))
+        netcheck.require_data(net_param, "TEST", name=os.fspath(model))
+        netcheck.check_data_layers(net_param, "TEST")
+        model_param = fileio.read_caffemodel(weights)
+        netcheck.check_fits(net_param, model_param, os.fspath(weights), os.fspath(model))
+        names = _layers(netgen.weighted_layers(net_param), config.layers)
+        net = _test_net(net_param, weights, gpu)
+        rows = _scan(net, names, config)
+        with fileio.atomic_path(out, force=True, directory=True) as tmp:
+            _write(tmp, rows, list(net.outputs), names, config.densities)
+    return rows
+
+
+def _layers(names, wanted):
+    if not wanted:
+        return names
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise UserError(f"unknown layer(s) {', '.join(unknown)}; weighted layers: {', '.join(names)}")
+    return [n for n in names if n in wanted]
+
+
+def _test_net(net_param, weights, gpu):
+    from .caffe_env import make_net, set_device
+
+    set_device(gpu)
+    return make_net(net_param, "TEST", weights=weights)
+
+
+def _scan(net, names, config):
+    """Rows {"layer", "density", "accuracy", <outputs>...}: the unpruned net, then each (layer, density)."""
+    from tqdm import tqdm
+
+    data = [i for i, _ in enumerate(net.layers) if not net.bottom_names[net._layer_names[i]]]
+    first, fed = max(data) + 1, [b for i in data for b in net.top_names[net._layer_names[i]]]
+    batches = []
+    for _ in range(config.iterations):
+        net._forward(0, max(data))
+        batches.append({b: net.blobs[b].data.copy() for b in fed})
+
+    def run():
+        sums = dict.fromkeys(net.outputs, 0.0)
+        for batch in batches:
+            for b, v in batch.items():
+                net.blobs[b].data[...] = v
+            net._forward(first, len(net.layers) - 1)
+            for k in net.outputs:
+                sums[k] += float(np.asarray(net.blobs[k].data).ravel()[0])
+        res = {k: v / len(batches) for k, v in sums.items()}
+        top = training.top1(res)
+        return dict(res, accuracy=top[1] if top else None)
+
+    rows = [{"layer": "(none)", "density": 1.0, **run()}]
+    for name in tqdm(names, desc="sensitivity", unit="layer", disable=None):
+        w = net.params[name][0].data
+        orig = w.copy()
+        for d in config.densities:
+            w[...] = np.where(pruning.magnitude_mask(orig, d, name=name), orig, np.float32(0))
+            rows.append({"layer": name, "density": d, **run()})
+        w[...] = orig
+        worst = min((r for r in rows if r["layer"] == name), key=lambda r: r["accuracy"] or 0)
+        log.info("%s: accuracy %.4f at density %g", name, worst["accuracy"] or 0, worst["density"])
+    return rows
+
+
+def _write(folder, rows, outputs, names, densities):
+    header = ["layer", "density", "accuracy"] + outputs
+    fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else v)
+    fileio.atomic_write(os.path.join(folder, FILES[0]),
+                        fileio.csv_text([header] + [[fmt(r.get(k)) for k in header] for r in rows]))
+    fileio.write_json(os.path.join(folder, FILES[1]), {"rows": rows})
+    base = rows[0]["accuracy"]
+    if base is None:
+        log.warning("the net has no accuracy output: no %s", FILES[2])
+        return
+    grid = [[next(r["accuracy"] for r in rows if r["layer"] == n and r["density"] == d) for d in densities]
+            for n in names]
+    plots.sensitivity_heatmap(os.path.join(folder, FILES[2]), names, densities, grid, base)

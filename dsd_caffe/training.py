@@ -1,0 +1,540 @@
+"""Running Caffe's solver in a folder: the ``caffe train`` binary or pycaffe's Solver, resumable, visible and
+interruptible. Every phase (dense, sparse, redense, and the control arm) trains through :func:`train`.
+
+A training folder holds the net and solver prototxts (paths relative to the folder), Caffe's snapshots
+(``snapshots/<phase>_iter_N.*``), ``train.log`` (Caffe's own log, appended across resumes) and ``training.json``,
+the folder's record: what training started from (the solver's text, the net's text, the starting weights'
+SHA-256).
+
+- **Reuse.** A folder is reused only when the new command's record equals the one stored: then training resumes
+  from the newest complete snapshot, or returns the final one. Otherwise :func:`train` refuses, naming the first
+  setting that differs; ``force`` clears the folder's training outputs and starts from scratch.
+- **Snapshots.** Caffe does not write snapshots atomically: a snapshot whose files are missing, empty or unreadable
+  (a kill while Caffe wrote it) is dropped, and training passes that iteration again. A resume uses a solverstate
+  whose ``learned_net`` resolves from the folder (:func:`portable_state`).
+- **One writer.** The folder is locked (``fileio.output_lock``) while training; the ``caffe`` child gets SIGKILL
+  when its Python parent dies, so a killed run leaves no orphan writing snapshots.
+- **Visible.** A tqdm bar shows the iteration, the smoothed loss Caffe prints, the last test accuracy and the ETA,
+  parsed from Caffe's own log lines (:class:`CaffeLog`) for both engines (under pycaffe, glog is captured from
+  the process's stderr while the solver runs). Each test result is also logged, rounded to 4 digits.
+- **Interruptible.** On Ctrl-C or SIGTERM, Caffe stops after the current iteration and snapshots (``caffe
+  train``'s ``-sigint_effect stop``; under pycaffe the solver is snapshotted), and :class:`~dsd_caffe.errors.
+  Interrupted` says at which iteration; the same command resumes.
+"""
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from . import fileio
+from .caffe_env import caffe_pb2
+from .errors import Interrupted, UserError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("binary", "pycaffe")
+RECORD = "training.json"
+LOG = "train.log"
+SNAPSHOT_DIR = "snapshots"
+
+
+# ------------------------------------------------------------------------------------------------ snapshots
+@dataclasses.dataclass(frozen=True, order=True)
+class Snapshot:
+    """A complete snapshot: Caffe's solverstate and caffemodel at ``iteration``."""
+    iteration: int
+    solverstate: str
+    caffemodel: str
+
+
+_SNAP_RE = re.compile(r"_iter_(\d+)\.solverstate$")
+
+
+def snapshots(folder, prefix, clean=False):
+    """[Snapshot] of the complete snapshots ``<folder>/<prefix>_iter_N.*``, newest first. An incomplete one is
+    skipped, and with ``clean`` deleted."""
+    out = []
+    pattern = os.path.join(folder, glob.escape(prefix) + "_iter_*.")
+    stems = {f.rsplit(".", 1)[0] for f in glob.glob(pattern + "solverstate") + glob.glob(pattern + "caffemodel")}
+    for stem in stems:
+        state, model = stem + ".solverstate", stem + ".caffemodel"
+        m = _SNAP_RE.search(state)
+        why = None if m and os.path.exists(model) and os.path.exists(state) else "incomplete"
+        why = why or _snapshot_problem(state, model, int(m.group(1)))
+        if why:
+            if clean:
+                log.warning("removing incomplete snapshot %s.* (%s), left by an interrupted run", stem, why)
+                for path in (state, model):
+                    if os.path.exists(path):
+                        os.unlink(path)
+            else:
+                log.warning("skipping incomplete snapshot %s (%s)", state, why)
+            continue
+        out.append(Snapshot(int(m.group(1)), state, model))
+    return sorted(out, reverse=True)
+
+
+def _snapshot_problem(state, model, iteration):
+    """Why a snapshot cannot be resumed from, or None."""
+    from google.protobuf.message import DecodeError
+
+    st = caffe_pb2().SolverState()
+    try:
+        with open(state, "rb") as f:
+            st.ParseFromString(f.read())
+        expected = _learnable_count(fileio.read_caffemodel(model))
+    except (OSError, DecodeError, UserError) as e:
+        return str(e)
+    if st.iter != iteration:
+        return f"its solverstate says iteration {st.iter}"
+    if len(st.history) != expected:
+        return f"{len(st.history)} history blobs for {expected} learnable blobs"
+    return None
+
+
+def _learnable_count(model_param):
+    """Number of learnable blobs Caffe keeps solver history for: shared (named) params count once."""
+    seen, n = set(), 0
+    for layer in model_param.layer:
+        for j in range(len(layer.blobs)):
+            name = layer.param[j].name if j < len(layer.param) else ""
+            if name:
+                if name in seen:
+                    continue
+                seen.add(name)
+            n += 1
+    return n
+
+
+def portable_state(state, folder):
+    """A solverstate whose learned_net resolves from ``folder``: the file itself, or a hidden rewritten copy."""
+    st = caffe_pb2().SolverState()
+    with open(state, "rb") as f:
+        st.ParseFromString(f.read())
+    learned = st.learned_net
+    if learned and os.path.isabs(learned) and os.path.exists(learned):
+        return state
+    st.learned_net = os.path.abspath(os.path.join(os.path.dirname(state), os.path.basename(learned)))
+    fd, tmp = tempfile.mkstemp(prefix=".resume-", suffix=".solverstate", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(st.SerializeToString())
+    return tmp
+
+
+# ------------------------------------------------------------------------------------------------ Caffe's log
+class CaffeLog:
+    """What Caffe's training log says so far: iteration, smoothed loss, learning rate, last test outputs."""
+
+    _ITER = re.compile(r"Iteration (\d+)")
+    _LOSS = re.compile(r"Iteration (\d+)(?: \(.*\))?, loss = (\S+)")
+    _TEST = re.compile(r"Iteration (\d+), Testing net")
+    _OUT = re.compile(r"Test net output #\d+: (\S+) = (\S+)")
+    _LR = re.compile(r"Iteration (\d+), lr = (\S+)")
+
+    def __init__(self):
+        self.iteration, self.loss, self.lr = 0, None, None
+        self.tests = {}  # {output: value} of the last test
+        self.test_iteration = None
+        self.curve = []  # [(iteration, {output: value})]
+        self.failure = []  # Caffe's error lines, "Check failed" first
+        self._in_test = False
+
+    def feed(self, line):
+        """Read one line; returns True when it ends a test's block of outputs (the test's results are complete)."""
+        ended = self._in_test and not self._OUT.search(line)
+        self._in_test = bool(self._OUT.search(line))
+        if "Check failed" in line or line.startswith("F") or " Error" in line or "error:" in line:
+            text = line.split("] ", 1)[-1].strip()
+            self.failure.insert(0, text) if "Check failed" in line else self.failure.append(text)
+        m = self._LOSS.search(line)
+        if m:
+            self.loss = _number(m.group(2))
+        m = self._LR.search(line)
+        if m:
+            self.lr = _number(m.group(2))
+        m = self._TEST.search(line)
+        if m:
+            self.test_iteration = int(m.group(1))
+            self.curve.append((self.test_iteration, {}))
+        m = self._OUT.search(line)
+        if m and self.curve:
+            self.curve[-1][1][m.group(1)] = _number(m.group(2))
+            self.tests = self.curve[-1][1]
+        m = self._ITER.search(line)
+        if m:
+            self.iteration = max(self.iteration, int(m.group(1)))
+        return ended
+
+    def accuracy(self):
+        """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
+        return top1(self.tests)
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def top1(outputs):
+    """(name, value) of the top-1 accuracy among net outputs (``accuracy``, ``accuracy_top1``, ``top-1``...)."""
+    keys = [k for k in outputs if "acc" in k.lower() or "top" in k.lower()]
+    keys.sort(key=lambda k: (not ("1" in k or k.lower() == "accuracy"), k))
+    return (keys[0], outputs[keys[0]]) if keys else None
+
+
+def read_curve(log_path, key=None):
+    """[(iteration, value)] of the tests in a Caffe training log (resumed runs appended: the last value per
+    iteration wins); ``key`` is the output to read (default: the top-1 accuracy)."""
+    if not os.path.exists(log_path):
+        return []
+    parsed = CaffeLog()
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            parsed.feed(line)
+    points = {}
+    for it, outputs in parsed.curve:
+        pick = (key, outputs.get(key)) if key else top1(outputs)
+        if pick and pick[1] is not None:
+            points[it] = pick[1]
+    return sorted(points.items())
+
+
+class _Progress:
+    """The tqdm bar of one training run, fed by CaffeLog; test results are logged too (bars are off without a
+    terminal)."""
+
+    def __init__(self, desc, total, start):
+        from tqdm import tqdm
+
+        self.desc, self.total = desc, total
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=None, dynamic_ncols=True)
+        self.caffe = CaffeLog()
+
+    def feed(self, line):
+        tested = self.caffe.feed(line)
+        c = self.caffe
+        if c.iteration > self.bar.n:
+            self.bar.update(min(c.iteration, self.total) - self.bar.n)
+        acc = c.accuracy()
+        post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"{acc[0]} {acc[1]:.4f}" if acc else ""]
+        self.bar.set_postfix_str(", ".join(p for p in post if p), refresh=False)
+        return tested
+
+    def report_test(self):
+        c = self.caffe
+        if c.tests:
+            outs = ", ".join(f"{k} {v:.4f}" for k, v in c.tests.items() if v is not None)
+            loss = f", training loss {c.loss:.4f}" if c.loss is not None else ""
+            log.info("%s: iteration %d/%d%s; test: %s", self.desc, c.test_iteration, self.total, loss, outs)
+
+    def close(self):
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ the record
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path):
+    """{"path", "sha256"} of a file, for records and provenance."""
+    path = os.path.abspath(os.fspath(path))
+    return {"path": path, "sha256": _sha256(path)}
+
+
+def _text(message):
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(message)
+
+
+def _first_difference(old, new):
+    """The first line where two prototxt texts differ, as (old line, new line)."""
+    a, b = old.splitlines(), new.splitlines()
+    for x, y in zip(a, b):
+        if x != y:
+            return x.strip(), y.strip()
+    longer = a[len(b):] or b[len(a):]
+    return (longer[0].strip(), "(nothing)") if len(a) > len(b) else ("(nothing)", longer[0].strip())
+
+
+def check_record(folder, record, what):
+    """Refuse to reuse ``folder`` when its stored record differs from ``record``; name the first difference."""
+    path = os.path.join(folder, RECORD)
+    if not os.path.exists(path):
+        return
+    old = fileio.read_json(path)
+    hint = (f"use the same settings to resume or reuse it, --force to redo {what} from scratch, or another "
+            "--output")
+    if old.get("weights", {}).get("sha256") != record["weights"]["sha256"]:
+        raise UserError(f"{folder} holds {what} started from other weights ({old.get('weights', {}).get('path')}, "
+                        f"not {record['weights']['path']}); {hint}")
+    for key in ("solver", "net"):
+        if old.get(key) != record[key]:
+            was, now = _first_difference(old.get(key, ""), record[key])
+            raise UserError(f"{folder} holds {what} whose {key} differs from this command's: it has {was!r}, this "
+                            f"command asks for {now!r}; {hint}")
+
+
+def clear(folder, finals=()):
+    """Remove a training folder's outputs (snapshots, log, record and the ``finals`` files with their JSON), for
+    --force."""
+    for name in (SNAPSHOT_DIR, LOG, RECORD, *finals, *[fileio.sidecar_path(n) for n in finals]):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+# ------------------------------------------------------------------------------------------------ train
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run in ``folder``: the solver and net written there under their names (the solver's ``net``
+    and ``snapshot_prefix`` relative to the folder, the net's sources relative to it), started from the caffemodel
+    at ``start``; ``start_param`` (a NetParameter), when given, is written to ``start`` first (a released or an
+    initial model). ``source`` names where the start came from (for messages and provenance); ``final`` is the
+    phase's final model: present with its JSON, the phase is done."""
+    folder: str
+    desc: str
+    solver_name: str
+    solver: object
+    net_name: str
+    net: object
+    start: str
+    start_param: object = None
+    source: str = None
+    final: str = None
+
+    def record(self):
+        """What training starts from: the solver's and net's text and the start weights' SHA-256."""
+        if self.start_param is not None:
+            digest = hashlib.sha256(self.start_param.SerializeToString()).hexdigest()
+        else:
+            digest = _sha256(self.start)
+        return {"solver": _text(self.solver), "net": _text(self.net),
+                "weights": {"path": os.path.abspath(self.source or self.start), "sha256": digest}}
+
+
+def train(job, engine="binary", gpu=None, force=False):
+    """Train ``job``, or resume it, and return its final :class:`Snapshot`; None when the phase's final model
+    already exists from the same record (nothing is written then). The caller holds the folder's lock
+    (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch."""
+    from .caffe_env import set_device
+
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    folder = os.path.abspath(job.folder)
+    record = job.record()
+    if force:
+        clear(folder, [job.final] if job.final else [])
+    check_record(folder, record, f"a {job.desc} phase")
+    if job.final and finished(job.final):
+        log.info("%s: finished already, with the same settings: %s", job.desc, job.final)
+        return None
+    prefix = os.path.join(folder, job.solver.snapshot_prefix)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    if job.start_param is not None:
+        fileio.write_caffemodel(job.start, job.start_param)
+    fileio.write_prototxt(os.path.join(folder, job.net_name), job.net)
+    fileio.write_prototxt(os.path.join(folder, job.solver_name), job.solver)
+    fileio.write_json(os.path.join(folder, RECORD), record)
+    set_device(gpu)
+    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
+    max_iter = job.solver.max_iter
+    if snaps and snaps[0].iteration >= max_iter:
+        log.info("%s: already trained to iteration %d in %s", job.desc, snaps[0].iteration, folder)
+        return snaps[0]
+    resume = snaps[0] if snaps else None
+    logpath = os.path.join(folder, LOG)
+    log.info("%s: %s %d iterations%s; Caffe's log: %s", job.desc, "resuming," if resume else "training",
+             max_iter, f" from iteration {resume.iteration}" if resume else "", logpath)
+    state = portable_state(resume.solverstate, folder) if resume else None
+    progress = _Progress(job.desc, max_iter, resume.iteration if resume else 0)
+    try:
+        run = _run_binary if engine == "binary" else _run_pycaffe
+        run(job, folder, state, progress, logpath, gpu)
+    finally:
+        progress.close()
+        if state and state != resume.solverstate and os.path.exists(state):
+            os.unlink(state)
+    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    if not snaps or snaps[0].iteration < max_iter:
+        raise UserError(f"{job.desc}: training ended without a snapshot at iteration {max_iter} in {folder} "
+                        f"(full log: {logpath})")
+    return snaps[0]
+
+
+def _interrupted(job, progress):
+    it = progress.caffe.iteration
+    return Interrupted(f"{job.desc}: interrupted at iteration {it}; run the same command again to resume", it)
+
+
+def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the caffe child gets SIGKILL when the Python parent dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_binary(job, folder, state, progress, logpath, gpu):
+    from .caffe_env import caffe_binary
+
+    cmd = [caffe_binary(), "train", "-solver", job.solver_name, "-sigint_effect", "stop"]
+    cmd += ["-snapshot", os.path.abspath(state)] if state else ["-weights", os.path.abspath(job.start)]
+    if gpu is not None:
+        cmd += ["-gpu", str(gpu)]
+    env = dict(os.environ, GLOG_minloglevel="0", GLOG_logtostderr="1")
+    with open(logpath, "a") as logf:
+        logf.write(f"# {' '.join(cmd)}\n")
+        logf.flush()
+        proc = subprocess.Popen(cmd, cwd=folder, stdout=logf, stderr=subprocess.PIPE, text=True, env=env,
+                                errors="replace",
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            _pump(proc.stderr, logf, progress)
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            _stop(proc, logf, progress)
+            raise _interrupted(job, progress) from None
+    if rc != 0:
+        tail = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
+        raise UserError(f"{job.desc}: `caffe train` failed with status {rc} in {folder}: {tail} (full log: "
+                        f"{logpath})")
+
+
+def _pump(stream, logf, progress):
+    for line in stream:
+        logf.write(line)
+        if progress.feed(line):
+            progress.report_test()
+    if progress.feed(""):  # a test block at the very end
+        progress.report_test()
+
+
+def _stop(proc, logf, progress):
+    """Ctrl-C or SIGTERM: Caffe stops after its current iteration and snapshots (-sigint_effect stop). Wait for
+    it, still reading its log; a second interrupt kills it."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; SIGTERM reached only us
+        _pump(proc.stderr, logf, progress)
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+
+
+def _run_pycaffe(job, folder, state, progress, logpath, gpu):
+    from . import solvers, sources
+    from .caffe_env import import_caffe
+
+    caffe = import_caffe()
+    s = solvers.resolve_paths(job.solver, folder)
+    s.ClearField("net")
+    s.net_param.CopyFrom(sources.absolute_sources(job.net, folder))
+    fd, tmp = tempfile.mkstemp(prefix=".pycaffe-", suffix=".prototxt", dir=folder)
+    os.close(fd)
+    try:
+        fileio.write_prototxt(tmp, s)
+        with _glog_into(logpath, progress):
+            solver = caffe.get_solver(tmp)
+    finally:
+        os.unlink(tmp)
+    if state:
+        solver.restore(state)
+    else:
+        solver.net.copy_from(os.path.abspath(job.start))
+    max_iter, chunk, snap = job.solver.max_iter, 1, job.solver.snapshot
+    try:
+        with _glog_into(logpath, progress):
+            while solver.iter < max_iter:
+                t0 = time.monotonic()
+                solver.step(min(chunk, max_iter - solver.iter))
+                chunk = max(1, min(chunk * 2, 100)) if time.monotonic() - t0 < 0.5 else max(1, chunk // 2)
+    except KeyboardInterrupt:
+        with _glog_into(logpath, progress):
+            solver.snapshot()
+        raise _interrupted(job, progress) from None
+    if not (snap and solver.iter % snap == 0):
+        with _glog_into(logpath, progress):
+            solver.snapshot()
+
+
+@contextlib.contextmanager
+def _glog_into(logpath, progress):
+    """While the block runs, Caffe's glog (INFO and up) goes to the log file and the progress bar: stderr (fd 2)
+    is redirected into a pipe read by a thread; glog's level and stderr flag are restored afterwards."""
+    from . import caffe_env
+
+    flags = caffe_env.glog_flags()
+    saved_fd = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    old = None if flags is None else (flags["minloglevel"].value, flags["logtostderr"].value)
+    sys.stderr.flush()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    if flags is not None:
+        flags["minloglevel"].value, flags["logtostderr"].value = 0, True
+
+    def reader():
+        with os.fdopen(read_fd, errors="replace") as src, open(logpath, "a") as logf:
+            _pump(src, logf, progress)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        if flags is not None:
+            flags["minloglevel"].value, flags["logtostderr"].value = old
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        thread.join()
+
+
+def finish(snapshot, path, provenance):
+    """Copy the final snapshot's caffemodel to ``path`` atomically, then its provenance JSON beside it (a phase is
+    finished once both exist)."""
+    with fileio.atomic_path(path, force=True) as tmp:
+        shutil.copyfile(snapshot.caffemodel, tmp)
+    fileio.write_provenance(path, force=True, **provenance)
+    return path
+
+
+def finished(path):
+    """True when a phase's final model and its provenance JSON (written after it) both exist."""
+    return os.path.exists(path) and os.path.exists(fileio.sidecar_path(path))
+
+
+def solver_summary(solver):
+    """The solver settings a provenance JSON records."""
+    keys = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "max_iter", "iter_size", "momentum",
+            "weight_decay", "snapshot", "random_seed", "type")
+    return {k: getattr(solver, k) for k in keys if solver.HasField(k)}
+
+
+def record_of(folder):
+    """The stored record of a training folder, or None."""
+    path = os.path.join(folder, RECORD)
+    return fileio.read_json(path) if os.path.exists(path) else None
+

@@ -1,0 +1,92 @@
+"""Test helpers shared by the test modules (which never import each other): one way to run a tool, small real
+set-ups (tiny LMDBs, the small net, a dense caffemodel), and the reference files of ../shared.
+
+Reference files are optional: a user clones the repository alone. :func:`shared_file` skips the test with a reason
+naming the file and where to get it when it is absent.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("DSD_SHARED", os.path.join(ROOT, "..", "shared"))
+REFERENCE = os.path.join(SHARED, "reference")
+DSD_TRAINVAL = os.path.join(REFERENCE, "squeezenet-dsd", "trainval.prototxt")
+DC_NET = os.path.join(REFERENCE, "squeezenet-deep-compression", "compressed_SqueezeNet.net")
+DC_DEPLOY = os.path.join(REFERENCE, "squeezenet-deep-compression", "SqueezeNet_deploy.prototxt")
+IMAGENET_CLASSES = os.path.join(REFERENCE, "imagenet", "classes.txt")
+FASHION = "/usr/share/datasets/fashion-mnist"
+#: where each reference file comes from (for skip reasons)
+ORIGIN = {
+    DSD_TRAINVAL: "github.com/songhan/SqueezeNet-DSD-Training (trainval.prototxt)",
+    DC_NET: "github.com/songhan/SqueezeNet-Deep-Compression (compressed_SqueezeNet.net)",
+    DC_DEPLOY: "github.com/songhan/SqueezeNet-Deep-Compression (SqueezeNet_deploy.prototxt)",
+    IMAGENET_CLASSES: "Caffe's data/ilsvrc12/synset_words.txt (class names in Caffe's order)",
+}
+
+
+def shared_file(path):
+    """``path`` when the reference file exists, else skip the test naming it and where it comes from."""
+    if not os.path.exists(path):
+        pytest.skip(f"reference file {os.path.relpath(path, SHARED)} is not in {os.path.abspath(SHARED)} (a "
+                    f"clone of the repository alone has no ../shared); it comes from {ORIGIN.get(path, 'shared/')}"
+                    "; set DSD_SHARED to a folder holding reference/ to run this test")
+    return path
+
+
+def tool(name, *args, timeout=600, env=None, cwd=None):
+    """Run ``tools/<name>.py`` with this interpreter; returns the CompletedProcess (text)."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def write_tiny_lmdb(path, images, labels):
+    """Write uint8 images (N, C, H, W) and int labels as raw caffe Datums, keys 00000000, 00000001, ..."""
+    import lmdb
+
+    from dsd_caffe.caffe_env import caffe_pb2
+
+    pb2 = caffe_pb2()
+    images = np.asarray(images, dtype=np.uint8)
+    env = lmdb.open(str(path), map_size=max(1 << 20, images.nbytes * 4))
+    with env.begin(write=True) as txn:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            d = pb2.Datum(channels=img.shape[0], height=img.shape[1], width=img.shape[2],
+                          data=img.tobytes(), label=int(lab))
+            txn.put(f"{i:08d}".encode(), d.SerializeToString())
+    env.close()
+    return str(path)
+
+
+def small_setup(folder, n_train=16, n_val=8, batch=4, seed=0):
+    """Random-pixel LMDBs, the small SqueezeNet trainval (sources relative to ``folder``) and a dense caffemodel
+    (its filler weights, seeded) in ``folder``. Returns (trainval path, caffemodel path)."""
+    from dsd_caffe import fileio, netgen, sources
+    from dsd_caffe.caffe_env import import_caffe, make_net
+
+    caffe = import_caffe()
+    rng = np.random.default_rng(seed)
+    write_tiny_lmdb(os.path.join(folder, "train_lmdb"), rng.integers(0, 256, (n_train, 1, 28, 28)),
+                    rng.integers(0, 10, n_train))
+    write_tiny_lmdb(os.path.join(folder, "val_lmdb"), rng.integers(0, 256, (n_val, 1, 28, 28)),
+                    rng.integers(0, 10, n_val))
+    net = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=batch, test_batch=batch)
+    model = os.path.join(folder, "trainval.prototxt")
+    fileio.write_prototxt(model, net)
+    caffe.set_random_seed(seed)
+    weights = os.path.join(folder, "dense.caffemodel")
+    make_net(sources.absolute_sources(net, folder), "TRAIN").save(weights)
+    return model, weights
+
+
+def fashion_arrays(n, offset=0):
+    """n real Fashion-MNIST training images (N, 1, 28, 28) uint8 and labels, from ``offset``."""
+    from dsd_caffe import data
+
+    x = data.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))[offset:offset + n]
+    y = data.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))[offset:offset + n]
+    return x[:, None].astype(np.uint8), y.astype(np.int64)
