@@ -198,7 +198,7 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
     pb2 = caffe_pb2()
     out = {}
     for layer in included_layers(net_param, phase):
-        where = f"{layer.type} layer {layer.name!r}"
+        where = f"{layer.type} layer {layer.name!r} ({phase_of(layer)})"
         if layer.type == "Data":
             dp = layer.data_param
             if not dp.source:

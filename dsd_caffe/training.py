@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from . import fileio
@@ -264,9 +263,19 @@ def _text(message):
     return text_format.MessageToString(message)
 
 
-def _first_difference(old, new):
-    """The first line where two prototxt texts differ, as (old line, new line)."""
+#: solver fields a person sets, compared first so a message names the cause (max_iter), not a consequence
+_SOLVER_FIRST = ("base_lr", "max_iter", "lr_policy", "iter_size", "momentum", "weight_decay", "snapshot", "net")
+
+
+def _first_difference(old, new, solver=False):
+    """The first line where two prototxt texts differ, as (old line, new line); for solvers, the fields people set
+    come first."""
     a, b = old.splitlines(), new.splitlines()
+    if solver:
+        first = [f"{k}:" for k in _SOLVER_FIRST]
+        order = (lambda lines: sorted(lines, key=lambda l: next((i for i, k in enumerate(first)
+                                                                 if l.startswith(k)), len(first))))
+        a, b = order(a), order(b)
     for x, y in zip(a, b):
         if x != y:
             return x.strip(), y.strip()
@@ -287,7 +296,7 @@ def check_record(folder, record, what):
                         f"not {record['weights']['path']}); {hint}")
     for key in ("solver", "net"):
         if old.get(key) != record[key]:
-            was, now = _first_difference(old.get(key, ""), record[key])
+            was, now = _first_difference(old.get(key, ""), record[key], solver=key == "solver")
             raise UserError(f"{folder} holds {what} whose {key} differs from this command's: it has {was!r}, this "
                             f"command asks for {now!r}; {hint}")
 
@@ -454,9 +463,10 @@ def _run_pycaffe(job, folder, state, progress, logpath, gpu):
     s.net_param.CopyFrom(sources.absolute_sources(job.net, folder))
     fd, tmp = tempfile.mkstemp(prefix=".pycaffe-", suffix=".prototxt", dir=folder)
     os.close(fd)
+    capture = _GlogCapture(logpath, progress)
     try:
         fileio.write_prototxt(tmp, s)
-        with _glog_into(logpath, progress):
+        with capture:
             solver = caffe.get_solver(tmp)
     finally:
         os.unlink(tmp)
@@ -466,50 +476,56 @@ def _run_pycaffe(job, folder, state, progress, logpath, gpu):
         solver.net.copy_from(os.path.abspath(job.start))
     max_iter, chunk, snap = job.solver.max_iter, 1, job.solver.snapshot
     try:
-        with _glog_into(logpath, progress):
-            while solver.iter < max_iter:
-                t0 = time.monotonic()
+        while solver.iter < max_iter:
+            t0 = time.monotonic()
+            with capture:
                 solver.step(min(chunk, max_iter - solver.iter))
-                chunk = max(1, min(chunk * 2, 100)) if time.monotonic() - t0 < 0.5 else max(1, chunk // 2)
+            chunk = max(1, min(chunk * 2, 100)) if time.monotonic() - t0 < 0.5 else max(1, chunk // 2)
     except KeyboardInterrupt:
-        with _glog_into(logpath, progress):
+        with capture:
             solver.snapshot()
         raise _interrupted(job, progress) from None
     if not (snap and solver.iter % snap == 0):
-        with _glog_into(logpath, progress):
+        with capture:
             solver.snapshot()
 
 
-@contextlib.contextmanager
-def _glog_into(logpath, progress):
-    """While the block runs, Caffe's glog (INFO and up) goes to the log file and the progress bar: stderr (fd 2)
-    is redirected into a pipe read by a thread; glog's level and stderr flag are restored afterwards."""
-    from . import caffe_env
+class _GlogCapture:
+    """While a ``with`` block runs, Caffe's glog (INFO and up) goes to the training log: stderr (fd 2) points at
+    the log file and glog's level and stderr flag are set, then all are restored. After each block the new lines
+    are fed to the progress bar. (A file, not a pipe: the solver holds the GIL while it writes its log, so a pipe
+    read by a Python thread would fill up and deadlock.)"""
 
-    flags = caffe_env.glog_flags()
-    saved_fd = os.dup(2)
-    read_fd, write_fd = os.pipe()
-    old = None if flags is None else (flags["minloglevel"].value, flags["logtostderr"].value)
-    sys.stderr.flush()
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-    if flags is not None:
-        flags["minloglevel"].value, flags["logtostderr"].value = 0, True
+    def __init__(self, logpath, progress):
+        from . import caffe_env
 
-    def reader():
-        with os.fdopen(read_fd, errors="replace") as src, open(logpath, "a") as logf:
-            _pump(src, logf, progress)
+        self.logpath, self.progress, self.flags = logpath, progress, caffe_env.glog_flags()
+        with open(logpath, "a"):
+            pass
+        self.offset = os.path.getsize(logpath)
 
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        if flags is not None:
-            flags["minloglevel"].value, flags["logtostderr"].value = old
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        thread.join()
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        log_fd = os.open(self.logpath, os.O_WRONLY | os.O_APPEND)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        if self.flags is not None:
+            self.old = (self.flags["minloglevel"].value, self.flags["logtostderr"].value)
+            self.flags["minloglevel"].value, self.flags["logtostderr"].value = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        if self.flags is not None:
+            self.flags["minloglevel"].value, self.flags["logtostderr"].value = self.old
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        with open(self.logpath, errors="replace") as f:
+            f.seek(self.offset)
+            for line in f:
+                if self.progress.feed(line):
+                    self.progress.report_test()
+            self.offset = f.tell()
 
 
 def finish(snapshot, path, provenance):

@@ -1,21 +1,19 @@
-"""DSD's phases on the small net with tiny LMDBs: prune outputs, re-dense, the whole pipeline, kill and resume,
-and clear errors for bad inputs."""
+"""DSD's phases on the small net with tiny LMDBs: what prune writes (with and without data, re-pruning), the
+sparse and redense phases, the release, and the rule that a phase folder is reused only with the settings it
+records."""
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import write_tiny_lmdb
-from dsd_caffe import fileio, masklayer, netgen, phases, pruning
-from test_masklayer import small_setup
+from dsd_caffe import fileio, masks, netgen, phases, pruning, sources, training
+from dsd_caffe.solvers import Schedule
+from helpers import small_setup, tool, write_tiny_lmdb
 
 caffe = pytest.importorskip("caffe")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = Schedule(max_iter=4, snapshot=2, base_lr=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -29,224 +27,222 @@ def setup(tmp_path_factory):
 def pruned(setup):
     folder, model, weights = setup
     out = os.path.join(folder, "p3x")
-    res = phases.prune(model, weights, out, ratio="3x", max_iter=4, snapshot=2, base_lr=0.05)
+    res = phases.prune(phases.Inputs(model, weights), out, phases.PruneConfig(ratio="3x"), SHORT)
     return out, res
+
+
+def copy_run(src, name):
+    """A copy beside ``src`` (its data sources are relative paths to the LMDBs next to it)."""
+    dst = os.path.join(os.path.dirname(src), name)
+    shutil.copytree(src, dst)
+    return dst
 
 
 def test_prune_writes_everything(setup, pruned):
     folder, model, weights = setup
     out, res = pruned
-    for f in (phases.PRUNED, phases.MASKS, phases.SPARSE_NET, phases.SPARSE_SOLVER, "weights_histogram.png",
+    for f in (phases.PRUNED, phases.MASKS, phases.SPARSE_NET, phases.SPARSE_SOLVER, phases.HISTOGRAM,
               fileio.sidecar_path(phases.PRUNED)):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
-    with open(os.path.join(out, "weights_histogram.png"), "rb") as f:
+    assert os.path.isdir(os.path.join(out, "snapshots"))  # caffe train, run from the folder, needs it
+    with open(os.path.join(out, phases.HISTOGRAM), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     names = netgen.weighted_layers(fileio.read_net_prototxt(model))
     assert [r["name"] for r in res["rows"]] == names and "threshold" in res["table"].splitlines()[0]
     prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, phases.PRUNED)))
-    assert prov["phase"] == "prune" and prov["source"] == os.path.abspath(weights)
-    dense = masklayer.weight_arrays(weights)
-    masks = phases.load_masks(os.path.join(out, phases.MASKS))
+    assert (prov["phase"], prov["made_by"], prov["iteration"]) == ("sparse", "prune", 0)
+    assert prov["source"] == os.path.abspath(weights)
+    assert prov["source_sha256"] == training.file_record(weights)["sha256"]
+    dense = masks.weight_arrays(weights)
+    kept = masks.load_masks(os.path.join(out, phases.MASKS))
+    assert list(kept) == names  # every weighted layer is in the mask layer
     for name in names:
-        assert prov["density"][name] == pytest.approx(pruning.kept_count(dense[name].size, 1 / 3) / dense[name].size)
-        np.testing.assert_array_equal(masks[name], pruning.magnitude_mask(dense[name], 1 / 3))
-        kept = np.abs(dense[name][masks[name]])
-        assert kept.min() == pytest.approx(prov["thresholds"][name])
+        assert prov["density"][name] == pruning.kept_count(dense[name].size, 1 / 3) / dense[name].size
+        np.testing.assert_array_equal(kept[name], pruning.magnitude_mask(dense[name], 1 / 3))
+        assert np.abs(dense[name][kept[name]]).min() == pytest.approx(prov["thresholds"][name])
     net = fileio.read_net_prototxt(os.path.join(out, phases.SPARSE_NET))
-    mask_layers = [l for l in net.layer if masklayer.is_mask_layer(l)]
+    mask_layers = [l for l in net.layer if masks.is_mask_layer(l)]
     assert len(mask_layers) == 1 and mask_layers[0].include[0].phase == caffe.TRAIN
     assert [p.name for p in mask_layers[0].param[:len(names)]] == [f"{n}_w" for n in names]
     assert all(p.lr_mult == 0 and p.decay_mult == 0 for p in mask_layers[0].param[len(names):])
-    for l in net.layer:  # sources relative to the prototxt's folder
-        if l.type == "Data":
-            assert not os.path.isabs(l.data_param.source)
-            assert os.path.isdir(os.path.join(out, l.data_param.source))
+    for _, p in sources.source_fields(net):  # sources relative to the prototxt's folder
+        assert not os.path.isabs(p.source) and os.path.isdir(os.path.join(out, p.source))
     s = fileio.read_solver_prototxt(os.path.join(out, phases.SPARSE_SOLVER))
-    assert s.net == phases.SPARSE_NET and s.max_iter == 4 and s.base_lr == pytest.approx(0.05)
+    assert (s.net, s.max_iter, s.snapshot, s.snapshot_prefix) == (phases.SPARSE_NET, 4, 2, "snapshots/sparse")
+    assert s.base_lr == pytest.approx(0.05)
+
+
+def test_readme_caffe_train_runs_in_a_fresh_prune_folder(pruned, tmp_path):
+    """The README's command: cd into prune.py's folder and run the plain binary on its solver."""
+    from dsd_caffe.caffe_env import caffe_binary
+
+    run = copy_run(pruned[0], "plain-" + tmp_path.name)
+    r = subprocess.run([caffe_binary(), "train", "--solver=sparse_solver.prototxt", "--weights=pruned.caffemodel"],
+                       cwd=run, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    snap = os.path.join(run, "snapshots", "sparse_iter_4.caffemodel")
+    masks.check_masked(snap, masks.load_masks(os.path.join(run, phases.MASKS)))
 
 
 def test_prune_skip_keeps_layer_dense(setup, tmp_path):
     folder, model, weights = setup
-    res = phases.prune(model, weights, str(tmp_path / "p"), density="0.5", skip=["conv1", "conv_final"],
-                       max_iter=1)
+    res = phases.prune(phases.Inputs(model, weights), tmp_path / "p",
+                       phases.PruneConfig(density="0.5", skip=("conv1", "conv_final")), Schedule(max_iter=1))
     assert res["densities"]["conv1"] == 1.0 and res["densities"]["conv_final"] == 1.0
-    assert set(masklayer.read_masks(res["model"])) == set(res["densities"]) - {"conv1", "conv_final"}
+    kept = masks.read_masks(res["model"])
+    assert set(kept) == set(res["densities"]) and kept["conv1"].all()
 
 
-def test_prune_refuses_bad_inputs(setup, pruned, tmp_path):
+def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
     folder, model, weights = setup
     out, _ = pruned
+    inputs = phases.Inputs(model, weights)
     with pytest.raises(FileExistsError, match="already holds a pruned model"):
-        phases.prune(model, weights, out, ratio="3x")
+        phases.prune(inputs, out, phases.PruneConfig(ratio="3x"))
     with pytest.raises(ValueError, match="accepted forms"):
-        phases.prune(model, weights, str(tmp_path / "x"), ratio="1x")
+        phases.PruneConfig(ratio="1x")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError):
-        phases.prune(model, weights, str(blocker / "out"), ratio="3x")
-    # a caffemodel from another net: the first layer whose shape differs is named
-    from dsd_caffe import netgen
-
+        phases.prune(inputs, blocker / "out", phases.PruneConfig(ratio="3x"))
     other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
-    fileio.write_prototxt(str(tmp_path / "other.prototxt"), phases.absolute_sources(other, folder))
-    caffe.Net(str(tmp_path / "other.prototxt"), caffe.TEST).save(str(tmp_path / "other.caffemodel"))
-    with pytest.raises(ValueError, match="'conv1'"):
-        phases.prune(model, str(tmp_path / "other.caffemodel"), str(tmp_path / "y"), ratio="3x")
-    assert not os.path.exists(tmp_path / "y" / phases.PRUNED)
-    with pytest.raises(FileNotFoundError, match="not a folder written by tools/prune.py"):
-        phases.train_sparse(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="data source .*nope not found"):
-        phases.prune(model, weights, str(tmp_path / "z"), ratio="3x", train_source=str(tmp_path / "nope"))
+    from dsd_caffe.caffe_env import make_net
+
+    make_net(sources.absolute_sources(other, folder), "TEST").save(str(tmp_path / "other.caffemodel"))
+    bad = [(phases.Inputs(model, str(tmp_path / "other.caffemodel")), {}, ValueError, "'conv1'"),
+           (inputs, {"profile": "nope"}, ValueError, "unknown profile")]
     small = write_tiny_lmdb(tmp_path / "small_lmdb", np.zeros((2, 1, 8, 8)), [0, 1])
-    with pytest.raises(ValueError, match="TRAIN.*smaller than the crop size 28"):
-        phases.prune(model, weights, str(tmp_path / "z"), ratio="3x", train_source=small)
+    bad.append((phases.Inputs(model, weights, train_source=small), {}, ValueError, r"\(TRAIN\).*smaller than crop_size 28"))
     truncated = tmp_path / "truncated.caffemodel"
-    with open(weights, "rb") as f:
-        truncated.write_bytes(f.read()[:1000])
-    with pytest.raises(ValueError, match="truncated or corrupted"):
-        phases.prune(model, str(truncated), str(tmp_path / "z"), ratio="3x")
-    with pytest.raises(ValueError, match="unknown profile"):
-        phases.prune(model, weights, str(tmp_path / "z"), ratio="3x", profile="nope")
-    assert not os.path.exists(tmp_path / "z" / phases.PRUNED)
+    truncated.write_bytes(open(weights, "rb").read()[:1000])
+    bad.append((phases.Inputs(model, str(truncated)), {}, ValueError, "truncated or corrupted"))
+    for i, (inp, kw, kind, match) in enumerate(bad):
+        with pytest.raises(kind, match=match):
+            phases.prune(inp, tmp_path / f"z{i}", phases.PruneConfig(ratio="3x", **kw))
+        assert not os.path.exists(tmp_path / f"z{i}"), i  # a refusal leaves no folder behind
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="did not write"):
+        phases.prune(inputs, foreign, phases.PruneConfig(ratio="3x"), force=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
 
 
-def test_prune_tool_one_line_error(setup, tmp_path):
+def test_prune_without_data_from_a_trainval_and_a_deploy(setup, tmp_path):
+    """Pruning is pure numpy: a trainval whose LMDBs are elsewhere gives the model, masks and sparse trainval (the
+    solver is written where the data is); a deploy prototxt gives the model and masks."""
     folder, model, weights = setup
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune.py"), "--model", model, "--weights",
-                        weights, "--output", str(tmp_path / "o"), "--ratio", "3x", "--density", "0.3"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prune.py: error:"), r.stderr
+    away = tmp_path / "laptop"
+    away.mkdir()
+    shutil.copy(model, away / "trainval.prototxt")  # its sources name ../train_lmdb etc., absent here
+    out = away / "p"
+    res = phases.prune(phases.Inputs(str(away / "trainval.prototxt"), weights), out, phases.PruneConfig(ratio="3x"),
+                       Schedule(epochs=2))
+    assert sorted(os.listdir(out)) == sorted([phases.PRUNED, fileio.sidecar_path(phases.PRUNED), phases.MASKS,
+                                              phases.SPARSE_NET, phases.HISTOGRAM, "snapshots"])
+    assert any("train_sparse.py writes it" in n for n in res["notes"])
+    ref = phases.prune(phases.Inputs(model, weights), tmp_path / "ref", phases.PruneConfig(ratio="3x"))
+    assert masks.same_masks(masks.load_masks(out / phases.MASKS), masks.load_masks(ref["output_dir"] + "/" +
+                                                                                   phases.MASKS)) is None
+    # on the machine with the data (the LMDBs beside the folder now), train_sparse writes the solver from the
+    # settings recorded at pruning (2 epochs of 16 images at batch 4 = 8 iterations)
+    for name in ("train_lmdb", "val_lmdb"):
+        shutil.copytree(os.path.join(folder, name), away / name)
+    final = phases.train_sparse(out)
+    assert fileio.read_solver_prototxt(out / phases.SPARSE_SOLVER).max_iter == 8
+    assert fileio.read_json(fileio.sidecar_path(final))["iteration"] == 8
+    deploy = tmp_path / "deploy.prototxt"
+    fileio.write_prototxt(deploy, netgen.deploy(fileio.read_net_prototxt(model), input_shape=(1, 1, 28, 28)))
+    res = phases.prune(phases.Inputs(str(deploy), weights), tmp_path / "d", phases.PruneConfig(ratio="3x"))
+    assert sorted(os.listdir(tmp_path / "d")) == sorted([phases.PRUNED, fileio.sidecar_path(phases.PRUNED),
+                                                        phases.MASKS, phases.HISTOGRAM])
+    assert any("deploy net" in n for n in res["notes"])
 
 
-def test_retrain_dense_releases_masks(setup, pruned, tmp_path):
+def test_repruning_semantics_through_the_tool(pruned, setup, tmp_path):
     folder, model, weights = setup
-    src, _ = pruned
-    run = os.path.join(folder, "sparse-" + tmp_path.name)
-    shutil.copytree(src, run)
+    out, _ = pruned
+    same = phases.prune(phases.Inputs(model, os.path.join(out, phases.PRUNED)), tmp_path / "again",
+                        phases.PruneConfig(ratio="3x"))
+    first = masks.load_masks(os.path.join(out, phases.MASKS))
+    assert masks.same_masks(first, masks.load_masks(tmp_path / "again" / phases.MASKS)) is None
+    r = tool("prune", "--model", model, "--weights", os.path.join(out, phases.PRUNED), "--output",
+             tmp_path / "2x", "--ratio", "2x")
+    assert r.returncode == 2 and "already pruned" in r.stderr and "density 0.5000" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "2x")
+    deeper = phases.prune(phases.Inputs(model, os.path.join(out, phases.PRUNED)), tmp_path / "4x",
+                          phases.PruneConfig(ratio="4x"))
+    report = masks.sparsity_report(deeper["model"])
+    assert all(report[r["name"]]["nonzero"] == r["kept"] for r in deeper["rows"])  # the table is the truth
+
+
+def test_sparse_and_redense_phases_release_and_records(setup, pruned, tmp_path):
+    folder, model, weights = setup
+    run = copy_run(pruned[0], "sparse-" + tmp_path.name)
     sparse = phases.train_sparse(run, engine="pycaffe")
-    masks = phases.load_masks(os.path.join(run, phases.MASKS))
-    out = str(tmp_path / "dense")
-    final = phases.retrain_dense(os.path.join(run, phases.SPARSE_NET), sparse, out, max_iter=3, engine="pycaffe")
-    s = fileio.read_solver_prototxt(os.path.join(out, phases.DENSE_SOLVER))
-    assert s.base_lr == pytest.approx(1e-4)
-    net = fileio.read_net_prototxt(os.path.join(out, phases.DENSE_NET))
-    assert not any(masklayer.is_mask_layer(l) for l in net.layer)
-    # survivors start at their sparse-phase values, pruned weights at exactly 0.0
-    abs_net = str(tmp_path / "abs.prototxt")
-    fileio.write_prototxt(abs_net, phases.absolute_sources(net, out))
-    start = caffe.Net(abs_net, caffe.TEST)
-    start.copy_from(sparse)
-    sw = masklayer.weight_arrays(sparse)
-    for name, m in masks.items():
-        np.testing.assert_array_equal(start.params[name][0].data, sw[name])
-        assert np.all(start.params[name][0].data[~m] == 0.0)
-    # after training, the killed weights have come back to life (in every layer; those feeding a dead ReLU get
-    # no gradient, so not all of them)
-    dw = masklayer.weight_arrays(final)
-    for n, m in masks.items():
-        assert np.count_nonzero(dw[n][~m]) > 0, n
-    revived = sum(int(np.count_nonzero(dw[n][~m])) for n, m in masks.items())
-    assert revived > 0.5 * sum(int((~m).sum()) for m in masks.values())
+    kept = masks.load_masks(os.path.join(run, phases.MASKS))
+    masks.check_masked(sparse, kept)
+    prov = fileio.read_json(fileio.sidecar_path(sparse))
+    assert (prov["phase"], prov["iteration"], prov["engine"]) == ("sparse", 4, "pycaffe")
+    out = tmp_path / "redense"
+    inputs = phases.Inputs(os.path.join(run, phases.SPARSE_NET), sparse)
+    final = phases.retrain_dense(inputs, out, Schedule(max_iter=3), engine="pycaffe")
+    s = fileio.read_solver_prototxt(out / "redense_solver.prototxt")
+    assert s.base_lr == pytest.approx(1e-4) and s.max_iter == 3
+    net = fileio.read_net_prototxt(out / "redense_trainval.prototxt")
+    assert not any(masks.is_mask_layer(l) for l in net.layer)
+    # the release: the sparse model without its mask layer, pruned weights exactly 0.0, survivors as they were
+    released = masks.weight_arrays(out / phases.RELEASED)
+    assert not masks.mask_layer_spec(fileio.read_caffemodel(out / phases.RELEASED))
+    sw = masks.weight_arrays(sparse)
+    for name, m in kept.items():
+        np.testing.assert_array_equal(released[name], sw[name])
+        assert np.all(released[name][~m] == 0.0)
+    dw = masks.weight_arrays(final)
+    revived = sum(int(np.count_nonzero(dw[n][~m])) for n, m in kept.items())
+    assert revived > 0.5 * sum(int((~m).sum()) for m in kept.values())
     prov = fileio.read_json(fileio.sidecar_path(final))
-    assert prov["phase"] == "re-dense" and prov["iteration"] == 3
-    with pytest.raises(FileExistsError, match="finished re-dense"):
-        phases.retrain_dense(os.path.join(run, phases.SPARSE_NET), sparse, out, max_iter=3)
+    assert (prov["phase"], prov["iteration"], prov["source"]) == ("redense", 3, os.path.abspath(sparse))
+    assert prov["settings"]["base_lr"] == pytest.approx(1e-4)
+    # the same command reuses the finished phase and writes nothing
+    stamp = {f: os.path.getmtime(out / f) for f in os.listdir(out) if os.path.isfile(out / f)}
+    assert phases.retrain_dense(inputs, out, Schedule(max_iter=3)) == final
+    assert {f: os.path.getmtime(out / f) for f in stamp} == stamp
 
 
-def dsd_args(setup, out, sparse_iters=30, cycles=1):
+def test_a_phase_folder_is_reused_only_with_its_settings(setup, pruned, tmp_path):
+    """Other --weights, --base-lr or --max-iter on a finished (or started) phase: refused, naming the first
+    difference, with nothing rewritten; --force redoes the phase from scratch and the JSON says so."""
     folder, model, weights = setup
-    return [sys.executable, os.path.join(ROOT, "tools", "dsd.py"), "--model", model, "--weights", weights,
-            "--output", out, "--ratio", "3x", "--sparse-iters", str(sparse_iters), "--dense-iters", "4",
-            "--snapshot", "2", "--sparse-lr", "0.05", "--test-iterations", "2", "--cycles", str(cycles)]
-
-
-def test_dsd_pipeline_and_finished_run(setup, tmp_path):
-    out = str(tmp_path / "dsd")
-    r = subprocess.run(dsd_args(setup, out, sparse_iters=4, cycles=2), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    state = fileio.read_json(os.path.join(out, phases.STATE))
-    assert state["finished"] and [p["name"] for p in state["phases"]] == [
-        "dense", "cycle1-sparse", "cycle1-dense", "cycle2-sparse", "cycle2-dense"]
-    assert state["final_model"] == os.path.join("cycle2-dense", phases.DENSE)
-    # DSDSD: the second pruning starts from the first re-dense model
-    prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, "cycle2-sparse", phases.PRUNED)))
-    assert prov["source"] == os.path.join(out, "cycle1-dense", phases.DENSE)
-    assert all(p["accuracy"] is not None for p in state["phases"])
-    assert state["phases"][1]["density"] == pytest.approx(1 / 3, abs=0.002)
-    assert os.path.getsize(os.path.join(out, "accuracy.png")) > 0
-    r = subprocess.run(dsd_args(setup, out, sparse_iters=4, cycles=2), capture_output=True, text=True)
-    assert r.returncode == 2 and "finished DSD run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_dsd_resumes_after_sigkill(setup, tmp_path):
-    """Kill tools/dsd.py (SIGKILL, whole process group) at 5 random points, then run the same command again: it
-    finishes, the masks equal those of an uninterrupted pruning, every sparse snapshot has exactly the pruned
-    density, and no output file is truncated."""
-    t = time.monotonic()
-    subprocess.run(dsd_args(setup, str(tmp_path / "reference")), capture_output=True, check=True)
-    whole = time.monotonic() - t  # kill points are fractions of an uninterrupted run: machines differ in speed
-    out = str(tmp_path / "dsd")
-    args = dsd_args(setup, out)
-    rng = np.random.default_rng(0)
-    kills = 0
-    for delay in whole * rng.uniform(0.15, 0.9, size=5):
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills += 1
-    assert kills >= 1
-    r = subprocess.run(args, capture_output=True, text=True)
-    if r.returncode == 2 and "finished DSD run" in r.stderr:
-        pass  # one of the runs got to the end before its kill
-    else:
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert fileio.read_json(os.path.join(out, phases.STATE))["finished"]
-    folder, model, weights = setup
-    dense = masklayer.weight_arrays(weights)
-    masks = phases.load_masks(os.path.join(out, "cycle1-sparse", phases.MASKS))
-    for name, m in masks.items():
-        np.testing.assert_array_equal(m, pruning.magnitude_mask(dense[name], 1 / 3))
-    snaps = os.path.join(out, "cycle1-sparse", "snapshots")
-    assert phases.snapshots(snaps, "sparse")[0][0] == 30
-    for it, _, snap in phases.snapshots(snaps, "sparse"):
-        w = masklayer.weight_arrays(snap)
-        for name, m in masks.items():
-            assert np.count_nonzero(w[name]) == m.sum() and np.all(w[name][~m] == 0), (it, name)
-        for name, m in masklayer.read_masks(snap).items():
-            np.testing.assert_array_equal(m, masks[name])
-    for root, _, files in os.walk(out):  # nothing truncated under a real name
-        for f in files:
-            path = os.path.join(root, f)
-            if f.startswith("."):
-                continue
-            if f.endswith(".caffemodel"):
-                fileio.read_caffemodel(path)
-            elif f.endswith(".json"):
-                fileio.read_json(path)
-            elif f.endswith(".solverstate"):
-                assert any(s[1] == path for s in phases.snapshots(root, f.split("_iter_")[0])), path
-
-
-def test_dsd_refuses_other_settings_on_unfinished_run(setup, tmp_path):
-    folder, model, weights = setup
-    out = str(tmp_path / "dsd")
-    os.makedirs(out)
-    fileio.write_json(os.path.join(out, phases.STATE), {"config": {"cycles": 7}, "phases": [], "finished": False})
-    with pytest.raises(ValueError, match="other settings"):
-        phases.run_dsd(model, weights, out, ratio="3x")
-    with pytest.raises(ValueError, match="--cycles"):
-        phases.run_dsd(model, weights, str(tmp_path / "z"), ratio="3x", cycles=0)
+    run = copy_run(pruned[0], "reuse-" + tmp_path.name)
+    sparse = phases.train_sparse(run)
+    inputs = phases.Inputs(os.path.join(run, phases.SPARSE_NET), sparse)
+    out = tmp_path / "r"
+    final = phases.retrain_dense(inputs, out, Schedule(max_iter=3))
+    before = {f: open(out / f, "rb").read() for f in os.listdir(out) if os.path.isfile(out / f)}
+    with pytest.raises(ValueError, match="base_lr: 0.0001.*base_lr: 0.001"):
+        phases.retrain_dense(inputs, out, Schedule(max_iter=3, base_lr=1e-3))
+    with pytest.raises(ValueError, match="max_iter: 3.*max_iter: 5"):
+        phases.retrain_dense(inputs, out, Schedule(max_iter=5))
+    with pytest.raises(ValueError, match="other weights"):
+        phases.retrain_dense(phases.Inputs(os.path.join(run, phases.SPARSE_NET), os.path.join(run, phases.PRUNED)),
+                             out, Schedule(max_iter=3))
+    assert {f: open(out / f, "rb").read() for f in before} == before
+    phases.retrain_dense(inputs, out, Schedule(max_iter=5, base_lr=1e-3), force=True)
+    prov = fileio.read_json(fileio.sidecar_path(final))
+    assert prov["iteration"] == 5 and prov["settings"]["base_lr"] == pytest.approx(1e-3)
+    assert open(out / "train.log").read().count("# ") == 1  # --force cleared the old log and snapshots
+    # the sparse phase too: --max-iter on a finished folder is refused, --force retrains
+    with pytest.raises(ValueError, match="max_iter: 4.*max_iter: 6"):
+        phases.train_sparse(run, Schedule(max_iter=6))
+    phases.train_sparse(run, Schedule(max_iter=6), force=True)
+    assert fileio.read_json(fileio.sidecar_path(os.path.join(run, phases.SPARSE)))["iteration"] == 6
 
 
 def test_squeezenet_3x_profile_on_deepscale_naming(tmp_path):
     """--ratio 3x with squeezenet-3x on a SqueezeNet v1.0 caffemodel (DeepScale names): per-layer densities
     within 0.01 of the released sparse SqueezeNet, 0.334 +- 0.005 overall."""
-    from dsd_caffe import netgen
+    from dsd_caffe.caffe_env import make_net
 
     rng = np.random.default_rng(0)
     for name in ("train_lmdb", "val_lmdb"):
@@ -254,10 +250,9 @@ def test_squeezenet_3x_profile_on_deepscale_naming(tmp_path):
     net = netgen.squeezenet_v1_0("deepscale", train_source="train_lmdb", test_source="val_lmdb", train_batch=1,
                                  test_batch=1)
     fileio.write_prototxt(str(tmp_path / "trainval.prototxt"), net)
-    fileio.write_prototxt(str(tmp_path / "abs.prototxt"), phases.absolute_sources(net, str(tmp_path)))
-    caffe.Net(str(tmp_path / "abs.prototxt"), caffe.TEST).save(str(tmp_path / "sq.caffemodel"))
-    res = phases.prune(str(tmp_path / "trainval.prototxt"), str(tmp_path / "sq.caffemodel"), str(tmp_path / "p"),
-                       ratio="3x", profile="squeezenet-3x", max_iter=1)
+    make_net(sources.absolute_sources(net, str(tmp_path)), "TEST").save(str(tmp_path / "sq.caffemodel"))
+    res = phases.prune(phases.Inputs(str(tmp_path / "trainval.prototxt"), str(tmp_path / "sq.caffemodel")),
+                       tmp_path / "p", phases.PruneConfig(ratio="3x", profile="squeezenet-3x"), Schedule(max_iter=1))
     ref = {pruning.deepscale_name(k): nz / total for k, (nz, total) in pruning.SQUEEZENET_3X.items()}
     assert set(res["densities"]) == set(ref)
     for name, d in res["densities"].items():
@@ -266,30 +261,11 @@ def test_squeezenet_3x_profile_on_deepscale_naming(tmp_path):
     assert abs(kept / sum(r["size"] for r in res["rows"]) - 0.334) <= 0.005
 
 
-def test_sensitivity_same_batches_every_time(setup, tmp_path):
-    folder, model, weights = setup
-    rows = phases.sensitivity(model, weights, str(tmp_path / "s"), densities=(0.2, 1.0), layers=["conv1", "conv_final"],
-                              iterations=2)
-    assert [(r["layer"], r["density"]) for r in rows] == [("(none)", 1.0), ("conv1", 0.2), ("conv1", 1.0),
-                                                          ("conv_final", 0.2), ("conv_final", 1.0)]
-    base = rows[0]
-    for r in rows[1:]:
-        if r["density"] == 1.0:  # nothing pruned, same batches: exactly the unpruned outputs
-            assert r["loss"] == base["loss"] and r["accuracy"] == base["accuracy"]
-    with open(tmp_path / "s" / "sensitivity.csv") as f:
-        assert f.readline().startswith("layer,density,accuracy")
-    assert os.path.getsize(tmp_path / "s" / "sensitivity.png") > 0
-    with pytest.raises(ValueError, match="unknown layer"):
-        phases.sensitivity(model, weights, str(tmp_path / "t"), layers=["nope"])
-    with pytest.raises(FileExistsError):
-        phases.sensitivity(model, weights, str(tmp_path / "s"), layers=["conv1"])
-
-
 def test_any_net_with_inner_product(tmp_path):
     """Not only SqueezeNet: a conv + fc net, pruned 2x, trained under the mask with pycaffe."""
     from google.protobuf import text_format
 
-    from dsd_caffe.caffe_env import caffe_pb2
+    from dsd_caffe.caffe_env import caffe_pb2, make_net
 
     rng = np.random.default_rng(1)
     for name in ("train_lmdb", "val_lmdb"):
@@ -309,23 +285,14 @@ def test_any_net_with_inner_product(tmp_path):
     layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" include { phase: TEST } }"""
     net = text_format.Parse(text, caffe_pb2().NetParameter())
     fileio.write_prototxt(str(tmp_path / "net.prototxt"), net)
-    fileio.write_prototxt(str(tmp_path / "abs.prototxt"), phases.absolute_sources(net, str(tmp_path)))
-    caffe.Net(str(tmp_path / "abs.prototxt"), caffe.TRAIN).save(str(tmp_path / "w.caffemodel"))
-    out = str(tmp_path / "p")
-    phases.prune(str(tmp_path / "net.prototxt"), str(tmp_path / "w.caffemodel"), out, ratio="2x", max_iter=3,
-                 base_lr=0.1)
-    sparse_net = fileio.read_net_prototxt(os.path.join(out, phases.SPARSE_NET))
-    mask = next(l for l in sparse_net.layer if masklayer.is_mask_layer(l))
+    make_net(sources.absolute_sources(net, str(tmp_path)), "TRAIN").save(str(tmp_path / "w.caffemodel"))
+    out = tmp_path / "p"
+    phases.prune(phases.Inputs(str(tmp_path / "net.prototxt"), str(tmp_path / "w.caffemodel")), out,
+                 phases.PruneConfig(ratio="2x"), Schedule(max_iter=3, base_lr=0.1))
+    sparse_net = fileio.read_net_prototxt(out / phases.SPARSE_NET)
+    mask = next(l for l in sparse_net.layer if masks.is_mask_layer(l))
     assert [(p.name, p.lr_mult, p.decay_mult) for p in mask.param[:2]] == [("c_w", 1, 1), ("ip_w", 2, 3)]
     final = phases.train_sparse(out, engine="pycaffe")
-    w = masklayer.weight_arrays(final)
-    for name, m in phases.load_masks(os.path.join(out, phases.MASKS)).items():
+    w = masks.weight_arrays(final)
+    for name, m in masks.load_masks(out / phases.MASKS).items():
         assert np.all(w[name][~m] == 0) and m.mean() == 0.5
-
-
-def test_num_classes_follows_the_loss_back_to_its_classifier():
-    from dsd_caffe import netgen
-
-    assert phases.num_classes(netgen.squeezenet_v1_0(naming="han")) == 1000
-    assert phases.num_classes(netgen.squeezenet_v1_0(naming="deepscale", num_classes=7)) == 7
-    assert phases.num_classes(netgen.small_squeezenet("a", "b", num_classes=10)) == 10
