@@ -8,6 +8,7 @@ reads the images in the same order.
 import collections
 import functools
 import gzip
+import itertools
 import logging
 import os
 import struct
@@ -201,12 +202,12 @@ def _in_order(pool, fn, items, ahead):
     """Like ``map(fn, items)`` on ``pool``, in order, with at most ``ahead`` items queued or done but unconsumed
     (so decoded images never pile up in memory when writing is the slower side)."""
     items = iter(items)
-    pending = collections.deque(pool.submit(fn, item) for item, _ in zip(items, range(ahead)))
+    # islice, not zip(items, range(ahead)): zip takes one more item from ``items`` before it sees the range
+    # exhausted, and that item would never be submitted.
+    pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, ahead))
     while pending:
         result = pending.popleft().result()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            break
+        pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
         yield result
 
 

@@ -388,3 +388,24 @@ def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
     assert os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns == before
     with pytest.raises(FileExistsError, match="other settings"):
         data.import_fashion_mnist(out, val_size=1000, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- counts
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("ahead", [1, 2, 4])
+def test_in_order_yields_every_item_once_in_order(n, ahead):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsd_caffe.data import _in_order
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(_in_order(pool, lambda x: x * 10, range(n), ahead)) == [10 * i for i in range(n)]
+
+
+def test_parallel_build_of_more_than_two_chunks_per_worker_loses_nothing(tmp_path):
+    """200 files, 2 workers: more chunks of 32 than the 4 queued ahead (the old queue lost one chunk: 168 images)."""
+    src = make_folder(tmp_path / "img", per_class=100, size=(4, 4))
+    stats = data.make_lmdb(src, tmp_path / "out", resize=None, workers=2, progress=False)
+    assert stats["count"] + len(stats["skipped"]) == 202
+    assert stats["count"] == 200 == len(raw_records(tmp_path / "out"))
