@@ -23,7 +23,7 @@ import shutil
 
 import numpy as np
 
-from . import data, fileio, masklayer, netgen, phases, solvers
+from . import fashion_mnist, fileio, lmdbio, masklayer, netgen, phases, solvers
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def train_dense(out, net, cfg, engine="binary"):
     seed, iters = cfg["seed"], cfg["dense_iters"]
     fileio.write_prototxt(os.path.join(out, "trainval.prototxt"), phases.relative_sources(net, out))
     (train_src, _), (test_src, _) = phases.data_sources(net)
-    s = solvers.dense_solver("trainval.prototxt", train_size=data.lmdb_info(train_src)["count"],
-                             test_size=data.lmdb_info(test_src)["count"], base_lr=cfg["dense_lr"],
+    s = solvers.dense_solver("trainval.prototxt", train_size=lmdbio.lmdb_info(train_src)["count"],
+                             test_size=lmdbio.lmdb_info(test_src)["count"], base_lr=cfg["dense_lr"],
                              max_iter=iters, snapshot=max(1, iters // 4), snapshot_prefix="snapshots/dense",
                              **_solver_args(cfg, iters, seed))
     solver_path = os.path.join(out, "solver.prototxt")
@@ -294,7 +294,7 @@ def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=F
     fileio.write_json(cfg_path, cfg)
 
     log.info("1/6 data: Fashion-MNIST LMDBs")
-    lmdbs = data.import_fashion_mnist(os.path.join(out, "data"), val_size=5000, seed=0)
+    lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(out, "data"), val_size=5000, seed=0)
     net = _trainval(lmdbs, cfg)
     dense_dir = os.path.join(out, "dense")
     log.info("2/6 dense training: %d iterations at lr %g (%s)", cfg["dense_iters"], cfg["dense_lr"],

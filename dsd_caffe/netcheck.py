@@ -96,13 +96,13 @@ def resolve_source(source):
 
 
 def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
-    """``data.lmdb_info`` of a Data layer source (resolved against the current folder), errors prefixed with
+    """``lmdbio.lmdb_info`` of a Data layer source (resolved against the current folder), errors prefixed with
     ``where``; channels follow ``force_color``/``force_gray`` like Caffe's decoder."""
-    from . import data
+    from . import lmdbio
 
     full = resolve_source(source)
     try:
-        info = data.lmdb_info(full)
+        info = lmdbio.lmdb_info(full)
     except ValueError as e:
         rel = "" if os.path.isabs(source) else f" (source {source!r} resolved against the current folder)"
         raise UserError(f"{where}: {e}{rel}") from None

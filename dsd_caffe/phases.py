@@ -114,7 +114,7 @@ def data_sources(net):
 
 
 def _lmdb_count(path):
-    from .data import lmdb_info
+    from .lmdbio import lmdb_info
 
     return lmdb_info(path)["count"]
 
@@ -143,7 +143,7 @@ def check_data(net):
     """Check every LMDB Data layer's source before Caffe opens it: missing, empty, images smaller than the crop,
     and labels outside the net's classes (Caffe checks those only in debug builds: an out-of-range label makes
     SoftmaxWithLoss write outside its blob)."""
-    from .data import check_lmdb, label_range
+    from .lmdbio import check_lmdb, label_range
 
     classes = num_classes(net)
     for l in net.layer:
@@ -163,7 +163,7 @@ def check_data(net):
 def _input_shape(net):
     for l in net.layer:
         if l.type == "Data":
-            from .data import lmdb_info
+            from .lmdbio import lmdb_info
 
             info = lmdb_info(l.data_param.source)
             crop = l.transform_param.crop_size

@@ -11,7 +11,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from dsd_caffe import data, fileio
+from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 
 TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
@@ -62,13 +62,13 @@ def raw_records(path):
 def test_folder_count_labels_shapes_skipped_and_data_layer(tmp_path):
     src = make_folder(tmp_path / "img")
     out = tmp_path / "out_lmdb"
-    stats = data.make_lmdb(src, out, resize=(24, 20), workers=2, mean_file=tmp_path / "mean.binaryproto",
+    stats = imagedb.make_lmdb(src, out, resize=(24, 20), workers=2, mean_file=tmp_path / "mean.binaryproto",
                            progress=False)
     assert stats["count"] == 8 and stats["classes"] == ["cat", "dog"]
     assert stats["counts"] == {"0": 4, "1": 4}
     assert sorted(s["path"] for s in stats["skipped"]) == ["cat/notes.txt", "dog/broken.png"]
     assert fileio.read_json(str(out) + ".json")["skipped"] == stats["skipped"]
-    assert data.lmdb_info(out) == {"count": 8, "channels": 3, "height": 24, "width": 20, "encoded": False,
+    assert lmdbio.lmdb_info(out) == {"count": 8, "channels": 3, "height": 24, "width": 20, "encoded": False,
                                    "label": 0}
     keys = [k.decode() for k, _ in raw_records(out)]
     assert keys == ["00000000_cat/0.jpg", "00000001_cat/1.png", "00000002_cat/2.jpg", "00000003_cat/3.png",
@@ -79,7 +79,7 @@ def test_folder_count_labels_shapes_skipped_and_data_layer(tmp_path):
     assert pixels.shape == (8, 3, 24, 20)
     np.testing.assert_array_equal(pixels, expected.astype(np.float32))
     np.testing.assert_array_equal(labels, [0, 0, 0, 0, 1, 1, 1, 1])
-    mean = data.read_mean_file(tmp_path / "mean.binaryproto")
+    mean = imagedb.read_mean_file(tmp_path / "mean.binaryproto")
     np.testing.assert_allclose(mean, expected.mean(axis=0), atol=1e-3)
     np.testing.assert_allclose(stats["mean_values"], expected.mean(axis=(0, 2, 3)), atol=1e-3)
 
@@ -88,12 +88,12 @@ def test_mean_file_matches_compute_image_mean(tmp_path):
     from dsd_caffe.caffe_env import caffe_tool
 
     src = make_folder(tmp_path / "img")
-    data.make_lmdb(src, tmp_path / "out", resize=(12, 10), workers=2, mean_file=tmp_path / "ours.binaryproto",
+    imagedb.make_lmdb(src, tmp_path / "out", resize=(12, 10), workers=2, mean_file=tmp_path / "ours.binaryproto",
                    progress=False)
     subprocess.run([caffe_tool("compute_image_mean"), "--backend=lmdb", str(tmp_path / "out"),
                     str(tmp_path / "caffe.binaryproto")], check=True, capture_output=True)
-    theirs = data.read_mean_file(tmp_path / "caffe.binaryproto")
-    np.testing.assert_allclose(data.read_mean_file(tmp_path / "ours.binaryproto"), theirs, rtol=1e-6)
+    theirs = imagedb.read_mean_file(tmp_path / "caffe.binaryproto")
+    np.testing.assert_allclose(imagedb.read_mean_file(tmp_path / "ours.binaryproto"), theirs, rtol=1e-6)
 
 
 def test_list_file_gray_with_root(tmp_path):
@@ -102,11 +102,11 @@ def test_list_file_gray_with_root(tmp_path):
     listing.parent.mkdir()
     listing.write_text("dog/3.png 7\ncat/0.jpg 2\n\ncat/notes.txt 1\nmissing.jpg 0\n")
     out = tmp_path / "gray_lmdb"
-    stats = data.make_lmdb(listing, out, root=src, resize=None, gray=True, workers=1, progress=False)
+    stats = imagedb.make_lmdb(listing, out, root=src, resize=None, gray=True, workers=1, progress=False)
     assert stats["count"] == 2 and stats["classes"] is None
     assert [s["path"] for s in stats["skipped"]] == ["cat/notes.txt", "missing.jpg"]
     assert "FileNotFoundError" in stats["skipped"][1]["error"]
-    recs = list(data.read_lmdb(out))
+    recs = list(lmdbio.read_lmdb(out))
     assert [(k, lab) for k, _, lab in recs] == [("00000000_dog/3.png", 7), ("00000001_cat/0.jpg", 2)]
     np.testing.assert_array_equal(recs[0][1], expected_image(src / "dog" / "3.png", gray=True))
     all_pixels = np.concatenate([r[1].ravel() for r in recs])  # two sizes: the mean weighs every pixel
@@ -120,15 +120,15 @@ def test_bad_list_file_line_named(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("a.jpg 1\nb.jpg cat\n")
     with pytest.raises(ValueError, match=r"list.txt:2"):
-        data.make_lmdb(listing, tmp_path / "o", progress=False)
+        imagedb.make_lmdb(listing, tmp_path / "o", progress=False)
 
 
 def test_encoded_png_reads_back_equal_to_raw(tmp_path):
     src = make_folder(tmp_path / "img")
-    raw = data.make_lmdb(src, tmp_path / "raw", resize=(16, 16), workers=1, progress=False)
-    enc = data.make_lmdb(src, tmp_path / "enc", resize=(16, 16), encoded="png", workers=1, progress=False)
+    raw = imagedb.make_lmdb(src, tmp_path / "raw", resize=(16, 16), workers=1, progress=False)
+    enc = imagedb.make_lmdb(src, tmp_path / "enc", resize=(16, 16), encoded="png", workers=1, progress=False)
     assert enc["count"] == raw["count"] == 8
-    assert data.lmdb_info(tmp_path / "enc")["encoded"] is True
+    assert lmdbio.lmdb_info(tmp_path / "enc")["encoded"] is True
     datum = caffe_pb2().Datum()
     datum.ParseFromString(raw_records(tmp_path / "enc")[0][1])
     assert datum.encoded and datum.data[:4] == b"\x89PNG"
@@ -140,7 +140,7 @@ def test_encoded_png_reads_back_equal_to_raw(tmp_path):
 
 def test_encoded_without_resize_keeps_file_bytes(tmp_path):
     src = make_folder(tmp_path / "img")
-    data.make_lmdb(src, tmp_path / "enc", resize=None, encoded=True, workers=1, progress=False)
+    imagedb.make_lmdb(src, tmp_path / "enc", resize=None, encoded=True, workers=1, progress=False)
     for key, value in raw_records(tmp_path / "enc"):
         datum = caffe_pb2().Datum()
         datum.ParseFromString(value)
@@ -153,13 +153,13 @@ def test_encoded_grey_file_in_colour_lmdb_is_reencoded(tmp_path):
     (tmp_path / "img" / "a").mkdir(parents=True)
     grey = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
     cv2.imwrite(str(tmp_path / "img" / "a" / "g.png"), grey)
-    data.make_lmdb(tmp_path / "img", tmp_path / "enc", resize=None, encoded=True, workers=1, progress=False)
-    assert data.lmdb_info(tmp_path / "enc")["channels"] == 3
+    imagedb.make_lmdb(tmp_path / "img", tmp_path / "enc", resize=None, encoded=True, workers=1, progress=False)
+    assert lmdbio.lmdb_info(tmp_path / "enc")["channels"] == 3
     pixels, _ = data_layer_read(tmp_path, tmp_path / "enc", 1)
     np.testing.assert_array_equal(pixels[0], np.stack([grey] * 3))
-    data.make_lmdb(tmp_path / "img", tmp_path / "genc", resize=None, encoded=True, gray=True, workers=1,
+    imagedb.make_lmdb(tmp_path / "img", tmp_path / "genc", resize=None, encoded=True, gray=True, workers=1,
                    progress=False)
-    assert data.lmdb_info(tmp_path / "genc")["channels"] == 1
+    assert lmdbio.lmdb_info(tmp_path / "genc")["channels"] == 1
     datum = caffe_pb2().Datum()
     datum.ParseFromString(raw_records(tmp_path / "genc")[0][1])
     assert datum.data == (tmp_path / "img" / "a" / "g.png").read_bytes()
@@ -167,11 +167,11 @@ def test_encoded_grey_file_in_colour_lmdb_is_reencoded(tmp_path):
 
 def test_parallel_equals_serial_and_shuffle_is_seeded(tmp_path):
     src = make_folder(tmp_path / "img", per_class=40)
-    data.make_lmdb(src, tmp_path / "w1", resize=(8, 8), workers=1, progress=False)
-    data.make_lmdb(src, tmp_path / "w2", resize=(8, 8), workers=2, progress=False)
+    imagedb.make_lmdb(src, tmp_path / "w1", resize=(8, 8), workers=1, progress=False)
+    imagedb.make_lmdb(src, tmp_path / "w2", resize=(8, 8), workers=2, progress=False)
     assert raw_records(tmp_path / "w1") == raw_records(tmp_path / "w2")
-    data.make_lmdb(src, tmp_path / "s1", resize=(8, 8), shuffle=True, seed=3, workers=2, progress=False)
-    data.make_lmdb(src, tmp_path / "s2", resize=(8, 8), shuffle=True, seed=3, workers=1, progress=False)
+    imagedb.make_lmdb(src, tmp_path / "s1", resize=(8, 8), shuffle=True, seed=3, workers=2, progress=False)
+    imagedb.make_lmdb(src, tmp_path / "s2", resize=(8, 8), shuffle=True, seed=3, workers=1, progress=False)
     s1 = raw_records(tmp_path / "s1")
     assert s1 == raw_records(tmp_path / "s2")
     unshuffled = {k.split(b"_", 1)[1]: v for k, v in raw_records(tmp_path / "w1")}
@@ -182,7 +182,7 @@ def test_parallel_equals_serial_and_shuffle_is_seeded(tmp_path):
 
 def test_map_size_grows_from_tiny(tmp_path):
     src = make_folder(tmp_path / "img", per_class=10)
-    stats = data.make_lmdb(src, tmp_path / "big", resize=(64, 64), workers=1, map_size=32 << 10, progress=False)
+    stats = imagedb.make_lmdb(src, tmp_path / "big", resize=(64, 64), workers=1, map_size=32 << 10, progress=False)
     assert stats["count"] == 20
     env = lmdb.open(str(tmp_path / "big"), readonly=True, lock=False)
     assert env.info()["map_size"] > 20 * 3 * 64 * 64 > 32 << 10
@@ -200,7 +200,7 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            data.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
+            imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     finally:
         timer.cancel()
     assert sorted(os.listdir(tmp_path)) == ["img"]
@@ -222,23 +222,23 @@ def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
         proc.wait()
     assert not os.path.exists(tmp_path / "out")
     os.unlink(tmp_path / "img" / "dog" / "z_fifo.png")
-    assert data.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)["count"] == 8
+    assert imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)["count"] == 8
 
 
 def test_output_exists_refused_unless_force(tmp_path):
     src = make_folder(tmp_path / "img")
-    data.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
+    imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     with pytest.raises(FileExistsError, match="out already exists"):
-        data.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
+        imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     run = subprocess.run([sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [f"make_lmdb.py: error: {tmp_path / 'out'} already exists; "
                                                "pass --force to overwrite it"]
-    stats = data.make_lmdb(src, tmp_path / "out", resize=(4, 4), workers=1, force=True, progress=False)
-    assert data.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
+    stats = imagedb.make_lmdb(src, tmp_path / "out", resize=(4, 4), workers=1, force=True, progress=False)
+    assert lmdbio.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
     with pytest.raises(FileExistsError, match="not an LMDB"):  # --force never deletes a folder of other data
-        data.make_lmdb(src, src, resize=(4, 4), workers=1, force=True, progress=False)
+        imagedb.make_lmdb(src, src, resize=(4, 4), workers=1, force=True, progress=False)
     assert (src / "cat" / "0.jpg").exists()
 
 
@@ -251,20 +251,20 @@ def test_unwritable_output_folder(tmp_path):
         locked.mkdir(mode=0o555)
         target = locked / "out"
     with pytest.raises(PermissionError, match="output folder .* is not writable"):
-        data.make_lmdb(src, target, resize=(8, 8), workers=1, progress=False)
+        imagedb.make_lmdb(src, target, resize=(8, 8), workers=1, progress=False)
     assert not os.path.exists(target)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(PermissionError, match="afile is not writable"):
-        data.write_array_lmdb(tmp_path / "afile" / "out", np.zeros((1, 1, 2, 2), np.uint8), [0])
+        lmdbio.write_array_lmdb(tmp_path / "afile" / "out", np.zeros((1, 1, 2, 2), np.uint8), [0])
 
 
 def test_missing_source_and_no_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        data.make_lmdb(tmp_path / "nowhere", tmp_path / "out", progress=False)
+        imagedb.make_lmdb(tmp_path / "nowhere", tmp_path / "out", progress=False)
     (tmp_path / "junk" / "a").mkdir(parents=True)
     (tmp_path / "junk" / "a" / "x.jpg").write_text("no")
     with pytest.raises(ValueError, match="none of the 1 files"):
-        data.make_lmdb(tmp_path / "junk", tmp_path / "out", workers=1, progress=False)
+        imagedb.make_lmdb(tmp_path / "junk", tmp_path / "out", workers=1, progress=False)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -272,26 +272,26 @@ def test_missing_source_and_no_images(tmp_path):
 
 def test_lmdb_info_missing(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        data.lmdb_info(tmp_path / "nope")
+        lmdbio.lmdb_info(tmp_path / "nope")
 
 
 def test_lmdb_info_empty_folder_and_empty_lmdb(tmp_path):
     (tmp_path / "e").mkdir()
     with pytest.raises(ValueError, match="empty"):
-        data.lmdb_info(tmp_path / "e")
+        lmdbio.lmdb_info(tmp_path / "e")
     lmdb.open(str(tmp_path / "z")).close()
     with pytest.raises(ValueError, match="empty .0 records"):
-        data.lmdb_info(tmp_path / "z")
+        lmdbio.lmdb_info(tmp_path / "z")
 
 
 def test_lmdb_info_unreadable(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "data.mdb").write_bytes(b"garbage" * 1000)
     with pytest.raises(ValueError, match="unreadable"):
-        data.lmdb_info(tmp_path / "bad")
+        lmdbio.lmdb_info(tmp_path / "bad")
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
-        data.lmdb_info(tmp_path / "f")
+        lmdbio.lmdb_info(tmp_path / "f")
 
 
 def test_lmdb_info_not_datums(tmp_path):
@@ -300,16 +300,16 @@ def test_lmdb_info_not_datums(tmp_path):
         txn.put(b"0", b"\xff\xff\xff not a protobuf")
     env.close()
     with pytest.raises(ValueError, match="not a"):
-        data.lmdb_info(tmp_path / "nd")
+        lmdbio.lmdb_info(tmp_path / "nd")
 
 
 def test_check_lmdb_crop_and_channels(tiny_lmdb):
     path = tiny_lmdb(n=3, channels=1, size=28)
-    assert data.check_lmdb(path, crop_size=28, channels=1)["count"] == 3
+    assert lmdbio.check_lmdb(path, crop_size=28, channels=1)["count"] == 3
     with pytest.raises(ValueError, match="28x28 images, smaller than the crop size 32"):
-        data.check_lmdb(path, crop_size=32)
+        lmdbio.check_lmdb(path, crop_size=32)
     with pytest.raises(ValueError, match="1-channel images, the net expects 3"):
-        data.check_lmdb(path, channels=3)
+        lmdbio.check_lmdb(path, channels=3)
 
 
 # ------------------------------------------------------------------------------------------- arrays, IDX
@@ -318,16 +318,16 @@ def test_write_array_lmdb_roundtrip_and_validation(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (5, 3, 6, 7), dtype=np.uint8)
     labels = np.array([4, 3, 2, 1, 0])
-    data.write_array_lmdb(tmp_path / "a", images, labels)
-    recs = list(data.read_lmdb(tmp_path / "a"))
+    lmdbio.write_array_lmdb(tmp_path / "a", images, labels)
+    recs = list(lmdbio.read_lmdb(tmp_path / "a"))
     np.testing.assert_array_equal(np.stack([r[1] for r in recs]), images)
     assert [r[2] for r in recs] == labels.tolist()
     with pytest.raises(FileExistsError):
-        data.write_array_lmdb(tmp_path / "a", images, labels)
+        lmdbio.write_array_lmdb(tmp_path / "a", images, labels)
     with pytest.raises(TypeError, match="uint8"):
-        data.write_array_lmdb(tmp_path / "b", images.astype(np.float32), labels)
+        lmdbio.write_array_lmdb(tmp_path / "b", images.astype(np.float32), labels)
     with pytest.raises(ValueError, match="labels"):
-        data.write_array_lmdb(tmp_path / "b", images, labels[:3])
+        lmdbio.write_array_lmdb(tmp_path / "b", images, labels[:3])
 
 
 def test_read_idx_roundtrip_and_truncated(tmp_path):
@@ -336,46 +336,46 @@ def test_read_idx_roundtrip_and_truncated(tmp_path):
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     blob = b"\x00\x00\x08\x03" + np.array(arr.shape, ">u4").tobytes() + arr.tobytes()
     (tmp_path / "x.gz").write_bytes(gzip.compress(blob))
-    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "x.gz")), arr)
+    np.testing.assert_array_equal(fashion_mnist.read_idx(str(tmp_path / "x.gz")), arr)
     (tmp_path / "t").write_bytes(blob[:-1])
     with pytest.raises(ValueError, match="header"):
-        data.read_idx(str(tmp_path / "t"))
+        fashion_mnist.read_idx(str(tmp_path / "t"))
     (tmp_path / "m").write_bytes(b"\x01\x02" + blob[2:])
     with pytest.raises(ValueError, match="not an IDX file"):
-        data.read_idx(str(tmp_path / "m"))
+        fashion_mnist.read_idx(str(tmp_path / "m"))
 
 
 # ------------------------------------------------------------------------------------------- Fashion-MNIST
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
-    if not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+    if not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     out = tmp_path_factory.mktemp("fmnist")
-    return out, data.import_fashion_mnist(out, val_size=5000, seed=0)
+    return out, fashion_mnist.import_fashion_mnist(out, val_size=5000, seed=0)
 
 
 def test_fashion_mnist_counts_and_split(fashion):
     out, paths = fashion
-    counts = {s: data.lmdb_info(p)["count"] for s, p in paths.items()}
+    counts = {s: lmdbio.lmdb_info(p)["count"] for s, p in paths.items()}
     assert counts == {"train": 55000, "val": 5000, "test": 10000}
     for p in paths.values():
-        info = data.lmdb_info(p)
+        info = lmdbio.lmdb_info(p)
         assert (info["channels"], info["height"], info["width"]) == (1, 28, 28)
     meta = fileio.read_json(paths["val"] + ".json")
     assert meta["count"] == 5000 and meta["seed"] == 0 and sum(meta["counts_by_class"].values()) == 5000
-    train = data.read_idx(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+    train = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
     val_idx = np.sort(np.random.default_rng(0).permutation(60000)[:5000])
-    first_val = next(data.read_lmdb(paths["val"]))[1][0]
+    first_val = next(lmdbio.read_lmdb(paths["val"]))[1][0]
     np.testing.assert_array_equal(first_val, train[val_idx[0]])
-    first_train = next(data.read_lmdb(paths["train"]))[1][0]
+    first_train = next(lmdbio.read_lmdb(paths["train"]))[1][0]
     np.testing.assert_array_equal(first_train, train[0 if val_idx[0] else 1])
 
 
 def test_fashion_mnist_data_layer_reads_test_set(fashion, tmp_path):
     out, paths = fashion
-    test_images = data.read_idx(os.path.join(data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
-    test_labels = data.read_idx(os.path.join(data.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
+    test_images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
+    test_labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
     pixels, labels = data_layer_read(tmp_path, paths["test"], 50)
     np.testing.assert_array_equal(pixels[:, 0], test_images[:50].astype(np.float32))
     np.testing.assert_array_equal(labels, test_labels[:50])
@@ -384,10 +384,10 @@ def test_fashion_mnist_data_layer_reads_test_set(fashion, tmp_path):
 def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
     out, paths = fashion
     before = os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns
-    assert data.import_fashion_mnist(out, val_size=5000, seed=0) == paths
+    assert fashion_mnist.import_fashion_mnist(out, val_size=5000, seed=0) == paths
     assert os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns == before
     with pytest.raises(FileExistsError, match="other settings"):
-        data.import_fashion_mnist(out, val_size=1000, seed=0)
+        fashion_mnist.import_fashion_mnist(out, val_size=1000, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- counts
@@ -397,7 +397,7 @@ def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
 def test_in_order_yields_every_item_once_in_order(n, ahead):
     from concurrent.futures import ThreadPoolExecutor
 
-    from dsd_caffe.data import _in_order
+    from dsd_caffe.imagedb import _in_order
 
     with ThreadPoolExecutor(2) as pool:
         assert list(_in_order(pool, lambda x: x * 10, range(n), ahead)) == [10 * i for i in range(n)]
@@ -406,6 +406,6 @@ def test_in_order_yields_every_item_once_in_order(n, ahead):
 def test_parallel_build_of_more_than_two_chunks_per_worker_loses_nothing(tmp_path):
     """200 files, 2 workers: more chunks of 32 than the 4 queued ahead (the old queue lost one chunk: 168 images)."""
     src = make_folder(tmp_path / "img", per_class=100, size=(4, 4))
-    stats = data.make_lmdb(src, tmp_path / "out", resize=None, workers=2, progress=False)
+    stats = imagedb.make_lmdb(src, tmp_path / "out", resize=None, workers=2, progress=False)
     assert stats["count"] + len(stats["skipped"]) == 202
     assert stats["count"] == 200 == len(raw_records(tmp_path / "out"))

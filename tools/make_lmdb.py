@@ -5,7 +5,7 @@ Images are resized (default 256x256), stored grey or colour (BGR), raw or encode
 skipped and listed. A JSON beside the LMDB records the classes, counts, mean values and skipped files; --mean-file
 also writes a binaryproto mean like compute_image_mean. The LMDB appears under its name only when complete.
 """
-from dsd_caffe import cli, data
+from dsd_caffe import cli, imagedb
 
 
 def size(text):
@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     def run(a):
-        stats = data.make_lmdb(a.source, a.output, root=a.root, resize=a.resize, shuffle=a.shuffle, seed=a.seed,
+        stats = imagedb.make_lmdb(a.source, a.output, root=a.root, resize=a.resize, shuffle=a.shuffle, seed=a.seed,
                                gray=a.gray, encoded=a.encode_type or a.encoded, workers=a.workers, mean_file=a.mean_file,
                                force=a.force)
         print(f"{stats['path']}: {stats['count']} images, {len(stats['skipped'])} skipped, "
