@@ -285,6 +285,7 @@ def make_lmdb(source, output, **options):
         totals = _convert_all(tasks, writer, opts, os.path.basename(output))
         if totals.written == 0:
             raise UserError(f"none of the {len(tasks)} files in {source} could be decoded as an image")
+        writer.finish(len(items), skipped=len(totals.failures))
     stats = _summary(source, output, items, classes, totals, opts)
     for s in stats["skipped"]:
         log.warning("skipped %s: %s", s["path"], s["error"])

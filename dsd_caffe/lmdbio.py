@@ -36,13 +36,15 @@ def check_output(path, force, tool):
 
 
 class LmdbWriter:
-    """Puts records into a new LMDB folder, growing its map as needed, and counts them."""
+    """Puts records into a new LMDB folder, growing its map as needed, and counts them. :meth:`finish` checks that
+    every input is accounted for before the LMDB may be renamed into place."""
 
-    def __init__(self, folder, map_size):
+    def __init__(self, folder, map_size, name):
         import lmdb
 
-        self.folder = folder
+        self.folder, self.name = folder, name
         self.written = 0
+        self.finished = False
         self.env = lmdb.open(folder, map_size=int(map_size), subdir=True, sync=False, metasync=False,
                              readahead=False, meminit=False)
 
@@ -62,6 +64,18 @@ class LmdbWriter:
                 self.env.set_mapsize(size)
         self.written += len(records)
 
+    def finish(self, inputs, skipped=0):
+        """Sync and close; then the count invariant: ``inputs`` == records written + ``skipped``, and the LMDB
+        holds as many entries as were written (fewer means duplicate keys). A RuntimeError otherwise: a bug
+        lost or merged records, and the LMDB must not be renamed into place."""
+        entries = self.env.stat()["entries"]
+        self.close()
+        if self.written + skipped != inputs or entries != self.written:
+            dup = " (duplicate keys)" if entries < self.written else ""
+            raise RuntimeError(f"{self.name}: {inputs} inputs, but {self.written} records written + {skipped} "
+                               f"skipped, and the LMDB holds {entries}{dup}; not renamed into place")
+        self.finished = True
+
     def close(self):
         if self.env is not None:
             env, self.env = self.env, None
@@ -73,14 +87,17 @@ class LmdbWriter:
 
 @contextlib.contextmanager
 def new_lmdb(path, map_size=DEFAULT_MAP_SIZE):
-    """Yield an :class:`LmdbWriter` on a temporary folder beside ``path``, renamed to ``path`` when the block ends
-    without an error (the caller has checked ``path`` with :func:`check_output`)."""
+    """Yield an :class:`LmdbWriter` on a temporary folder beside ``path`` (already checked with
+    :func:`check_output`); it is renamed to ``path`` only when the block ends without an error, after
+    :meth:`LmdbWriter.finish` accounted for every input."""
     with fileio.atomic_path(path, force=True, directory=True) as tmp:
-        writer = LmdbWriter(tmp, map_size)
+        writer = LmdbWriter(tmp, map_size, path)
         try:
             yield writer
         finally:
             writer.close()
+        if not writer.finished:
+            raise RuntimeError(f"{path}: written without a count check (LmdbWriter.finish); not renamed into place")
 
 
 def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZE, keys="%08d"):
@@ -110,6 +127,7 @@ def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZ
                 datum.label = int(labels[i])
                 batch.append(((keys % i).encode(), datum.SerializeToString()))
             writer.put(batch)
+        writer.finish(len(images))
     return path
 
 

@@ -1,4 +1,6 @@
 """LMDB building, Fashion-MNIST import and LMDB inspection, read back through a real Caffe Data layer."""
+import collections
+import functools
 import os
 import signal
 import subprocess
@@ -10,6 +12,8 @@ import cv2
 import lmdb
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
@@ -409,3 +413,103 @@ def test_parallel_build_of_more_than_two_chunks_per_worker_loses_nothing(tmp_pat
     stats = imagedb.make_lmdb(src, tmp_path / "out", resize=None, workers=2, progress=False)
     assert stats["count"] + len(stats["skipped"]) == 202
     assert stats["count"] == 200 == len(raw_records(tmp_path / "out"))
+
+
+def _drop_first_record(monkeypatch):
+    """Make every LMDB writer silently lose the first record it is given (a stand-in for any lost-record bug)."""
+    put = lmdbio.LmdbWriter.put
+
+    def lossy(self, records):
+        if not getattr(self, "dropped", False):
+            self.dropped, records = True, records[1:]
+        return put(self, records)
+
+    monkeypatch.setattr(lmdbio.LmdbWriter, "put", lossy)
+
+
+@pytest.mark.parametrize("build", ["make_lmdb", "write_array_lmdb", "import_fashion_mnist"])
+def test_a_lost_record_refuses_to_finish_and_leaves_no_output(build, tmp_path, monkeypatch):
+    """Counts are invariants: N inputs must give written + skipped == N, else no output is renamed into place."""
+    if build == "import_fashion_mnist" and not os.path.exists(fashion_mnist.FASHION_MNIST_DIR):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    src = make_folder(tmp_path / "img")
+    _drop_first_record(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="inputs, but .* records written"):
+        if build == "make_lmdb":
+            imagedb.make_lmdb(src, out, resize=(8, 8), workers=1, progress=False)
+        elif build == "write_array_lmdb":
+            lmdbio.write_array_lmdb(out, np.zeros((5, 1, 2, 2), np.uint8), np.arange(5))
+        else:
+            fashion_mnist.import_fashion_mnist(out)
+    assert [n for n in os.listdir(tmp_path) if not n.endswith(".lock")] == ["img"]
+
+
+def test_duplicate_keys_refuse_to_finish(tmp_path):
+    with pytest.raises(RuntimeError, match="5 inputs, but 5 records written .* holds 1 .duplicate keys."):
+        lmdbio.write_array_lmdb(tmp_path / "dup", np.zeros((5, 1, 2, 2), np.uint8), np.arange(5), keys="k%.0s")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def image_pool(tmp_path_factory):
+    """Tiny distinct PNGs in three class folders, and a few files in them that are not images."""
+    root = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(5)
+    names = []
+    for i in range(96):
+        name = f"c{i % 3}/{i:03d}.png" if i < 90 else f"c{i % 3}/junk{i}.jpg"
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        if i < 90:
+            cv2.imwrite(str(root / name), rng.integers(0, 256, (3 + i % 4, 5, 3), dtype=np.uint8))
+        else:
+            (root / name).write_text("not an image")
+        names.append(name)
+    return root, names
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(draw=st.data(), files=st.integers(1, 70), workers=st.integers(1, 4), chunk=st.integers(1, 9),
+       shuffle=st.booleans(), listed=st.booleans(), seed=st.integers(0, 3))
+def test_make_lmdb_property_every_input_once(image_pool, tmp_path_factory, draw, files, workers, chunk, shuffle,
+                                             listed, seed):
+    """Any files, workers, chunk size, shuffle, list file or folder: every decodable input is a record exactly
+    once, under the key of its input position, with its label; every other input is listed as skipped; the JSON
+    counts agree."""
+    pool, names = image_pool
+    chosen = draw.draw(st.lists(st.sampled_from(names), min_size=files, max_size=files, unique=not listed))
+    work = tmp_path_factory.mktemp("prop")
+    if listed:  # a list file may repeat a path: convert_imageset writes it twice, under two keys
+        source, root = work / "list.txt", pool
+        labels = draw.draw(st.lists(st.integers(0, 4), min_size=len(chosen), max_size=len(chosen)))
+        source.write_text("".join(f"{n} {lab}\n" for n, lab in zip(chosen, labels)))
+    else:
+        source = root = work / "img"
+        for n in chosen:
+            os.makedirs(source / os.path.dirname(n), exist_ok=True)
+            os.link(pool / n, source / n)
+        chosen = sorted(chosen)
+        classes = sorted({n.split("/")[0] for n in chosen})
+        labels = [classes.index(n.split("/")[0]) for n in chosen]
+    expected = sorted((n, lab) for n, lab in zip(chosen, labels) if "junk" not in n)
+    build = functools.partial(imagedb.make_lmdb, source, work / "out", root=root, resize=None, workers=workers,
+                              chunk=chunk, shuffle=shuffle, seed=seed, progress=False)
+    if not expected:
+        with pytest.raises(ValueError, match=f"none of the {len(chosen)} files"):
+            build()
+        return
+    stats = build()
+    records = [(k.split("_", 1), lab) for k, _, lab in lmdbio.read_lmdb(work / "out")]
+    assert sorted((name, lab) for (_, name), lab in records) == expected
+    positions = [int(pos) for (pos, _), _ in records]
+    skipped = [s["path"] for s in stats["skipped"]]
+    assert sorted(skipped) == sorted(n for n in chosen if "junk" in n)
+    assert len(set(positions)) == len(positions) and set(positions) <= set(range(len(chosen)))
+    if not shuffle:
+        assert [name for (_, name), _ in records] == [n for n in chosen if "junk" not in n]
+        assert [chosen[p] for p in positions] == [name for (_, name), _ in records]
+    meta = fileio.read_json(str(work / "out") + ".json")
+    assert meta["count"] == stats["count"] == len(records) == len(chosen) - len(skipped)
+    assert meta["counts"] == {str(k): v for k, v in sorted(collections.Counter(lab for _, lab in expected).items())}
+    assert meta["skipped"] == stats["skipped"]
