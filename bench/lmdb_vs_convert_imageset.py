@@ -67,7 +67,7 @@ def make_lmdb(folder, listing, out, workers):
 
 def make_lmdb_cli(folder, listing, out, workers):
     tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "make_lmdb.py")
-    subprocess.run([sys.executable, tool, listing, out, "--root", folder, "--resize", "256x256",
+    subprocess.run([sys.executable, tool, listing, "--output", out, "--root", folder, "--resize", "256x256",
                     "--workers", str(workers)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
 

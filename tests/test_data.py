@@ -53,6 +53,24 @@ def data_layer_read(tmp_path, source, batch):
     return net.blobs["data"].data.copy(), net.blobs["label"].data.copy()
 
 
+def tool(name, *args):
+    """Run tools/<name>.py as a subprocess."""
+    return subprocess.run([sys.executable, os.path.join(TOOLS, f"{name}.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def refused(name, *args, expect=()):
+    """Run tools/<name>.py and check it is refused as bad input: exit status 2 and exactly one stderr line
+    `<name>.py: error: ...` containing every string of ``expect``. Returns that line."""
+    r = tool(name, *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stderr[-3000:])
+    assert lines[0].startswith(f"{name}.py: error: "), lines[0]
+    for s in expect:
+        assert s in lines[0], (s, lines[0])
+    return lines[0]
+
+
 def raw_records(path):
     env = lmdb.open(str(path), readonly=True, lock=False)
     with env.begin() as txn:
@@ -213,8 +231,8 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
 def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
     src = make_folder(tmp_path / "img")
     os.mkfifo(tmp_path / "img" / "dog" / "z_fifo.png")
-    proc = subprocess.Popen([sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), str(tmp_path / "out"),
-                             "--workers", "1", "--resize", "8x8"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output",
+                             str(tmp_path / "out"), "--workers", "1", "--resize", "8x8"], stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while not any(n.startswith(".out.tmp-") for n in os.listdir(tmp_path)) and time.time() < deadline:
@@ -234,11 +252,8 @@ def test_output_exists_refused_unless_force(tmp_path):
     imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     with pytest.raises(FileExistsError, match="out already exists"):
         imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
-    run = subprocess.run([sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), str(tmp_path / "out")],
-                         capture_output=True, text=True)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [f"make_lmdb.py: error: {tmp_path / 'out'} already exists; "
-                                               "pass --force to overwrite it"]
+    assert refused("make_lmdb", src, "--output", tmp_path / "out") == \
+        f"make_lmdb.py: error: {tmp_path / 'out'} already exists; pass --force to overwrite it"
     stats = imagedb.make_lmdb(src, tmp_path / "out", resize=(4, 4), workers=1, force=True, progress=False)
     assert lmdbio.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
     with pytest.raises(FileExistsError, match="not an LMDB"):  # --force never deletes a folder of other data
@@ -270,6 +285,45 @@ def test_missing_source_and_no_images(tmp_path):
     with pytest.raises(ValueError, match="none of the 1 files"):
         imagedb.make_lmdb(tmp_path / "junk", tmp_path / "out", workers=1, progress=False)
     assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------- the tools
+
+def test_tools_take_output_and_keep_the_positional_one_for_a_release(tmp_path):
+    src = make_folder(tmp_path / "img")
+    r = tool("make_lmdb", src, "--output", tmp_path / "new", "--resize", "8x8")
+    assert r.returncode == 0 and "deprecated" not in r.stderr, r.stderr
+    r = tool("make_lmdb", src, tmp_path / "old", "--resize", "8x8")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "deprecated" in line]
+    assert len(notes) == 1 and "positional output argument is deprecated" in notes[0] and "--output" in notes[0]
+    assert raw_records(tmp_path / "old") == raw_records(tmp_path / "new")
+    for name, args, expect in [("make_lmdb", (src, tmp_path / "a", "--output", tmp_path / "b"), "not both"),
+                               ("make_lmdb", (src,), "required: --output"),
+                               ("import_fashion_mnist", (), "required: --output")]:
+        r = tool(name, *args)  # argparse's usage errors: the usage, then the one error line
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"{name}.py: error: ")
+        assert expect in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+@pytest.mark.parametrize("name", ["make_lmdb", "import_fashion_mnist"])
+def test_every_flag_has_help_text(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parsers = []
+    real = module.cli.main
+    module.cli.main = lambda p, fn, argv=None: parsers.append(p)
+    try:
+        module.main([])
+    finally:
+        module.cli.main = real
+    for action in parsers[0]._actions:
+        if action.option_strings and action.help != "==SUPPRESS==":
+            assert action.help, f"{name}.py {action.option_strings[0]} has no help text"
+    assert "--output" in parsers[0].format_help()
 
 
 # ------------------------------------------------------------------------------------------- lmdb_info
