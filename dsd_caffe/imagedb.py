@@ -96,12 +96,17 @@ class LmdbOptions:
 
 def read_list_file(path):
     """Read a Caffe list file (``relative/path label`` per line, split at the last space like
-    ``convert_imageset``) into a list of (path, label). Blank lines are ignored."""
+    ``convert_imageset``) into a list of (path, label). Blank lines are ignored. The file must be UTF-8 (paths
+    become LMDB keys)."""
     path = fileio.require_file(path, "list file")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); save the list file as UTF-8") from None
             if not line.strip():
                 continue
             name, _, label = line.rstrip().rpartition(" ")
@@ -115,6 +120,12 @@ def read_list_file(path):
     if not items:
         raise UserError(f"list file {path} lists no images")
     return items
+
+
+def readable(name):
+    """A file name as text that can always be printed and stored in JSON: bytes that are not UTF-8 (which
+    Python keeps as surrogates) are shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def list_folder(root):
@@ -154,14 +165,20 @@ def _inputs(source, root):
 
 
 def _tasks(items, root):
-    """(index, key, full path, label) of every item, keys as convert_imageset writes them."""
-    tasks = []
+    """(index, key, full path, label) of every item, keys as convert_imageset writes them; and (index, error) of
+    the items whose path cannot be a key (not UTF-8, or too long), which are skipped."""
+    tasks, unusable = [], []
     for i, (name, label) in enumerate(items):
-        key = f"{i:08d}_{name}".encode()
+        try:
+            key = f"{i:08d}_{name}".encode()
+        except UnicodeEncodeError:
+            unusable.append((i, "file name is not valid UTF-8, which an LMDB key must be"))
+            continue
         if len(key) > lmdbio.MAX_KEY_BYTES:
-            raise UserError(f"path too long for an LMDB key ({len(key)} bytes > {lmdbio.MAX_KEY_BYTES}): {name}")
+            unusable.append((i, f"path too long for an LMDB key ({len(key)} bytes > {lmdbio.MAX_KEY_BYTES})"))
+            continue
         tasks.append((i, key, os.path.join(root, name), label))
-    return tasks
+    return tasks, unusable
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -234,7 +251,7 @@ def _convert_all(tasks, writer, opts, desc):
 
 def _summary(source, output, items, classes, totals, opts):
     """The JSON summary written beside the LMDB."""
-    skipped = [{"path": items[i][0], "error": err} for i, err in sorted(totals.failures)]
+    skipped = [{"path": readable(items[i][0]), "error": err} for i, err in sorted(totals.failures)]
     channel_sum = sum(channel for _, channel, _ in totals.sums.values())
     channel_px = sum(n * shape[0] * shape[1] for shape, (n, _, _) in totals.sums.items())
     counts = totals.counts
@@ -242,7 +259,7 @@ def _summary(source, output, items, classes, totals, opts):
         "lmdb": os.path.basename(output),
         "source": os.path.basename(os.path.abspath(source)),
         "count": totals.written,
-        "classes": classes,
+        "classes": None if classes is None else [readable(c) for c in classes],
         "counts": {str(k): counts[k] for k in sorted(counts)},
         "skipped": skipped,
         "resize": list(opts.resize) if opts.resize else None,
@@ -255,7 +272,7 @@ def _summary(source, output, items, classes, totals, opts):
         "mean_file": None,
     }
     if classes is not None:
-        stats["counts_by_class"] = {classes[k]: counts[k] for k in sorted(counts)}
+        stats["counts_by_class"] = {stats["classes"][k]: counts[k] for k in sorted(counts)}
     return stats
 
 
@@ -278,13 +295,14 @@ def make_lmdb(source, output, **options):
         raise UserError(f"output {output} is the input")
     order = np.random.default_rng(opts.seed).permutation(len(items)) if opts.shuffle else range(len(items))
     items = [items[i] for i in order]
-    tasks = _tasks(items, root)
+    tasks, unusable = _tasks(items, root)
     log.info("building %s from %d files (%s, %d workers)", output, len(items),
              "{}x{}".format(*opts.resize) if opts.resize else "no resize", opts.workers)
     with lmdbio.new_lmdb(output, opts.map_size) as writer:
         totals = _convert_all(tasks, writer, opts, os.path.basename(output))
+        totals.failures.extend(unusable)
         if totals.written == 0:
-            raise UserError(f"none of the {len(tasks)} files in {source} could be decoded as an image")
+            raise UserError(f"none of the {len(items)} files in {source} could be decoded as an image")
         writer.finish(len(items), skipped=len(totals.failures))
     stats = _summary(source, output, items, classes, totals, opts)
     for s in stats["skipped"]:

@@ -567,3 +567,45 @@ def test_make_lmdb_property_every_input_once(image_pool, tmp_path_factory, draw,
     assert meta["count"] == stats["count"] == len(records) == len(chosen) - len(skipped)
     assert meta["counts"] == {str(k): v for k, v in sorted(collections.Counter(lab for _, lab in expected).items())}
     assert meta["skipped"] == stats["skipped"]
+
+
+# ------------------------------------------------------------------------------------------- file names
+
+def test_file_names_not_utf8_are_skipped_and_named(tmp_path):
+    """A file (or class folder) name that is not UTF-8 cannot be an LMDB key: skipped and named, not fatal."""
+    src = make_folder(tmp_path / "img")
+    png = (src / "cat" / "1.png").read_bytes()
+    with open(os.path.join(os.fsencode(src / "cat"), b"caf\xe9.png"), "wb") as f:
+        f.write(png)
+    os.mkdir(os.path.join(os.fsencode(src), b"d\xf6g"))
+    with open(os.path.join(os.fsencode(src), b"d\xf6g", b"x.png"), "wb") as f:
+        f.write(png)
+    r = tool("make_lmdb", src, "--output", tmp_path / "out", "--resize", "8x8")
+    assert r.returncode == 0, r.stderr
+    meta = fileio.read_json(str(tmp_path / "out") + ".json")
+    assert meta["count"] == 8 and meta["classes"] == ["cat", "dog", "d\\xf6g"]  # sorted as bytes are
+    not_utf8 = [s["path"] for s in meta["skipped"] if "not valid UTF-8" in s["error"]]
+    assert not_utf8 == ["cat/caf\\xe9.png", "d\\xf6g/x.png"]
+    assert "skipped cat/caf\\xe9.png" in r.stdout
+    assert len(raw_records(tmp_path / "out")) == 8
+
+
+def test_path_too_long_for_a_key_is_skipped_and_named(tmp_path):
+    src = make_folder(tmp_path / "img")
+    long_name = "x" * 250 + ".png"
+    deep = src / "cat" / ("y" * 250)
+    deep.mkdir()
+    (deep / long_name).write_bytes((src / "cat" / "1.png").read_bytes())
+    stats = imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
+    assert stats["count"] == 8
+    assert [s["error"] for s in stats["skipped"] if s["path"].endswith(long_name)] == [
+        "path too long for an LMDB key (518 bytes > 511)"]
+
+
+def test_list_file_not_utf8_is_one_line(tmp_path):
+    make_folder(tmp_path / "img")
+    listing = tmp_path / "img" / "list.txt"
+    listing.write_bytes(b"cat/0.jpg 0\ndog/caf\xe9.png 1\n")
+    refused("make_lmdb", listing, "--output", tmp_path / "out",
+            expect=("list.txt:2: not valid UTF-8 (byte 0xe9 at column 8)",))
+    assert not os.path.exists(tmp_path / "out")
