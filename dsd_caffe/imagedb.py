@@ -199,22 +199,23 @@ def _in_order(pool, fn, items, ahead):
 # ----------------------------------------------------------------------------------------------- building
 
 class _Totals:
-    """What the converted chunks add up to: records per label, failures (index, error), and per image shape the
-    image count, per-channel sums and (for a mean file) per-pixel sums."""
+    """What the converted chunks add up to: records per label, failures and conversions (index, text), and per
+    image shape the image count, per-channel sums and (for a mean file) per-pixel sums."""
 
     def __init__(self):
         self.counts = collections.Counter()
-        self.failures = []
+        self.failures, self.converted = [], []
         self.sums = {}
 
     @property
     def written(self):
         return sum(self.counts.values())
 
-    def add(self, records, failures, sums):
-        self.counts.update(label for _, _, _, label in records)
-        self.failures.extend(failures)
-        for shape, (n, channel, pixels) in sums.items():
+    def add(self, chunk):
+        self.counts.update(label for _, _, _, label in chunk.records)
+        self.failures.extend(chunk.failures)
+        self.converted.extend(chunk.converted)
+        for shape, (n, channel, pixels) in chunk.sums.items():
             acc = self.sums.setdefault(shape, [0, 0.0, 0.0 if pixels is not None else None])
             acc[0] += n
             acc[1] = acc[1] + channel
@@ -237,10 +238,10 @@ def _convert_all(tasks, writer, opts, desc):
     totals = _Totals()
     try:
         with tqdm(total=len(tasks), unit="img", desc=desc, disable=not opts.progress) as bar:
-            for records, failures, sums in results:
-                writer.put([(key, value) for _, key, value, _ in records])
-                totals.add(records, failures, sums)
-                bar.update(len(records) + len(failures))
+            for chunk in results:
+                writer.put([(key, value) for _, key, value, _ in chunk.records])
+                totals.add(chunk)
+                bar.update(len(chunk.records) + len(chunk.failures))
     finally:
         if pool is not None:
             # On an error, queued chunks are dropped and running ones left to finish on their own: the threads
@@ -252,6 +253,7 @@ def _convert_all(tasks, writer, opts, desc):
 def _summary(source, output, items, classes, totals, opts):
     """The JSON summary written beside the LMDB."""
     skipped = [{"path": readable(items[i][0]), "error": err} for i, err in sorted(totals.failures)]
+    converted = [{"path": readable(items[i][0]), "reason": note} for i, note in sorted(totals.converted)]
     channel_sum = sum(channel for _, channel, _ in totals.sums.values())
     channel_px = sum(n * shape[0] * shape[1] for shape, (n, _, _) in totals.sums.items())
     counts = totals.counts
@@ -262,6 +264,7 @@ def _summary(source, output, items, classes, totals, opts):
         "classes": None if classes is None else [readable(c) for c in classes],
         "counts": {str(k): counts[k] for k in sorted(counts)},
         "skipped": skipped,
+        "converted": converted,
         "resize": list(opts.resize) if opts.resize else None,
         "channels": 1 if opts.gray else 3,
         "color": "gray" if opts.gray else "BGR",
@@ -307,6 +310,10 @@ def make_lmdb(source, output, **options):
     stats = _summary(source, output, items, classes, totals, opts)
     for s in stats["skipped"]:
         log.warning("skipped %s: %s", s["path"], s["error"])
+    if stats["converted"]:
+        log.warning("converted %d encoded files that Caffe's Data layer cannot decode as they are (it needs 8 bits, "
+                    "%d channels) before storing them; listed under \"converted\" in %s", len(stats["converted"]),
+                    stats["channels"], fileio.sidecar_path(output))
     if opts.mean_file is not None:
         stats["mean_file"] = _write_mean(opts.mean_file, output, totals.sums, stats["mean_values"], opts.force)
     fileio.write_json(fileio.sidecar_path(output), stats, force=True)

@@ -42,13 +42,18 @@ def expected_image(path, resize=None, gray=False):
     return img[None] if gray else img.transpose(2, 0, 1)
 
 
-def data_layer_read(tmp_path, source, batch):
-    """Read one batch of ``batch`` images through a real pycaffe Data layer."""
-    caffe = import_caffe()
+def data_net(tmp_path, source, batch):
+    """A prototxt of one Data layer reading ``batch`` images of ``source``."""
     net_file = tmp_path / f"data_{os.path.basename(source)}.prototxt"
     net_file.write_text(f'layer {{ name: "data" type: "Data" top: "data" top: "label"\n'
                         f'  data_param {{ source: "{source}" backend: LMDB batch_size: {batch} }} }}\n')
-    net = caffe.Net(str(net_file), caffe.TEST)
+    return str(net_file)
+
+
+def data_layer_read(tmp_path, source, batch):
+    """Read one batch of ``batch`` images through a real pycaffe Data layer."""
+    caffe = import_caffe()
+    net = caffe.Net(data_net(tmp_path, source, batch), caffe.TEST)
     net.forward()
     return net.blobs["data"].data.copy(), net.blobs["label"].data.copy()
 
@@ -609,3 +614,54 @@ def test_list_file_not_utf8_is_one_line(tmp_path):
     refused("make_lmdb", listing, "--output", tmp_path / "out",
             expect=("list.txt:2: not valid UTF-8 (byte 0xe9 at column 8)",))
     assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------- encoded images
+
+def deep_and_alpha_pngs(root):
+    """PNGs a Data layer cannot take as they are (it decodes natively and needs 8-bit, 1 or 3 channels), and
+    one it can."""
+    rng = np.random.default_rng(2)
+    os.makedirs(root / "a")
+    files = {"grey16.png": rng.integers(0, 65536, (6, 7), dtype=np.uint16),
+             "bgr16.png": rng.integers(0, 65536, (6, 7, 3), dtype=np.uint16),
+             "bgra.png": rng.integers(0, 256, (6, 7, 4), dtype=np.uint8),
+             "plain.png": rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)}
+    for name, img in files.items():
+        cv2.imwrite(str(root / "a" / name), img)
+    return root
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_encoded_16_bit_and_alpha_pngs_are_converted_for_caffe(tmp_path, gray):
+    src = deep_and_alpha_pngs(tmp_path / "img")
+    flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
+    stats = imagedb.make_lmdb(src, tmp_path / "enc", resize=None, encoded=True, gray=gray, workers=1,
+                              progress=False)
+    assert stats["count"] == 4 and stats["skipped"] == []
+    converted = {c["path"]: c["reason"] for c in stats["converted"]}
+    assert sorted(converted) == ["a/bgr16.png", "a/bgra.png", "a/grey16.png"] + (["a/plain.png"] if gray else [])
+    assert converted["a/bgra.png"] == f"8-bit 4-channel, stored as 8-bit {1 if gray else 3}-channel"
+    assert converted["a/grey16.png"] == f"16-bit 1-channel, stored as 8-bit {1 if gray else 3}-channel"
+    assert fileio.read_json(str(tmp_path / "enc") + ".json")["converted"] == stats["converted"]
+    for key, value in raw_records(tmp_path / "enc"):
+        datum = caffe_pb2().Datum()
+        datum.ParseFromString(value)
+        native = lmdbio.decode(datum.data)  # as Caffe's Data layer decodes it
+        name = key.decode().split("_", 1)[1]
+        assert native.dtype == np.uint8, name
+        np.testing.assert_array_equal(native, cv2.imread(str(src / name), flag), err_msg=name)
+        if name not in converted:
+            assert datum.data == (src / name).read_bytes()  # what Caffe can decode is stored as it is
+
+
+def test_encoded_lmdb_of_16_bit_pngs_reads_through_caffe(tmp_path):
+    """The whole LMDB through a real Data layer, in a subprocess (a Caffe abort must not take pytest down)."""
+    src = deep_and_alpha_pngs(tmp_path / "img")
+    imagedb.make_lmdb(src, tmp_path / "enc", resize=None, encoded=True, workers=1, progress=False)
+    code = ("from dsd_caffe.caffe_env import import_caffe; caffe = import_caffe(); "
+            f"net = caffe.Net({data_net(tmp_path, tmp_path / 'enc', 4)!r}, caffe.TEST); net.forward(); "
+            "print(net.blobs['data'].data.shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:4] == ["(4,", "3,", "6,", "7)"]
