@@ -7,6 +7,7 @@ reads the images in the same order. Worker threads only decode and resize, in ch
 calling thread alone writes the LMDB, one transaction per chunk, in input order.
 """
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -237,7 +238,7 @@ def _convert_all(tasks, writer, opts, desc):
     results = _in_order(pool, convert, chunks, ahead=2 * workers) if pool else map(convert, chunks)
     totals = _Totals()
     try:
-        with tqdm(total=len(tasks), unit="img", desc=desc, disable=not opts.progress) as bar:
+        with tqdm(total=len(tasks), unit="img", desc=desc, disable=None if opts.progress else True) as bar:
             for chunk in results:
                 writer.put([(key, value) for _, key, value, _ in chunk.records])
                 totals.add(chunk)
@@ -285,52 +286,62 @@ def make_lmdb(source, output, **options):
     file's folder). ``options`` are those of :class:`LmdbOptions`.
 
     Files that fail to decode are skipped and listed. Writes ``<output>.json`` (classes, counts, per-channel mean
-    values, skipped files) and, with ``mean_file``, a binaryproto mean like ``compute_image_mean``. Returns that
-    summary as a dict, with the LMDB's ``path``.
+    values, skipped and converted files) and, with ``mean_file``, a binaryproto mean like ``compute_image_mean``.
+    The three are staged under temporary names and renamed into place together at the end, so a failure (a full
+    disk, an interruption) leaves the old outputs or none. Returns the summary as a dict, with the LMDB's ``path``.
     """
     opts = LmdbOptions(**options)
     source, output = os.fspath(source), os.path.abspath(os.fspath(output))
     items, classes, root = _inputs(source, opts.root)
-    lmdbio.check_output(output, opts.force, "make_lmdb")
-    if opts.mean_file is not None:
-        fileio.check_output(opts.mean_file, opts.force)
     if os.path.abspath(source).rstrip(os.sep) == output:
         raise UserError(f"output {output} is the input")
+    lmdbio.check_output(output, opts.force, "make_lmdb")
+    fileio.check_output(fileio.sidecar_path(output), force=True)
+    if opts.mean_file is not None:
+        fileio.check_output(opts.mean_file, opts.force)
     order = np.random.default_rng(opts.seed).permutation(len(items)) if opts.shuffle else range(len(items))
     items = [items[i] for i in order]
-    tasks, unusable = _tasks(items, root)
     log.info("building %s from %d files (%s, %d workers)", output, len(items),
              "{}x{}".format(*opts.resize) if opts.resize else "no resize", opts.workers)
-    with lmdbio.new_lmdb(output, opts.map_size) as writer:
-        totals = _convert_all(tasks, writer, opts, os.path.basename(output))
-        totals.failures.extend(unusable)
-        if totals.written == 0:
-            raise UserError(f"none of the {len(items)} files in {source} could be decoded as an image")
-        writer.finish(len(items), skipped=len(totals.failures))
-    stats = _summary(source, output, items, classes, totals, opts)
+    with contextlib.ExitStack() as stack:
+        stats, sums = _build(stack, source, output, items, classes, root, opts)
+        if opts.mean_file is not None:
+            stats["mean_file"] = _stage_mean(stack, opts.mean_file, output, sums, stats["mean_values"], opts.force)
+        fileio.write_json(stack.enter_context(fileio.atomic_path(fileio.sidecar_path(output))), stats)
     for s in stats["skipped"]:
         log.warning("skipped %s: %s", s["path"], s["error"])
     if stats["converted"]:
         log.warning("converted %d encoded files that Caffe's Data layer cannot decode as they are (it needs 8 bits, "
                     "%d channels) before storing them; listed under \"converted\" in %s", len(stats["converted"]),
                     stats["channels"], fileio.sidecar_path(output))
-    if opts.mean_file is not None:
-        stats["mean_file"] = _write_mean(opts.mean_file, output, totals.sums, stats["mean_values"], opts.force)
-    fileio.write_json(fileio.sidecar_path(output), stats, force=True)
-    log.info("wrote %d images to %s (%d skipped)", totals.written, output, len(stats["skipped"]))
+    log.info("wrote %d images to %s (%d skipped)", stats["count"], output, len(stats["skipped"]))
     return dict(stats, path=output)
+
+
+def _build(stack, source, output, items, classes, root, opts):
+    """Write the LMDB under a temporary name entered on ``stack``; returns (summary, pixel sums per shape)."""
+    tasks, unusable = _tasks(items, root)
+    writer = stack.enter_context(lmdbio.new_lmdb(output, opts.map_size))
+    totals = _convert_all(tasks, writer, opts, os.path.basename(output))
+    totals.failures.extend(unusable)
+    if totals.written == 0:
+        raise UserError(f"none of the {len(items)} files in {source} could be decoded as an image")
+    writer.finish(len(items), skipped=len(totals.failures))
+    return _summary(source, output, items, classes, totals, opts), totals.sums
 
 
 # ----------------------------------------------------------------------------------------------- mean files
 
-def _write_mean(mean_file, output, sums, mean_values, force):
-    """Write the per-pixel mean when every image has one shape; returns its path relative to the LMDB's folder."""
+def _stage_mean(stack, mean_file, output, sums, mean_values, force):
+    """Write the per-pixel mean, when every image has one shape, under a temporary name entered on ``stack``.
+    Returns its path relative to the LMDB's folder, or None."""
     if len(sums) != 1:
         log.warning("images differ in size (%d shapes): no per-pixel mean file written; use resize, or the "
                     "mean values %s", len(sums), mean_values)
         return None
     (n, _, pixels), = sums.values()
-    write_mean_file(mean_file, (pixels / n).transpose(2, 0, 1), force=force)
+    write_mean_file(stack.enter_context(fileio.atomic_path(mean_file, force=force)),
+                    (pixels / n).transpose(2, 0, 1), force=True)
     return os.path.relpath(os.path.abspath(mean_file), os.path.dirname(output))
 
 

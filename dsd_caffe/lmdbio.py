@@ -4,9 +4,10 @@ back, and inspect one before Caffe opens it.
 Writing. An LMDB is built under a temporary name beside its output and renamed into place only when complete
 (:func:`new_lmdb`), so a crash never leaves a half-written LMDB under the real name. ``--force`` replaces only an
 LMDB (a folder holding nothing but ``data.mdb`` and ``lock.mdb``), never a folder of other data
-(:func:`check_output`).
+(:func:`check_output`). A full disk is an OSError (ENOSPC) that leaves the old output or nothing.
 """
 import contextlib
+import errno
 import logging
 import os
 
@@ -37,7 +38,13 @@ def check_output(path, force, tool):
 
 class LmdbWriter:
     """Puts records into a new LMDB folder, growing its map as needed, and counts them. :meth:`finish` checks that
-    every input is accounted for before the LMDB may be renamed into place."""
+    every input is accounted for before the LMDB may be renamed into place.
+
+    A full disk is an OSError (ENOSPC), never a SIGBUS: the environment is opened without LMDB's lock file, whose
+    shared memory map faults with SIGBUS when the file system cannot back a page of it (on tmpfs, a full disk).
+    Nothing else opens a temporary LMDB, so the lock has nothing to guard. Data pages are written with
+    ``pwrite`` (no ``writemap``), so they fail with an error code instead of a fault as well.
+    """
 
     def __init__(self, folder, map_size, name):
         import lmdb
@@ -45,23 +52,50 @@ class LmdbWriter:
         self.folder, self.name = folder, name
         self.written = 0
         self.finished = False
-        self.env = lmdb.open(folder, map_size=int(map_size), subdir=True, sync=False, metasync=False,
-                             readahead=False, meminit=False)
+        self.env = None
+        with self._disk_errors():
+            self.env = lmdb.open(folder, map_size=int(map_size), subdir=True, lock=False, sync=False,
+                                 metasync=False, readahead=False, meminit=False)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, size=0):
+        """An lmdb.Error from writing ``size`` bytes to disk, as the OSError it is (the tools report an OSError
+        in one line). LMDB reports a disk that fills up during a commit as EIO (a short write): an EIO with less
+        than ``size`` + 1 MiB free is that, and reported as ENOSPC."""
+        import lmdb
+
+        try:
+            yield
+        except lmdb.Error as e:
+            code = errno.ENOSPC if isinstance(e, lmdb.DiskError) else errno.EIO
+            if code == errno.EIO:
+                st = os.statvfs(self.folder)
+                if st.f_bavail * st.f_frsize < size + (1 << 20):
+                    code = errno.ENOSPC
+            log.debug("LMDB error writing %s: %s", self.folder, e)
+            raise OSError(code, os.strerror(code), self.name) from None
 
     def put(self, records):
         """Write (key, value) pairs in one transaction, doubling the map size and retrying when it is full."""
         import lmdb
 
         while True:
+            txn = self.env.begin(write=True)
             try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in records:
-                        txn.put(key, value)
-                break
+                for key, value in records:
+                    txn.put(key, value)
             except lmdb.MapFullError:
+                txn.abort()
                 size = self.env.info()["map_size"] * 2
                 log.debug("LMDB map full; growing the map to %d bytes", size)
                 self.env.set_mapsize(size)
+                continue
+            except BaseException:
+                txn.abort()
+                raise
+            with self._disk_errors(sum(len(k) + len(v) for k, v in records)):
+                txn.commit()
+            break
         self.written += len(records)
 
     def finish(self, inputs, skipped=0):
@@ -69,6 +103,8 @@ class LmdbWriter:
         holds as many entries as were written (fewer means duplicate keys). A RuntimeError otherwise: a bug
         lost or merged records, and the LMDB must not be renamed into place."""
         entries = self.env.stat()["entries"]
+        with self._disk_errors():
+            self.env.sync(True)
         self.close()
         if self.written + skipped != inputs or entries != self.written:
             dup = " (duplicate keys)" if entries < self.written else ""
@@ -77,12 +113,10 @@ class LmdbWriter:
         self.finished = True
 
     def close(self):
+        """Close without syncing (:meth:`finish` syncs): an unfinished LMDB is deleted anyway."""
         if self.env is not None:
             env, self.env = self.env, None
-            try:
-                env.sync(True)
-            finally:
-                env.close()
+            env.close()
 
 
 @contextlib.contextmanager

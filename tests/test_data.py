@@ -261,7 +261,12 @@ def test_output_exists_refused_unless_force(tmp_path):
         f"make_lmdb.py: error: {tmp_path / 'out'} already exists; pass --force to overwrite it"
     stats = imagedb.make_lmdb(src, tmp_path / "out", resize=(4, 4), workers=1, force=True, progress=False)
     assert lmdbio.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an LMDB"):  # --force never deletes a folder of other data
+        imagedb.make_lmdb(src, tmp_path / "precious", resize=(4, 4), workers=1, force=True, progress=False)
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="is the input"):
         imagedb.make_lmdb(src, src, resize=(4, 4), workers=1, force=True, progress=False)
     assert (src / "cat" / "0.jpg").exists()
 
@@ -665,3 +670,79 @@ def test_encoded_lmdb_of_16_bit_pngs_reads_through_caffe(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[:4] == ["(4,", "3,", "6,", "7)"]
+
+
+# ------------------------------------------------------------------------------------------- full disk
+
+def in_small_tmpfs(tmp_path, size, script):
+    """Run the shell ``script`` with a tmpfs of ``size`` mounted on $DISK in a private mount namespace, which
+    nothing outside it sees (the mount goes with the process); $PY and $TOOLS are set. Skips where this machine
+    does not allow it (it needs unshare(1) and the right to mount, i.e. root or a user namespace)."""
+    disk = tmp_path / "disk"
+    disk.mkdir(exist_ok=True)
+    cmd = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97\n{script}']
+    env = dict(os.environ, DISK=str(disk), PY=sys.executable, TOOLS=TOOLS)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) on this machine: no private tmpfs for a full-disk test")
+    if r.returncode == 97 or r.stderr.startswith("unshare:"):
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {r.stderr.strip()[:300]}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def one_error_line(path, tool_name):
+    """The stderr saved in ``path`` ends with the one error line of a tool (log lines may come before it)."""
+    lines = path.read_text().strip().splitlines()
+    assert "Traceback" not in path.read_text() and sum(": error:" in line for line in lines) == 1, lines
+    assert lines[-1].startswith(f"{tool_name}.py: error: "), lines
+    return lines[-1]
+
+
+def test_full_disk_make_lmdb_is_one_line_and_keeps_the_old_output(tmp_path):
+    """Filling up during the build (LMDB's EIO on a short write) and full from the start (SIGBUS from LMDB's
+    lock file on tmpfs): exit 2, one line, the old LMDB and its JSON kept, no temporaries left."""
+    small = make_folder(tmp_path / "small")
+    big = make_folder(tmp_path / "big", per_class=100, size=(4, 4))
+    out = in_small_tmpfs(tmp_path, "4m", f'''
+        "$PY" "$TOOLS/make_lmdb.py" {small} --output "$DISK/out" --resize 8x8 >/dev/null 2>&1 || exit 98
+        "$PY" "$TOOLS/make_lmdb.py" {big} --output "$DISK/out" --resize 256x256 --force \\
+            --mean-file "$DISK/mean.binaryproto" 2>{tmp_path}/filling.err
+        echo "filling $?"
+        cat /dev/zero > "$DISK/filler" 2>/dev/null
+        "$PY" "$TOOLS/make_lmdb.py" {small} --output "$DISK/other" --resize 8x8 2>{tmp_path}/full.err
+        echo "full $?"
+        rm "$DISK/filler"
+        echo "left" $(ls -A "$DISK")
+        "$PY" -c "from dsd_caffe import lmdbio; print('count', lmdbio.lmdb_info('$DISK/out')['count'])"
+    ''')
+    assert out.split("\n")[:2] == ["filling 2", "full 2"], out
+    for err, name in (("filling", "out"), ("full", "other")):
+        assert one_error_line(tmp_path / f"{err}.err", "make_lmdb") == (
+            f"make_lmdb.py: error: No space left on device: {tmp_path}/disk/{name}; free some space and run the "
+            "same command again")
+    assert sorted(out.split("\n")[2].split()[1:]) == ["out", "out.json"]
+    assert "count 8" in out
+
+
+def test_full_disk_import_fashion_mnist_is_one_line_and_keeps_the_old_import(tmp_path):
+    if not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    out = in_small_tmpfs(tmp_path, "100m", f'''
+        "$PY" "$TOOLS/import_fashion_mnist.py" --output "$DISK/fm" >/dev/null 2>&1 || exit 98
+        "$PY" "$TOOLS/import_fashion_mnist.py" --output "$DISK/fm" --force --seed 1 2>{tmp_path}/force.err
+        echo "force $?"
+        "$PY" "$TOOLS/import_fashion_mnist.py" --output "$DISK/new" 2>{tmp_path}/new.err
+        echo "new $?"
+        echo "left" $(ls -A "$DISK") "|" $(ls -A "$DISK/fm")
+        "$PY" -c "from dsd_caffe import fileio, lmdbio; print('old', lmdbio.lmdb_info('$DISK/fm/train_lmdb')['count'],
+                  fileio.read_json('$DISK/fm/train_lmdb.json')['seed'])"
+    ''')
+    lines = out.strip().split("\n")
+    assert lines[:2] == ["force 2", "new 2"], out
+    assert "No space left on device" in one_error_line(tmp_path / "force.err", "import_fashion_mnist")
+    assert "No space left on device" in one_error_line(tmp_path / "new.err", "import_fashion_mnist")
+    assert lines[2].split() == ["left", ".fm.lock", ".new.lock", "fm", "|", "test_lmdb", "test_lmdb.json",
+                                "train_lmdb", "train_lmdb.json", "val_lmdb", "val_lmdb.json"]
+    assert lines[3] == "old 55000 0"
