@@ -191,11 +191,42 @@ def decode(data):
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
+def _datum(path, key, value):
+    """Parse one record as a Datum, or a UserError naming it."""
+    from google.protobuf.message import DecodeError
+
+    datum = caffe_pb2().Datum()
+    try:
+        datum.ParseFromString(value)
+    except DecodeError:
+        raise UserError(f"LMDB {path}: record {_name(key)} is not a caffe Datum") from None
+    return datum
+
+
+def _name(key):
+    return key.decode("utf-8", "backslashreplace")
+
+
+def _dims(path, key, datum):
+    """(channels, height, width, bits per sample) of a record: a raw Datum's declared shape (checked against its
+    data), an encoded one's image as the Data layer decodes it. A UserError naming a record that is neither."""
+    c, h, w = datum.channels, datum.height, datum.width
+    if datum.encoded:
+        img = decode(datum.data)
+        if img is None:
+            raise UserError(f"LMDB {path}: record {_name(key)} holds an encoded image OpenCV cannot decode")
+        return (1 if img.ndim == 2 else img.shape[2]), img.shape[0], img.shape[1], 8 * img.dtype.itemsize
+    if c * h * w == 0 or (datum.data and len(datum.data) != c * h * w) or \
+            (not datum.data and len(datum.float_data) != c * h * w):
+        raise UserError(f"LMDB {path}: record {_name(key)} is not a valid Datum (shape {c}x{h}x{w}, "
+                        f"{len(datum.data) or len(datum.float_data)} values)")
+    return c, h, w, 8
+
+
 def lmdb_info(path):
     """Return {"count", "channels", "height", "width", "encoded", "label"} of an LMDB of Datums (shape and label from
     its first record). Raises ValueError naming the path when it is missing, empty, unreadable or not Datums."""
     import lmdb
-    from google.protobuf.message import DecodeError
 
     env = _open_readonly(path)
     try:
@@ -208,70 +239,98 @@ def lmdb_info(path):
         raise UserError(f"LMDB {path} is unreadable ({e})") from None
     finally:
         env.close()
-    datum = caffe_pb2().Datum()
-    try:
-        datum.ParseFromString(value)
-    except DecodeError:
-        raise UserError(f"LMDB {path}: record {key!r} is not a caffe Datum") from None
-    c, h, w = datum.channels, datum.height, datum.width
-    if datum.encoded:
-        img = decode(datum.data)
-        if img is None:
-            raise UserError(f"LMDB {path}: record {key!r} holds an encoded image OpenCV cannot decode")
-        h, w = img.shape[:2]
-        c = 1 if img.ndim == 2 else img.shape[2]
-    elif c * h * w == 0 or (datum.data and len(datum.data) != c * h * w) or \
-            (not datum.data and len(datum.float_data) != c * h * w):
-        raise UserError(f"LMDB {path}: record {key!r} is not a valid Datum (shape {c}x{h}x{w}, "
-                        f"{len(datum.data) or len(datum.float_data)} values)")
+    datum = _datum(path, key, value)
+    c, h, w, _ = _dims(path, key, datum)
     return {"count": int(count), "channels": int(c), "height": int(h), "width": int(w),
             "encoded": bool(datum.encoded), "label": int(datum.label)}
 
 
-def check_lmdb(path, crop_size=0, channels=None):
-    """lmdb_info, plus the checks a Data layer would otherwise fail on with a glog abort: images at least
-    ``crop_size`` on each side and, when given, ``channels`` channels. Returns the info dict."""
-    info = lmdb_info(path)
-    if crop_size and (info["height"] < crop_size or info["width"] < crop_size):
-        raise UserError(f"LMDB {path} holds {info['height']}x{info['width']} images, smaller than the crop "
-                        f"size {crop_size}")
-    if channels is not None and info["channels"] != channels:
-        raise UserError(f"LMDB {path} holds {info['channels']}-channel images, the net expects {channels}")
-    return info
+#: LMDBs up to this size are checked record by record; larger ones through an evenly spread sample of SAMPLE
+#: records (an ImageNet LMDB holds 1.28M records and about 250 GB)
+FULL_CHECK_BYTES = 64 << 20
+SAMPLE = 1000
 
 
-def label_range(path, limit=2000):
-    """(smallest, largest) label among the first ``limit`` records of an LMDB of Datums (labels only are read)."""
+def _checked_records(path):
+    """Yield (key, Datum) of every record of an LMDB of at most FULL_CHECK_BYTES, else of SAMPLE records evenly
+    spread over its key order (keys alone are walked to find them); log how many were checked."""
     lmdb_info(path)
-    pb2 = caffe_pb2()
-    low = high = None
     env = _open_readonly(path)
     try:
+        stat = env.stat()
+        count, size = stat["entries"], env.info()["last_pgno"] * stat["psize"]
+        whole = size <= FULL_CHECK_BYTES or count <= SAMPLE
         with env.begin() as txn:
-            for n, value in enumerate(txn.cursor().iternext(keys=False, values=True)):
-                if n >= limit:
-                    break
-                d = pb2.Datum()
-                d.ParseFromString(value)
-                low = d.label if low is None else min(low, d.label)
-                high = d.label if high is None else max(high, d.label)
+            if whole:
+                records = txn.cursor().iternext()
+            else:
+                wanted = {i * count // SAMPLE for i in range(SAMPLE)}
+                keys = (k for n, k in enumerate(txn.cursor().iternext(values=False)) if n in wanted)
+                records = ((k, txn.get(k)) for k in keys)
+            for key, value in records:
+                yield key, _datum(path, key, value)
     finally:
         env.close()
-    return low, high
+    if whole:
+        log.debug("checked all %d records of %s", count, path)
+    else:
+        log.info("checked %s of %s records of %s (evenly spread: it holds %.1f GB)", f"{SAMPLE:,}", f"{count:,}",
+                 path, size / 1e9)
+
+
+def check_lmdb(path, crop_size=0, channels=None, *, force_color=False, force_gray=False):
+    """lmdb_info, plus what a Data layer would otherwise abort on, for every record of a small LMDB and an evenly
+    spread sample of a large one (see FULL_CHECK_BYTES): images at least ``crop_size`` on each side, one channel
+    count for all (``channels`` when given), and encoded images that decode to 8 bits and 1 or 3 channels (a Data
+    layer decodes natively unless the net's transform_param says ``force_color`` or ``force_gray``).
+
+    Returns the info dict with "checked" (records checked) and "label_range" ((smallest, largest) label among
+    them), so a caller needs no second pass for :func:`label_range`.
+    """
+    info = lmdb_info(path)
+    forced = 3 if force_color else 1 if force_gray else None
+    first, small, labels, checked = None, [], [], 0
+    for key, datum in _checked_records(path):
+        c, h, w, bits = _dims(path, key, datum)
+        if datum.encoded and forced:
+            c, bits = forced, 8
+        if datum.encoded and (bits != 8 or c not in (1, 3)):
+            raise UserError(f"LMDB {path}: record {_name(key)} holds a {bits}-bit {c}-channel encoded image; a "
+                            "Data layer decodes it natively and aborts on anything but 8 bits and 1 or 3 channels "
+                            "(make_lmdb --encoded converts such files)")
+        first = first or (key, c)
+        if c != first[1]:
+            raise UserError(f"LMDB {path}: record {_name(key)} holds a {c}-channel image, record "
+                            f"{_name(first[0])} a {first[1]}-channel one; a Data layer needs one channel count")
+        if crop_size and (h < crop_size or w < crop_size):
+            small.append(f"record {_name(key)} holds a {h}x{w} image")
+        labels.append(datum.label)
+        checked += 1
+    if channels is not None and first[1] != channels:
+        raise UserError(f"LMDB {path} holds {first[1]}-channel images, the net expects {channels}")
+    if small:
+        raise UserError(f"LMDB {path}: {small[0]}, smaller than the crop size {crop_size} ({len(small)} of the "
+                        f"{checked} records checked are)")
+    return dict(info, checked=checked, label_range=(min(labels), max(labels)))
+
+
+def label_range(path):
+    """(smallest, largest) label of an LMDB of Datums, over every record of a small LMDB and an evenly spread
+    sample of a large one (see FULL_CHECK_BYTES)."""
+    labels = [datum.label for _, datum in _checked_records(path)]
+    return min(labels), max(labels)
 
 
 def read_lmdb(path, limit=None):
     """Yield (key, image CHW uint8, label) from an LMDB of Datums (raw or encoded), in key order."""
     lmdb_info(path)
-    pb2 = caffe_pb2()
     env = _open_readonly(path)
     try:
         with env.begin() as txn:
             for n, (key, value) in enumerate(txn.cursor()):
                 if limit is not None and n >= limit:
                     break
-                d = pb2.Datum()
-                d.ParseFromString(value)
+                d = _datum(path, key, value)
                 if d.encoded:
                     img = decode(d.data)
                     img = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)

@@ -374,10 +374,74 @@ def test_lmdb_info_not_datums(tmp_path):
 def test_check_lmdb_crop_and_channels(tiny_lmdb):
     path = tiny_lmdb(n=3, channels=1, size=28)
     assert lmdbio.check_lmdb(path, crop_size=28, channels=1)["count"] == 3
-    with pytest.raises(ValueError, match="28x28 images, smaller than the crop size 32"):
+    with pytest.raises(ValueError, match="28x28 image, smaller than the crop size 32"):
         lmdbio.check_lmdb(path, crop_size=32)
     with pytest.raises(ValueError, match="1-channel images, the net expects 3"):
         lmdbio.check_lmdb(path, channels=3)
+
+
+def lmdb_of(path, shapes, labels=None, encoded=None):
+    """An LMDB with one raw Datum of each (c, h, w) in ``shapes`` (or ``encoded`` images as PNG), keys %08d."""
+    pb2 = caffe_pb2()
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, shape in enumerate(shapes if encoded is None else encoded):
+            label = 0 if labels is None else labels[i]
+            if encoded is None:
+                d = pb2.Datum(channels=shape[0], height=shape[1], width=shape[2], label=label,
+                              data=bytes(int(np.prod(shape))))
+            else:
+                d = pb2.Datum(data=cv2.imencode(".png", shape)[1].tobytes(), encoded=True, label=label)
+            txn.put(b"%08d" % i, d.SerializeToString())
+    env.close()
+    return str(path)
+
+
+def test_check_lmdb_checks_every_record_of_a_small_lmdb(tmp_path):
+    """Caffe aborts on ANY record smaller than the crop, not only the first one."""
+    path = lmdb_of(tmp_path / "mixed", [(3, 32, 32)] * 5 + [(3, 16, 40)] + [(3, 32, 32)] * 5)
+    assert lmdbio.check_lmdb(path, crop_size=16)["checked"] == 11
+    with pytest.raises(ValueError, match=r"record 00000005 holds a 16x40 image, smaller than the crop size 28 "
+                                         r"\(1 of the 11 records checked are\)"):
+        lmdbio.check_lmdb(path, crop_size=28)
+    path = lmdb_of(tmp_path / "channels", [(3, 8, 8)] * 3 + [(1, 8, 8)])
+    with pytest.raises(ValueError, match="record 00000003 holds a 1-channel image, record 00000000 a 3-channel"):
+        lmdbio.check_lmdb(path)
+
+
+def test_label_range_covers_every_record_of_a_small_lmdb(tmp_path):
+    labels = [3] * 2500
+    labels[2400] = 10
+    path = lmdb_of(tmp_path / "labels", [(1, 2, 2)] * 2500, labels)
+    assert lmdbio.label_range(path) == (3, 10)
+    assert lmdbio.check_lmdb(path)["label_range"] == (3, 10)
+
+
+def test_check_lmdb_samples_a_large_lmdb_evenly_and_says_so(tmp_path, monkeypatch, caplog):
+    shapes = [(1, 30, 30)] * 3000
+    for bad in (0, 1497, 2997):  # on the sample's grid of every 3rd record (1000 of 3000)
+        shapes[bad] = (1, 10, 30)
+    path = lmdb_of(tmp_path / "large", shapes, labels=[i % 7 for i in range(3000)])
+    monkeypatch.setattr(lmdbio, "FULL_CHECK_BYTES", 0)
+    with caplog.at_level("INFO", logger="dsd_caffe.lmdbio"):
+        with pytest.raises(ValueError, match=r"record 00000000 holds a 10x30 image.*\(3 of the 1000 records checked"):
+            lmdbio.check_lmdb(path, crop_size=20)
+    assert "checked 1,000 of 3,000 records of" in caplog.text
+    assert lmdbio.check_lmdb(path, crop_size=10)["checked"] == 1000
+    assert lmdbio.label_range(path) == (0, 6)
+
+
+def test_check_lmdb_refuses_encoded_images_caffe_cannot_decode(tmp_path):
+    """convert_imageset --encoded stores a 16-bit or RGBA PNG as it is; the Data layer then aborts on it."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16)]
+    path = lmdb_of(tmp_path / "deep", None, encoded=images)
+    with pytest.raises(ValueError, match="record 00000001 holds a 16-bit 3-channel encoded image"):
+        lmdbio.check_lmdb(path)
+    assert lmdbio.check_lmdb(path, force_color=True)["channels"] == 3  # decoded with IMREAD_COLOR: 8 bits
+    path = lmdb_of(tmp_path / "alpha", None, encoded=[rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="record 00000000 holds a 8-bit 4-channel encoded image"):
+        lmdbio.check_lmdb(path)
 
 
 # ------------------------------------------------------------------------------------------- arrays, IDX
