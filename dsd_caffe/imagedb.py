@@ -295,15 +295,17 @@ def make_lmdb(source, output, **options):
     items, classes, root = _inputs(source, opts.root)
     if os.path.abspath(source).rstrip(os.sep) == output:
         raise UserError(f"output {output} is the input")
-    lmdbio.check_output(output, opts.force, "make_lmdb")
-    fileio.check_output(fileio.sidecar_path(output), force=True)
-    if opts.mean_file is not None:
-        fileio.check_output(opts.mean_file, opts.force)
     order = np.random.default_rng(opts.seed).permutation(len(items)) if opts.shuffle else range(len(items))
     items = [items[i] for i in order]
-    log.info("building %s from %d files (%s, %d workers)", output, len(items),
-             "{}x{}".format(*opts.resize) if opts.resize else "no resize", opts.workers)
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # left in reverse order: renames first, then the lock
+        fileio.check_output(output, force=True)  # a writable folder, for the lock too
+        stack.enter_context(fileio.output_lock(output))
+        lmdbio.check_output(output, opts.force, "make_lmdb")
+        fileio.check_output(fileio.sidecar_path(output), force=True)
+        if opts.mean_file is not None:
+            fileio.check_output(opts.mean_file, opts.force)
+        log.info("building %s from %d files (%s, %d workers)", output, len(items),
+                 "{}x{}".format(*opts.resize) if opts.resize else "no resize", opts.workers)
         stats, sums = _build(stack, source, output, items, classes, root, opts)
         if opts.mean_file is not None:
             stats["mean_file"] = _stage_mean(stack, opts.mean_file, output, sums, stats["mean_values"], opts.force)

@@ -28,12 +28,10 @@ LMDB_FILES = ("data.mdb", "lock.mdb")  # what an LMDB folder holds
 
 def check_output(path, force, tool):
     """Refuse ``path`` unless it is absent, an empty folder or (with ``force``) an LMDB: ``--force`` never
-    replaces a folder of other data, a file, or a device. Returns the absolute path."""
-    fileio.check_output(path, force)
-    if os.path.lexists(path):
-        if not os.path.isdir(path) or os.path.islink(path) or not set(os.listdir(path)) <= set(LMDB_FILES):
-            raise FileExistsError(f"{path} exists and is not an LMDB; refusing to replace it even with --force")
-    return path
+    replaces a folder of other data, a file, a device or a FIFO. ``tool`` names the writer in the message.
+    Returns the absolute path."""
+    path = fileio.check_replaceable(path, LMDB_FILES, force, tool)
+    return fileio.check_output(path, force=True)
 
 
 class LmdbWriter:

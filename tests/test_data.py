@@ -3,6 +3,7 @@ import collections
 import functools
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -230,7 +231,7 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
             imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     finally:
         timer.cancel()
-    assert sorted(os.listdir(tmp_path)) == ["img"]
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "img"]  # the lock file stays (fileio.output_lock)
 
 
 def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
@@ -255,15 +256,17 @@ def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
 def test_output_exists_refused_unless_force(tmp_path):
     src = make_folder(tmp_path / "img")
     imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
-    with pytest.raises(FileExistsError, match="out already exists"):
+    with pytest.raises(FileExistsError, match="out already holds output of make_lmdb; pass --force"):
         imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     assert refused("make_lmdb", src, "--output", tmp_path / "out") == \
-        f"make_lmdb.py: error: {tmp_path / 'out'} already exists; pass --force to overwrite it"
+        f"make_lmdb.py: error: output folder {tmp_path / 'out'} already holds output of make_lmdb; pass --force " \
+        "to replace it"
     stats = imagedb.make_lmdb(src, tmp_path / "out", resize=(4, 4), workers=1, force=True, progress=False)
     assert lmdbio.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an LMDB"):  # --force never deletes a folder of other data
+    with pytest.raises(FileExistsError, match="holds 'notes.txt', which make_lmdb did not write; refusing to replace "
+                                              "it, also with --force"):  # never a folder of other data
         imagedb.make_lmdb(src, tmp_path / "precious", resize=(4, 4), workers=1, force=True, progress=False)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="is the input"):
@@ -782,11 +785,12 @@ def test_full_disk_make_lmdb_is_one_line_and_keeps_the_old_output(tmp_path):
         "$PY" -c "from dsd_caffe import lmdbio; print('count', lmdbio.lmdb_info('$DISK/out')['count'])"
     ''')
     assert out.split("\n")[:2] == ["filling 2", "full 2"], out
-    for err, name in (("filling", "out"), ("full", "other")):
-        assert one_error_line(tmp_path / f"{err}.err", "make_lmdb") == (
-            f"make_lmdb.py: error: No space left on device: {tmp_path}/disk/{name}; free some space and run the "
-            "same command again")
-    assert sorted(out.split("\n")[2].split()[1:]) == ["out", "out.json"]
+    assert one_error_line(tmp_path / "filling.err", "make_lmdb") == (
+        f"make_lmdb.py: error: No space left on device: {tmp_path}/disk/out; free some space and run the same "
+        "command again")
+    full = one_error_line(tmp_path / "full.err", "make_lmdb")
+    assert full.startswith("make_lmdb.py: error: No space left on device") and "free some space" in full
+    assert sorted(out.split("\n")[2].split()[1:]) == [".other.lock", ".out.lock", "out", "out.json"]
     assert "count 8" in out
 
 
@@ -810,3 +814,68 @@ def test_full_disk_import_fashion_mnist_is_one_line_and_keeps_the_old_import(tmp
     assert lines[2].split() == ["left", ".fm.lock", ".new.lock", "fm", "|", "test_lmdb", "test_lmdb.json",
                                 "train_lmdb", "train_lmdb.json", "val_lmdb", "val_lmdb.json"]
     assert lines[3] == "old 55000 0"
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+def special_file(path, kind):
+    """A FIFO, or a character device like /dev/null, at ``path`` (created in the test's own folder)."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except OSError as e:
+            pytest.skip(f"cannot create a device node here ({e.strerror})")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("where", ["output", "json", "mean"])
+def test_special_files_at_any_output_path_are_refused_even_with_force(tmp_path, kind, where):
+    """Checked before the build: the LMDB, its JSON sidecar and the mean file are only ever regular files and
+    folders; nothing is written when one of them is a FIFO or a device."""
+    src = make_folder(tmp_path / "img")
+    out, mean = tmp_path / "out", tmp_path / "mean.binaryproto"
+    special = special_file({"output": out, "json": tmp_path / "out.json", "mean": mean}[where], kind)
+    refused("make_lmdb", src, "--output", out, "--mean-file", mean, "--resize", "8x8", "--force",
+            expect=(str(special), "a FIFO" if kind == "fifo" else "a character device", "also with --force"))
+    left = sorted(n for n in os.listdir(tmp_path) if not n.endswith(".lock"))
+    assert left == sorted(["img", special.name])
+    assert stat.S_ISFIFO(os.stat(special).st_mode) if kind == "fifo" else stat.S_ISCHR(os.stat(special).st_mode)
+
+
+def test_import_fashion_mnist_never_replaces_a_fifo_or_a_folder_of_other_data(tmp_path):
+    special_file(tmp_path / "fifo", "fifo")
+    refused("import_fashion_mnist", "--output", tmp_path / "fifo", "--force", expect=("a FIFO",))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    refused("import_fashion_mnist", "--output", tmp_path / "mine", "--force",
+            expect=("'notes.txt'", "did not write", "also with --force"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("case", ["missing source", "bad list file", "bad resize", "fashion: no IDX files",
+                                  "fashion: bad val size"])
+def test_a_refused_input_creates_no_output_folder(tmp_path, case):
+    make_folder(tmp_path / "img")
+    (tmp_path / "list.txt").write_text("cat/0.jpg zero\n")
+    new = tmp_path / "new" / "deeper"
+    tool_name, args = {
+        "missing source": ("make_lmdb", (tmp_path / "nowhere", "--output", new / "out")),
+        "bad list file": ("make_lmdb", (tmp_path / "list.txt", "--root", tmp_path / "img", "--output", new / "out")),
+        "bad resize": ("make_lmdb", (tmp_path / "img", "--output", new / "out", "--resize=0x-4")),
+        "fashion: no IDX files": ("import_fashion_mnist", ("--output", new, "--source-dir", tmp_path / "nothing")),
+        "fashion: bad val size": ("import_fashion_mnist", ("--output", new, "--val-size", "60000")),
+    }[case]
+    refused(tool_name, *args)
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_no_decodable_image_leaves_no_lmdb_and_no_json(tmp_path):
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.jpg").write_text("no")
+    r = tool("make_lmdb", tmp_path / "junk", "--output", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"make_lmdb.py: error: none of the 1 files in {tmp_path / 'junk'} could be decoded as an image")
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "junk"]
