@@ -61,11 +61,13 @@ class LmdbOptions:
     """How :func:`make_lmdb` builds an LMDB; validated and normalised once, when created.
 
     ``root``: the folder a list file's paths are relative to (default: the list file's folder). ``resize``:
-    (height, width), an int, or None to keep each image's size. ``gray``: one channel, else three (BGR).
-    ``encoded``: False (raw pixels), True (the file's own format) or "png"/"jpg"/"bmp"; normalised to None,
+    (height, width), an int, or None to keep each image's size. ``shuffle``: in an order drawn with ``seed``
+    (keys are numbered in that order, as convert_imageset --shuffle does). ``gray``: one channel, else three
+    (BGR). ``encoded``: False (raw pixels), True (the file's own format) or "png"/"jpg"/"bmp"; normalised to None,
     "auto" or the format. ``workers``: decoding threads (None: all cores). ``chunk``: images per worker task and
     per LMDB transaction. ``mean_file``: also write a binaryproto mean there. ``force``: replace an existing LMDB
-    (never other data). ``map_size``: the LMDB's starting map size (it grows as needed).
+    (never other data). ``map_size``: the LMDB's starting map size (it grows as needed). ``progress``: a tqdm bar
+    when stderr is a terminal.
     """
     root: str = None
     resize: tuple = (256, 256)

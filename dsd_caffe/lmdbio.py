@@ -4,7 +4,11 @@ back, and inspect one before Caffe opens it.
 Writing. An LMDB is built under a temporary name beside its output and renamed into place only when complete
 (:func:`new_lmdb`), so a crash never leaves a half-written LMDB under the real name. ``--force`` replaces only an
 LMDB (a folder holding nothing but ``data.mdb`` and ``lock.mdb``), never a folder of other data
-(:func:`check_output`). A full disk is an OSError (ENOSPC) that leaves the old output or nothing.
+(:func:`check_output`). A full disk is an OSError (ENOSPC) that leaves the old output or nothing. Every writer
+checks its counts before the rename (:meth:`LmdbWriter.finish`).
+
+Checking. :func:`check_lmdb` and :func:`label_range` read every record of an LMDB up to FULL_CHECK_BYTES and an
+evenly spread sample of a larger one, and say so in a log line: Caffe aborts on any record that does not fit.
 """
 import contextlib
 import errno
