@@ -297,7 +297,7 @@ def check_lmdb(path, crop_size=0, channels=None, *, force_color=False, force_gra
         if datum.encoded and forced:
             c, bits = forced, 8
         if datum.encoded and (bits != 8 or c not in (1, 3)):
-            raise UserError(f"LMDB {path}: record {_name(key)} holds a {bits}-bit {c}-channel encoded image; a "
+            raise UserError(f"LMDB {path}: record {_name(key)} holds an encoded {bits}-bit {c}-channel image; a "
                             "Data layer decodes it natively and aborts on anything but 8 bits and 1 or 3 channels "
                             "(make_lmdb --encoded converts such files)")
         first = first or (key, c)

@@ -1,7 +1,9 @@
 """LMDB building, Fashion-MNIST import and LMDB inspection, read back through a real Caffe Data layer."""
 import collections
+import dataclasses
 import functools
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
+from dsd_caffe.errors import UserError
 
 TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
 
@@ -439,11 +442,11 @@ def test_check_lmdb_refuses_encoded_images_caffe_cannot_decode(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16)]
     path = lmdb_of(tmp_path / "deep", None, encoded=images)
-    with pytest.raises(ValueError, match="record 00000001 holds a 16-bit 3-channel encoded image"):
+    with pytest.raises(ValueError, match="record 00000001 holds an encoded 16-bit 3-channel image"):
         lmdbio.check_lmdb(path)
     assert lmdbio.check_lmdb(path, force_color=True)["channels"] == 3  # decoded with IMREAD_COLOR: 8 bits
     path = lmdb_of(tmp_path / "alpha", None, encoded=[rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="record 00000000 holds a 8-bit 4-channel encoded image"):
+    with pytest.raises(ValueError, match="record 00000000 holds an encoded 8-bit 4-channel image"):
         lmdbio.check_lmdb(path)
 
 
@@ -879,3 +882,19 @@ def test_no_decodable_image_leaves_no_lmdb_and_no_json(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"make_lmdb.py: error: none of the 1 files in {tmp_path / 'junk'} could be decoded as an image")
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "junk"]
+
+
+def test_lmdb_options_are_validated_once_and_name_the_bad_value():
+    opts = imagedb.LmdbOptions(resize=64, encoded="JPEG", workers=3, chunk=5)
+    assert (opts.resize, opts.encoded, opts.workers, opts.chunk) == ((64, 64), "jpeg", 3, 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.chunk = 7
+    for bad, text in [(dict(chunk=0), "chunk must be an integer >= 1, got 0"),
+                      (dict(workers=True), "workers must be an integer >= 1, got True"),
+                      (dict(resize=(0, 3)), "resize must be positive, got (0, 3)"),
+                      (dict(encoded="tiff"), "encoded must be True, False or one of"),
+                      (dict(seed=-1), "seed must be an integer >= 0, got -1")]:
+        with pytest.raises(UserError, match=re.escape(text)):
+            imagedb.LmdbOptions(**bad)
+    with pytest.raises(TypeError):  # a misspelt option is a programming error
+        imagedb.make_lmdb("src", "out", worker=2)
