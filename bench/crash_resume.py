@@ -29,13 +29,13 @@ SPARSE_ITERS, DENSE_ITERS, SNAPSHOT = 12, 6, 2
 def fashion_arrays(n, offset=0):
     """n real Fashion-MNIST training images (N, 1, 28, 28) uint8 and labels, from ``offset``; synthetic images when
     the dataset package is not installed."""
-    from dsd_caffe import data
+    from dsd_caffe import fashion_mnist
 
     images = os.path.join(FASHION, "train-images-idx3-ubyte.gz")
     labels = os.path.join(FASHION, "train-labels-idx1-ubyte.gz")
     if os.path.exists(images) and os.path.exists(labels):
-        x = data.read_idx(images)[offset:offset + n]
-        y = data.read_idx(labels)[offset:offset + n]
+        x = fashion_mnist.read_idx(images)[offset:offset + n]
+        y = fashion_mnist.read_idx(labels)[offset:offset + n]
         return x[:, None].astype(np.uint8), y.astype(np.int64)
     rng = np.random.default_rng(offset)
     y = rng.integers(0, 10, n)
@@ -46,14 +46,14 @@ def fashion_arrays(n, offset=0):
 def make_setup(folder, n_train=256, n_val=64, batch=16, test_batch=32, dense_iters=20, seed=0):
     """Fashion-MNIST LMDBs, the small SqueezeNet trainval and a briefly trained dense caffemodel in ``folder``.
     Returns (trainval prototxt, dense caffemodel)."""
-    from dsd_caffe import data, fileio, netgen, phases, solvers
+    from dsd_caffe import fileio, lmdbio, netgen, phases, solvers
     from dsd_caffe.caffe_env import import_caffe
 
     caffe = import_caffe()
     folder = os.path.abspath(folder)
     x, y = fashion_arrays(n_train + n_val)
-    data.write_array_lmdb(os.path.join(folder, "train_lmdb"), x[:n_train], y[:n_train])
-    data.write_array_lmdb(os.path.join(folder, "val_lmdb"), x[n_train:], y[n_train:])
+    lmdbio.write_array_lmdb(os.path.join(folder, "train_lmdb"), x[:n_train], y[:n_train])
+    lmdbio.write_array_lmdb(os.path.join(folder, "val_lmdb"), x[n_train:], y[n_train:])
     net = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=batch, test_batch=test_batch)
     model = os.path.join(folder, "trainval.prototxt")
     fileio.write_prototxt(model, net)

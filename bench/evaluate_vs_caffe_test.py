@@ -36,21 +36,21 @@ def parse_args():
 def make_inputs(folder, n, batch):
     import numpy as np
 
-    from dsd_caffe import caffe_env, data, fileio, netgen
+    from dsd_caffe import caffe_env, fashion_mnist, fileio, lmdbio, netgen
 
     lmdb_path = os.path.join(folder, "bench_lmdb")
     if not os.path.exists(lmdb_path):
-        src = os.path.join(data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")
+        src = os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")
         if os.path.exists(src):
-            images = data.read_idx(src)[:n, None]
-            labels = data.read_idx(os.path.join(data.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))[:n]
+            images = fashion_mnist.read_idx(src)[:n, None]
+            labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))[:n]
             what = "Fashion-MNIST test images"
         else:
             rng = np.random.default_rng(0)
             images = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
             labels = rng.integers(0, 10, n)
             what = "random 28x28 images"
-        data.write_array_lmdb(lmdb_path, images, labels)
+        lmdbio.write_array_lmdb(lmdb_path, images, labels)
         print(f"LMDB: {len(labels)} {what} -> {lmdb_path}")
     proto = os.path.join(folder, "small_squeezenet.prototxt")
     weights = os.path.join(folder, "small_squeezenet.caffemodel")

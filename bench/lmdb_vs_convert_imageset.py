@@ -16,14 +16,14 @@ import time
 import cv2
 import numpy as np
 
-from dsd_caffe import caffe_env, data
+from dsd_caffe import caffe_env, fashion_mnist, imagedb, lmdbio
 
 
 def make_images(folder, n, size, seed=0):
     """n JPEGs of size x size: Fashion-MNIST items upscaled and tinted (real structure, not noise), one
     sub-folder per class. Returns the list file's path."""
-    images = data.read_idx(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))[:n]
-    labels = data.read_idx(os.path.join(data.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))[:n]
+    images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))[:n]
+    labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))[:n]
     rng = np.random.default_rng(seed)
     lines = []
     for i, (img, label) in enumerate(zip(images, labels)):
@@ -62,18 +62,18 @@ def convert_imageset(folder, listing, out, workers=None):
 
 
 def make_lmdb(folder, listing, out, workers):
-    data.make_lmdb(listing, out, root=folder, resize=(256, 256), workers=workers, progress=False)
+    imagedb.make_lmdb(listing, out, root=folder, resize=(256, 256), workers=workers, progress=False)
 
 
 def make_lmdb_cli(folder, listing, out, workers):
     tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "make_lmdb.py")
-    subprocess.run([sys.executable, tool, listing, out, "--root", folder, "--resize", "256x256",
+    subprocess.run([sys.executable, tool, listing, "--output", out, "--root", folder, "--resize", "256x256",
                     "--workers", str(workers)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def compare(a, b, n=20):
-    ra, rb = list(data.read_lmdb(a, limit=n)), list(data.read_lmdb(b, limit=n))
+    ra, rb = list(lmdbio.read_lmdb(a, limit=n)), list(lmdbio.read_lmdb(b, limit=n))
     same_keys = [k for k, _, _ in ra] == [k for k, _, _ in rb]
     diff = max(int(np.abs(x[1].astype(int) - y[1].astype(int)).max()) for x, y in zip(ra, rb))
     return same_keys, diff

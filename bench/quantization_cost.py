@@ -52,18 +52,18 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
     validation iterations)."""
     from tqdm import tqdm
 
-    from dsd_caffe import data, netgen, pruning
+    from dsd_caffe import fashion_mnist, lmdbio, netgen, pruning
     from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 
     caffe = import_caffe()
     caffe.set_mode_cpu()
     caffe.set_random_seed(seed)
-    images = data.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
-    labels = data.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))
+    images = fashion_mnist.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
+    labels = fashion_mnist.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))
     order = np.random.default_rng(seed).permutation(len(images))
     val, train = order[:5000], order[5000:5000 + train_size]
-    train_db = data.write_array_lmdb(os.path.join(tmp, "train_lmdb"), images[train], labels[train])
-    val_db = data.write_array_lmdb(os.path.join(tmp, "val_lmdb"), images[val], labels[val])
+    train_db = lmdbio.write_array_lmdb(os.path.join(tmp, "train_lmdb"), images[train], labels[train])
+    val_db = lmdbio.write_array_lmdb(os.path.join(tmp, "val_lmdb"), images[val], labels[val])
     trainval = fileio.write_prototxt(os.path.join(tmp, "trainval.prototxt"),
                                      netgen.small_squeezenet(train_db, val_db, width=width))
     pb2 = caffe_pb2()

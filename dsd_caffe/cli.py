@@ -34,8 +34,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and default != []
-                and "default" not in text):
+        shown = not (default is None or default is False or default is argparse.SUPPRESS or default == [])
+        if action.option_strings and shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
 

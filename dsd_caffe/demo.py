@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 
-from . import data, fileio, masks, netgen, phases, pipeline, plots, solvers, sources, training
+from . import fashion_mnist, fileio, masks, netgen, phases, pipeline, plots, solvers, sources, training
 from .errors import UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -96,7 +96,7 @@ def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=F
     with fileio.output_lock(out):
         _open(out, cfg, force)
         log.info("1/5 data: Fashion-MNIST LMDBs")
-        lmdbs = data.import_fashion_mnist(os.path.join(out, "data"), val_size=5000, seed=0)
+        lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(out, "data"), val_size=5000, seed=0)
         net = sources.absolute_sources(netgen.small_squeezenet(
             train_source=lmdbs["train"], test_source=lmdbs["val"], train_batch=64, test_batch=100,
             width=cfg["width"]), None)

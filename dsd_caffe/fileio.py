@@ -33,8 +33,8 @@ def _check_kind(path):
     """Refuse a path that exists and is neither a regular file nor a folder (devices, FIFOs, sockets)."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return  # nothing there, or a dangling link: replaced like a file
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there, a dangling link, or a file where a folder should be (check_output says so)
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
                 else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")

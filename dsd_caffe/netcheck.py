@@ -28,6 +28,7 @@ import os
 
 from .caffe_env import caffe_pb2
 from .errors import UserError
+from . import lmdbio
 from .sources import phase_of
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,12 @@ def resolve_source(source):
 
 
 def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
-    """``data.lmdb_info`` of a Data layer source (resolved against the current folder), errors prefixed with
+    """``lmdbio.lmdb_info`` of a Data layer source (resolved against the current folder), errors prefixed with
     ``where``; channels follow ``force_color``/``force_gray`` like Caffe's decoder."""
-    from . import data
 
     full = resolve_source(source)
     try:
-        info = data.lmdb_info(full)
+        info = lmdbio.lmdb_info(full)
     except ValueError as e:
         rel = "" if os.path.isabs(source) else f" (source {source!r} resolved against the current folder)"
         raise UserError(f"{where}: {e}{rel}") from None
@@ -216,13 +216,11 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
                             "scores then vary from run to run, in `caffe test` too", where)
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
             _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
-            if tp.crop_size:
-                from . import data
-
-                try:
-                    data.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size)
-                except ValueError as e:
-                    raise UserError(f"{where}: {e}") from None
+            try:  # every record (a sample of a large LMDB): Caffe aborts on any image smaller than the crop
+                lmdbio.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size, force_color=tp.force_color,
+                                  force_gray=tp.force_gray)
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
             if iterations and info["count"] < iterations * dp.batch_size:
                 log.info("%s: %d iterations x batch %d = %d images but the LMDB holds %d; like `caffe test`, "
                          "the reader wraps around and counts some images more than once", where, iterations,
@@ -373,7 +371,7 @@ def num_classes(net):
 def check_labels(net):
     """Refuse LMDB Data layers whose labels lie outside the net's classes (Caffe checks them only in debug
     builds: an out-of-range label makes SoftmaxWithLoss write outside its blob)."""
-    from .data import label_range
+    from .lmdbio import label_range
 
     classes = num_classes(net)
     if not classes:
@@ -404,7 +402,7 @@ def check_net(net_param, phases=("TRAIN", "TEST"), name="net"):
 def input_shape(net_param):
     """(1, C, H, W) of the net's first Data layer (its LMDB's first record and crop), or None when the LMDB is not
     on this machine."""
-    from .data import lmdb_info
+    from .lmdbio import lmdb_info
 
     for l in net_param.layer:
         if l.type == "Data":

@@ -105,7 +105,7 @@ def data_sources(net):
 
 def lmdb_count(path):
     """Records in the LMDB at ``path``."""
-    from .data import lmdb_info
+    from .lmdbio import lmdb_info
 
     return lmdb_info(path)["count"]
 

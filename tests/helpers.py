@@ -85,8 +85,8 @@ def small_setup(folder, n_train=16, n_val=8, batch=4, seed=0):
 
 def fashion_arrays(n, offset=0):
     """n real Fashion-MNIST training images (N, 1, 28, 28) uint8 and labels, from ``offset``."""
-    from dsd_caffe import data
+    from dsd_caffe.fashion_mnist import read_idx
 
-    x = data.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))[offset:offset + n]
-    y = data.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))[offset:offset + n]
+    x = read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))[offset:offset + n]
+    y = read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))[offset:offset + n]
     return x[:, None].astype(np.uint8), y.astype(np.int64)

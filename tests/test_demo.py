@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from dsd_caffe import demo, fileio, masklayer, phases, pruning
+from dsd_caffe import demo, fashion_mnist, fileio, masklayer, phases, pruning
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(demo.data.FASHION_MNIST_DIR,
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR,
                                                                 "train-images-idx3-ubyte.gz")),
                                 reason="Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
 

@@ -1,47 +1,8 @@
-"""Build a Caffe LMDB of Datums from an image folder (one sub-folder per class; labels follow the sorted class
-names) or a Caffe list file (`relative/path label` per line), like convert_imageset but in parallel.
+"""Build a Caffe LMDB of Datums from an image folder (one sub-folder per class; labels follow the sorted class names)
+or a Caffe list file (`relative/path label` per line), like convert_imageset but in parallel.
 
-Images are resized (default 256x256), stored grey or colour (BGR), raw or encoded. Files that fail to decode are
-skipped and listed. A JSON beside the LMDB records the classes, counts, mean values and skipped files; --mean-file
-also writes a binaryproto mean like compute_image_mean. The LMDB appears under its name only when complete.
-"""
-from dsd_caffe import cli, data
-
-
-def size(text):
-    if text.lower() in ("0", "none", "no"):
-        return None
-    h, _, w = text.lower().partition("x")
-    return (int(h), int(w or h))
-
-
-def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("source", help="image folder with one sub-folder per class, or a list file")
-    p.add_argument("output", help="LMDB folder to create")
-    p.add_argument("--root", help="folder the list file's paths are relative to (default: the list file's folder)")
-    p.add_argument("--resize", type=size, default=(256, 256), metavar="HxW",
-                   help="resize to HEIGHTxWIDTH (default 256x256; 0 keeps the original size)")
-    p.add_argument("--shuffle", action="store_true", help="shuffle the images (with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    p.add_argument("--gray", action="store_true", help="store one grey channel instead of BGR")
-    p.add_argument("--encoded", action="store_true", help="store encoded images (default: the file's own format)")
-    p.add_argument("--encode-type", choices=["png", "jpg", "bmp"], help="encode as this format (implies --encoded)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    p.add_argument("--mean-file", help="also write the per-pixel mean as a binaryproto here")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-
-    def run(a):
-        stats = data.make_lmdb(a.source, a.output, root=a.root, resize=a.resize, shuffle=a.shuffle, seed=a.seed,
-                               gray=a.gray, encoded=a.encode_type or a.encoded, workers=a.workers, mean_file=a.mean_file,
-                               force=a.force)
-        print(f"{stats['path']}: {stats['count']} images, {len(stats['skipped'])} skipped, "
-              f"mean values {stats['mean_values']}")
-        for s in stats["skipped"]:
-            print(f"  skipped {s['path']}: {s['error']}")
-
-    cli.main(p, run, argv)
-
+The code and the full --help are in dsd_caffe/commands/make_lmdb.py (installed as dsd-make-lmdb)."""
+from dsd_caffe.commands.make_lmdb import main
 
 if __name__ == "__main__":
     main()
