@@ -235,17 +235,23 @@ def _copy_param(net, param):
                 blob.data[...] = np.asarray(bp.data, np.float32).reshape(blob.data.shape)
 
 
+def _param_net(net_param, phase, gpu):
+    from . import caffe_env
+
+    caffe_env.set_device(gpu)
+    return caffe_env.make_net(net_param, phase)
+
+
 def _bare_net(model, prototxt, phase, gpu):
     """(net without weights, its name for messages): from ``prototxt`` when given, else the generated deploy net."""
-    from . import caffe_env, evaluate
+    from . import evaluate
 
     if prototxt is not None:
         return evaluate.load_net(prototxt, None, phase, gpu=gpu), os.fspath(prototxt)
     param = model.net_param("deploy")
     if param is None:
         raise UserError(f"{model.name}: the project generates no net for it; pass prototxt=")
-    caffe_env.set_device(gpu)
-    return caffe_env.make_net(param, phase), f"the deploy net of {model.name}"
+    return _param_net(param, phase, gpu), f"the deploy net of {model.name}"
 
 
 def _weights_param(model, weights, net):
@@ -267,8 +273,17 @@ def loaded_model(net):
     return _LOADED.get(net)
 
 
+def _copy_weights(net, weights_param, weights, net_name):
+    """Copy ``weights_param`` into ``net`` once it is known to fit (netcheck's rules, as Caffe's copy_from)."""
+    from . import netcheck
+
+    netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
+                               net_name=net_name)
+    _copy_param(net, weights_param)
+
+
 def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, url=None, cache=None):
-    """A ready ``caffe.Net`` for a zoo model name or for a prototxt (+ caffemodel) path.
+    """A ready ``caffe.Net`` for a zoo model name, a prototxt (+ caffemodel) path or a NetParameter in memory.
 
     - Zoo name: ``weights`` is a local copy (verified), else the file is fetched into ``cache`` (default
       ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. The net is the
@@ -276,9 +291,15 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
       is decoded on the fly. The weights are checked to fit the net before they are copied.
     - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks
       (``evaluate.load_net``).
+    - NetParameter: built in ``phase`` (``caffe_env.make_net``), ``weights`` (a caffemodel) checked and copied.
     """
-    from . import evaluate, netcheck
+    from . import evaluate
 
+    if not isinstance(name_or_prototxt, (str, os.PathLike)):  # a NetParameter
+        net = _param_net(name_or_prototxt, phase, gpu)
+        if weights is not None:
+            _copy_weights(net, fileio.read_caffemodel(weights), weights, f"net {name_or_prototxt.name!r}")
+        return net
     if name_or_prototxt not in ZOO:
         if not str(name_or_prototxt).endswith((".prototxt", ".pt")) and not os.path.exists(name_or_prototxt):
             raise UserError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
@@ -292,9 +313,7 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
         os.makedirs(folder, exist_ok=True)
         weights = fetch(model.name, folder, url=url)
     net, net_name = _bare_net(model, prototxt, phase, gpu)
-    param = _weights_param(model, weights, net)
-    netcheck.check_weights_fit(netcheck.param_shapes(net), param, weights_name=os.fspath(weights), net_name=net_name)
-    _copy_param(net, param)
+    _copy_weights(net, _weights_param(model, weights, net), weights, net_name)
     _LOADED[net] = model
     return net
 

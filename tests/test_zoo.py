@@ -172,7 +172,14 @@ def test_load_zoo_name_and_prototxt(tmp_path):
             zoo.load("tiny", weights=str(weights))
     net3 = zoo.load(str(proto), weights=str(weights))
     assert zoo.loaded_model(net3) is None
-    for n in (net, net2, net3):
+    from google.protobuf import text_format
+
+    param = text_format.Parse(TINY_DEPLOY, caffe_env.caffe_pb2().NetParameter())
+    net4 = zoo.load(param, weights=weights)  # a NetParameter in memory
+    param.layer[1].convolution_param.num_output = 5
+    with pytest.raises(ValueError, match="does not fit net 'tiny': layer 'conv1'"):
+        zoo.load(param, weights=weights)
+    for n in (net, net2, net3, net4):
         for name in ("conv1", "fc"):
             assert np.array_equal(n.params[name][0].data, src.params[name][0].data)
     with pytest.raises(ValueError, match="neither a zoo model"):
