@@ -137,20 +137,32 @@ def _lmdb_facts(layer):
     return {"resize": (info["height"], info["width"]), "channels": info["channels"], "classes": classes}
 
 
+def _data_layer(net_param):
+    """The Data layer of the TEST phase, or None (a deploy net)."""
+    return next((l for l in netcheck.included_layers(net_param, "TEST") if l.type == "Data"), None)
+
+
 def from_net_param(net_param, resize=None):
-    """(Preprocess, class names or None) from the TEST Data layer of a trainval NetParameter, or None when it has
-    no Data layer (a deploy net). ``resize`` overrides the stored image size (see the module doc)."""
-    layer = next((l for l in netcheck.included_layers(net_param, "TEST") if l.type == "Data"), None)
+    """(Preprocess, class names or None) from the TEST Data layer of a trainval NetParameter (see the module
+    doc); ``resize`` overrides the stored image size."""
+    layer = _data_layer(net_param)
+    where = f"net {net_param.name!r}"
     if layer is None:
-        return None
+        raise UserError(f"{where} has no Data layer in the TEST phase: no transform_param to read")
     tp = layer.transform_param
     facts = _lmdb_facts(layer)
     mean = data.read_mean_file(tp.mean_file) if tp.HasField("mean_file") else tuple(tp.mean_value) or None
     image_mean = isinstance(mean, np.ndarray)
-    resize = tuple(resize or facts.get("resize") or (mean.shape[1:] if image_mean else ())) or None
-    channels = facts.get("channels") or (mean.shape[0] if image_mean else len(mean) if mean and len(mean) > 1 else 0)
-    where = f"net {net_param.name!r}, layer {layer.name!r}"
-    if not channels:
+    if resize is None:
+        resize = facts.get("resize") or (tuple(mean.shape[1:]) if image_mean else None)
+    if facts:
+        channels = facts["channels"]
+    elif image_mean:
+        channels = mean.shape[0]
+    else:
+        channels = len(mean) if mean and len(mean) > 1 else None
+    where += f", layer {layer.name!r}"
+    if channels is None:
         raise UserError(f"{where}: the channel count is unknown (its LMDB {layer.data_param.source} is not here and "
                         "it has no per-channel mean); give preprocess=Preprocess(...)")
     if not (tp.crop_size or resize):
@@ -204,19 +216,20 @@ class Classifier:
     @classmethod
     def load(cls, model, weights=None, preprocess=None, classes=None, resize=None, gpu=None, **zoo_args):
         """A Classifier for a zoo model name (weights fetched or verified as ``dsd_caffe.load`` does,
-        ``zoo_args``: ``url``, ``cache``, ``prototxt``) or a prototxt path with ``weights`` (a caffemodel)."""
+        ``zoo_args``: ``url``, ``cache``, ``prototxt``) or a prototxt path with ``weights`` (a caffemodel).
+        ``preprocess``, when given, replaces the recipe read from a trainval or known for a zoo model."""
         from . import masklayer, netgen, zoo
 
         if isinstance(model, str) and model in zoo.ZOO:
             return cls(zoo.load(model, weights=weights, gpu=gpu, **zoo_args), preprocess, classes)
         param = fileio.read_net_prototxt(model)
-        found = from_net_param(param, resize)
-        if found is None:  # a deploy prototxt
+        if _data_layer(param) is None:  # a deploy prototxt
             return cls(zoo.load(model, weights=weights, gpu=gpu), preprocess, classes)
-        recipe, lmdb_classes = found
-        deploy = netgen.deploy(masklayer.remove_mask_layer(param), input_shape=(1, *recipe.input_size))
-        net = zoo.load(deploy, weights=weights, gpu=gpu)
-        return cls(net, preprocess or recipe, lmdb_classes if classes is None else classes)
+        if preprocess is None:
+            preprocess, lmdb_classes = from_net_param(param, resize)
+            classes = lmdb_classes if classes is None else classes
+        deploy = netgen.deploy(masklayer.remove_mask_layer(param), input_shape=(1, *preprocess.input_size))
+        return cls(zoo.load(deploy, weights=weights, gpu=gpu), preprocess, classes)
 
     def probabilities(self, images):
         """(N, classes) float32 class probabilities of ``images`` (one image, or a list of them)."""

@@ -70,6 +70,14 @@ def test_preprocessing_matches_a_hand_computation(tiny):
     # downscale: every 2x2 block is one value), give the same input
     assert np.allclose(c.preprocess(img / 255.0), x, atol=1e-4)
     assert np.array_equal(c.preprocess(np.kron(img, np.ones((2, 2, 1), np.uint8))), x)
+    # the recipe given explicitly, for the trainval and for its deploy prototxt (which has none to read)
+    from dsd_caffe import fileio
+
+    deploy = fileio.write_prototxt(path.parent / "deploy.prototxt",
+                                   netgen.deploy(fileio.read_net_prototxt(path), input_shape=(1, 3, 4, 4)))
+    for model in (path, deploy):
+        given = Classifier.load(model, weights=weights, preprocess=c.preprocess)
+        assert np.array_equal(given.probabilities(img), c.probabilities(img))
     # a grey image feeds the same value to all three channels
     grey = img[:, :, 0]
     assert np.array_equal(c.preprocess(grey), c.preprocess(np.repeat(grey[:, :, None], 3, axis=2)))
@@ -114,6 +122,8 @@ def test_bad_input_is_named(tiny, tmp_path):
         c.classify(np.zeros((6, 8, 3), np.uint8), top=0)
     with pytest.raises(ValueError, match="no crop_size"):
         classifier.from_net_param(_without_crop(netgen.small_squeezenet(channels=3)))
+    with pytest.raises(ValueError, match="no Data layer"):
+        classifier.from_net_param(netgen.deploy(netgen.small_squeezenet()))
     bare = caffe_env.make_net(netgen.deploy(netgen.small_squeezenet()))
     with pytest.raises(ValueError, match="preprocess="):
         classify(bare, np.zeros((28, 28), np.uint8))
