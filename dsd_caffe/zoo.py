@@ -232,7 +232,7 @@ def _copy_param(net, param):
     for layer in param.layer:
         if layer.name in net.params:
             for blob, bp in zip(net.params[layer.name], layer.blobs):
-                blob.data[...] = np.asarray(bp.data, np.float32).reshape(blob.data.shape)
+                blob.data[...] = np.asarray(bp.data or bp.double_data, np.float32).reshape(blob.data.shape)
 
 
 def _param_net(net_param, phase, gpu):
