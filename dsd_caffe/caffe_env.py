@@ -1,49 +1,125 @@
 """Importing pycaffe: quiet glog, a clear message when Caffe is missing, and CPU/GPU selection.
 
 Nothing here runs at ``import dsd_caffe`` time, so the pure-numpy parts of the toolkit work without Caffe.
+
+Two libraries inside Caffe read settings that are easy to get wrong from Python:
+
+- **OpenBLAS** reads ``OPENBLAS_CORETYPE`` / ``OPENBLAS_NUM_THREADS`` once, when it loads. :func:`import_caffe`
+  sets the values chosen at set-up (``blas.runtime_env``) only around ``import caffe`` and then restores
+  ``os.environ``: the caller's environment is never changed (a value the caller set is kept, and wins).
+- **glog** reads ``GLOG_*`` variables once, when it loads, so setting them after ``import caffe`` does nothing.
+  Its level is therefore set in the running library itself: the flags ``FLAGS_minloglevel`` and
+  ``FLAGS_logtostderr`` are globals of the libglog that ``_caffe.so`` loaded, reached through ctypes.
+  :func:`import_caffe` lowers Caffe's chatter to ERROR (:data:`QUIET`) whatever the import order, unless
+  ``GLOG_minloglevel`` is set in the environment; :func:`glog_level`, :func:`set_glog_level` and the context
+  manager :func:`glog_level_set` read and change it later (e.g. to capture Caffe's INFO log while training).
 """
+import contextlib
+import ctypes
 import functools
 import json
+import logging
 import os
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 SETUP_HINT = "run `make setup` (or `python3 -m dsd_caffe.build`) and use .venv/bin/python"
+
+#: glog's severities: a level shows its messages and the more severe ones
+GLOG_LEVELS = {"INFO": 0, "WARNING": 1, "ERROR": 2, "FATAL": 3}
+#: the level import_caffe() sets when the environment does not say (GLOG_minloglevel): ERROR, as before. At
+#: WARNING, Caffe's notes (a deploy prototxt's old ``input_dim`` fields, "Logging before InitGoogleLogging()")
+#: would precede the one line of a tool's error message.
+QUIET = GLOG_LEVELS["ERROR"]
+
+
+@contextlib.contextmanager
+def _environ_set(env):
+    """Set ``env`` in os.environ for the duration of the block, then restore what was there."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @functools.lru_cache(maxsize=None)
 def import_caffe():
-    """Return the ``caffe`` module, with glog's INFO chatter off unless GLOG_minloglevel is set."""
-    os.environ.setdefault("GLOG_minloglevel", "2")
+    """Return the ``caffe`` module, with glog's INFO chatter off unless GLOG_minloglevel is set (see the module
+    doc). ``os.environ`` is the same afterwards as before."""
     from . import blas
 
-    blas.apply()  # the BLAS core type and threads chosen at set-up; read when Caffe's OpenBLAS loads
-    try:
-        import caffe
-    except ImportError as e:
-        raise UserError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
+    # the BLAS core type and threads chosen at set-up, read when Caffe's OpenBLAS loads (never overrides the caller's)
+    with _environ_set(blas.runtime_env()):
+        try:
+            import caffe
+        except ImportError as e:
+            raise UserError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
+    if "GLOG_minloglevel" not in os.environ:
+        _glog_flags(caffe._caffe.__file__)["minloglevel"].value = QUIET
     return caffe
 
 
-def glog_flags():
-    """{"minloglevel": c_int, "logtostderr": c_bool} views of glog's flags in the libglog this process loaded
-    (with pycaffe), or None when it cannot be found. Setting ``.value`` takes effect at once."""
-    import ctypes
+@functools.lru_cache(maxsize=None)
+def _glog_flags(extension):
+    """{"minloglevel": c_int, "logtostderr": c_bool}: glog's flags in the libglog that ``extension``
+    (pycaffe's ``_caffe.so``, already loaded) uses.
 
-    import_caffe()
-    path = None
-    with open("/proc/self/maps") as f:
-        for line in f:
-            if "libglog.so" in line:
-                path = line.split()[-1]
-                break
-    if path is None:
-        return None
-    lib = ctypes.CDLL(path)
+    dlsym on the handle of ``_caffe.so`` searches it and then its dependencies, so this finds the very libglog
+    that Caffe logs through, whichever file that is."""
+    lib = ctypes.CDLL(extension)
     try:
         return {"minloglevel": ctypes.c_int.in_dll(lib, "_ZN3fLI17FLAGS_minloglevelE"),
                 "logtostderr": ctypes.c_bool.in_dll(lib, "_ZN3fLB17FLAGS_logtostderrE")}
-    except ValueError:
-        return None
+    except ValueError as e:  # symbol not found: a glog built without these flags, or a static one
+        raise RuntimeError(f"cannot reach glog's flags through {extension}: {e}") from None
+
+
+def _flags():
+    return _glog_flags(import_caffe()._caffe.__file__)
+
+
+def _level_value(level):
+    value = GLOG_LEVELS.get(level, level) if isinstance(level, str) else level
+    if isinstance(value, bool) or value not in GLOG_LEVELS.values():
+        raise UserError(f"glog level must be one of {', '.join(GLOG_LEVELS)} or 0-3, got {level!r}")
+    return value
+
+
+def glog_level():
+    """glog's current minimum level in this process: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL."""
+    return _flags()["minloglevel"].value
+
+
+def set_glog_level(level):
+    """Show Caffe's glog messages from ``level`` up (0-3 or "INFO", "WARNING", "ERROR", "FATAL"), from now on and
+    whatever the import order. Returns the previous level."""
+    value = _level_value(level)
+    flag = _flags()["minloglevel"]
+    previous, flag.value = flag.value, value
+    return previous
+
+
+@contextlib.contextmanager
+def glog_level_set(level, to_stderr=False):
+    """Within the block, glog shows messages from ``level`` up; with ``to_stderr`` they all go to stderr (and none
+    to glog's log files, which it writes only after ``caffe.init_log()``). Both are restored on exit, also on an
+    exception. Example: ``with glog_level_set("INFO", to_stderr=True): solver.step(100)``."""
+    flags = _flags()
+    previous = (flags["minloglevel"].value, flags["logtostderr"].value)
+    set_glog_level(level)
+    if to_stderr:
+        flags["logtostderr"].value = True
+    try:
+        yield
+    finally:
+        flags["minloglevel"].value, flags["logtostderr"].value = previous
 
 
 def caffe_pb2():

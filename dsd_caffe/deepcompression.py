@@ -98,14 +98,19 @@ def layer_specs(prototxt):
                 ) from None
             path = fileio.write_prototxt(os.path.join(tmp, "deploy.prototxt"), deploy)
         net = caffe.Net(path, caffe.TEST)
+    return net_specs(net, name=f"prototxt {prototxt}")
+
+
+def net_specs(net, name="the net"):
+    """The LayerSpecs of the weighted layers of a built ``caffe.Net``, in net order (see :func:`layer_specs`)."""
     specs = []
-    for name, layer in zip(net._layer_names, net.layers):
+    for layer_name, layer in zip(net._layer_names, net.layers):
         if layer.type in NET_BITS:
-            blobs = net.params[name]
+            blobs = net.params[layer_name]
             bias = int(blobs[1].data.size) if len(blobs) > 1 else 0
-            specs.append(LayerSpec(name, layer.type, NET_BITS[layer.type], tuple(blobs[0].data.shape), bias))
+            specs.append(LayerSpec(layer_name, layer.type, NET_BITS[layer.type], tuple(blobs[0].data.shape), bias))
     if not specs:
-        raise UserError(f"prototxt {prototxt} has no Convolution or InnerProduct layer")
+        raise UserError(f"{name} has no Convolution or InnerProduct layer")
     return specs
 
 
@@ -218,10 +223,11 @@ def decode_bytes(data, specs, name="<bytes>"):
 
 
 def decode(net_file, prototxt):
-    """Decode a Deep Compression ``.net`` file (or our Huffman variant) with its deploy ``prototxt``:
-    {layer_name: (weights float32 ndarray shaped like the blob, bias float32 ndarray)} in net order."""
+    """Decode a Deep Compression ``.net`` file (or our Huffman variant) with its deploy ``prototxt`` (or the
+    LayerSpecs of the net, :func:`net_specs`): {layer_name: (weights float32 ndarray shaped like the blob, bias
+    float32 ndarray)} in net order."""
     data = _read(net_file)
-    return decode_bytes(data, layer_specs(prototxt), os.fspath(net_file))
+    return decode_bytes(data, prototxt, os.fspath(net_file))
 
 
 def net_file_stats(net_file, prototxt):

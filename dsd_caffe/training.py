@@ -497,27 +497,25 @@ class _GlogCapture:
     read by a Python thread would fill up and deadlock.)"""
 
     def __init__(self, logpath, progress):
-        from . import caffe_env
-
-        self.logpath, self.progress, self.flags = logpath, progress, caffe_env.glog_flags()
+        self.logpath, self.progress = logpath, progress
         with open(logpath, "a"):
             pass
         self.offset = os.path.getsize(logpath)
 
     def __enter__(self):
+        from .caffe_env import glog_level_set
+
         sys.stderr.flush()
         self.saved = os.dup(2)
         log_fd = os.open(self.logpath, os.O_WRONLY | os.O_APPEND)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        if self.flags is not None:
-            self.old = (self.flags["minloglevel"].value, self.flags["logtostderr"].value)
-            self.flags["minloglevel"].value, self.flags["logtostderr"].value = 0, True
+        self.level = glog_level_set("INFO", to_stderr=True)
+        self.level.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.flags is not None:
-            self.flags["minloglevel"].value, self.flags["logtostderr"].value = self.old
+        self.level.__exit__(*exc)
         os.dup2(self.saved, 2)
         os.close(self.saved)
         with open(self.logpath, errors="replace") as f:

@@ -7,7 +7,12 @@ checksum. A file is written under a temporary name, verified, and only then rena
 Offline use: ``fetch(name, dest, url="/path/or/file://url")`` copies and verifies a local file, and a file already
 at ``dest`` is verified and used as it is. ``load(name, weights=path)`` verifies and loads a local copy.
 
-Command line: ``python -m dsd_caffe.zoo list`` / ``fetch NAME DEST [--from-file PATH]`` / ``verify NAME PATH``.
+A zoo model's net is generated in memory by :mod:`dsd_caffe.netgen` (the same NetParameter that
+``tools/generate.py`` writes to the repository's models/), so ``load`` needs no prototxt file and works from an
+installed package.
+
+Command line: ``python -m dsd_caffe.zoo list`` / ``fetch NAME --output DEST [--from-file PATH]`` /
+``verify NAME PATH``.
 """
 import dataclasses
 import hashlib
@@ -16,14 +21,15 @@ import os
 import shutil
 import urllib.parse
 import urllib.request
+import weakref
 
 from . import fileio
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: models/ of this repository, where netgen's generated prototxts are committed
-MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+#: architectures netgen generates, by ZooModel.architecture
+ARCHITECTURES = {"squeezenet_v1.0": "squeezenet_v1_0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,18 +42,23 @@ class ZooModel:
     sha256: str = None  # plain SHA-256 of the file, used only when no blob id is recorded
     sha1: str = None  # plain SHA-1 of the file, used only when neither of the above is recorded
     size: int = None  # bytes, when known
-    naming: str = None  # "han" | "deepscale": which generated prototxt fits
-    deploy: str = None  # matching deploy prototxt, relative to models/ (netgen's generated files)
-    trainval: str = None  # matching trainval prototxt, relative to models/
+    naming: str = None  # "han" | "deepscale": the layer names of the released weights
+    architecture: str = None  # a key of ARCHITECTURES: the net netgen generates for it (None: give a prototxt)
     format: str = "caffemodel"  # or "deep-compression" (.net, decoded by dsd_caffe.deepcompression)
+    dataset: str = "imagenet"  # what it classifies: its preprocessing and class names (dsd_caffe.classifier)
     published: dict = None  # published results
 
-    def prototxt(self, kind="deploy"):
-        """Absolute path of the matching prototxt (``kind`` "deploy" or "trainval"), or None."""
-        rel = {"deploy": self.deploy, "trainval": self.trainval}.get(kind)
+    def net_param(self, kind="deploy"):
+        """The matching net as a NetParameter (``kind`` "deploy" or "trainval", as netgen generates it, with the
+        trainval's data sources left at netgen's defaults), or None when the project generates none."""
         if kind not in ("deploy", "trainval"):
-            raise UserError(f"prototxt kind must be 'deploy' or 'trainval', got {kind!r}")
-        return None if rel is None else os.path.join(MODELS, rel)
+            raise UserError(f"net kind must be 'deploy' or 'trainval', got {kind!r}")
+        if self.architecture is None:
+            return None
+        from . import netgen
+
+        trainval = getattr(netgen, ARCHITECTURES[self.architecture])(self.naming)
+        return trainval if kind == "trainval" else netgen.deploy(trainval)
 
 
 _V10 = "squeezenet_v1.0"
@@ -61,7 +72,7 @@ ZOO = {
                 "DSD_SqueezeNet_top1_0.617579_top5_0.834742.caffemodel",
             filename="DSD_SqueezeNet_top1_0.617579_top5_0.834742.caffemodel",
             blob_id="ffce3635e4a837e7bc783fea3f48fcc48a1e93a6",
-            naming="han", deploy=f"{_V10}/deploy_han.prototxt", trainval=f"{_V10}/trainval_han.prototxt",
+            naming="han", architecture=_V10,
             published={"accuracy_top1": 0.617579, "accuracy_top5": 0.834742, "loss": 1.7059, "iterations": 1000},
         ),
         ZooModel(
@@ -72,8 +83,7 @@ ZOO = {
             filename="squeezenet_v1.0.caffemodel",
             blob_id="a381d848b43d7048c3b362238ece2386c21d6ff0",
             size=5001403,  # as listed by OpenVINO's Open Model Zoo for the same file
-            naming="deepscale", deploy=f"{_V10}/deploy_deepscale.prototxt",
-            trainval=f"{_V10}/trainval_deepscale.prototxt",
+            naming="deepscale", architecture=_V10,
         ),
         ZooModel(
             name="squeezenet-v1.1",
@@ -96,7 +106,7 @@ ZOO = {
             filename="compressed_SqueezeNet.net",
             blob_id="b28ec20a342c1f0dd7f0c148be60df1192ff8036",
             size=675763,
-            naming="han", deploy=f"{_V10}/deploy_han.prototxt", trainval=f"{_V10}/trainval_han.prototxt",
+            naming="han", architecture=_V10,
             format="deep-compression",
             published={"nonzero": 415921, "weights": 1244448},
         ),
@@ -216,33 +226,80 @@ def fetch(name, dest, url=None, force=False):
     return dest
 
 
-def _decoded_param(weights, prototxt):
-    from . import deepcompression
-
-    specs = deepcompression.layer_specs(prototxt)
-    layers = deepcompression.decode(weights, prototxt)
-    return deepcompression.to_net_parameter(layers, specs)
-
-
 def _copy_param(net, param):
     import numpy as np
 
     for layer in param.layer:
         if layer.name in net.params:
             for blob, bp in zip(net.params[layer.name], layer.blobs):
-                blob.data[...] = np.asarray(bp.data, np.float32).reshape(blob.data.shape)
+                blob.data[...] = np.asarray(bp.data or bp.double_data, np.float32).reshape(blob.data.shape)
+
+
+def _param_net(net_param, phase, gpu):
+    from . import caffe_env
+
+    caffe_env.set_device(gpu)
+    return caffe_env.make_net(net_param, phase)
+
+
+def _bare_net(model, prototxt, phase, gpu):
+    """(net without weights, its name for messages): from ``prototxt`` when given, else the generated deploy net."""
+    from . import evaluate
+
+    if prototxt is not None:
+        return evaluate.load_net(prototxt, None, phase, gpu=gpu), os.fspath(prototxt)
+    param = model.net_param("deploy")
+    if param is None:
+        raise UserError(f"{model.name}: the project generates no net for it; pass prototxt=")
+    return _param_net(param, phase, gpu), f"the deploy net of {model.name}"
+
+
+def _weights_param(model, weights, net):
+    """The weights of ``model`` as a NetParameter: a caffemodel as it is, a Deep Compression ``.net`` decoded."""
+    if model.format == "caffemodel":
+        return fileio.read_caffemodel(weights)
+    from . import deepcompression
+
+    specs = deepcompression.net_specs(net)
+    return deepcompression.to_net_parameter(deepcompression.decode(weights, specs), specs)
+
+
+#: caffe.Net -> the ZooModel that load() built it for (see loaded_model)
+_LOADED = weakref.WeakKeyDictionary()
+
+
+def loaded_model(net):
+    """The ZooModel that ``load(name)`` built ``net`` for, or None (a net made otherwise)."""
+    return _LOADED.get(net)
+
+
+def _copy_weights(net, weights_param, weights, net_name):
+    """Copy ``weights_param`` into ``net`` once it is known to fit (netcheck's rules, as Caffe's copy_from)."""
+    from . import netcheck
+
+    netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
+                               net_name=net_name)
+    _copy_param(net, weights_param)
 
 
 def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, url=None, cache=None):
-    """A ready ``caffe.Net`` for a zoo model name or for a prototxt (+ caffemodel) path.
+    """A ready ``caffe.Net`` for a zoo model name, a prototxt (+ caffemodel) path or a NetParameter in memory.
 
     - Zoo name: ``weights`` is a local copy (verified), else the file is fetched into ``cache`` (default
-      ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. ``prototxt`` defaults to
-      the matching deploy prototxt generated by netgen. A Deep Compression ``.net`` is decoded on the fly.
-    - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks.
+      ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. The net is the
+      model's deploy net generated in memory by netgen, or ``prototxt`` when given. A Deep Compression ``.net``
+      is decoded on the fly. The weights are checked to fit the net before they are copied.
+    - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks
+      (``evaluate.load_net``).
+    - NetParameter: built in ``phase`` (``caffe_env.make_net``), ``weights`` (a caffemodel) checked and copied.
     """
-    from . import evaluate, netcheck
+    from . import evaluate
 
+    if not isinstance(name_or_prototxt, (str, os.PathLike)):  # a NetParameter
+        net = _param_net(name_or_prototxt, phase, gpu)
+        if weights is not None:
+            _copy_weights(net, fileio.read_caffemodel(weights), weights, f"net {name_or_prototxt.name!r}")
+        return net
     if name_or_prototxt not in ZOO:
         if not str(name_or_prototxt).endswith((".prototxt", ".pt")) and not os.path.exists(name_or_prototxt):
             raise UserError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
@@ -255,48 +312,52 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
                                                                          "dsd-caffe", "zoo")
         os.makedirs(folder, exist_ok=True)
         weights = fetch(model.name, folder, url=url)
-    prototxt = prototxt or model.prototxt("deploy")
-    if prototxt is None:
-        raise UserError(f"{model.name}: the project has no matching prototxt; pass prototxt=")
-    if not os.path.exists(prototxt):
-        raise FileNotFoundError(f"{model.name}: prototxt {prototxt} does not exist (run tools/generate.py)")
-    if model.format == "caffemodel":
-        return evaluate.load_net(prototxt, weights, phase, gpu=gpu)
-    param = _decoded_param(weights, prototxt)
-    net = evaluate.load_net(prototxt, None, phase, gpu=gpu)
-    netcheck.check_weights_fit(netcheck.param_shapes(net), param, weights_name=os.fspath(weights),
-                               net_name=prototxt)
-    _copy_param(net, param)
+    net, net_name = _bare_net(model, prototxt, phase, gpu)
+    _copy_weights(net, _weights_param(model, weights, net), weights, net_name)
+    _LOADED[net] = model
     return net
+
+
+def parser():
+    """The command line's ArgumentParser (``python -m dsd_caffe.zoo``)."""
+    from . import cli
+
+    p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).",
+                   prog="python -m dsd_caffe.zoo")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("list", help="list the known models, their files, checksums and URLs")
+    f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")
+    f.add_argument("name", choices=sorted(ZOO), help="the model to fetch")
+    cli.add_output(f, "file or folder to write the verified model to (a folder gets the release's file name)",
+                   legacy_positional=True)
+    f.add_argument("--from-file", "--url", dest="url", help="local file, file:// or http(s) URL to use instead "
+                   "of the release URL")
+    f.add_argument("--force", action="store_true", help="replace a file at --output that does not verify")
+    v = sub.add_parser("verify", help="check a local file against the recorded git blob id")
+    v.add_argument("name", choices=sorted(ZOO), help="the model the file should be")
+    v.add_argument("path", help="the local file to check")
+    # cli.main runs the checks of the parser it is given: hand it those of the fetch sub-command (--output)
+    p._dsd_checks = [lambda a, check=check: a.cmd != "fetch" or check(a) for check in f._dsd_checks]
+    return p
+
+
+def _run(a):
+    if a.cmd == "list":
+        for m in ZOO.values():
+            check = m.blob_id or (f"sha256:{m.sha256}" if m.sha256 else f"sha1:{m.sha1}")
+            print(f"{m.name:30s} {m.filename:60s} {check}")
+            print(f"{'':30s} {m.url}")
+    elif a.cmd == "fetch":
+        print(fetch(a.name, a.output, url=a.url, force=a.force))
+    else:
+        verify(a.path, a.name)
+        print(f"{a.path}: OK ({a.name})")
 
 
 def main(argv=None):
     from . import cli
 
-    p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list the known models")
-    f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")
-    f.add_argument("name", choices=sorted(ZOO))
-    f.add_argument("dest", help="file or folder")
-    f.add_argument("--from-file", "--url", dest="url", help="local file, file:// or http(s) URL to use instead")
-    f.add_argument("--force", action="store_true", help="replace a file at dest that does not verify")
-    v = sub.add_parser("verify", help="check a local file against the recorded git blob id")
-    v.add_argument("name", choices=sorted(ZOO))
-    v.add_argument("path")
-
-    def run(a):
-        if a.cmd == "list":
-            for m in ZOO.values():
-                print(f"{m.name:30s} {m.filename:60s} {m.blob_id or ('sha256:' + m.sha256 if m.sha256 else 'sha1:' + (m.sha1 or '?'))}")
-                print(f"{'':30s} {m.url}")
-        elif a.cmd == "fetch":
-            print(fetch(a.name, a.dest, url=a.url, force=a.force))
-        else:
-            verify(a.path, a.name)
-            print(f"{a.path}: OK ({a.name})")
-
-    cli.main(p, run, argv)
+    cli.main(parser(), _run, argv)
 
 
 if __name__ == "__main__":

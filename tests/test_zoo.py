@@ -1,4 +1,5 @@
 """The model zoo verifies files by git blob id, works offline from local files, and loads ready nets."""
+import argparse
 import dataclasses
 import os
 import pathlib
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import DC_NET
-from dsd_caffe import caffe_env, zoo
+from dsd_caffe import caffe_env, netgen, zoo
 
 DC = "deep-compression-squeezenet"
+needs_dc = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent")
 
 
 def test_blob_id_matches_git_hash_object(tmp_path):
@@ -25,11 +27,13 @@ def test_blob_id_matches_git_hash_object(tmp_path):
     assert zoo.git_blob_id(empty) == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
 
 
+@needs_dc
 def test_shared_compressed_squeezenet_verifies():
     assert zoo.git_blob_id(DC_NET) == zoo.ZOO[DC].blob_id
     assert zoo.verify(DC_NET, DC) == DC_NET
 
 
+@needs_dc
 def test_wrong_blob_id_refused():
     with pytest.raises(ValueError, match="git blob id b28ec20a.*expected ffce3635"):
         zoo.verify(DC_NET, "dsd-squeezenet")
@@ -44,10 +48,15 @@ def test_zoo_entries_are_complete():
     for m in zoo.ZOO.values():
         assert m.url.startswith("https://raw.githubusercontent.com/") and m.url.endswith(m.filename)
         assert m.blob_id or m.sha256 or m.sha1
-        if m.deploy:
-            assert m.prototxt("deploy").endswith(".prototxt") and m.prototxt("trainval").endswith(".prototxt")
+        if m.architecture:  # the generated net carries the released weights' layer names
+            for kind in ("deploy", "trainval"):
+                assert netgen.detect_naming(netgen.weighted_layers(m.net_param(kind))) == m.naming
+        else:
+            assert m.net_param("deploy") is None
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.get("alexnet")
+    with pytest.raises(ValueError, match="'solver'"):
+        zoo.get(DC).net_param("solver")
 
 
 def test_fake_file_refused_and_nothing_left(tmp_path):
@@ -64,6 +73,7 @@ def test_fake_file_refused_and_nothing_left(tmp_path):
         zoo.verify(short, DC)
 
 
+@needs_dc
 def test_fetch_from_local_path_and_file_url(tmp_path):
     a = zoo.fetch(DC, tmp_path, url=DC_NET)
     assert a == str(tmp_path / "compressed_SqueezeNet.net") and zoo.git_blob_id(a) == zoo.ZOO[DC].blob_id
@@ -74,6 +84,7 @@ def test_fetch_from_local_path_and_file_url(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["b.net", "compressed_SqueezeNet.net"]
 
 
+@needs_dc
 def test_existing_wrong_file_refused_unless_force(tmp_path):
     dest = tmp_path / "compressed_SqueezeNet.net"
     dest.write_bytes(b"not it")
@@ -89,15 +100,40 @@ def test_missing_local_source(tmp_path):
         zoo.fetch(DC, tmp_path, url=str(tmp_path / "nope.net"))
 
 
-def test_cli_fetch_and_verify(tmp_path, capsys):
+def _main(argv):
     with pytest.raises(SystemExit) as e:
-        zoo.main(["fetch", DC, str(tmp_path), "--from-file", DC_NET])
-    assert e.value.code == 0
-    with pytest.raises(SystemExit) as e:
-        zoo.main(["verify", "dsd-squeezenet", DC_NET])
-    assert e.value.code == 2
+        zoo.main(argv)
+    return e.value.code
+
+
+@needs_dc
+def test_cli_fetch_and_verify(tmp_path, capsys, caplog):
+    assert _main(["fetch", DC, "--output", str(tmp_path / "a.net"), "--from-file", DC_NET]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a.net")
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    # the old positional destination still works for one release, with one deprecation line
+    assert _main(["fetch", DC, str(tmp_path / "b.net"), "--from-file", DC_NET]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "b.net")
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "the positional output argument is deprecated and goes in the next release; use --output"]
+    assert zoo.git_blob_id(tmp_path / "a.net") == zoo.git_blob_id(tmp_path / "b.net") == zoo.ZOO[DC].blob_id
+    assert _main(["fetch", DC, "--from-file", DC_NET]) == 2
+    assert "required: --output" in capsys.readouterr().err
+    assert _main(["verify", "dsd-squeezenet", DC_NET]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "git blob id" in err[0]
+
+
+def test_cli_help_names_the_module_and_every_flag_has_help(capsys):
+    for argv in (["--help"], ["fetch", "--help"], ["verify", "--help"], ["list", "--help"]):
+        assert _main(argv) == 0
+        assert capsys.readouterr().out.startswith(" ".join(["usage: python -m dsd_caffe.zoo", *argv[:-1]]))
+    top = zoo.parser()
+    subs = next(a for a in top._actions if a.dest == "cmd").choices
+    for p in [top, *subs.values()]:
+        for action in p._actions:
+            if action.help != argparse.SUPPRESS and action.dest not in ("help", "cmd"):
+                assert action.help, (p.prog, action.dest)
 
 
 TINY_DEPLOY = """name: "tiny"
@@ -119,32 +155,40 @@ def test_load_zoo_name_and_prototxt(tmp_path):
     weights = tmp_path / "tiny.caffemodel"
     src.save(str(weights))
     entry = zoo.ZooModel(name="tiny", description="test", url="https://example.invalid/tiny.caffemodel",
-                         filename="tiny.caffemodel", blob_id=zoo.git_blob_id(weights), deploy=str(proto))
+                         filename="tiny.caffemodel", blob_id=zoo.git_blob_id(weights))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(zoo.ZOO, "tiny", entry)
-        net = zoo.load("tiny", weights=str(weights))
+        net = zoo.load("tiny", weights=str(weights), prototxt=str(proto))
+        assert zoo.loaded_model(net) is entry
         cache = tmp_path / "cache"
-        net2 = zoo.load("tiny", url=str(weights), cache=str(cache))  # offline "download" into the cache
+        net2 = zoo.load("tiny", url=str(weights), cache=str(cache), prototxt=proto)  # offline "download"
         assert os.listdir(cache) == ["tiny.caffemodel"]
         other = tmp_path / "other.caffemodel"
         caffe.set_random_seed(4)
         caffe.Net(str(proto), caffe.TEST).save(str(other))
         with pytest.raises(ValueError, match="git blob id"):
-            zoo.load("tiny", weights=str(other))
+            zoo.load("tiny", weights=str(other), prototxt=str(proto))
+        with pytest.raises(ValueError, match="generates no net for it; pass prototxt="):
+            zoo.load("tiny", weights=str(weights))
     net3 = zoo.load(str(proto), weights=str(weights))
-    for n in (net, net2, net3):
+    assert zoo.loaded_model(net3) is None
+    from google.protobuf import text_format
+
+    param = text_format.Parse(TINY_DEPLOY, caffe_env.caffe_pb2().NetParameter())
+    net4 = zoo.load(param, weights=weights)  # a NetParameter in memory
+    param.layer[1].convolution_param.num_output = 5
+    with pytest.raises(ValueError, match="does not fit net 'tiny': layer 'conv1'"):
+        zoo.load(param, weights=weights)
+    for n in (net, net2, net3, net4):
         for name in ("conv1", "fc"):
             assert np.array_equal(n.params[name][0].data, src.params[name][0].data)
     with pytest.raises(ValueError, match="neither a zoo model"):
         zoo.load("no-such-model")
 
 
+@needs_dc
 def test_load_compressed_squeezenet():
-    pytest.importorskip("dsd_caffe.deepcompression")
-    m = zoo.ZOO[DC]
-    if not os.path.exists(m.prototxt("deploy")):
-        pytest.skip("models/ has no generated deploy prototxt")
-    net = zoo.load(DC, weights=DC_NET)
+    net = zoo.load(DC, weights=DC_NET)  # the deploy net is generated in memory: no prototxt file involved
     convs = [k for k, l in zip(net._layer_names, net.layers) if l.type == "Convolution"]
     total = sum(net.params[k][0].data.size for k in convs)
     nonzero = sum(np.count_nonzero(net.params[k][0].data) for k in convs)
