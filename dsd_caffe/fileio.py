@@ -150,8 +150,12 @@ def output_lock(output):
         else:
             entry = None
     if entry is None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        f = open(path, "a+")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            f = open(path, "a+")
+        except OSError as e:
+            raise PermissionError(f"output folder {os.path.dirname(path)} is not writable ({e.strerror or e})") \
+                from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -95,7 +95,8 @@ def _open_state(out, config, force, reuse=False):
             raise FileExistsError(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
         elif state.get("config") != settings:
             old = state.get("config", {})
-            first = next(k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+            keys = [k for k in settings if k in old] + [k for k in settings if k not in old]
+            first = next(k for k in keys if old.get(k) != settings.get(k))
             raise UserError(f"{out} holds an unfinished DSD run with other settings (first: {first}: "
                             f"{old.get(first)!r} there, {settings.get(first)!r} now); use the same command to "
                             "resume it, another --output, or --force to start over")
@@ -105,6 +106,7 @@ def _open_state(out, config, force, reuse=False):
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
                               "--force")
     _check_run(config)
+    fileio.check_output(path, force=True)  # makes the folder; a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
@@ -147,11 +149,10 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     if engine not in training.ENGINES:
         raise UserError(f"engine must be one of {', '.join(training.ENGINES)}, got {engine!r}")
     out = os.path.abspath(os.fspath(output_dir))
-    with fileio.output_lock(out):
-        fileio.check_output(os.path.join(out, STATE), force=True)
-        from .caffe_env import set_device
+    from .caffe_env import set_device
 
-        set_device(gpu)
+    set_device(gpu)
+    with fileio.output_lock(out):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):
             return state

@@ -140,7 +140,9 @@ class Schedule:
     flag: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
-        name = (lambda field: f"--{self.flag + '-' if self.flag else ''}{field.replace('_', '-')}")
+        per_phase = ("base_lr", "epochs", "max_iter")  # the flags a tool driving several phases prefixes
+        name = (lambda field: f"--{self.flag + '-' if self.flag and field in per_phase else ''}"
+                              f"{field.replace('_', '-')}")
         for field in ("base_lr", "epochs"):
             if getattr(self, field) is not None:
                 positive(getattr(self, field), name(field))

@@ -103,6 +103,12 @@ def data_sources(net):
     return train, test or train
 
 
+def test_source(net):
+    """The source of the net's TEST-phase Data layer, or None."""
+    return next((l.data_param.source for l in net.layer if l.type == "Data" and phase_of(l) in ("TEST", "BOTH")),
+                None)
+
+
 def lmdb_count(path):
     """Records in the LMDB at ``path``."""
     from .lmdbio import lmdb_info

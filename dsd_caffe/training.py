@@ -349,6 +349,7 @@ def train(job, engine="binary", gpu=None, force=False):
 
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    set_device(gpu)
     folder = os.path.abspath(job.folder)
     record = job.record()
     if force:
@@ -364,7 +365,6 @@ def train(job, engine="binary", gpu=None, force=False):
     fileio.write_prototxt(os.path.join(folder, job.net_name), job.net)
     fileio.write_prototxt(os.path.join(folder, job.solver_name), job.solver)
     fileio.write_json(os.path.join(folder, RECORD), record)
-    set_device(gpu)
     snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
     max_iter = job.solver.max_iter
     if snaps and snaps[0].iteration >= max_iter:

@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DC_DEPLOY, DC_NET, write_tiny_lmdb
-from dsd_caffe import fileio, netgen, phases
+from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources
+from dsd_caffe.solvers import Schedule
+from helpers import DC_DEPLOY, DC_NET, shared_file, write_tiny_lmdb
 
 caffe = pytest.importorskip("caffe")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +64,7 @@ def net(tmp_path_factory):
     tv = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=4, test_batch=4)
     model = str(folder / "trainval.prototxt")
     fileio.write_prototxt(model, tv)
-    fileio.write_prototxt(str(folder / "abs.prototxt"), phases.absolute_sources(tv, str(folder)))
+    fileio.write_prototxt(str(folder / "abs.prototxt"), sources.absolute_sources(tv, str(folder)))
     caffe.set_random_seed(0)
     weights = str(folder / "dense.caffemodel")
     caffe.Net(str(folder / "abs.prototxt"), caffe.TEST).save(weights)
@@ -72,7 +73,7 @@ def net(tmp_path_factory):
     (folder / "empty.caffemodel").write_bytes(b"")
     (folder / "garbage.caffemodel").write_bytes(bytes(rng.integers(0, 256, 5000, dtype=np.uint8)))
     other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
-    fileio.write_prototxt(str(folder / "other.prototxt"), phases.absolute_sources(other, str(folder)))
+    fileio.write_prototxt(str(folder / "other.prototxt"), sources.absolute_sources(other, str(folder)))
     caffe.Net(str(folder / "other.prototxt"), caffe.TEST).save(str(folder / "other.caffemodel"))
     fileio.write_caffemodel(str(folder / "deepscale.caffemodel"),
                             netgen.rename_weights(fileio.read_caffemodel(weights), "han", "deepscale"))
@@ -85,7 +86,8 @@ def net(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pruned(net):
     out = str(net["dir"] / "pruned")
-    phases.prune(net["model"], net["weights"], out, ratio="3x", max_iter=2, snapshot=1, base_lr=0.01)
+    phases.prune(phases.Inputs(net["model"], net["weights"]), out, phases.PruneConfig(ratio="3x"),
+                 Schedule(max_iter=2, snapshot=1, base_lr=0.01))
     return out
 
 
@@ -100,7 +102,7 @@ def test_truncated_caffemodel(net, tmp_path, which):
     args = {"prune": ("--ratio", "3x", "--output", tmp_path / "o"),
             "evaluate": ("--iterations", 1),
             "retrain_dense": ("--max-iter", 1, "--output", tmp_path / "o"),
-            "dsd": ("--ratio", "3x", "--output", tmp_path / "o", "--sparse-iters", 1, "--dense-iters", 1),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o", "--sparse-max-iter", 1, "--redense-max-iter", 1),
             "sensitivity": ("--output", tmp_path / "o")}[which]
     bad(which, "--model", net["model"], "--weights", w, *args, expect=("truncated.caffemodel", "truncated"))
     assert not os.path.exists(tmp_path / "o" / "dsd_state.json")
@@ -168,8 +170,8 @@ def test_missing_prototxt(net):
 
 # ------------------------------------------------------------------------------------------------ LMDBs
 def test_missing_lmdb(net, tmp_path):
-    bad("prune", "--model", net["model"], "--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o",
-        "--train-source", p(net, "no_such_lmdb"), expect=("no_such_lmdb",))
+    bad("retrain_dense", "--model", net["model"], "--weights", net["weights"], "--max-iter", 1, "--output",
+        tmp_path / "o", "--train-source", p(net, "no_such_lmdb"), expect=("no_such_lmdb", "not found"))
 
 
 def test_empty_lmdb(net, tmp_path):
@@ -189,7 +191,7 @@ def test_lmdb_is_a_file(net, tmp_path):
 
 def test_lmdb_images_smaller_than_the_crop(net, tmp_path):
     bad("dsd", "--model", net["model"], "--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o",
-        "--test-source", p(net, "small_lmdb"), expect=("small_lmdb", "16x16", "crop size 28"))
+        "--test-source", p(net, "small_lmdb"), expect=("small_lmdb", "16x16", "crop_size 28"))
 
 
 def test_evaluate_lmdb_smaller_than_the_crop(net, tmp_path):
@@ -285,10 +287,10 @@ def test_mask_that_does_not_fit_the_net(pruned, tmp_path):
 def test_masks_file_that_does_not_fit(pruned, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
-    masks = phases.load_masks(os.path.join(run, phases.MASKS))
-    name = next(iter(masks))
-    masks[name] = np.ones((3, 3), bool)
-    phases.save_masks(os.path.join(run, phases.MASKS), masks, force=True)
+    kept = masks.load_masks(os.path.join(run, phases.MASKS))
+    name = next(iter(kept))
+    kept[name] = np.ones((3, 3), bool)
+    masks.save_masks(os.path.join(run, phases.MASKS), kept, force=True)
     bad("train_sparse", run, expect=(phases.MASKS, repr(name), "(3, 3)"))
 
 
@@ -362,13 +364,13 @@ def test_make_lmdb_unwritable_output(locked, tmp_path):
     import cv2
 
     cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
-    bad("make_lmdb", tmp_path / "img", locked / "out_lmdb", "--resize", "8x8", expect=("locked",))
+    bad("make_lmdb", tmp_path / "img", "--output", locked / "out_lmdb", "--resize", "8x8", expect=("locked",))
 
 
 def test_output_folder_holding_a_finished_dsd_run(net, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    fileio.write_json(str(out / phases.STATE), {"config": {}, "phases": [], "finished": True})
+    fileio.write_json(str(out / pipeline.STATE), {"config": {}, "phases": [], "finished": True})
     bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x",
         expect=(str(out), "finished", "--force"))
 
@@ -376,7 +378,7 @@ def test_output_folder_holding_a_finished_dsd_run(net, tmp_path):
 def test_output_folder_holding_an_unfinished_run_with_other_settings(net, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    fileio.write_json(str(out / phases.STATE), {"config": {"cycles": 9}, "phases": [], "finished": False})
+    fileio.write_json(str(out / pipeline.STATE), {"config": {"cycles": 9}, "phases": [], "finished": False})
     bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x",
         expect=(str(out), "other settings", "cycles"))
 
@@ -390,14 +392,16 @@ def test_output_folder_holding_other_files(net, tmp_path):
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 
-@pytest.mark.parametrize("flag,value", [("--sparse-lr", "0"), ("--dense-lr", "-1e-4"), ("--dense-lr", "nan"),
-                                        ("--sparse-iters", "0"), ("--dense-epochs", "inf"), ("--snapshot", "-5"),
-                                        ("--iter-size", "0"), ("--seed", "-1"), ("--profile", "nonsense")])
+@pytest.mark.parametrize("flag,value", [("--sparse-base-lr", "0"), ("--redense-base-lr", "-1e-4"),
+                                        ("--redense-base-lr", "nan"), ("--sparse-max-iter", "0"),
+                                        ("--redense-epochs", "inf"), ("--snapshot", "-5"), ("--iter-size", "0"),
+                                        ("--seed", "-1"), ("--profile", "nonsense"), ("--seeds", "0"),
+                                        ("--jobs", "0"), ("--iterations", "0")])
 def test_dsd_bad_numbers_refused_before_the_run_exists(net, tmp_path, flag, value):
     out = tmp_path / "o"
     bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x", f"{flag}={value}",
         expect=(flag if flag != "--profile" else "nonsense",))
-    assert not (out / phases.STATE).exists()
+    assert not (out / pipeline.STATE).exists()
 
 
 def test_output_folder_holding_a_pruned_model(net, pruned):
@@ -411,7 +415,8 @@ def test_output_lmdb_exists(net, tmp_path):
     import cv2
 
     cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
-    bad("make_lmdb", tmp_path / "img", p(net, "train_lmdb"), "--resize", "8x8", expect=("train_lmdb", "--force"))
+    bad("make_lmdb", tmp_path / "img", "--output", p(net, "train_lmdb"), "--resize", "8x8",
+        expect=("train_lmdb", "--force"))
 
 
 def test_decode_output_exists(net, net_bytes, tmp_path):
@@ -425,8 +430,6 @@ def test_decode_output_exists(net, net_bytes, tmp_path):
 def test_make_lmdb_skips_and_lists_bad_images(tmp_path):
     import cv2
 
-    from dsd_caffe import data
-
     src = tmp_path / "img"
     for cls in ("cat", "dog"):
         (src / cls).mkdir(parents=True)
@@ -435,28 +438,29 @@ def test_make_lmdb_skips_and_lists_bad_images(tmp_path):
     (src / "cat" / "notes.jpg").write_text("not an image at all")
     good = (src / "dog" / "0.png").read_bytes()
     (src / "dog" / "broken.png").write_bytes(good[: len(good) // 2])
-    r = tool("make_lmdb", src, tmp_path / "out_lmdb", "--resize", "8x8")
+    r = tool("make_lmdb", src, "--output", tmp_path / "out_lmdb", "--resize", "8x8")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     said = r.stdout + r.stderr
     assert "notes.jpg" in said and "broken.png" in said, said
-    assert data.lmdb_info(str(tmp_path / "out_lmdb"))["count"] == 4
+    assert lmdbio.lmdb_info(str(tmp_path / "out_lmdb"))["count"] == 4
 
 
 def test_make_lmdb_no_image_at_all(tmp_path):
     src = tmp_path / "img" / "cat"
     src.mkdir(parents=True)
     (src / "a.jpg").write_text("nope")
-    bad("make_lmdb", tmp_path / "img", tmp_path / "out_lmdb", expect=("none of the 1 files", "img"), logs_ok=True)
+    bad("make_lmdb", tmp_path / "img", "--output", tmp_path / "out_lmdb", expect=("none of the 1 files", "img"),
+        logs_ok=True)
     assert not os.path.exists(tmp_path / "out_lmdb")
 
 
 def test_make_lmdb_missing_source(tmp_path):
-    bad("make_lmdb", tmp_path / "nowhere", tmp_path / "out_lmdb", expect=("nowhere",))
+    bad("make_lmdb", tmp_path / "nowhere", "--output", tmp_path / "out_lmdb", expect=("nowhere",))
 
 
 def test_import_fashion_mnist_missing_files(tmp_path):
-    bad("import_fashion_mnist", tmp_path / "o", "--source-dir", tmp_path / "nothing_here",
+    bad("import_fashion_mnist", "--output", tmp_path / "o", "--source-dir", tmp_path / "nothing_here",
         expect=("nothing_here",))
 
 
@@ -474,7 +478,7 @@ def test_gpu_on_a_cpu_only_build(net, pruned, tmp_path, which):
             "train_sparse": (pruned,),
             "sensitivity": common + ("--output", tmp_path / "o")}[which]
     bad(which, *args, "--gpu", 0, expect=("--gpu", "CPU-only"))
-    assert not os.path.exists(tmp_path / "o" / "dsd_state.json")
+    assert not os.path.exists(tmp_path / "o")  # a refusal leaves no output folder behind
 
 
 # ------------------------------------------------------------------------------------------------ others
@@ -488,8 +492,8 @@ def test_evaluate_iterations_zero(net):
         expect=("iterations",))
 
 
-@pytest.mark.parametrize("flag,value,what", [("--iter-size", "0", "iter_size"), ("--base-lr", "-1", "base_lr"),
-                                             ("--max-iter", "0", "max_iter")])
+@pytest.mark.parametrize("flag,value,what", [("--iter-size", "0", "--iter-size"), ("--base-lr", "-1", "--base-lr"),
+                                             ("--max-iter", "0", "--max-iter")])
 def test_retrain_dense_bad_solver_numbers(net, tmp_path, flag, value, what):
     args = () if flag == "--max-iter" else ("--max-iter", 2)
     bad("retrain_dense", "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", flag,
@@ -497,7 +501,7 @@ def test_retrain_dense_bad_solver_numbers(net, tmp_path, flag, value, what):
 
 
 def test_sparse_solver_syntax_error(pruned, tmp_path):
-    run = str(tmp_path / "run")
+    run = os.path.join(os.path.dirname(pruned), "run-syntax")  # beside the LMDBs its sources name
     shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
     with open(os.path.join(run, phases.SPARSE_SOLVER), "a") as f:
         f.write("max_iter: lots\n")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import DC_NET, DSD_TRAINVAL, REFERENCE, write_tiny_lmdb
-from dsd_caffe import caffe_env, classifier, data, netgen, zoo
+from dsd_caffe import caffe_env, classifier, imagedb, netgen, zoo
 from dsd_caffe.classifier import Classifier, Preprocess, classify
 
 CLASSES_TXT = os.path.join(REFERENCE, "imagenet", "classes.txt")
@@ -85,7 +85,7 @@ def test_preprocessing_matches_a_hand_computation(tiny):
 
 def test_mean_file_is_cropped_at_the_same_offsets(tiny, tmp_path):
     mean = np.arange(3 * 6 * 8, dtype=np.float32).reshape(3, 6, 8)
-    data.write_mean_file(tmp_path / "mean.binaryproto", mean)
+    imagedb.write_mean_file(tmp_path / "mean.binaryproto", mean)
     path, weights, w, b = tiny(mean=f'mean_file: "{tmp_path / "mean.binaryproto"}"')
     c = Classifier.load(path, weights=weights)  # the stored size comes from the mean image
     assert c.preprocess.resize == (6, 8)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dsd_caffe import caffe_env, evaluate, fileio, netcheck
+from helpers import tool as run
 
 TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "evaluate.py")
 
@@ -132,7 +133,7 @@ def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
     assert np.trace(cm) / 40 == pytest.approx(float(res["accuracy_top1"]), abs=1e-6)
     out = tmp_path / "cm"
     with pytest.raises(SystemExit) as e:
-        tool.main(["--model", proto, "--weights", weights, "--iterations", "5", "--confusion", str(out)])
+        tool.main(["--model", proto, "--weights", weights, "--iterations", "5", "--output", str(out)])
     assert e.value.code == 0
     rows = (out / "per_class.csv").read_text().splitlines()
     assert rows[0] == "class,name,images,correct,accuracy" and len(rows) == 11
@@ -142,8 +143,11 @@ def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # existing outputs are refused without --force
     with pytest.raises(SystemExit) as e:
-        tool.main(["--model", proto, "--weights", weights, "--iterations", "5", "--confusion", str(out)])
-    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+        tool.main(["--model", proto, "--weights", weights, "--iterations", "5", "--output", str(out)])
+    assert e.value.code == 2 and "already holds output of evaluate.py" in capsys.readouterr().err
+    # the old spelling still works for one release, with one deprecation line
+    r = run("evaluate", "--model", proto, "--weights", weights, "--iterations", "5", "--confusion", out, "--force")
+    assert r.returncode == 0 and "--confusion is deprecated" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -261,7 +265,7 @@ def test_missing_lmdb(good, capsys):
     proto = tmp / "missing.prototxt"
     proto.write_text(NET.format(source="no_such_lmdb", batch=4, crop=24, classes=10, lw=1, extra=""))
     msg = run_tool_error(capsys, ["--model", str(proto), "--weights", weights])
-    assert "no_such_lmdb" in msg and "does not exist" in msg and "current folder" in msg
+    assert "no_such_lmdb" in msg and "not found" in msg and "beside the prototxt" in msg and "current folder" in msg
 
 
 def test_empty_lmdb(good, capsys):

@@ -6,8 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import write_tiny_lmdb
-from dsd_caffe import fileio, masklayer, phases
+from dsd_caffe import fileio, masklayer, masks, phases, sources, training
+from dsd_caffe.solvers import Schedule
+from helpers import small_setup
 
 caffe = pytest.importorskip("caffe")
 
@@ -37,31 +38,13 @@ def test_unpack_refuses_bad_blobs():
 
 
 def test_param_str_is_json_and_checked():
-    assert masklayer._parse_param_str('{"layers": [{"name": "c", "shape": [2, 3]}]}') == [("c", (2, 3))]
+    assert masklayer.parse_param_str('{"layers": [{"name": "c", "shape": [2, 3]}]}') == [("c", (2, 3))]
     for bad in ("", "{layers: 1}", '{"layers": []}', '{"layers": [{"name": "c", "shape": [0]}]}'):
         with pytest.raises(ValueError, match="param_str"):
-            masklayer._parse_param_str(bad)
+            masklayer.parse_param_str(bad)
 
 
 # ------------------------------------------------------------------------------------------ a pruned small net
-def small_setup(folder, n_train=16, n_val=8, batch=4):
-    """LMDBs, the small SqueezeNet trainval and a dense caffemodel (filler weights) in ``folder``."""
-    from dsd_caffe import netgen
-
-    rng = np.random.default_rng(0)
-    write_tiny_lmdb(os.path.join(folder, "train_lmdb"), rng.integers(0, 256, (n_train, 1, 28, 28)),
-                    rng.integers(0, 10, n_train))
-    write_tiny_lmdb(os.path.join(folder, "val_lmdb"), rng.integers(0, 256, (n_val, 1, 28, 28)),
-                    rng.integers(0, 10, n_val))
-    net = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=batch, test_batch=batch)
-    fileio.write_prototxt(os.path.join(folder, "trainval.prototxt"), net)
-    absolute = phases.absolute_sources(net, folder)
-    fileio.write_prototxt(os.path.join(folder, "abs.prototxt"), absolute)
-    caffe.set_random_seed(0)
-    caffe.Net(os.path.join(folder, "abs.prototxt"), caffe.TRAIN).save(os.path.join(folder, "dense.caffemodel"))
-    return os.path.join(folder, "trainval.prototxt"), os.path.join(folder, "dense.caffemodel")
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """A folder written by phases.prune: 3x, momentum 0.9, weight decay 0.01, iter_size 2, 6 iterations,
@@ -69,8 +52,8 @@ def pruned(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("masklayer"))
     model, weights = small_setup(folder)
     out = os.path.join(folder, "pruned")
-    phases.prune(model, weights, out, ratio="3x", max_iter=6, snapshot=2, base_lr=0.05,
-                 solver_args=dict(iter_size=2, weight_decay=0.01, momentum=0.9))
+    phases.prune(phases.Inputs(model, weights), out, phases.PruneConfig(ratio="3x"),
+                 Schedule(max_iter=6, snapshot=2, base_lr=0.05, iter_size=2, weight_decay=0.01, momentum=0.9))
     return out
 
 
@@ -81,43 +64,40 @@ def copy_run(src, tmp_path):
     return dst
 
 
-def absolute_net_file(folder, tmp_path):
-    net = phases.absolute_sources(fileio.read_net_prototxt(os.path.join(folder, phases.SPARSE_NET)), folder)
-    path = str(tmp_path / "abs_sparse.prototxt")
-    fileio.write_prototxt(path, net)
-    return path
+def sparse_net(folder):
+    return sources.absolute_sources(fileio.read_net_prototxt(os.path.join(folder, phases.SPARSE_NET)), folder)
 
 
 def check_snapshots(folder, expect_iters):
-    masks = phases.load_masks(os.path.join(folder, phases.MASKS))
-    start = masklayer.weight_arrays(os.path.join(folder, phases.PRUNED))
-    snaps = phases.snapshots(os.path.join(folder, "snapshots"), "sparse")
-    assert sorted(s[0] for s in snaps) == expect_iters
-    for it, _, model in snaps:
-        w = masklayer.weight_arrays(model)
-        back = masklayer.read_masks(model)
-        for name, m in masks.items():
-            assert np.all(w[name][~m] == 0.0) and not np.signbit(w[name][~m]).any(), (it, name)  # +0.0 exactly
+    kept = masks.load_masks(os.path.join(folder, phases.MASKS))
+    start = masks.weight_arrays(os.path.join(folder, phases.PRUNED))
+    snaps = training.snapshots(os.path.join(folder, "snapshots"), "sparse")
+    assert sorted(s.iteration for s in snaps) == expect_iters
+    for snap in snaps:
+        w = masks.weight_arrays(snap.caffemodel)
+        back = masks.read_masks(snap.caffemodel)
+        for name, m in kept.items():
+            assert np.all(w[name][~m] == 0.0) and not np.signbit(w[name][~m]).any(), (snap, name)  # +0.0 exactly
             np.testing.assert_array_equal(back[name], m)
-            assert np.count_nonzero(w[name]) == np.count_nonzero(m), (it, name)  # survivors stay non-zero
-        changed = sum(not np.array_equal(w[n], start[n]) for n in masks)
-        assert changed == len(masks), f"iteration {it}: survivors of some layers did not train"
+            assert np.count_nonzero(w[name]) == np.count_nonzero(m), (snap, name)  # survivors stay non-zero
+        changed = sum(not np.array_equal(w[n], start[n]) for n in kept)
+        assert changed == len(kept), f"iteration {snap.iteration}: survivors of some layers did not train"
 
 
 @pytest.mark.parametrize("engine", ["binary", "pycaffe"])
 def test_pruned_weights_stay_zero_through_snapshot_and_resume(pruned, tmp_path, engine):
     run = copy_run(pruned, tmp_path)
-    solver = os.path.join(run, phases.SPARSE_SOLVER)
-    sp = fileio.read_solver_prototxt(solver)
+    sp = fileio.read_solver_prototxt(os.path.join(run, phases.SPARSE_SOLVER))
     assert sp.momentum == pytest.approx(0.9) and sp.weight_decay > 0 and sp.iter_size == 2
-    # train 4 iterations, then resume to 6 from the iteration-4 snapshot (the .solverstate holds momentum history)
-    sp.max_iter = 4
-    fileio.write_prototxt(solver, sp)
-    phases.train(solver, os.path.join(run, phases.PRUNED), engine=engine)
-    check_snapshots(run, [2, 4])
-    sp.max_iter = 6
-    fileio.write_prototxt(solver, sp)
-    phases.train(solver, weights=None, engine=engine)  # no weights: must resume from the snapshot
+    job = training.Job(run, "sparse", phases.SPARSE_SOLVER, sp, phases.SPARSE_NET,
+                       fileio.read_net_prototxt(os.path.join(run, phases.SPARSE_NET)),
+                       os.path.join(run, phases.PRUNED))
+    training.train(job, engine)
+    check_snapshots(run, [2, 4, 6])
+    # a kill after the iteration-4 snapshot: the resume from its .solverstate (momentum history) redoes 5 and 6
+    for ext in (".caffemodel", ".solverstate"):
+        os.unlink(os.path.join(run, "snapshots", f"sparse_iter_6{ext}"))
+    training.train(job, engine)
     check_snapshots(run, [2, 4, 6])
 
 
@@ -126,55 +106,70 @@ def test_train_sparse_writes_checked_model(pruned, tmp_path):
     final = phases.train_sparse(run, engine="pycaffe")
     prov = fileio.read_json(fileio.sidecar_path(final))
     assert prov["phase"] == "sparse" and prov["iteration"] == 6
-    masks = phases.load_masks(os.path.join(run, phases.MASKS))
-    for name, m in masks.items():
+    kept = masks.load_masks(os.path.join(run, phases.MASKS))
+    for name, m in kept.items():
         assert prov["density"][name] == pytest.approx(m.mean())
-    with pytest.raises(FileExistsError, match="finished sparse phase"):
-        phases.train_sparse(run)
 
 
 def test_backward_masks_diffs_and_forward_zeroes_weights(pruned, tmp_path):
-    net = caffe.Net(absolute_net_file(pruned, tmp_path), caffe.TRAIN)
-    net.copy_from(os.path.join(pruned, phases.PRUNED))
-    masks = masklayer.read_masks(net)
-    assert set(masks) == set(phases.load_masks(os.path.join(pruned, phases.MASKS)))
+    from dsd_caffe.caffe_env import make_net
+
+    net = make_net(sparse_net(pruned), "TRAIN", weights=os.path.join(pruned, phases.PRUNED))
+    kept = masks.read_masks(net)
+    assert set(kept) == set(masks.load_masks(os.path.join(pruned, phases.MASKS)))
     name = "fire2/conv3x3_2"
     w = net.params[name][0]
-    w.data[~masks[name]] = 1.0  # a pruned weight revived behind Caffe's back
+    w.data[~kept[name]] = 1.0  # a pruned weight revived behind Caffe's back
     net.forward()
-    assert np.all(w.data[~masks[name]] == 0.0)
+    assert np.all(w.data[~kept[name]] == 0.0)
     net.backward()
-    for layer, m in masks.items():
+    for layer, m in kept.items():
         diff = net.params[layer][0].diff
         assert np.all(diff[~m] == 0.0), layer
         assert np.count_nonzero(diff[m]) > 0, layer  # the mask layer's backward ran after the conv's
 
 
-def test_unset_masks_are_refused(pruned, tmp_path):
-    net = caffe.Net(absolute_net_file(pruned, tmp_path), caffe.TRAIN)  # no weights: masks never loaded
+def test_unset_masks_are_refused(pruned):
+    from dsd_caffe.caffe_env import make_net
+
+    net = make_net(sparse_net(pruned), "TRAIN")  # no weights: masks never loaded
     with pytest.raises(ValueError, match="mask blob is not set"):
         net.forward()
 
 
-def test_masks_come_back_from_the_caffemodel(pruned):
-    masks = phases.load_masks(os.path.join(pruned, phases.MASKS))
-    back = masklayer.read_masks(os.path.join(pruned, phases.PRUNED))
-    assert list(back) == list(masks)
-    for k in masks:
-        np.testing.assert_array_equal(back[k], masks[k])
-    rep = masklayer.sparsity_report(os.path.join(pruned, phases.PRUNED))
+def test_masks_come_back_from_the_caffemodel_and_any_net(pruned):
+    kept = masks.load_masks(os.path.join(pruned, phases.MASKS))
+    back = masks.read_masks(os.path.join(pruned, phases.PRUNED))
+    assert list(back) == list(kept)
+    for k in kept:
+        np.testing.assert_array_equal(back[k], kept[k])
+    rep = masks.sparsity_report(os.path.join(pruned, phases.PRUNED))
     assert rep["total"]["density"] == pytest.approx(1 / 3, abs=0.002)
+    table = str(rep).splitlines()
+    assert table[0].split() == ["layer", "nonzero", "weights", "density"] and table[-1].startswith("total")
     with pytest.raises(ValueError, match="no mask layer"):
-        masklayer.read_masks(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
+        masks.read_masks(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
+    # the TEST net that dsd_caffe.load returns has no mask layer (it is TRAIN-only): the error names the caffemodel
+    import dsd_caffe
+
+    cwd = os.getcwd()
+    try:
+        os.chdir("/")  # load() resolves the trainval's sources beside it, from any folder
+        test_net = dsd_caffe.load(os.path.join(pruned, phases.SPARSE_NET), weights=os.path.join(pruned,
+                                                                                                   phases.PRUNED))
+    finally:
+        os.chdir(cwd)
+    with pytest.raises(ValueError, match=r"TRAIN phase only.*read_masks\('.*pruned.caffemodel'\)"):
+        masks.read_masks(test_net)
 
 
 def test_mask_that_does_not_fit_is_refused(pruned):
     net = fileio.read_net_prototxt(os.path.join(pruned, phases.SPARSE_NET))
     model = fileio.read_caffemodel(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
-    masks = phases.load_masks(os.path.join(pruned, phases.MASKS))
-    masks["conv1"] = masks["conv1"][:, :, :2, :]
+    kept = masks.load_masks(os.path.join(pruned, phases.MASKS))
+    kept["conv1"] = kept["conv1"][:, :, :2, :]
     with pytest.raises(ValueError, match="conv1.*does not fit the net"):
-        masklayer.add_masks_to_caffemodel(model, masks, net)
+        masks.add_masks_to_caffemodel(model, kept, net)
 
 
 def test_caffemodel_size_overhead(pruned):
@@ -191,7 +186,7 @@ def test_train_sparse_refuses_masks_that_do_not_fit(pruned, tmp_path):
     run = copy_run(pruned, tmp_path)
     path = os.path.join(run, phases.SPARSE_NET)
     net = fileio.read_net_prototxt(path)
-    layer = next(l for l in net.layer if masklayer.is_mask_layer(l))
+    layer = next(l for l in net.layer if masks.is_mask_layer(l))
     spec = json.loads(layer.python_param.param_str)
     spec["layers"][0]["shape"] = [16, 1, 5, 5]
     layer.python_param.param_str = json.dumps(spec)

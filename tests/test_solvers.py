@@ -57,27 +57,48 @@ def test_iterations_follow_from_sizes(builder, base_lr):
     assert s.base_lr == pytest.approx(base_lr)
     s = builder("net.prototxt", train_size=10000, test_size=999, max_iter=7)
     assert s.max_iter == 7 and s.test_interval == 7 and s.snapshot == 1
-    if builder is solvers.redense_solver:  # its epochs has a default (20); an explicit max_iter wins
-        assert builder("net.prototxt", epochs=1, max_iter=5).max_iter == 5
-    else:
-        with pytest.raises(ValueError, match="not both"):
-            builder("net.prototxt", epochs=1, max_iter=5)
+    with pytest.raises(ValueError, match="not both"):
+        builder("net.prototxt", epochs=1, max_iter=5)
     with pytest.raises(TypeError, match="bogus"):
         builder("net.prototxt", bogus=1)
 
 
-def test_phase_defaults():
-    assert solvers.redense_solver("n").max_iter == solvers.epochs_to_iters(20, solvers.IMAGENET_TRAIN, 32, 16)
-    assert solvers.sparse_solver("n").max_iter == solvers.epochs_to_iters(20, solvers.IMAGENET_TRAIN, 32, 16)
-    assert solvers.redense_solver("n").base_lr == pytest.approx(1e-4)
+def test_phase_defaults_come_from_the_one_table():
+    table = solvers.DEFAULTS["imagenet"]
+    for phase, builder in (("sparse", solvers.sparse_solver), ("redense", solvers.redense_solver)):
+        row, s = table[phase], builder("n")
+        assert s.max_iter == solvers.epochs_to_iters(row.epochs, solvers.IMAGENET_TRAIN, 32, row.iter_size)
+        assert (s.base_lr, s.iter_size, s.snapshot) == (pytest.approx(row.base_lr), row.iter_size,
+                                                        solvers.snapshot_interval(s.max_iter, row.snapshots))
+    assert solvers.redense_solver("n").base_lr == pytest.approx(1e-4)  # the DSD paper's re-dense rate
+    assert table["redense"].epochs == 20
+    demo = solvers.DEFAULTS["fashion-mnist"]  # what make demo trains with
+    assert [(demo[p].base_lr, demo[p].max_iter) for p in solvers.PHASES] == [(0.04, 4000), (0.004, 1000),
+                                                                               (0.004, 1000)]
     s = solvers.dense_solver("n", lr_policy="step", gamma=0.1, stepsize=100, max_iter=300)
     assert (s.lr_policy, s.stepsize, s.gamma) == ("step", 100, pytest.approx(0.1))
     with pytest.raises(ValueError, match="lr_policy"):
         solvers.dense_solver("n", lr_policy="cosine")
-    with pytest.raises(ValueError, match="base_lr"):
+    with pytest.raises(ValueError, match="--base-lr must be a positive"):
         solvers.dense_solver("n", base_lr=0)
     with pytest.raises(TypeError):
         solvers.dense_solver(None)
+
+
+def test_committed_solvers_are_the_table():
+    """Every committed solver is what solvers.DEFAULTS gives for its net's recipe (a default changes in one place,
+    and tools/generate.py --force writes it here)."""
+    recipes = {"squeezenet_v1.0": "imagenet", "small_squeezenet": "fashion-mnist"}
+    for path in sorted(glob.glob(os.path.join(ROOT, "solvers", "*", "*_solver.prototxt"))):
+        net, phase = os.path.basename(os.path.dirname(path)), os.path.basename(path).split("_")[0]
+        s, row = read_solver_prototxt(path), solvers.DEFAULTS[recipes[net]][phase]
+        assert (s.base_lr, s.lr_policy, s.momentum, s.weight_decay, s.iter_size) == (
+            pytest.approx(row.base_lr), row.lr_policy, pytest.approx(row.momentum), pytest.approx(row.weight_decay),
+            row.iter_size), path
+        assert s.snapshot == solvers.snapshot_interval(s.max_iter, row.snapshots), path
+        if row.max_iter:
+            assert s.max_iter == row.max_iter, path
+        assert ("sparse_trainval" in s.net) == (phase == "sparse"), path  # a "sparse" solver holds the mask layer
 
 
 def test_committed_solvers_parse_and_match_their_sizes():
@@ -95,7 +116,7 @@ def test_committed_solvers_parse_and_match_their_sizes():
         else:
             sizes = (solvers.IMAGENET_TRAIN, solvers.IMAGENET_VAL)
         assert s.test_iter == [solvers.test_iters(sizes[1], test_batch)], path
-        if not path.endswith("squeezenet_v1.0/dense_solver.prototxt"):  # that one: DeepScale's 170000
+        if "squeezenet_v1.0/" in path and "dense_solver" not in path:  # dense: DeepScale's 170000; small: iterations
             epochs = s.max_iter * train_batch * s.iter_size / sizes[0]
             assert s.max_iter == solvers.epochs_to_iters(round(epochs), sizes[0], train_batch, s.iter_size), path
     resolved = solvers.load_solver(paths[0])

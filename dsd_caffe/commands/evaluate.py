@@ -23,8 +23,8 @@ def run(a):
             with open(a.class_names) as f:
                 names = [line.strip() for line in f if line.strip()]
         else:
-            _, (test_source, _) = sources.data_sources(sources.read_net(a.model, require=("TEST", "BOTH")))
-            names = evaluate.lmdb_class_names(test_source)
+            source = sources.test_source(sources.read_net(a.model, require=("TEST", "BOTH")))
+            names = evaluate.lmdb_class_names(source) if source else None
         paths = evaluate.write_confusion(results.confusion, a.output, names, force=a.force)
         print(f"wrote {', '.join(paths.values())}", flush=True)
     return 0
