@@ -1,25 +1,15 @@
 """Kill tools/dsd.py with SIGKILL (its whole process group) at points in different phases, chosen by watching the run
 folder, re-run the same command each time, and check the finished run against an uninterrupted one with the same
 seed: identical masks, every sparse-phase snapshot at exactly the pruned density, no truncated output file.
-The harness lives in bench/crash_resume.py (which runs more kill points)."""
-import importlib.util
+The harness is tests/crash_harness.py (run it as a script for more kill points)."""
 import os
 
 import numpy as np
 import pytest
 
+import crash_harness as cr
+
 pytest.importorskip("caffe")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("crash_resume", os.path.join(ROOT, "bench", "crash_resume.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cr = _harness()
 
 #: Candidate kill points, one chain, in phase order: before caffe is imported, the dense evaluation, right after
 #: the pruned model appears, as the first sparse snapshot's caffemodel appears (usually before its solverstate),

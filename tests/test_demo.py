@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from dsd_caffe import demo, fashion_mnist, fileio, masklayer, phases, pruning
+from dsd_caffe import demo, fashion_mnist, fileio, masks, phases, pruning, sources
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR,
                                                                 "train-images-idx3-ubyte.gz")),
@@ -27,12 +27,17 @@ def run(tmp_path_factory):
 def test_config_scales_iterations():
     cfg = demo.config_for(scale=0.02)
     assert (cfg["dense_iters"], cfg["sparse_iters"], cfg["redense_iters"]) == (80, 20, 20)
-    assert demo.config_for()["dense_iters"] == demo.DEFAULTS["dense_iters"]
     for bad in (0, -1, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="scale"):
             demo.config_for(scale=bad)
     with pytest.raises(TypeError, match="unknown demo setting"):
         demo.config_for(learning_rate=1)
+    from dsd_caffe import solvers
+
+    for phase in solvers.PHASES:  # the demo runs the fashion-mnist recipe of the one table
+        row = solvers.DEFAULTS["fashion-mnist"][phase]
+        assert (demo.config_for()[f"{phase}_iters"], demo.config_for()[f"{phase}_lr"]) == (row.max_iter,
+                                                                                           row.base_lr)
 
 
 def test_table_structure_and_densities(run):
@@ -63,7 +68,7 @@ def test_every_phase_model_loads(run, tmp_path):
 
     caffe = import_caffe()
     out, res = run
-    dense_net = os.path.join(out, "dense", "trainval.prototxt")
+    dense_net = os.path.join(out, "dense", "dense_trainval.prototxt")
     sparse_dir = os.path.join(out, "dsd", "cycle1-sparse")
     models = [(dense_net, os.path.join(out, res["models"][k])) for k in ("dense", "DSD", "baseline")]
     models += [(os.path.join(sparse_dir, phases.SPARSE_NET), os.path.join(sparse_dir, f))
@@ -71,11 +76,11 @@ def test_every_phase_model_loads(run, tmp_path):
     for net_path, weights in models:
         assert os.path.exists(fileio.sidecar_path(weights)), weights
         # Caffe resolves Data sources against the working folder: load a copy with absolute sources
-        param = phases.absolute_sources(fileio.read_net_prototxt(net_path), os.path.dirname(net_path))
+        param = sources.absolute_sources(fileio.read_net_prototxt(net_path), os.path.dirname(net_path))
         path = str(tmp_path / "net.prototxt")
         fileio.write_prototxt(path, param)
         net = caffe.Net(path, weights, caffe.TEST)
-        w = masklayer.weight_arrays(weights)
+        w = masks.weight_arrays(weights)
         for name, arr in w.items():
             np.testing.assert_array_equal(net.params[name][0].data, arr)
 
@@ -83,28 +88,28 @@ def test_every_phase_model_loads(run, tmp_path):
 def test_sparse_model_has_exactly_the_pruned_density(run):
     out, res = run
     sparse_dir = os.path.join(out, "dsd", "cycle1-sparse")
-    pruned = masklayer.sparsity_report(os.path.join(sparse_dir, phases.PRUNED))
-    sparse = masklayer.sparsity_report(os.path.join(sparse_dir, phases.SPARSE))
-    masks = phases.load_masks(os.path.join(sparse_dir, phases.MASKS))
-    assert "conv1" not in masks  # kept dense
+    pruned = masks.sparsity_report(os.path.join(sparse_dir, phases.PRUNED))
+    sparse = masks.sparsity_report(os.path.join(sparse_dir, phases.SPARSE))
+    kept = masks.load_masks(os.path.join(sparse_dir, phases.MASKS))
+    assert kept["conv1"].all()  # kept dense
     for name, rep in pruned.items():
         if name == "total":
             continue
-        expected = pruning.kept_count(rep["count"], 1 / 3) if name in masks else rep["count"]
+        expected = rep["count"] if name == "conv1" else pruning.kept_count(rep["count"], 1 / 3)
         assert rep["nonzero"] == expected, name
         assert sparse[name]["nonzero"] == expected, name
     assert sparse["total"]["density"] == pruned["total"]["density"] == res["test"]["sparse"]["density"]
-    phases.check_masked(os.path.join(sparse_dir, phases.SPARSE), masks)  # every pruned weight exactly 0.0
-    # the baseline never pruned anything; DSD's re-dense phase revived pruned weights
+    masks.check_masked(os.path.join(sparse_dir, phases.SPARSE), kept)  # every pruned weight exactly 0.0
+    # the baseline never pruned anything; DSD's redense phase revived pruned weights
     assert res["test"]["baseline"]["density"] == 1.0
-    dsd = masklayer.weight_arrays(os.path.join(out, res["models"]["DSD"]))
-    assert any(np.count_nonzero(dsd[n][~m]) for n, m in masks.items())
+    dsd = masks.weight_arrays(os.path.join(out, res["models"]["DSD"]))
+    assert any(np.count_nonzero(dsd[n][~m]) for n, m in kept.items())
 
 
 def test_rerun_reuses_everything(run):
     out, res = run
-    logs = [os.path.join(out, p, "train.log") for p in ("dense", "dsd/cycle1-sparse", "dsd/cycle1-dense",
-                                                        "baseline/step1", "baseline/step2")]
+    logs = [os.path.join(out, p, "train.log") for p in ("dense", "dsd/cycle1-sparse", "dsd/cycle1-redense",
+                                                        "dsd/control1-sparse", "dsd/control1-redense")]
     before = {p: os.path.getsize(p) for p in logs}
     again = demo.run_demo(out, seed=0, **QUICK)
     assert {p: os.path.getsize(p) for p in logs} == before  # no phase trained again

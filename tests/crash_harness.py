@@ -5,7 +5,7 @@ output file truncated.
 
 Used by tests/test_crash_resume.py (5 kill points) and run as a script for more:
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/crash_resume.py [--chains 3] [--seed 0] [--keep DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/crash_harness.py [--chains 3] [--seed 0] [--keep DIR]
 
 The script prints one line per kill (where it landed, what the folder held) and a summary.
 """
@@ -46,10 +46,9 @@ def fashion_arrays(n, offset=0):
 def make_setup(folder, n_train=256, n_val=64, batch=16, test_batch=32, dense_iters=20, seed=0):
     """Fashion-MNIST LMDBs, the small SqueezeNet trainval and a briefly trained dense caffemodel in ``folder``.
     Returns (trainval prototxt, dense caffemodel)."""
-    from dsd_caffe import fileio, lmdbio, netgen, phases, solvers
-    from dsd_caffe.caffe_env import import_caffe
+    from dsd_caffe import fileio, lmdbio, netgen, phases
+    from dsd_caffe.solvers import Schedule
 
-    caffe = import_caffe()
     folder = os.path.abspath(folder)
     x, y = fashion_arrays(n_train + n_val)
     lmdbio.write_array_lmdb(os.path.join(folder, "train_lmdb"), x[:n_train], y[:n_train])
@@ -57,29 +56,17 @@ def make_setup(folder, n_train=256, n_val=64, batch=16, test_batch=32, dense_ite
     net = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=batch, test_batch=test_batch)
     model = os.path.join(folder, "trainval.prototxt")
     fileio.write_prototxt(model, net)
-    absolute = phases.absolute_sources(net, folder)
-    s = solvers.dense_solver("unused", train_size=n_train, test_size=n_val, base_lr=0.01, max_iter=dense_iters,
-                             batch_size=batch, test_batch=test_batch, snapshot=0, random_seed=seed,
-                             test_interval=10 ** 6, display=0)
-    s.ClearField("net")
-    s.net_param.CopyFrom(absolute)
-    with tempfile.TemporaryDirectory() as tmp:
-        sp = os.path.join(tmp, "solver.prototxt")
-        fileio.write_prototxt(sp, s)
-        caffe.set_random_seed(seed)
-        solver = caffe.get_solver(sp)
-        solver.step(dense_iters)
-    weights = os.path.join(folder, "dense.caffemodel")
-    solver.net.save(weights)
+    weights = phases.train_dense(phases.Inputs(model), os.path.join(folder, "dense"),
+                                 Schedule(max_iter=dense_iters, base_lr=0.01), "fashion-mnist", seed=seed)
     return model, weights
 
 
 def dsd_command(model, weights, out, seed=0, sparse_iters=SPARSE_ITERS, dense_iters=DENSE_ITERS,
                 snapshot=SNAPSHOT, engine="binary"):
     return [sys.executable, os.path.join(ROOT, "tools", "dsd.py"), "--model", model, "--weights", weights,
-            "--output", out, "--ratio", "3x", "--sparse-iters", str(sparse_iters), "--dense-iters",
-            str(dense_iters), "--snapshot", str(snapshot), "--sparse-lr", "0.01", "--dense-lr", "0.001",
-            "--test-iterations", "2", "--seed", str(seed), "--engine", engine]
+            "--output", out, "--ratio", "3x", "--sparse-max-iter", str(sparse_iters), "--redense-max-iter",
+            str(dense_iters), "--snapshot", str(snapshot), "--sparse-base-lr", "0.01", "--redense-base-lr", "0.001",
+            "--iterations", "2", "--seed", str(seed), "--engine", engine]
 
 
 def _env():
@@ -132,28 +119,28 @@ KILL_POINTS = {
     "sparse-final-copy": lambda out: _hidden_tmp(out, "cycle1-sparse", ".sparse.caffemodel.tmp-*")
     or _exists(out, "cycle1-sparse", "sparse.caffemodel"),
     "sparse-eval": lambda out: _exists(out, "cycle1-sparse", "sparse.caffemodel.json"),
-    "redense-setup": lambda out: _exists(out, "cycle1-dense"),
-    "redense-first-snapshot-writing": lambda out: _snap(out, "cycle1-dense", "redense", SNAPSHOT, "caffemodel"),
-    "redense-last-snapshot-state": lambda out: _snap(out, "cycle1-dense", "redense", DENSE_ITERS, "solverstate"),
-    "dense-final-copy": lambda out: _exists(out, "cycle1-dense", "dense.caffemodel"),
-    "final-eval-and-png": lambda out: _exists(out, "cycle1-dense", "dense.caffemodel.json"),
+    "redense-setup": lambda out: _exists(out, "cycle1-redense"),
+    "redense-first-snapshot-writing": lambda out: _snap(out, "cycle1-redense", "redense", SNAPSHOT, "caffemodel"),
+    "redense-last-snapshot-state": lambda out: _snap(out, "cycle1-redense", "redense", DENSE_ITERS, "solverstate"),
+    "redense-final-copy": lambda out: _exists(out, "cycle1-redense", "redense.caffemodel"),
+    "final-eval-and-png": lambda out: _exists(out, "cycle1-redense", "redense.caffemodel.json"),
 }
 
 
 def describe(out):
     """A short description of what the run folder holds (for the kill log)."""
-    from dsd_caffe import phases
+    from dsd_caffe import training
 
     parts = []
-    for d, prefix in (("cycle1-sparse", "sparse"), ("cycle1-dense", "redense")):
+    for d, prefix in (("cycle1-sparse", "sparse"), ("cycle1-redense", "redense")):
         folder = os.path.join(out, d)
         if not os.path.isdir(folder):
             continue
-        snaps = phases.snapshots(os.path.join(folder, "snapshots"), prefix)
+        snaps = training.snapshots(os.path.join(folder, "snapshots"), prefix)
         files = set(os.listdir(folder))
-        done = [f for f in ("pruned.caffemodel.json", "sparse.caffemodel.json", "dense.caffemodel.json")
+        done = [f for f in ("pruned.caffemodel.json", "sparse.caffemodel.json", "redense.caffemodel.json")
                 if f in files]
-        parts.append(f"{d}: snaps {[s[0] for s in snaps]}" + (f" {'+'.join(done)}" if done else ""))
+        parts.append(f"{d}: snaps {[s.iteration for s in snaps]}" + (f" {'+'.join(done)}" if done else ""))
     state = os.path.join(out, "dsd_state.json")
     if os.path.exists(state):
         try:
@@ -239,39 +226,40 @@ def check_run(out, reference_out, dense_weights):
     """Raise AssertionError unless the run in ``out`` finished like the uninterrupted run in ``reference_out``:
     same masks (also equal to pruning ``dense_weights`` afresh), every sparse snapshot at exactly the pruned
     density with its masks, no truncated or unparsable output. Returns a dict of counts."""
-    from dsd_caffe import fileio, masklayer, phases, pruning
+    from dsd_caffe import fileio, masks, phases, pipeline, pruning, training
 
-    state = fileio.read_json(os.path.join(out, phases.STATE))
-    ref_state = fileio.read_json(os.path.join(reference_out, phases.STATE))
+    state = fileio.read_json(os.path.join(out, pipeline.STATE))
+    ref_state = fileio.read_json(os.path.join(reference_out, pipeline.STATE))
     assert state["finished"], "run not finished"
     names = [p["name"] for p in state["phases"]]
-    assert names == [p["name"] for p in ref_state["phases"]] == ["dense", "cycle1-sparse", "cycle1-dense"], names
-    assert state["phases"][0]["results"] == ref_state["phases"][0]["results"]  # same weights, same batches
-    assert state["phases"][1]["density"] == ref_state["phases"][1]["density"]
+    assert names == [p["name"] for p in ref_state["phases"]] == ["dense", "cycle1-pruned", "cycle1-sparse",
+                                                                 "cycle1-redense"], names
+    assert state["phases"][0]["val"] == ref_state["phases"][0]["val"]  # same weights, same batches
+    assert state["phases"][2]["density"] == ref_state["phases"][2]["density"]
 
-    masks = phases.load_masks(os.path.join(out, "cycle1-sparse", phases.MASKS))
-    ref = phases.load_masks(os.path.join(reference_out, "cycle1-sparse", phases.MASKS))
-    assert set(masks) == set(ref) and masks, (sorted(masks), sorted(ref))
-    dense = masklayer.weight_arrays(dense_weights)
+    kept = masks.load_masks(os.path.join(out, "cycle1-sparse", phases.MASKS))
+    ref = masks.load_masks(os.path.join(reference_out, "cycle1-sparse", phases.MASKS))
+    assert set(kept) == set(ref) and kept, (sorted(kept), sorted(ref))
+    dense = masks.weight_arrays(dense_weights)
     for name in ref:
-        assert np.array_equal(masks[name], ref[name]), f"mask of {name} differs from the uninterrupted run"
-        assert np.array_equal(masks[name], pruning.magnitude_mask(dense[name], 1 / 3)), name
+        assert np.array_equal(kept[name], ref[name]), f"mask of {name} differs from the uninterrupted run"
+        assert np.array_equal(kept[name], pruning.magnitude_mask(dense[name], 1 / 3)), name
     for model in ("pruned.caffemodel", "sparse.caffemodel"):
-        inside = masklayer.read_masks(os.path.join(out, "cycle1-sparse", model))
+        inside = masks.read_masks(os.path.join(out, "cycle1-sparse", model))
         assert set(inside) == set(ref) and all(np.array_equal(inside[k], ref[k]) for k in ref), model
 
-    snaps = phases.snapshots(os.path.join(out, "cycle1-sparse", "snapshots"), "sparse")
-    assert snaps and snaps[0][0] == SPARSE_ITERS, [s[0] for s in snaps]
-    sparse_models = [s[2] for s in snaps] + [os.path.join(out, "cycle1-sparse", m)
-                                             for m in ("pruned.caffemodel", "sparse.caffemodel")]
+    snaps = training.snapshots(os.path.join(out, "cycle1-sparse", "snapshots"), "sparse")
+    assert snaps and snaps[0].iteration == SPARSE_ITERS, [s.iteration for s in snaps]
+    sparse_models = [s.caffemodel for s in snaps] + [os.path.join(out, "cycle1-sparse", m)
+                                                     for m in ("pruned.caffemodel", "sparse.caffemodel")]
     for path in sparse_models:
-        w = masklayer.weight_arrays(path)
-        inside = masklayer.read_masks(path)  # the masks persist in every snapshot
+        w = masks.weight_arrays(path)
+        inside = masks.read_masks(path)  # the masks persist in every snapshot
         for name, m in ref.items():
             assert np.count_nonzero(w[name]) == m.sum() and not np.any(w[name][~m]), (path, name)
             assert np.array_equal(inside[name], m), (path, name)
-    dsnaps = phases.snapshots(os.path.join(out, "cycle1-dense", "snapshots"), "redense")
-    assert dsnaps and dsnaps[0][0] == DENSE_ITERS, [s[0] for s in dsnaps]
+    dsnaps = training.snapshots(os.path.join(out, "cycle1-redense", "snapshots"), "redense")
+    assert dsnaps and dsnaps[0].iteration == DENSE_ITERS, [s.iteration for s in dsnaps]
 
     counts = {"caffemodel": 0, "solverstate": 0, "json": 0, "prototxt": 0, "npz": 0, "png": 0, "leftover_tmp": 0}
     for root, dirs, files in os.walk(out):
@@ -282,20 +270,20 @@ def check_run(out, reference_out, dense_weights):
         for f in files:
             path = os.path.join(root, f)
             if f.startswith("."):
-                counts["leftover_tmp"] += f != ".dsd-lock"
+                counts["leftover_tmp"] += not f.endswith(".lock")  # lock files stay (see fileio.output_lock)
                 continue
             ext = f.rsplit(".", 1)[-1]
             if ext == "caffemodel":
                 fileio.read_caffemodel(path)
             elif ext == "solverstate":
                 stem = f.split("_iter_")[0]
-                assert any(s[1] == path for s in phases.snapshots(root, stem)), f"incomplete snapshot {path}"
+                assert any(s.solverstate == path for s in training.snapshots(root, stem)), f"incomplete {path}"
             elif ext == "json":
                 fileio.read_json(path)
             elif ext == "prototxt":
                 (fileio.read_solver_prototxt if "solver" in f else fileio.read_net_prototxt)(path)
             elif ext == "npz":
-                phases.load_masks(path)
+                masks.load_masks(path)
             elif ext == "png":
                 with open(path, "rb") as fh:
                     assert fh.read(8) == b"\x89PNG\r\n\x1a\n", path
