@@ -266,7 +266,8 @@ def curves(out, state):
         for name, folder, at in _offsets(out, state, arm):
             label = "control" if arm == "control" else name.split("-")[-1]
             pts = [(at + i, v) for i, v in training.read_curve(os.path.join(folder, training.LOG))]
-            pruned = next((p for p in state["phases"] if p["name"] == name.replace("sparse", "pruned")), None)
+            pruned = next((p for p in state["phases"] if p["name"] == name[:-len("sparse")] + "pruned"), None) \
+                if name.endswith("-sparse") else None
             if pruned and arm == "dsd":
                 pts = [(at, pruned["accuracy"])] + pts
                 marks.append((at, pruned["accuracy"], "pruned"))

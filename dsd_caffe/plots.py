@@ -63,7 +63,8 @@ def accuracy_curves(path, curves, boundaries=(), marks=(), title="validation acc
                          else fig.subplots())
     start = zoom_from
     for k, ax in enumerate(axes):
-        ys = []
+        ys = []  # what sets the y range: on the zoomed panel, not the marked dips (they are drawn on the other)
+        dips = {(i, v) for i, v, _ in marks} if k else set()
         for label, pts in curves.items():
             pts = [(i, v) for i, v in pts if v is not None and (k == 0 or i >= start)]
             if not pts:
@@ -71,10 +72,10 @@ def accuracy_curves(path, curves, boundaries=(), marks=(), title="validation acc
             x, y = zip(*pts)
             colour, ls = STYLES.get(label.split()[0], (None, "-"))
             ax.plot(x, [100 * v for v in y], color=colour, ls=ls, marker=".", ms=4, label=label)
-            ys += [100 * v for v in y]
+            ys += [100 * v for i, v in pts if (i, v) not in dips]
         for b in boundaries:
             ax.axvline(b, color="grey", lw=0.8, ls=":")
-        for i, v, text in (m for m in marks if k == 0 or m[0] >= start):
+        for i, v, text in (m for m in marks if k == 0):
             ax.annotate(f"{text}\n{100 * v:.2f}%", (i, 100 * v), textcoords="offset points", xytext=(12, -18),
                         fontsize=8, arrowprops={"arrowstyle": "->", "lw": 0.6})
         if ys:
