@@ -60,6 +60,7 @@ class RunConfig:
         if self.iterations is not None:
             solvers.count(self.iterations, "--iterations")
         solvers.defaults("sparse", self.recipe)
+        object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
         for field in ("model", "weights", "train_source", "test_source", "holdout_source"):
             value = getattr(self, field)
             if value is not None:

@@ -391,7 +391,10 @@ def train(job, engine="binary", gpu=None, force=False):
 
 
 def _interrupted(job, progress):
-    it = progress.caffe.iteration
+    """The Interrupted error, naming the iteration the next run resumes from (the snapshot written on stopping)."""
+    prefix = os.path.join(os.path.abspath(job.folder), job.solver.snapshot_prefix)
+    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    it = snaps[0].iteration if snaps else progress.caffe.iteration
     return Interrupted(f"{job.desc}: interrupted at iteration {it}; run the same command again to resume", it)
 
 

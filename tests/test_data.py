@@ -322,26 +322,6 @@ def test_tools_take_output_and_keep_the_positional_one_for_a_release(tmp_path):
         assert expect in r.stderr.strip().splitlines()[-1], r.stderr
 
 
-@pytest.mark.parametrize("name", ["make_lmdb", "import_fashion_mnist"])
-def test_every_flag_has_help_text(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parsers = []
-    real = module.cli.main
-    module.cli.main = lambda p, fn, argv=None: parsers.append(p)
-    try:
-        module.main([])
-    finally:
-        module.cli.main = real
-    for action in parsers[0]._actions:
-        if action.option_strings and action.help != "==SUPPRESS==":
-            assert action.help, f"{name}.py {action.option_strings[0]} has no help text"
-    assert "--output" in parsers[0].format_help()
-
-
 # ------------------------------------------------------------------------------------------- lmdb_info
 
 def test_lmdb_info_missing(tmp_path):
