@@ -1,40 +1,30 @@
-"""DSD vs the equal-length dense baseline on Fashion-MNIST, over several seeds (default 3), side by side.
+"""DSD vs its control (the equal-length dense baseline) on Fashion-MNIST over seeds, with the verdict.
 
-Each seed is one full demo run (dsd_caffe.demo.run_demo: dense -> prune 3x -> sparse -> re-dense, and the dense
-model trained on for the same iterations at the same learning rates), in ``<output>/seed<N>``; finished seeds are
-reused, so an interrupted benchmark resumes. Seeds run ``--jobs`` at a time (separate processes).
+A thin wrapper: each seed is one demo run (dsd_caffe.demo.run_demo: the small net trained dense from seeded random
+weights, then dsd_caffe.pipeline.run_dsd with control=True), in ``<output>/seed<N>``, ``--jobs`` at a time in
+separate processes; finished seeds are reused, so an interrupted benchmark resumes. The paired gains (DSD - baseline,
+test top-1, points) go through dsd_caffe.verdict: mean +- std, the 95% t interval and its sentence.
 
-Prints the test top-1 of both arms per seed, then mean +- std (sample std) of each arm and of the gain
-(DSD - baseline, in points). The hyperparameters are demo.DEFAULTS, chosen on the validation split; the test split
-is only read here. ``--scale`` multiplies every phase's iterations ("larger settings where time allows").
+The hyperparameters are the demo's (solvers.DEFAULTS["fashion-mnist"], chosen on the validation split); the test
+split is only read here. ``--scale`` multiplies every phase's iterations.
 """
 import argparse
 import concurrent.futures
-import json
 import logging
+import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 
-def _one(output, seed, scale, engine, overrides):
-    """Run one seed in a subprocess (Caffe's state is per process); returns its results dict."""
-    folder = os.path.join(output, f"seed{seed}")
-    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO, format='%(asctime)s seed"
-            f"{seed} %(name)s: %(message)s', datefmt='%H:%M:%S'); from dsd_caffe import demo; "
-            f"demo.run_demo({folder!r}, seed={seed}, scale={scale!r}, engine={engine!r}, **{overrides!r})")
-    t0 = time.time()
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, TQDM_DISABLE="1"))
-    with open(os.path.join(folder, "results.json")) as f:
-        res = json.load(f)
-    res["wall_seconds"] = time.time() - t0
-    return res
+def _one(folder, seed, scale, engine, overrides):
+    """One seed's demo in a child process; returns its results dict."""
+    os.environ["TQDM_DISABLE"] = "1"  # a child process of ours: parallel bars would interleave
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed{seed} %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from dsd_caffe import demo
 
-
-def _mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return demo.run_demo(folder, seed=seed, scale=scale, engine=engine, **overrides)
 
 
 def main(argv=None):
@@ -50,33 +40,33 @@ def main(argv=None):
     overrides = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     output = os.path.abspath(a.output)
+    ctx = multiprocessing.get_context("spawn")
     results = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futures = {pool.submit(_one, output, s, a.scale, a.engine, overrides): s for s in a.seeds}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=ctx) as pool:
+        futures = {pool.submit(_one, os.path.join(output, f"seed{s}"), s, a.scale, a.engine, overrides): s
+                   for s in a.seeds}
         for fut in concurrent.futures.as_completed(futures):
-            s = futures[fut]
-            results[s] = fut.result()
-            t = results[s]["test"]
-            logging.info("seed %d done: DSD %.2f%%, baseline %.2f%%, gain %+.2f points", s,
-                         100 * t["DSD"]["top1"], 100 * t["baseline"]["top1"], 100 * results[s]["gain"])
+            results[futures[fut]] = fut.result()
+    from dsd_caffe import fileio, verdict
+
     cfg = results[a.seeds[0]]["config"]
-    print(f"DSD vs equal-length baseline, Fashion-MNIST test top-1, {len(a.seeds)} seeds, scale {a.scale}")
+    print(f"DSD vs the equal-length baseline, Fashion-MNIST test top-1, {len(a.seeds)} seeds, scale {a.scale}")
     print(f"dense {cfg['dense_iters']} it @ {cfg['dense_lr']}, sparse {cfg['sparse_iters']} it @ {cfg['sparse_lr']}"
-          f" (density {cfg['density']:.3f}, skip {','.join(cfg['skip']) or '-'}), re-dense {cfg['redense_iters']} it"
-          f" @ {cfg['redense_lr']}, {cfg['lr_policy']}, width {cfg['width']}, profile {cfg['profile']}")
+          f" (density {cfg['density']:.3f}, skip {','.join(cfg['skip']) or '-'}), redense {cfg['redense_iters']} it"
+          f" @ {cfg['redense_lr']}, width {cfg['width']}, profile {cfg['profile']}")
     print(f"{'seed':>4} {'dense':>7} {'sparse':>7} {'DSD':>7} {'baseline':>8} {'gain':>7} {'val gain':>8}")
     for s in a.seeds:
         t = results[s]["test"]
         print(f"{s:>4} {100 * t['dense']['top1']:7.2f} {100 * t['sparse']['top1']:7.2f} {100 * t['DSD']['top1']:7.2f}"
               f" {100 * t['baseline']['top1']:8.2f} {100 * results[s]['gain']:+7.2f}"
               f" {100 * results[s]['val_gain']:+8.2f}")
-    arms = {k: [100 * results[s]["test"][k]["top1"] for s in a.seeds] for k in ("dense", "DSD", "baseline")}
-    gains = [100 * results[s]["gain"] for s in a.seeds]
-    for k, xs in arms.items():
-        m, sd = _mean_std(xs)
-        print(f"{k:>8}: {m:.2f} +- {sd:.2f}")
-    m, sd = _mean_std(gains)
-    print(f"    gain: {m:+.2f} +- {sd:.2f} points (goal: >= +0.30)")
+    for k in ("dense", "DSD", "baseline"):
+        xs = [100 * results[s]["test"][k]["top1"] for s in a.seeds]
+        print(f"{k:>8}: {statistics.mean(xs):.2f} +- {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}")
+    v = verdict.paired_verdict([100 * results[s]["gain"] for s in a.seeds])
+    print(v.format())
+    fileio.write_json(os.path.join(output, "summary.json"), {"seeds": a.seeds, "gains": v.gains, "low": v.low,
+                                                             "high": v.high, "sentence": v.sentence})
     return 0
 
 

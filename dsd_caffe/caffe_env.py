@@ -138,7 +138,8 @@ def caffe_prefix():
 
 def caffe_tool(name):
     """Path of a Caffe command-line tool (``caffe``, ``convert_imageset``, ...) of the Caffe in use."""
-    for folder in (os.path.join(caffe_prefix(), "bin"), os.path.join(os.environ.get("CAFFE_ROOT", ""), "build", "tools")):
+    root = os.environ.get("CAFFE_ROOT", "")
+    for folder in (os.path.join(caffe_prefix(), "bin"), os.path.join(root, "build", "tools")):
         path = os.path.join(folder, name)
         if os.access(path, os.X_OK):
             return path

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 
-from . import fashion_mnist, fileio, masks, netgen, phases, pipeline, plots, solvers, sources, training
+from . import caffelog, fashion_mnist, fileio, masks, netgen, phases, pipeline, plots, solvers, sources, training
 from .errors import UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -65,7 +65,7 @@ def _schedule(cfg, phase):
 def _warn_if_untrained(log_path, classes):
     """Warn when dense training ended near chance (diverged or dead ReLUs): DSD and baseline would then compare
     untrained nets."""
-    curve = training.read_curve(log_path)
+    curve = caffelog.read_curve(log_path)
     if curve and curve[-1][1] < 1.5 / classes:
         log.warning("dense training ended at validation top-1 %.3f, about chance (1/%d): it diverged or its ReLUs "
                     "died; lower the learning rate or change the seed before reading the comparison",
@@ -136,7 +136,7 @@ def _plots(out, cfg, state, models):
     dense_iters = cfg["dense_iters"]
     points, marks = pipeline.curves(os.path.join(out, "dsd"), state)
     shift = (lambda pts: [(i + dense_iters, v) for i, v in pts])
-    curves = {"dense": training.read_curve(os.path.join(out, "dense", training.LOG))}
+    curves = {"dense": caffelog.read_curve(os.path.join(out, "dense", training.LOG))}
     curves.update({label: shift(pts) for label, pts in points.items()})
     curves["baseline"] = curves.pop("control", [])
     boundaries = [dense_iters + b for b in pipeline._boundaries(os.path.join(out, "dsd"), state)]

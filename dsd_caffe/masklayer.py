@@ -8,10 +8,12 @@ How it works (under the ``caffe train`` binary and under pycaffe's Solver alike)
   entries share each masked layer's weight blob by name (the conv/fc gets the same param name). Its own mask blobs
   follow, with ``lr_mult: 0`` and ``decay_mult: 0``, so the masks are saved in every snapshot caffemodel and a resume
   restores them with no extra file.
-- Forward multiplies the shared weights by the 0/1 masks (before any conv runs); backward multiplies their diffs. Backward runs
-  last, after every conv has accumulated its weight diff (also with ``iter_size`` > 1). Caffe's SGD update then
-  adds ``decay * w = 0`` (weight decay), keeps the momentum history at 0 for pruned positions (it starts at 0), and
-  subtracts 0: pruned weights stay exactly 0.0 in every forward pass and every snapshot.
+- Forward multiplies the shared weights by the 0/1 masks (before any conv runs); backward multiplies their diffs.
+  Backward runs last, after every conv has accumulated its weight diff (also with ``iter_size`` > 1). Caffe's
+  SGD update then adds ``decay * w = 0`` (weight decay), keeps the momentum history at 0 for pruned positions (it
+  starts at 0), and subtracts 0: pruned weights stay exactly 0.0 in every forward pass and every snapshot.
+- The mask layer covers every weighted layer of the net (a layer kept dense gets an all-ones mask), so a net has
+  one sparse form and a generated ``sparse_trainval.prototxt`` fits any pruned caffemodel of that net.
 - The layer has no bottom and one top, a constant 0 with ``loss_weight: 1``. A Python layer with no top is never
   backpropagated (Caffe decides it does not contribute to the loss), and an in-place layer on the data blob would
   make the first conv compute a gradient for the images (~10% extra time on SqueezeNet). The zero loss costs

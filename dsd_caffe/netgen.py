@@ -437,7 +437,7 @@ def generated_files(small=True):
         for phase in solvers.PHASES:
             net = f"../../models/{folder}/{'sparse_' if phase == 'sparse' else ''}trainval{suffix}.prototxt"
             files[f"solvers/{folder}/{phase}_solver.prototxt"] = solvers.build(
-                phase, net, train_size, test_size, recipe=recipe, batch_size=train_batch, test_batch=test_batch)
+                phase, net, solvers.DataSizes(train_size, test_size, train_batch, test_batch), recipe=recipe)
     return files
 
 

@@ -145,8 +145,8 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe="imagenet", engine=
 
 def _solver(phase, net, schedule, recipe, seed):
     (train_src, batch), (test_src, test_batch) = sources.data_sources(net)
-    return solvers.build(phase, net_file(phase), sources.lmdb_count(train_src), sources.lmdb_count(test_src),
-                         schedule, recipe, batch, test_batch, f"snapshots/{phase}", seed)
+    sizes = solvers.DataSizes(sources.lmdb_count(train_src), sources.lmdb_count(test_src), batch, test_batch)
+    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, f"snapshots/{phase}", seed)
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -238,8 +238,8 @@ def _sparse_solver(net, schedule, recipe, seed, trainable):
         return None, [f"no {SPARSE_SOLVER}: the LMDB(s) {missing} are not on this machine to count their images; "
                       f"tools/train_sparse.py writes it where the data is, from the settings recorded in "
                       f"{PRUNED}.json"]
-    return solvers.build("sparse", SPARSE_NET, train_n, test_n, schedule, recipe, batch, test_batch,
-                         "snapshots/sparse", seed), []
+    sizes = solvers.DataSizes(train_n, test_n, batch, test_batch)
+    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, "snapshots/sparse", seed), []
 
 
 # ------------------------------------------------------------------------------------------------ sparse

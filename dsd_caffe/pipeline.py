@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import shutil
 
-from . import evaluate, fileio, masks, netcheck, netgen, phases, plots, pruning, solvers, training, verdict
+from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, pruning, solvers, training, verdict
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -203,7 +203,7 @@ class _Run:
                  "val": self.evaluate(path), "density": masks.sparsity_report(path)["total"]["density"]}
         if self.config.holdout_source:
             entry["holdout"] = self.evaluate(path, self.config.holdout_source)
-        top = training.top1(entry["val"])
+        top = caffelog.top1(entry["val"])
         entry["accuracy"] = top[1] if top else None
         self.state["phases"].append(entry)
         fileio.write_json(os.path.join(self.out, STATE), self.state)
@@ -266,7 +266,7 @@ def curves(out, state):
     for arm in ("dsd", "control"):
         for name, folder, at in _offsets(out, state, arm):
             label = "control" if arm == "control" else name.split("-")[-1]
-            pts = [(at + i, v) for i, v in training.read_curve(os.path.join(folder, training.LOG))]
+            pts = [(at + i, v) for i, v in caffelog.read_curve(os.path.join(folder, training.LOG))]
             pruned = next((p for p in state["phases"] if p["name"] == name[:-len("sparse")] + "pruned"), None) \
                 if name.endswith("-sparse") else None
             if pruned and arm == "dsd":
@@ -298,7 +298,7 @@ def results_table(state, split=None):
 def _pick(results, k):
     keys = [n for n in results if ("acc" in n.lower() or "top" in n.lower()) and str(k) in n]
     if k == 1 and not keys:
-        top = training.top1(results)
+        top = caffelog.top1(results)
         return top[1] if top else None
     return results[keys[0]] if keys else None
 

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from . import fileio, masks, netcheck, netgen, plots, pruning, sources, training
+from . import caffelog, fileio, masks, netcheck, netgen, plots, pruning, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _scan(net, names, config):
             for k in net.outputs:
                 sums[k] += float(np.asarray(net.blobs[k].data).ravel()[0])
         res = {k: v / len(batches) for k, v in sums.items()}
-        top = training.top1(res)
+        top = caffelog.top1(res)
         return dict(res, accuracy=top[1] if top else None)
 
     rows = [{"layer": "(none)", "density": 1.0, **run()}]

@@ -167,69 +167,70 @@ class Schedule:
                 if f.name != "flag" and getattr(self, f.name) is not None}
 
 
-def build(phase, net, train_size, test_size, schedule=Schedule(), recipe="imagenet", batch_size=None,
-          test_batch=None, snapshot_prefix=None, random_seed=42, **extra):
-    """The SolverParameter of ``phase`` for ``net`` (a prototxt path, written into the solver): the table's
-    defaults for ``recipe`` overridden by ``schedule``; ``batch_size``/``test_batch`` are the net's own (they turn
-    epochs and test set sizes into iterations). ``train_size`` may be None when ``max_iter`` is known; ``extra``
-    holds the rarer solver fields (gamma, stepsize, power, average_loss, test_initialization, solver_type)."""
-    d = defaults(phase, recipe)
-    s = schedule
-    batch = batch_size or d.batch_size
-    iter_size = s.iter_size or d.iter_size
-    max_iter = s.max_iter
+@dataclasses.dataclass(frozen=True)
+class DataSizes:
+    """What turns epochs and test sets into iterations: the LMDBs' record counts (``train`` may be None when the
+    length is given in iterations) and the net's own batch sizes (None: the table's)."""
+    train: int = None
+    test: int = None
+    batch: int = None
+    test_batch: int = None
+
+
+#: solver fields with no Schedule flag, settable through build()'s ``extra``
+EXTRA = {"gamma": 0.1, "stepsize": None, "power": None, "average_loss": 40, "test_initialization": False,
+         "solver_type": "SGD"}
+
+
+def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_prefix=None, random_seed=42,
+          **extra):
+    """The SolverParameter of ``phase`` for ``net`` (a prototxt path, written into the solver): the table's row for
+    ``recipe`` with ``schedule``'s settings over it; ``sizes`` (:class:`DataSizes`) turn epochs and the test set into
+    iterations. ``extra`` holds the rarer solver fields of :data:`EXTRA`."""
+    unknown = set(extra) - set(EXTRA)
+    if unknown:
+        raise TypeError(f"unknown solver argument(s): {', '.join(sorted(unknown))}")
+    row = dataclasses.replace(defaults(phase, recipe), **{k: v for k, v in schedule.settings().items()
+                                                          if k in {f.name for f in dataclasses.fields(PhaseDefaults)}})
+    max_iter = schedule.max_iter
     if max_iter is None:
-        epochs = s.epochs if s.epochs is not None else d.epochs
+        epochs = schedule.epochs if schedule.epochs is not None else row.epochs
         if epochs is None:
-            max_iter = d.max_iter
-        elif train_size is None:
+            max_iter = row.max_iter
+        elif sizes.train is None:
             raise UserError(f"the {phase} phase's length is given in epochs ({epochs:g}) but the TRAIN data is not "
                             "on this machine to count its images; give the iterations (--max-iter)")
         else:
-            max_iter = epochs_to_iters(epochs, train_size, batch, iter_size)
-    return _solver(net, test_size, test_batch or d.test_batch, base_lr=s.base_lr or d.base_lr,
-                   lr_policy=s.lr_policy or d.lr_policy, power=extra.pop("power", d.power),
-                   momentum=d.momentum if s.momentum is None else s.momentum,
-                   weight_decay=d.weight_decay if s.weight_decay is None else s.weight_decay,
-                   max_iter=max_iter, iter_size=iter_size,
-                   test_interval=s.test_interval or (math.ceil(max_iter / d.tests) if d.tests else
-                                                     max(1, min(1000, max_iter))),
-                   display=d.display if s.display is None else s.display,
-                   snapshot=s.snapshot or snapshot_interval(max_iter, d.snapshots),
-                   snapshot_prefix=snapshot_prefix or phase, random_seed=random_seed, **extra)
+            max_iter = epochs_to_iters(epochs, sizes.train, sizes.batch or row.batch_size, row.iter_size)
+    test_interval = schedule.test_interval or (math.ceil(max_iter / row.tests) if row.tests else
+                                               max(1, min(1000, max_iter)))
+    s = _solver(net, row, dict(EXTRA, **extra))
+    s.test_iter.append(test_iters(sizes.test, sizes.test_batch or row.test_batch))
+    s.max_iter, s.test_interval = count(max_iter, "max_iter"), test_interval
+    s.snapshot = schedule.snapshot or snapshot_interval(max_iter, row.snapshots)
+    s.snapshot_prefix = os.fspath(snapshot_prefix or phase)
+    if random_seed is not None:
+        s.random_seed = int(random_seed)
+    return s
 
 
-def _solver(net, test_size, test_batch, *, base_lr, lr_policy, power, momentum, weight_decay, max_iter, iter_size,
-            test_interval, display, snapshot, snapshot_prefix, random_seed, gamma=0.1, stepsize=None,
-            average_loss=40, test_initialization=False, solver_type="SGD"):
+def _solver(net, row, extra):
+    """The solver fields that come from a table row (with a Schedule's settings over it) and ``extra``."""
     pb2 = caffe_pb2()
     if not isinstance(net, (str, os.PathLike)) or not os.fspath(net):
         raise TypeError(f"net must be a prototxt path, got {net!r}")
-    s = pb2.SolverParameter()
-    s.net = os.fspath(net)
-    s.test_iter.append(test_iters(test_size, test_batch))
-    s.test_interval = test_interval
-    s.test_initialization = bool(test_initialization)
-    s.base_lr = positive(base_lr, "base_lr")
-    s.display = display
-    s.average_loss = count(average_loss, "average_loss")
-    s.max_iter = count(max_iter, "max_iter")
-    s.iter_size = count(iter_size, "iter_size")
-    s.lr_policy = lr_policy
-    if lr_policy in ("poly", "inv"):
-        s.power = float(power)
-    if lr_policy in ("step", "exp", "inv", "multistep", "sigmoid"):
-        s.gamma = float(gamma)
-    if lr_policy in ("step", "sigmoid"):
-        s.stepsize = count(stepsize, "stepsize")
-    s.momentum = float(momentum)
-    s.weight_decay = float(weight_decay)
-    s.snapshot = snapshot
-    s.snapshot_prefix = os.fspath(snapshot_prefix)
-    s.solver_mode = pb2.SolverParameter.CPU
-    if random_seed is not None:
-        s.random_seed = int(random_seed)
-    s.type = solver_type
+    s = pb2.SolverParameter(net=os.fspath(net), test_initialization=bool(extra["test_initialization"]),
+                            base_lr=positive(row.base_lr, "base_lr"), display=row.display,
+                            average_loss=count(extra["average_loss"], "average_loss"),
+                            iter_size=count(row.iter_size, "iter_size"), lr_policy=row.lr_policy,
+                            momentum=float(row.momentum), weight_decay=float(row.weight_decay),
+                            solver_mode=pb2.SolverParameter.CPU, type=extra["solver_type"])
+    if row.lr_policy in ("poly", "inv"):
+        s.power = float(row.power if extra["power"] is None else extra["power"])
+    if row.lr_policy in ("step", "exp", "inv", "multistep", "sigmoid"):
+        s.gamma = float(extra["gamma"])
+    if row.lr_policy in ("step", "sigmoid"):
+        s.stepsize = count(extra["stepsize"], "stepsize")
     return s
 
 
@@ -237,23 +238,18 @@ _SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(Schedule)} - {"flag"}
 
 
 def _builder(phase):
-    def solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, recipe="imagenet", batch_size=None,
-               test_batch=None, snapshot_prefix=None, random_seed=42, **kw):
-        unknown = set(kw) - _SCHEDULE_FIELDS - {"gamma", "stepsize", "power", "average_loss",
-                                                "test_initialization", "solver_type"}
-        if unknown:
-            raise TypeError(f"unknown solver argument(s): {', '.join(sorted(unknown))}")
-        schedule = Schedule(**{k: v for k, v in kw.items() if k in _SCHEDULE_FIELDS})
-        extra = {k: v for k, v in kw.items() if k not in _SCHEDULE_FIELDS}
-        return build(phase, net, train_size, test_size, schedule, recipe, batch_size, test_batch,
-                     snapshot_prefix, random_seed, **extra)
+    def solver(net, train_size=IMAGENET_TRAIN, test_size=IMAGENET_VAL, **kw):
+        sizes = DataSizes(train_size, test_size, kw.pop("batch_size", None), kw.pop("test_batch", None))
+        args = {k: kw.pop(k) for k in ("recipe", "snapshot_prefix", "random_seed") if k in kw}
+        schedule = Schedule(**{k: kw.pop(k) for k in list(kw) if k in _SCHEDULE_FIELDS})
+        return build(phase, net, sizes, schedule, **args, **kw)
 
     solver.__name__ = f"{phase}_solver"
-    solver.__doc__ = (f"The {phase} phase's solver for ``net`` from :data:`DEFAULTS` (``recipe``), with any "
+    solver.__doc__ = (f"The {phase} phase's solver for ``net`` from :data:`DEFAULTS` (``recipe=``), with any "
                       "Schedule field (base_lr, epochs, max_iter, snapshot, iter_size, lr_policy, momentum, "
-                      "weight_decay, test_interval, display) or gamma/stepsize/power/average_loss/"
-                      "test_initialization/solver_type overriding it. ``batch_size`` must match the net's TRAIN "
-                      "batch (Caffe takes the batch from the net; here it only turns epochs into iterations).")
+                      "weight_decay, test_interval, display), batch_size/test_batch (the net's), snapshot_prefix, "
+                      "random_seed or an EXTRA field (gamma, stepsize, power, average_loss, test_initialization, "
+                      "solver_type) overriding it.")
     return solver
 
 

@@ -15,13 +15,12 @@ SHA-256).
 - **One writer.** The folder is locked (``fileio.output_lock``) while training; the ``caffe`` child gets SIGKILL
   when its Python parent dies, so a killed run leaves no orphan writing snapshots.
 - **Visible.** A tqdm bar shows the iteration, the smoothed loss Caffe prints, the last test accuracy and the ETA,
-  parsed from Caffe's own log lines (:class:`CaffeLog`) for both engines (under pycaffe, glog is captured from
+  parsed from Caffe's own log lines (:mod:`dsd_caffe.caffelog`) for both engines (under pycaffe, glog is captured from
   the process's stderr while the solver runs). Each test result is also logged, rounded to 4 digits.
 - **Interruptible.** On Ctrl-C or SIGTERM, Caffe stops after the current iteration and snapshots (``caffe
   train``'s ``-sigint_effect stop``; under pycaffe the solver is snapshotted), and :class:`~dsd_caffe.errors.
   Interrupted` says at which iteration; the same command resumes.
 """
-import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -35,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from . import fileio
+from . import caffelog, fileio
 from .caffe_env import caffe_pb2
 from .errors import Interrupted, UserError
 
@@ -128,118 +127,6 @@ def portable_state(state, folder):
     with os.fdopen(fd, "wb") as f:
         f.write(st.SerializeToString())
     return tmp
-
-
-# ------------------------------------------------------------------------------------------------ Caffe's log
-class CaffeLog:
-    """What Caffe's training log says so far: iteration, smoothed loss, learning rate, last test outputs."""
-
-    _ITER = re.compile(r"Iteration (\d+)")
-    _LOSS = re.compile(r"Iteration (\d+)(?: \(.*\))?, loss = (\S+)")
-    _TEST = re.compile(r"Iteration (\d+), Testing net")
-    _OUT = re.compile(r"Test net output #\d+: (\S+) = (\S+)")
-    _LR = re.compile(r"Iteration (\d+), lr = (\S+)")
-
-    def __init__(self):
-        self.iteration, self.loss, self.lr = 0, None, None
-        self.tests = {}  # {output: value} of the last test
-        self.test_iteration = None
-        self.curve = []  # [(iteration, {output: value})]
-        self.failure = []  # Caffe's error lines, "Check failed" first
-        self._in_test = False
-
-    def feed(self, line):
-        """Read one line; returns True when it ends a test's block of outputs (the test's results are complete)."""
-        ended = self._in_test and not self._OUT.search(line)
-        self._in_test = bool(self._OUT.search(line))
-        if "Check failed" in line or line.startswith("F") or " Error" in line or "error:" in line:
-            text = line.split("] ", 1)[-1].strip()
-            self.failure.insert(0, text) if "Check failed" in line else self.failure.append(text)
-        m = self._LOSS.search(line)
-        if m:
-            self.loss = _number(m.group(2))
-        m = self._LR.search(line)
-        if m:
-            self.lr = _number(m.group(2))
-        m = self._TEST.search(line)
-        if m:
-            self.test_iteration = int(m.group(1))
-            self.curve.append((self.test_iteration, {}))
-        m = self._OUT.search(line)
-        if m and self.curve:
-            self.curve[-1][1][m.group(1)] = _number(m.group(2))
-            self.tests = self.curve[-1][1]
-        m = self._ITER.search(line)
-        if m:
-            self.iteration = max(self.iteration, int(m.group(1)))
-        return ended
-
-    def accuracy(self):
-        """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
-        return top1(self.tests)
-
-
-def _number(text):
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def top1(outputs):
-    """(name, value) of the top-1 accuracy among net outputs (``accuracy``, ``accuracy_top1``, ``top-1``...)."""
-    keys = [k for k in outputs if "acc" in k.lower() or "top" in k.lower()]
-    keys.sort(key=lambda k: (not ("1" in k or k.lower() == "accuracy"), k))
-    return (keys[0], outputs[keys[0]]) if keys else None
-
-
-def read_curve(log_path, key=None):
-    """[(iteration, value)] of the tests in a Caffe training log (resumed runs appended: the last value per
-    iteration wins); ``key`` is the output to read (default: the top-1 accuracy)."""
-    if not os.path.exists(log_path):
-        return []
-    parsed = CaffeLog()
-    with open(log_path, errors="replace") as f:
-        for line in f:
-            parsed.feed(line)
-    points = {}
-    for it, outputs in parsed.curve:
-        pick = (key, outputs.get(key)) if key else top1(outputs)
-        if pick and pick[1] is not None:
-            points[it] = pick[1]
-    return sorted(points.items())
-
-
-class _Progress:
-    """The tqdm bar of one training run, fed by CaffeLog; test results are logged too (bars are off without a
-    terminal)."""
-
-    def __init__(self, desc, total, start):
-        from tqdm import tqdm
-
-        self.desc, self.total = desc, total
-        self.bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=None, dynamic_ncols=True)
-        self.caffe = CaffeLog()
-
-    def feed(self, line):
-        tested = self.caffe.feed(line)
-        c = self.caffe
-        if c.iteration > self.bar.n:
-            self.bar.update(min(c.iteration, self.total) - self.bar.n)
-        acc = c.accuracy()
-        post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"{acc[0]} {acc[1]:.4f}" if acc else ""]
-        self.bar.set_postfix_str(", ".join(p for p in post if p), refresh=False)
-        return tested
-
-    def report_test(self):
-        c = self.caffe
-        if c.tests:
-            outs = ", ".join(f"{k} {v:.4f}" for k, v in c.tests.items() if v is not None)
-            loss = f", training loss {c.loss:.4f}" if c.loss is not None else ""
-            log.info("%s: iteration %d/%d%s; test: %s", self.desc, c.test_iteration, self.total, loss, outs)
-
-    def close(self):
-        self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------------ the record
@@ -375,7 +262,7 @@ def train(job, engine="binary", gpu=None, force=False):
     log.info("%s: %s %d iterations%s; Caffe's log: %s", job.desc, "resuming," if resume else "training",
              max_iter, f" from iteration {resume.iteration}" if resume else "", logpath)
     state = portable_state(resume.solverstate, folder) if resume else None
-    progress = _Progress(job.desc, max_iter, resume.iteration if resume else 0)
+    progress = caffelog.Progress(job.desc, max_iter, resume.iteration if resume else 0)
     try:
         run = _run_binary if engine == "binary" else _run_pycaffe
         run(job, folder, state, progress, logpath, gpu)

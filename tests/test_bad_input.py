@@ -15,7 +15,7 @@ import pytest
 
 from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources
 from dsd_caffe.solvers import Schedule
-from helpers import DC_DEPLOY, DC_NET, shared_file, write_tiny_lmdb
+from helpers import DC_DEPLOY, DC_NET, write_tiny_lmdb
 
 caffe = pytest.importorskip("caffe")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

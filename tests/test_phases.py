@@ -112,7 +112,8 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
     bad = [(phases.Inputs(model, str(tmp_path / "other.caffemodel")), {}, ValueError, "'conv1'"),
            (inputs, {"profile": "nope"}, ValueError, "unknown profile")]
     small = write_tiny_lmdb(tmp_path / "small_lmdb", np.zeros((2, 1, 8, 8)), [0, 1])
-    bad.append((phases.Inputs(model, weights, train_source=small), {}, ValueError, r"\(TRAIN\).*smaller than crop_size 28"))
+    bad.append((phases.Inputs(model, weights, train_source=small), {}, ValueError,
+                r"\(TRAIN\).*smaller than crop_size 28"))
     truncated = tmp_path / "truncated.caffemodel"
     truncated.write_bytes(open(weights, "rb").read()[:1000])
     bad.append((phases.Inputs(model, str(truncated)), {}, ValueError, "truncated or corrupted"))
@@ -162,7 +163,7 @@ def test_prune_without_data_from_a_trainval_and_a_deploy(setup, tmp_path):
 def test_repruning_semantics_through_the_tool(pruned, setup, tmp_path):
     folder, model, weights = setup
     out, _ = pruned
-    same = phases.prune(phases.Inputs(model, os.path.join(out, phases.PRUNED)), tmp_path / "again",
+    phases.prune(phases.Inputs(model, os.path.join(out, phases.PRUNED)), tmp_path / "again",
                         phases.PruneConfig(ratio="3x"))
     first = masks.load_masks(os.path.join(out, phases.MASKS))
     assert masks.same_masks(first, masks.load_masks(tmp_path / "again" / phases.MASKS)) is None

@@ -1,0 +1,122 @@
+"""Caffe's training log, read the way a person would: iteration, smoothed loss, learning rate, test outputs.
+
+:class:`CaffeLog` parses ``caffe train``'s glog lines (the binary's stderr, or pycaffe's glog captured into the
+log file) as they come; :class:`Progress` turns them into a tqdm bar (iteration, loss, last test accuracy, ETA)
+and a log line per test, rounded to 4 digits; :func:`read_curve` reads a finished log back for the accuracy plots.
+"""
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)
+
+
+class CaffeLog:
+    """What Caffe's training log says so far: iteration, smoothed loss, learning rate, last test outputs."""
+
+    _ITER = re.compile(r"Iteration (\d+)")
+    _LOSS = re.compile(r"Iteration (\d+)(?: \(.*\))?, loss = (\S+)")
+    _TEST = re.compile(r"Iteration (\d+), Testing net")
+    _OUT = re.compile(r"Test net output #\d+: (\S+) = (\S+)")
+    _LR = re.compile(r"Iteration (\d+), lr = (\S+)")
+
+    def __init__(self):
+        self.iteration, self.loss, self.lr = 0, None, None
+        self.tests = {}  # {output: value} of the last test
+        self.test_iteration = None
+        self.curve = []  # [(iteration, {output: value})]
+        self.failure = []  # Caffe's error lines, "Check failed" first
+        self._in_test = False
+
+    def feed(self, line):
+        """Read one line; returns True when it ends a test's block of outputs (the test's results are complete)."""
+        ended = self._in_test and not self._OUT.search(line)
+        self._in_test = bool(self._OUT.search(line))
+        if "Check failed" in line or line.startswith("F") or " Error" in line or "error:" in line:
+            text = line.split("] ", 1)[-1].strip()
+            self.failure.insert(0, text) if "Check failed" in line else self.failure.append(text)
+        m = self._LOSS.search(line)
+        if m:
+            self.loss = _number(m.group(2))
+        m = self._LR.search(line)
+        if m:
+            self.lr = _number(m.group(2))
+        m = self._TEST.search(line)
+        if m:
+            self.test_iteration = int(m.group(1))
+            self.curve.append((self.test_iteration, {}))
+        m = self._OUT.search(line)
+        if m and self.curve:
+            self.curve[-1][1][m.group(1)] = _number(m.group(2))
+            self.tests = self.curve[-1][1]
+        m = self._ITER.search(line)
+        if m:
+            self.iteration = max(self.iteration, int(m.group(1)))
+        return ended
+
+    def accuracy(self):
+        """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
+        return top1(self.tests)
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def top1(outputs):
+    """(name, value) of the top-1 accuracy among net outputs (``accuracy``, ``accuracy_top1``, ``top-1``...)."""
+    keys = [k for k in outputs if "acc" in k.lower() or "top" in k.lower()]
+    keys.sort(key=lambda k: (not ("1" in k or k.lower() == "accuracy"), k))
+    return (keys[0], outputs[keys[0]]) if keys else None
+
+
+def read_curve(log_path, key=None):
+    """[(iteration, value)] of the tests in a Caffe training log (resumed runs appended: the last value per
+    iteration wins); ``key`` is the output to read (default: the top-1 accuracy)."""
+    if not os.path.exists(log_path):
+        return []
+    parsed = CaffeLog()
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            parsed.feed(line)
+    points = {}
+    for it, outputs in parsed.curve:
+        pick = (key, outputs.get(key)) if key else top1(outputs)
+        if pick and pick[1] is not None:
+            points[it] = pick[1]
+    return sorted(points.items())
+
+
+class Progress:
+    """The tqdm bar of one training run, fed by CaffeLog; test results are logged too (bars are off without a
+    terminal)."""
+
+    def __init__(self, desc, total, start):
+        from tqdm import tqdm
+
+        self.desc, self.total = desc, total
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=None, dynamic_ncols=True)
+        self.caffe = CaffeLog()
+
+    def feed(self, line):
+        tested = self.caffe.feed(line)
+        c = self.caffe
+        if c.iteration > self.bar.n:
+            self.bar.update(min(c.iteration, self.total) - self.bar.n)
+        acc = c.accuracy()
+        post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"{acc[0]} {acc[1]:.4f}" if acc else ""]
+        self.bar.set_postfix_str(", ".join(p for p in post if p), refresh=False)
+        return tested
+
+    def report_test(self):
+        c = self.caffe
+        if c.tests:
+            outs = ", ".join(f"{k} {v:.4f}" for k, v in c.tests.items() if v is not None)
+            loss = f", training loss {c.loss:.4f}" if c.loss is not None else ""
+            log.info("%s: iteration %d/%d%s; test: %s", self.desc, c.test_iteration, self.total, loss, outs)
+
+    def close(self):
+        self.bar.close()
