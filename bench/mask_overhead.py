@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from dsd_caffe import fileio, masklayer, netgen, pruning
+from dsd_caffe import fileio, masklayer, masks, netgen, pruning
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 
 
@@ -58,11 +58,11 @@ def main():
         dense_model = os.path.join(tmp, "dense.caffemodel")
         dense.net.save(dense_model)
         model = fileio.read_caffemodel(dense_model)
-        weights = masklayer.weight_arrays(model)
-        masks = pruning.make_masks(weights, {n: 1 / 3 for n in weights})
-        sparse_param = masklayer.add_mask_layer(dense_param, {n: w.shape for n, w in weights.items()})
+        weights = masks.weight_arrays(model)
+        kept = pruning.make_masks(weights, {n: 1 / 3 for n in weights})
+        sparse_param = masks.add_mask_layer(dense_param, {n: w.shape for n, w in weights.items()})
         sparse_model = os.path.join(tmp, "sparse.caffemodel")
-        fileio.write_caffemodel(sparse_model, masklayer.add_masks_to_caffemodel(model, masks, sparse_param))
+        fileio.write_caffemodel(sparse_model, masks.add_masks_to_caffemodel(model, kept, sparse_param))
         sparse = solver(caffe, sparse_param, tmp, "sparse")
         sparse.net.copy_from(sparse_model)
         times = {"dense": [], "sparse": []}
@@ -74,8 +74,8 @@ def main():
                 if i:
                     times[name].append(time.perf_counter() - t)
                     cpu[name].append(time.process_time() - c)
-        w = masklayer.weight_arrays(sparse.net)
-        assert all(np.all(w[n][~m] == 0) for n, m in masks.items())
+        w = masks.weight_arrays(sparse.net)
+        assert all(np.all(w[n][~m] == 0) for n, m in kept.items())
         # the mask layer's own work, timed alone
         layer = next(l for l in sparse.net.layers if isinstance(l, masklayer.MaskLayer))
         top = [sparse.net.blobs[masklayer.TOP]]
@@ -84,7 +84,7 @@ def main():
             layer.forward([], top)
             layer.backward(top, [], [])
         mask_ms = (time.perf_counter() - t) / 10 * 1000
-        n_w = sum(m.size for m in masks.values())
+        n_w = sum(m.size for m in kept.values())
         d_med, s_med = statistics.median(times["dense"]), statistics.median(times["sparse"])
         print(f"SqueezeNet v1.0, batch {a.batch}, CPU, {a.iters} timed iterations each (alternating), "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
