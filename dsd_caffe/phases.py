@@ -212,7 +212,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe="imagenet", forc
             plots.weight_histograms(os.path.join(tmp, HISTOGRAM), {
                 "before": masks.flat(weights), "after": masks.flat(pruning.apply_masks(weights, kept))},
                 f"{os.path.basename(os.fspath(inputs.weights))}: pruned to "
-                f"{sum(r['kept'] for r in rows) / sum(r['size'] for r in rows):.3f}")
+                f"{sum(r['kept'] for r in rows) / sum(r['size'] for r in rows):.3f}", zeros="hidden")
             pruned_path = os.path.join(tmp, PRUNED)
             fileio.write_caffemodel(pruned_path, masks.add_masks_to_caffemodel(model_param, kept, sparse_net))
             fileio.write_provenance(pruned_path, source=os.path.abspath(os.fspath(inputs.weights)),
