@@ -1,9 +1,8 @@
-"""Shared fixtures: tiny real LMDBs. Helpers and reference-file paths live in tests/helpers.py (re-exported here
-for the modules that import them from conftest)."""
+"""Shared fixtures: tiny real LMDBs. Helpers and reference-file paths are in tests/helpers.py."""
 import numpy as np
 import pytest
 
-from helpers import DC_DEPLOY, DC_NET, DSD_TRAINVAL, REFERENCE, SHARED, write_tiny_lmdb  # noqa: F401
+from helpers import write_tiny_lmdb
 
 
 @pytest.fixture

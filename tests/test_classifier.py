@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import DC_NET, DSD_TRAINVAL, REFERENCE, write_tiny_lmdb
+from helpers import DC_NET, DSD_TRAINVAL, REFERENCE, write_tiny_lmdb
 from dsd_caffe import caffe_env, classifier, imagedb, netgen, zoo
 from dsd_caffe.classifier import Classifier, Preprocess, classify
 

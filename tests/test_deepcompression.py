@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import DC_DEPLOY, DC_NET, write_tiny_lmdb
+from helpers import DC_DEPLOY, DC_NET, write_tiny_lmdb
 from dsd_caffe import deepcompression as dc
 from dsd_caffe import fileio
 
@@ -16,7 +16,9 @@ HAN_TRAINVAL = os.path.join(REPO, "models", "squeezenet_v1.0", "trainval_han.pro
 NET_BYTES = 675_763
 HUFFMAN_BYTES = 538_458  # measured; deterministic (no timing). The 470,000-byte goal is not met losslessly.
 
-pytestmark = pytest.mark.skipif(not os.path.exists(DC_NET), reason="shared reference files not present")
+pytestmark = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent (a clone "
+                                "of the repository alone has no ../shared; it is Deep Compression's "
+                                "compressed_SqueezeNet.net); set DSD_SHARED to run these tests")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import DC_DEPLOY, DSD_TRAINVAL
+from helpers import DC_DEPLOY, DSD_TRAINVAL, shared_file
 from dsd_caffe import netgen
 from dsd_caffe.caffe_env import caffe_binary, import_caffe
 from dsd_caffe.fileio import read_caffemodel, read_net_prototxt, write_caffemodel, write_prototxt
@@ -35,7 +35,7 @@ def _write(tmp_path, name, net):
 
 
 def test_han_equals_the_dsd_release():
-    ref = read_net_prototxt(DSD_TRAINVAL)
+    ref = read_net_prototxt(shared_file(DSD_TRAINVAL))
     net = netgen.squeezenet_v1_0("han", **REF_SOURCES)
     assert net == ref, _diff(ref, net)
     # the same message field by field, serialised
@@ -43,13 +43,13 @@ def test_han_equals_the_dsd_release():
 
 
 def test_any_change_is_caught():
-    ref = read_net_prototxt(DSD_TRAINVAL)
+    ref = read_net_prototxt(shared_file(DSD_TRAINVAL))
     for kw in (dict(test_batch=25), dict(mirror=False), dict(crop_size=224), dict(mean_values=(104, 117, 124))):
         assert netgen.squeezenet_v1_0("han", **REF_SOURCES, **kw) != ref, kw
 
 
 def test_han_deploy_equals_the_deep_compression_deploy_layers():
-    ref = read_net_prototxt(DC_DEPLOY)
+    ref = read_net_prototxt(shared_file(DC_DEPLOY))
     d = netgen.deploy(netgen.squeezenet_v1_0("han"))
     assert d.layer[0].type == "Input" and list(d.layer[0].input_param.shape[0].dim) == list(ref.input_dim)
     assert list(d.layer[1:-1]) == list(ref.layer)
@@ -229,7 +229,7 @@ def test_generate_reproduces_the_committed_files(tmp_path):
         assert "/work/" not in text and "/tmp" not in text and str(tmp_path) not in text
     # committed files parse and the Han trainval is the release's net with our sources
     han = read_net_prototxt(os.path.join(ROOT, "models/squeezenet_v1.0/trainval_han.prototxt"))
-    assert han == netgen.set_data_sources(read_net_prototxt(DSD_TRAINVAL), *netgen.IMAGENET_SOURCES)
+    assert han == netgen.set_data_sources(read_net_prototxt(shared_file(DSD_TRAINVAL)), *netgen.IMAGENET_SOURCES)
     # again: nothing changes; a changed file is refused without force, rewritten with it
     assert set(netgen.generate(tmp_path).values()) == {"unchanged"}
     target = tmp_path / "models/squeezenet_v1.0/deploy_han.prototxt"

@@ -129,7 +129,7 @@ def test_console_scripts_are_the_tools():
 def test_an_installed_copy_ships_class_names_and_builds_zoo_nets(tmp_path):
     """What setup.py installs (build_py: the package and its package_data), away from the repository and its
     models/ folder, has the ImageNet class names and loads a zoo model."""
-    from conftest import DC_NET
+    from helpers import DC_NET
 
     src, site = tmp_path / "src", tmp_path / "site"
     shutil.copytree(os.path.join(REPO, "dsd_caffe"), src / "dsd_caffe", ignore=shutil.ignore_patterns("__pycache__"))

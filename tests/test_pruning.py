@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import DC_DEPLOY, DC_NET
+from helpers import DC_DEPLOY, DC_NET, shared_file
 from dsd_caffe import pruning
 from dsd_caffe.pruning import (SQUEEZENET_3X, apply_masks, density, format_ratio, kept_count, layer_densities,
                                magnitude_mask, make_masks, mask_and_threshold, parse_ratio, select_layers)
@@ -419,13 +419,9 @@ def test_squeezenet_3x_refuses_other_nets():
 
 
 def test_squeezenet_3x_matches_deepcompression_decode():
-    try:
-        from dsd_caffe import deepcompression
-    except ImportError:
-        pytest.skip("dsd_caffe.deepcompression not in the repository yet")
-    if not hasattr(deepcompression, "decode"):
-        pytest.skip("dsd_caffe.deepcompression.decode not implemented yet")
-    decoded = deepcompression.decode(DC_NET, DC_DEPLOY)
+    from dsd_caffe import deepcompression
+
+    decoded = deepcompression.decode(shared_file(DC_NET), shared_file(DC_DEPLOY))
     derived = {}
     for name, value in decoded.items():
         weights = value[0] if isinstance(value, tuple) else value

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import write_tiny_lmdb
+from helpers import write_tiny_lmdb
 from dsd_caffe import netgen, solvers
 from dsd_caffe.caffe_env import caffe_binary, caffe_pb2
 from dsd_caffe.fileio import read_solver_prototxt

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import DC_NET
+from helpers import DC_NET
 from dsd_caffe import caffe_env, netgen, zoo
 
 DC = "deep-compression-squeezenet"
