@@ -107,7 +107,8 @@ class Progress:
         if c.iteration > self.bar.n:
             self.bar.update(min(c.iteration, self.total) - self.bar.n)
         acc = c.accuracy()
-        post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"{acc[0]} {acc[1]:.4f}" if acc else ""]
+        post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"lr {c.lr:.3g}" if c.lr is not None else "",
+                f"{acc[0]} {acc[1]:.4f}" if acc else ""]
         self.bar.set_postfix_str(", ".join(p for p in post if p), refresh=False)
         return tested
 
