@@ -43,7 +43,8 @@ def make_inputs(folder, n, batch):
         src = os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")
         if os.path.exists(src):
             images = fashion_mnist.read_idx(src)[:n, None]
-            labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))[:n]
+            labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR,
+                                                         "t10k-labels-idx1-ubyte.gz"))[:n]
             what = "Fashion-MNIST test images"
         else:
             rng = np.random.default_rng(0)

@@ -183,7 +183,8 @@ def kill_at(cmd, out, point, jitter, poll=0.01, timeout=600):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stderr.close()
-    return {"point": point, "skipped": False, "killed": killed, "rc": rc, "t": time.monotonic() - t0, "where": describe(out),
+    return {"point": point, "skipped": False, "killed": killed, "rc": rc, "t": time.monotonic() - t0,
+            "where": describe(out),
             "stderr": err if not killed else ""}
 
 

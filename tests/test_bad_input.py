@@ -399,7 +399,8 @@ def test_output_folder_holding_other_files(net, tmp_path):
                                         ("--jobs", "0"), ("--iterations", "0")])
 def test_dsd_bad_numbers_refused_before_the_run_exists(net, tmp_path, flag, value):
     out = tmp_path / "o"
-    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x", f"{flag}={value}",
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x",
+        f"{flag}={value}",
         expect=(flag if flag != "--profile" else "nonsense",))
     assert not (out / pipeline.STATE).exists()
 
