@@ -268,6 +268,18 @@ def write_provenance(model_path, *, source, densities, phase, iteration, seed, f
     return write_json(sidecar_path(model_path), record, force=force)
 
 
+def file_digest(path, algorithm="sha256", prefix=b""):
+    """The hex digest of a file's bytes (after ``prefix``): ``sha256`` for records, git's blob id with
+    ``algorithm="sha1", prefix=b"blob <size>\\0"``."""
+    import hashlib
+
+    h = hashlib.new(algorithm, prefix)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def require_file(path, what):
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -130,18 +130,10 @@ def portable_state(state, folder):
 
 
 # ------------------------------------------------------------------------------------------------ the record
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_record(path):
     """{"path", "sha256"} of a file, for records and provenance."""
     path = os.path.abspath(os.fspath(path))
-    return {"path": path, "sha256": _sha256(path)}
+    return {"path": path, "sha256": fileio.file_digest(path)}
 
 
 def _text(message):
@@ -223,7 +215,7 @@ class Job:
         if self.start_param is not None:
             digest = hashlib.sha256(self.start_param.SerializeToString()).hexdigest()
         else:
-            digest = _sha256(self.start)
+            digest = fileio.file_digest(self.start)
         return {"solver": _text(self.solver), "net": _text(self.net),
                 "weights": {"path": os.path.abspath(self.source or self.start), "sha256": digest}}
 

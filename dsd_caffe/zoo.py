@@ -15,7 +15,6 @@ Command line: ``python -m dsd_caffe.zoo list`` / ``fetch NAME --output DEST [--f
 ``verify NAME PATH``.
 """
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -122,12 +121,8 @@ def get(name):
 
 
 def _hash_file(path, prefix_size=True, algorithm="sha1"):
-    size = os.path.getsize(path)
-    h = hashlib.new(algorithm, b"blob %d\0" % size if prefix_size else b"")
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    prefix = b"blob %d\0" % os.path.getsize(path) if prefix_size else b""
+    return fileio.file_digest(path, algorithm, prefix)
 
 
 def git_blob_id(path):
