@@ -21,38 +21,49 @@ class CaffeLog:
     _LR = re.compile(r"Iteration (\d+), lr = (\S+)")
 
     def __init__(self):
-        self.iteration, self.loss, self.lr = 0, None, None
+        self.iteration, self.loss, self.loss_iteration, self.lr = 0, None, None, None
         self.tests = {}  # {output: value} of the last test
-        self.test_iteration = None
         self.curve = []  # [(iteration, {output: value})]
         self.failure = []  # Caffe's error lines, "Check failed" first
-        self._in_test = False
+        self._in_test, self._pending = False, None
 
     def feed(self, line):
-        """Read one line; returns True when it ends a test's block of outputs (the test's results are complete)."""
-        ended = self._in_test and not self._OUT.search(line)
-        self._in_test = bool(self._OUT.search(line))
+        """Read one line (``""`` at the end of the log). Returns a finished test, (iteration, {output: value},
+        training loss at that iteration or None), once its outputs are complete and the smoothed loss Caffe shows
+        at that iteration (printed after the test) has been read; else None."""
+        out = self._OUT.search(line)
+        if self._in_test and not out:
+            self._pending = self.curve[-1]
+        self._in_test = bool(out)
         if "Check failed" in line or line.startswith("F") or " Error" in line or "error:" in line:
             text = line.split("] ", 1)[-1].strip()
             self.failure.insert(0, text) if "Check failed" in line else self.failure.append(text)
         m = self._LOSS.search(line)
         if m:
-            self.loss = _number(m.group(2))
+            self.loss, self.loss_iteration = _number(m.group(2)), int(m.group(1))
         m = self._LR.search(line)
         if m:
             self.lr = _number(m.group(2))
-        m = self._TEST.search(line)
-        if m:
-            self.test_iteration = int(m.group(1))
-            self.curve.append((self.test_iteration, {}))
-        m = self._OUT.search(line)
-        if m and self.curve:
-            self.curve[-1][1][m.group(1)] = _number(m.group(2))
+        started = self._TEST.search(line)
+        if started:
+            self.curve.append((int(started.group(1)), {}))
+        if out and self.curve:
+            self.curve[-1][1][out.group(1)] = _number(out.group(2))
             self.tests = self.curve[-1][1]
         m = self._ITER.search(line)
         if m:
             self.iteration = max(self.iteration, int(m.group(1)))
-        return ended
+        return self._finished(line, started)
+
+    def _finished(self, line, started):
+        if self._pending is None:
+            return None
+        it, outputs = self._pending
+        later = self.loss_iteration is not None and self.loss_iteration >= it
+        if later or started or not line:
+            self._pending = None
+            return it, outputs, self.loss if self.loss_iteration == it else None
+        return None
 
     def accuracy(self):
         """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
@@ -102,7 +113,8 @@ class Progress:
         self.caffe = CaffeLog()
 
     def feed(self, line):
-        tested = self.caffe.feed(line)
+        """Read one line of Caffe's log (``""`` at its end): move the bar, and log each finished test."""
+        done = self.caffe.feed(line)
         c = self.caffe
         if c.iteration > self.bar.n:
             self.bar.update(min(c.iteration, self.total) - self.bar.n)
@@ -110,14 +122,11 @@ class Progress:
         post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"lr {c.lr:.3g}" if c.lr is not None else "",
                 f"{acc[0]} {acc[1]:.4f}" if acc else ""]
         self.bar.set_postfix_str(", ".join(p for p in post if p), refresh=False)
-        return tested
-
-    def report_test(self):
-        c = self.caffe
-        if c.tests:
-            outs = ", ".join(f"{k} {v:.4f}" for k, v in c.tests.items() if v is not None)
-            loss = f", training loss {c.loss:.4f}" if c.loss is not None else ""
-            log.info("%s: iteration %d/%d%s; test: %s", self.desc, c.test_iteration, self.total, loss, outs)
+        if done is not None:
+            it, outputs, loss = done
+            outs = ", ".join(f"{k} {v:.4f}" for k, v in outputs.items() if v is not None)
+            loss = f", training loss {loss:.4f}" if loss is not None else ""
+            log.info("%s: iteration %d/%d%s; test: %s", self.desc, it, self.total, loss, outs)
 
     def close(self):
         self.bar.close()

@@ -271,7 +271,11 @@ def _class_names(classes):
 
 
 def _image_list(images):
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+    """One image (a path, an HxW grey or HxWxC colour array, C 3 or 4) or many (a list, an NxHxWx3 array, or an
+    NxHxW array of grey images: a 3-D array whose last axis is not colour channels)."""
+    one_array = isinstance(images, np.ndarray) and (images.ndim == 2 or
+                                                    (images.ndim == 3 and images.shape[2] in (3, 4)))
+    if isinstance(images, (str, os.PathLike)) or one_array:
         return [images]
     images = list(images)
     if not images:

@@ -129,10 +129,10 @@ def initial_weights(net, seed):
         return fileio.read_caffemodel(os.path.join(tmp, INIT))
 
 
-def train_dense(inputs, output_dir, dense=Schedule(), recipe="imagenet", engine="binary", gpu=None, force=False,
-                seed=0):
+def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False, seed=0):
     """The dense phase: ``inputs.weights``, or the net's fillers seeded with ``seed`` when None, trained into
-    ``output_dir/dense.caffemodel``."""
+    ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS."""
+    recipe = recipe_of(recipe, inputs.weights)
     net = inputs.net()
     netcheck.check_net(net, name=inputs.name)
     netcheck.check_data(net)
@@ -140,7 +140,19 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe="imagenet", engine=
         netcheck.check_fits(net, fileio.read_caffemodel(inputs.weights), os.fspath(inputs.weights), inputs.name)
     solver = _solver("dense", net, dense, recipe, seed)
     start = os.fspath(inputs.weights) if inputs.weights is not None else (None, initial_weights(net, seed))
-    return train_plain("dense", net, output_dir, solver, start, engine, gpu, force, extra={"engine": engine})
+    return train_plain("dense", net, output_dir, solver, start, engine, gpu, force,
+                       extra={"engine": engine, "recipe": recipe})
+
+
+def recipe_of(recipe, weights):
+    """``recipe`` when given; else the one recorded in the JSON beside ``weights`` (a model this toolkit made
+    records the recipe it was trained with, so the next phase takes the same defaults); else "imagenet"."""
+    if recipe is not None:
+        solvers.defaults("sparse", recipe)  # refuses an unknown recipe
+        return recipe
+    sidecar = fileio.sidecar_path(weights) if weights is not None else None
+    recorded = fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
+    return recorded if recorded in solvers.RECIPES else "imagenet"
 
 
 def _solver(phase, net, schedule, recipe, seed):
@@ -175,55 +187,86 @@ class PruneConfig:
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
 
 
-def prune(inputs, output_dir, config, sparse=Schedule(), recipe="imagenet", force=False):
+#: what a prune folder's JSON records of the command that made it: the folder is reused only when they match
+PRUNE_SETTINGS = ("source_sha256", "target_density", "profile", "skip", "seed", "recipe", "sparse_schedule",
+                  "trainval_sha256")
+
+
+def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=False):
     """Prune ``inputs.weights`` into ``output_dir`` (written whole or not at all: staged in a temporary folder).
-    Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
+    A folder pruned by the same command is reused; other settings are refused, naming the first that differs;
+    ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
+    recipe = recipe_of(recipe, inputs.weights)
     with fileio.output_lock(out):
-        if os.path.exists(os.path.join(out, PRUNED)) and not force:
-            raise FileExistsError(f"{out} already holds a pruned model ({PRUNED}); pass --force to overwrite it")
-        fileio.check_replaceable(out, SPARSE_FOLDER, force, "prune.py")
-        net = inputs.net(require=())
-        data_layers = [p.source for _, p in sources.source_fields(net)]
-        present = bool(data_layers) and all(os.path.exists(s) for s in data_layers)
-        net, model_param = _checked(inputs, need_data=present)
-        names = netgen.weighted_layers(net)
-        if not names:
-            raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
-        weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
-        densities = pruning.layer_densities(weights, config.target, profile=config.profile, skip=config.skip)
-        kept = pruning.make_masks(weights, densities)
-        if all(m.all() for m in kept.values()):
-            raise UserError("every layer is kept at density 1.0; nothing to prune")
-        rows = pruning.summary_rows(weights, kept)
-        sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
-        solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
-        record = dict(target_density=config.target, profile=config.profile, skip=list(config.skip),
-                      thresholds={r["name"]: r["threshold"] for r in rows}, masks=MASKS, recipe=recipe,
-                      sparse_schedule=sparse.settings(), net=SPARSE_NET if data_layers else None,
-                      solver=SPARSE_SOLVER if solver else None)
-        with fileio.atomic_path(out, force=True, directory=True) as tmp:
-            if data_layers:
-                fileio.write_prototxt(os.path.join(tmp, SPARSE_NET), sources.relative_sources(sparse_net, out))
-                os.mkdir(os.path.join(tmp, training.SNAPSHOT_DIR))  # caffe train does not create it
-            if solver is not None:
-                fileio.write_prototxt(os.path.join(tmp, SPARSE_SOLVER), solver)
-            masks.save_masks(os.path.join(tmp, MASKS), kept, force=True)
-            plots.weight_histograms(os.path.join(tmp, HISTOGRAM), {
-                "before": masks.flat(weights), "after": masks.flat(pruning.apply_masks(weights, kept))},
-                f"{os.path.basename(os.fspath(inputs.weights))}: pruned to "
-                f"{sum(r['kept'] for r in rows) / sum(r['size'] for r in rows):.3f}", zeros="hidden")
-            pruned_path = os.path.join(tmp, PRUNED)
-            fileio.write_caffemodel(pruned_path, masks.add_masks_to_caffemodel(model_param, kept, sparse_net))
-            fileio.write_provenance(pruned_path, source=os.path.abspath(os.fspath(inputs.weights)),
-                                    source_sha256=training.file_record(inputs.weights)["sha256"],
-                                    densities={r["name"]: r["density"] for r in rows}, phase="sparse", iteration=0,
-                                    seed=config.seed, made_by="prune", **record)
-    for note in notes:
+        fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
+        plan = _plan(inputs, config, sparse, recipe, out)
+        pruned = os.path.join(out, PRUNED)
+        if training.finished(pruned) and not force:
+            old = fileio.read_json(fileio.sidecar_path(pruned))
+            first = next((k for k in PRUNE_SETTINGS if old.get(k) != plan["record"][k]), None)
+            if first is not None:
+                raise UserError(f"{out} already holds a pruned model made with other settings (first: {first}: "
+                                f"{old.get(first)!r} there, {plan['record'][first]!r} now); use the same command "
+                                "to reuse it, another --output, or --force to prune again from scratch")
+            log.info("reusing %s: pruned by the same command", pruned)
+        else:
+            fileio.check_replaceable(out, SPARSE_FOLDER, force, "prune.py")
+            _write_prune_folder(out, plan, inputs)
+            log.info("pruned %s -> %s", inputs.weights, pruned)
+    for note in plan["notes"]:
         log.info("%s", note)
-    log.info("pruned %s -> %s", inputs.weights, os.path.join(out, PRUNED))
+    rows = plan["rows"]
     return {"table": pruning.format_table(rows), "rows": rows, "densities": {r["name"]: r["density"] for r in rows},
-            "model": os.path.join(out, PRUNED), "output_dir": out, "notes": notes}
+            "model": pruned, "output_dir": out, "notes": plan["notes"]}
+
+
+def _plan(inputs, config, sparse, recipe, out):
+    """Everything prune writes, computed in memory first (so a refusal writes nothing)."""
+    net = inputs.net(require=())
+    data_layers = [p.source for _, p in sources.source_fields(net)]
+    present = bool(data_layers) and all(os.path.exists(s) for s in data_layers)
+    net, model_param = _checked(inputs, need_data=present)
+    names = netgen.weighted_layers(net)
+    if not names:
+        raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
+    weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
+    densities = pruning.layer_densities(weights, config.target, profile=config.profile, skip=config.skip)
+    kept = pruning.make_masks(weights, densities)
+    if all(m.all() for m in kept.values()):
+        raise UserError("every layer is kept at density 1.0; nothing to prune")
+    rows = pruning.summary_rows(weights, kept)
+    sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
+    solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
+    relative = sources.relative_sources(sparse_net, out) if data_layers else None
+    record = dict(source_sha256=training.file_record(inputs.weights)["sha256"], target_density=config.target,
+                  profile=config.profile, skip=list(config.skip), seed=config.seed, recipe=recipe,
+                  sparse_schedule=sparse.settings(),
+                  trainval_sha256=training.text_digest(relative) if relative is not None else None)
+    return dict(weights=weights, kept=kept, rows=rows, model_param=model_param, sparse_net=sparse_net,
+                relative=relative, solver=solver, notes=notes, record=record)
+
+
+def _write_prune_folder(out, plan, inputs):
+    rows, kept, weights = plan["rows"], plan["kept"], plan["weights"]
+    with fileio.atomic_path(out, force=True, directory=True) as tmp:
+        if plan["relative"] is not None:
+            fileio.write_prototxt(os.path.join(tmp, SPARSE_NET), plan["relative"])
+            os.mkdir(os.path.join(tmp, training.SNAPSHOT_DIR))  # caffe train does not create it
+        if plan["solver"] is not None:
+            fileio.write_prototxt(os.path.join(tmp, SPARSE_SOLVER), plan["solver"])
+        masks.save_masks(os.path.join(tmp, MASKS), kept, force=True)
+        plots.weight_histograms(os.path.join(tmp, HISTOGRAM), {
+            "before": masks.flat(weights), "after": masks.flat(pruning.apply_masks(weights, kept))},
+            f"{os.path.basename(os.fspath(inputs.weights))}: pruned to "
+            f"{sum(r['kept'] for r in rows) / sum(r['size'] for r in rows):.3f}", zeros="hidden")
+        pruned = os.path.join(tmp, PRUNED)
+        fileio.write_caffemodel(pruned, masks.add_masks_to_caffemodel(plan["model_param"], kept, plan["sparse_net"]))
+        fileio.write_provenance(pruned, source=os.path.abspath(os.fspath(inputs.weights)),
+                                densities={r["name"]: r["density"] for r in rows}, phase="sparse", iteration=0,
+                                made_by="prune", thresholds={r["name"]: r["threshold"] for r in rows}, masks=MASKS,
+                                net=SPARSE_NET if plan["relative"] is not None else None,
+                                solver=SPARSE_SOLVER if plan["solver"] is not None else None, **plan["record"])
 
 
 def _sparse_solver(net, schedule, recipe, seed, trainable):
@@ -298,17 +341,19 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         dens = masks.check_masked(snap.caffemodel, stored)
         if masks.same_masks(masks.read_masks(snap.caffemodel), stored) is not None:
             raise UserError(f"{snap.caffemodel}: the masks in the snapshot differ from {MASKS}")
-        prov = _provenance(job, snap, "sparse", prov.get("seed"), dict(engine=engine, masked_layers=sorted(stored)))
+        prov = _provenance(job, snap, "sparse", prov.get("seed"), dict(engine=engine, masked_layers=sorted(stored),
+                                                                      recipe=prov.get("recipe", "imagenet")))
         training.finish(snap, job.final, dict(prov, densities=dens))
     return job.final
 
 
 # ------------------------------------------------------------------------------------------------ redense
-def retrain_dense(inputs, output_dir, redense=Schedule(), recipe="imagenet", engine="binary", gpu=None,
-                  force=False, seed=0):
+def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,
+                  seed=0):
     """The redense phase: release the masks of ``inputs.weights`` (a sparse-phase caffemodel; a caffemodel with no
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
     ``output_dir/redense.caffemodel``. Returns its path."""
+    recipe = recipe_of(recipe, inputs.weights)
     net, model_param = _checked(inputs)
     if masks.mask_layer_spec(model_param) is not None:
         released = masks.release_masks(model_param)[0]
@@ -318,4 +363,4 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe="imagenet", eng
         released = model_param
     solver = _solver("redense", net, redense, recipe, seed)
     return train_plain("redense", net, output_dir, solver, (os.fspath(inputs.weights), released), engine, gpu,
-                       force, extra={"engine": engine})
+                       force, extra={"engine": engine, "recipe": recipe})

@@ -46,7 +46,7 @@ class RunConfig:
     sparse: Schedule = Schedule(flag="sparse")
     redense: Schedule = Schedule(flag="redense")
     cycles: int = 1
-    recipe: str = "imagenet"
+    recipe: str = None  # None: the one recorded beside the weights (see phases.recipe_of), else imagenet
     iterations: int = None  # evaluation batches (None: the whole TEST LMDB)
     train_source: str = None
     test_source: str = None
@@ -59,7 +59,7 @@ class RunConfig:
         solvers.count(self.seed, "--seed", 0)
         if self.iterations is not None:
             solvers.count(self.iterations, "--iterations")
-        solvers.defaults("sparse", self.recipe)
+        object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
         for field in ("model", "weights", "train_source", "test_source", "holdout_source"):
             value = getattr(self, field)
@@ -229,7 +229,8 @@ class _Run:
         return phases.train_plain("dense", self.net, os.path.join(self.out, f"control{cycle}-{phase}"), solver,
                                   start, self.engine, self.gpu, extra={"arm": "control", "schedule": phase,
                                                                        "desc": f"control ({phase} schedule)",
-                                                                       "engine": self.engine})
+                                                                       "engine": self.engine,
+                                                                       "recipe": self.config.recipe})
 
 
 # ------------------------------------------------------------------------------------------------ read-outs

@@ -142,6 +142,11 @@ def _text(message):
     return text_format.MessageToString(message)
 
 
+def text_digest(message):
+    """The SHA-256 of a protobuf message's prototxt text (what a record compares)."""
+    return hashlib.sha256(_text(message).encode()).hexdigest()
+
+
 #: solver fields a person sets, compared first so a message names the cause (max_iter), not a consequence
 _SOLVER_FIRST = ("base_lr", "max_iter", "lr_policy", "iter_size", "momentum", "weight_decay", "snapshot", "net")
 
@@ -258,6 +263,7 @@ def train(job, engine="binary", gpu=None, force=False):
     try:
         run = _run_binary if engine == "binary" else _run_pycaffe
         run(job, folder, state, progress, logpath, gpu)
+        progress.feed("")  # the end of the log: its last test is finished
     finally:
         progress.close()
         if state and state != resume.solverstate and os.path.exists(state):
@@ -316,10 +322,8 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
 def _pump(stream, logf, progress):
     for line in stream:
         logf.write(line)
-        if progress.feed(line):
-            progress.report_test()
-    if progress.feed(""):  # a test block at the very end
-        progress.report_test()
+        progress.feed(line)
+    progress.feed("")  # the end: a test block there is finished
 
 
 def _stop(proc, logf, progress):
@@ -403,8 +407,7 @@ class _GlogCapture:
         with open(self.logpath, errors="replace") as f:
             f.seek(self.offset)
             for line in f:
-                if self.progress.feed(line):
-                    self.progress.report_test()
+                self.progress.feed(line)
             self.offset = f.tell()
 
 

@@ -81,6 +81,10 @@ def test_preprocessing_matches_a_hand_computation(tiny):
     # a grey image feeds the same value to all three channels
     grey = img[:, :, 0]
     assert np.array_equal(c.preprocess(grey), c.preprocess(np.repeat(grey[:, :, None], 3, axis=2)))
+    # a stack of grey images (N x H x W, as Fashion-MNIST arrays come) is N images, one prediction each
+    stack = np.stack([grey, 255 - grey, grey // 2, grey])
+    assert np.array_equal(c.probabilities(stack), c.probabilities(list(stack)))
+    assert len(c.classify(stack, top=1)) == 4
 
 
 def test_mean_file_is_cropped_at_the_same_offsets(tiny, tmp_path):

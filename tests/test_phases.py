@@ -97,8 +97,11 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
     folder, model, weights = setup
     out, _ = pruned
     inputs = phases.Inputs(model, weights)
-    with pytest.raises(FileExistsError, match="already holds a pruned model"):
-        phases.prune(inputs, out, phases.PruneConfig(ratio="3x"))
+    stamp = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    again = phases.prune(inputs, out, phases.PruneConfig(ratio="3x"), SHORT)  # the same command: reused as it is
+    assert again["table"] == pruned[1]["table"] and {f: os.path.getmtime(os.path.join(out, f)) for f in stamp} == stamp
+    with pytest.raises(ValueError, match=r"other settings \(first: target_density: 0\.333.* 0\.5 now\).*--force"):
+        phases.prune(inputs, out, phases.PruneConfig(ratio="2x"), SHORT)
     with pytest.raises(ValueError, match="accepted forms"):
         phases.PruneConfig(ratio="1x")
     blocker = tmp_path / "file"

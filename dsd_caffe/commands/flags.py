@@ -14,10 +14,11 @@ def add_schedule(p, phase, prefix="", recipe="imagenet", default=None):
     flag = (lambda name: f"--{prefix + '-' if prefix else ''}{name}")
     length = f"{d.epochs:g} epochs" if d.epochs else f"{d.max_iter} iterations"
     g = p.add_argument_group(f"{phase} phase")
-    g.add_argument(flag("base-lr"), type=float, metavar="LR",
-                   help=f"{phase} base_lr (default: {default or f'{d.base_lr:g}, solvers.DEFAULTS'})")
+    lr_default = default or f"the recipe's; imagenet: {d.base_lr:g}"
+    length_default = default or f"the recipe's; imagenet: {length}"
+    g.add_argument(flag("base-lr"), type=float, metavar="LR", help=f"{phase} base_lr (default: {lr_default})")
     g.add_argument(flag("epochs"), type=float, metavar="N",
-                   help=f"{phase} training epochs (default: {default or f'{length}, solvers.DEFAULTS'})")
+                   help=f"{phase} training epochs (default: {length_default})")
     g.add_argument(flag("max-iter"), type=int, metavar="N", help=f"{phase} iterations, instead of epochs")
     return g
 
@@ -75,5 +76,6 @@ def add_device(p, engine=True):
 def add_recipe(p):
     from dsd_caffe import solvers
 
-    p.add_argument("--recipe", choices=solvers.RECIPES, default="imagenet",
-                   help="which defaults of solvers.DEFAULTS the phases take")
+    p.add_argument("--recipe", choices=solvers.RECIPES,
+                   help="which defaults of solvers.DEFAULTS the phases take (default: the recipe recorded in the "
+                        "JSON beside --weights, for a model this toolkit made; else imagenet)")
