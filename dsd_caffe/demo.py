@@ -125,7 +125,7 @@ def _results(out, cfg, state):
     test, val = (pipeline.results_table(state, split) for split in ("holdout", "val"))
     rename = (lambda t: {TABLE_LABELS.get(k, k): v for k, v in t.items()})
     test, val = rename(test), rename(val)
-    return {"config": cfg, "test": test, "val": val, "table": pipeline.format_table(state, TABLE_LABELS),
+    return {"config": cfg, "test": test, "val": val, "table": pipeline.results_text(state, TABLE_LABELS),
             "gain": test["DSD"]["top1"] - test["baseline"]["top1"],
             "val_gain": val["DSD"]["top1"] - val["baseline"]["top1"],
             "models": {k: os.path.normpath(os.path.join("dsd", v["model"])) for k, v in test.items()},

@@ -167,13 +167,16 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
     return res
 
 
-def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_missing=False, net_param=None):
+def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_missing=False, net_param=None,
+             test_source=None):
     """``caffe test --model model --weights weights --iterations N`` in pycaffe: an ordered dict
     {output name: mean} (see :class:`Results`); :func:`format_results` gives the binary's lines. ``net_param``
-    (absolute sources) replaces reading ``model``."""
+    (absolute sources) replaces reading ``model``; ``test_source`` replaces the TEST data layer's source."""
     iterations = _check_iterations(iterations)
     if net_param is None:
-        net_param = sources.read_net(model, require=("TEST", "BOTH"))
+        net_param = sources.read_net(model, test=test_source, require=("TEST", "BOTH"))
+    elif test_source is not None:
+        net_param = sources.absolute_sources(net_param, None, test=test_source)
     netcheck.require_data(net_param, "TEST", name=os.fspath(model) if model is not None else "net")
     net = load_net(model, weights, "TEST", gpu=gpu, iterations=iterations, allow_missing=allow_missing,
                    net_param=net_param)

@@ -175,7 +175,7 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
         points, marks = curves(out, state)
         plots.accuracy_curves(os.path.join(out, PLOT), points, marks=marks, boundaries=_boundaries(out, state),
                               title="DSD" + (" and its control" if config.control else "") + ": validation top-1")
-        state["table"] = format_table(state)
+        state["table"] = results_text(state)
         state["finished"] = True
         state["final_model"] = os.path.relpath(dsd, out)
         fileio.write_json(os.path.join(out, STATE), state)
@@ -304,7 +304,7 @@ def _pick(results, k):
     return results[keys[0]] if keys else None
 
 
-def format_table(state, labels=None):
+def results_text(state, labels=None):
     """The run's table as text: model, top-1, top-5, density (rounded for people; the state keeps all digits)."""
     table = results_table(state)
     labels = labels or {}

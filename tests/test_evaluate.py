@@ -359,3 +359,13 @@ def test_small_squeezenet_same_lines_as_caffe_test(tiny_lmdb, tmp_path):
     caffe.Net(proto, caffe.TEST).save(weights)
     expected = binary_lines(proto, weights, 4)
     assert evaluate.format_results(evaluate.evaluate(proto, weights, iterations=4)) == expected
+
+
+def test_test_source_replaces_the_trainvals(tiny_lmdb, tmp_path):
+    """--test-source evaluates on another LMDB: the same lines as a prototxt that names it."""
+    first, second = tiny_lmdb(n=16, seed=1, name="a_lmdb"), tiny_lmdb(n=16, seed=2, name="b_lmdb")
+    proto, weights = make_net(str(tmp_path), first, batch=4)
+    other, _ = make_net(str(tmp_path), second, batch=4, name="other")
+    replaced = evaluate.format_results(evaluate.evaluate(proto, weights, iterations=4, test_source=second))
+    assert replaced == evaluate.format_results(evaluate.evaluate(other, weights, iterations=4))
+    assert replaced != evaluate.format_results(evaluate.evaluate(proto, weights, iterations=4))

@@ -87,7 +87,7 @@ def test_control_arm_invariants(setup, tmp_path):
         str(out / "control1-sparse" / phases.DENSE)
     table = pipeline.results_table(state)
     assert list(table) == ["dense", "sparse", "DSD", "control"] and table["control"]["density"] == 1.0
-    assert "DSD - control:" in pipeline.format_table(state)
+    assert "DSD - control:" in pipeline.results_text(state)
     points, marks = pipeline.curves(str(out), state)
     assert set(points) == {"sparse", "redense", "control"} and len(marks) == 1
     assert max(i for i, _ in points["control"]) == max(i for i, _ in points["redense"]) == 10

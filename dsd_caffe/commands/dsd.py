@@ -29,7 +29,7 @@ def run(a):
     for seed, state in result["runs"].items():
         if len(result["runs"]) > 1:
             print(f"seed {seed}:")
-        print(pipeline.format_table(state))
+        print(pipeline.results_text(state))
     if result["verdict"] is not None:
         print(result["verdict"].format())
 

@@ -14,7 +14,8 @@ def run(a):
     from dsd_caffe import evaluate, sources
 
     results = evaluate.evaluate(a.model, a.weights, iterations=a.iterations, gpu=a.gpu,
-                                confusion=a.output is not None, allow_missing=a.allow_missing)
+                                confusion=a.output is not None, allow_missing=a.allow_missing,
+                                test_source=a.test_source)
     for line in evaluate.format_results(results):
         print(line, flush=True)
     if a.output is not None:
@@ -23,7 +24,7 @@ def run(a):
             with open(a.class_names) as f:
                 names = [line.strip() for line in f if line.strip()]
         else:
-            source = sources.test_source(sources.read_net(a.model, require=("TEST", "BOTH")))
+            source = a.test_source or sources.test_source(sources.read_net(a.model, require=("TEST", "BOTH")))
             names = evaluate.lmdb_class_names(source) if source else None
         paths = evaluate.write_confusion(results.confusion, a.output, names, force=a.force)
         print(f"wrote {', '.join(paths.values())}", flush=True)
@@ -35,6 +36,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="trainval/test prototxt (its TEST phase is used)")
     p.add_argument("--weights", required=True, help="caffemodel")
     p.add_argument("--iterations", type=int, default=50, help="forward passes, as caffe test's --iterations")
+    p.add_argument("--test-source", help="TEST LMDB instead of the trainval's (e.g. the test split; default: the "
+                   "trainval's)")
     p.add_argument("--gpu", type=int, default=None, help="GPU device number (CUDA builds only; default: the CPU)")
     cli.add_output(p, "folder for confusion.csv, per_class.csv and confusion.png (default: none written)",
                    required=False)
