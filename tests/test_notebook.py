@@ -35,7 +35,7 @@ print(json.dumps({
     "classifier_top1": classifier_top1,
     "caffe_test_top1": float(first_1000["accuracy_top1"]),
     "test_top1": {label: float(r["accuracy_top1"]) for label, r in test_results.items()},
-    "rows": res["rows"], "models": MODELS, "run": RUN, "table": pipeline.format_table(state),
+    "rows": res["rows"], "models": MODELS, "run": RUN, "table": dsd_caffe.results_text(state),
 }))
 """
 
