@@ -1,5 +1,6 @@
 """Deep Compression's ``.net`` format: decode it into a caffemodel, encode sparse models into it, and an
-entropy-coded (Huffman) variant of our own.
+entropy-coded (Huffman) variant of our own. (One module past 400 lines: the two byte layouts share their codebook,
+gap and layer code, and each is documented next to the code that reads and writes it.)
 
 Weighted layers are chosen by layer *type* (``Convolution``: 8-bit codes, ``InnerProduct``: 4-bit codes), in net
 order; their blob shapes come from the prototxt, built with pycaffe (a trainval is first turned into its deploy

@@ -1,4 +1,5 @@
-"""Check a net, its data and its weights in Python before Caffe sees them.
+"""Check a net, its data and its weights in Python before Caffe sees them. (One module past 400 lines: every input
+check lives here, so that every tool runs the same ones.)
 
 Caffe answers a mismatched caffemodel, a missing LMDB or a too-small image with a glog ``Check failed`` and an
 abort. These checks mirror Caffe's own rules (``Net::FilterNet``, ``Net::CopyTrainedLayersFrom``,

@@ -1,5 +1,7 @@
 """Net generator: SqueezeNet v1.0 (Han's DSD naming or DeepScale's naming), a small SqueezeNet for 28x28/32x32
-images, deploy nets, and the rename map that moves weights between the two SqueezeNet namings.
+images, deploy nets, sparse forms, and the rename map that moves weights between the two SqueezeNet namings.
+(Past 400 lines: the nets are data written as code. The two builders take a dozen keyword arguments each because
+they are the prototxt's own fields — sources, batches, crop, means, classes — as a Caffe user writes them.)
 
 Nets are built in memory as ``caffe_pb2.NetParameter`` messages and written only where the caller asks
 (``fileio.write_prototxt``).

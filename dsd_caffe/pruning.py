@@ -1,6 +1,8 @@
 """Magnitude-pruning math in pure numpy: ratios, masks, per-layer density profiles.
 
-This module never imports Caffe, not even lazily (a test checks it), so it can be used and tested anywhere.
+This module never imports Caffe, not even lazily (a test checks it), so it can be used and tested anywhere. It is
+one module past 400 lines on purpose: the pruning core (ratios, exact-k masks, the four profiles and re-pruning)
+is one rule set whose conventions below hold for all of it, and the SqueezeNet profile table is data.
 The caller (``phases.py``) reads a net, picks the weight blobs to prune (Convolution and InnerProduct weights;
 biases never) and hands them here as ``{layer_name: ndarray}``.
 

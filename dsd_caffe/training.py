@@ -1,5 +1,6 @@
 """Running Caffe's solver in a folder: the ``caffe train`` binary or pycaffe's Solver, resumable, visible and
-interruptible. Every phase (dense, sparse, redense, and the control arm) trains through :func:`train`.
+interruptible. Every phase (dense, sparse, redense, and the control arm) trains through :func:`train`. (Past 400
+lines: the two engines, snapshots and records belong together; Caffe's log is read in :mod:`dsd_caffe.caffelog`.)
 
 A training folder holds the net and solver prototxts (paths relative to the folder), Caffe's snapshots
 (``snapshots/<phase>_iter_N.*``), ``train.log`` (Caffe's own log, appended across resumes) and ``training.json``,
