@@ -300,3 +300,31 @@ def test_any_net_with_inner_product(tmp_path):
     w = masks.weight_arrays(final)
     for name, m in masks.load_masks(out / phases.MASKS).items():
         assert np.all(w[name][~m] == 0) and m.mean() == 0.5
+
+
+def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
+    """A trainval whose TRAIN LMDB is elsewhere: the scan reads the TEST LMDB only (--test-source may replace it),
+    every evaluation sees the same batches, and the outputs land whole in the folder."""
+    from dsd_caffe import sensitivity
+
+    folder, model, weights = setup
+    away = tmp_path / "evalbox"
+    away.mkdir()
+    shutil.copy(model, away / "trainval.prototxt")  # names ../train_lmdb and ../val_lmdb: absent from here
+    config = sensitivity.ScanConfig(densities=(0.2, 1.0), layers=("conv1", "conv_final"), iterations=2)
+    rows = sensitivity.sensitivity_scan(str(away / "trainval.prototxt"), weights, tmp_path / "s", config,
+                                        test_source=os.path.join(folder, "val_lmdb"))
+    assert [(r["layer"], r["density"]) for r in rows] == [("(none)", 1.0), ("conv1", 0.2), ("conv1", 1.0),
+                                                          ("conv_final", 0.2), ("conv_final", 1.0)]
+    base = rows[0]
+    for r in rows[1:]:
+        if r["density"] == 1.0:  # nothing pruned, same batches: exactly the unpruned outputs
+            assert r["loss"] == base["loss"] and r["accuracy"] == base["accuracy"]
+    assert sorted(os.listdir(tmp_path / "s")) == sorted(sensitivity.FILES)
+    header, first = open(tmp_path / "s" / "sensitivity.csv").read().splitlines()[:2]
+    assert header.startswith("layer,density,accuracy") and all(
+        len(v.split(".")[1]) == 4 for v in first.split(",")[1:])  # 4 decimals for people; the JSON keeps all
+    assert fileio.read_json(tmp_path / "s" / "sensitivity.json")["rows"][0]["loss"] == base["loss"]
+    with pytest.raises(ValueError, match="unknown layer"):
+        sensitivity.sensitivity_scan(model, weights, tmp_path / "t", sensitivity.ScanConfig(layers=("nope",)))
+    assert not os.path.exists(tmp_path / "t")
