@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
+from helpers import tool
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 from dsd_caffe.errors import UserError
 
@@ -60,12 +61,6 @@ def data_layer_read(tmp_path, source, batch):
     net = caffe.Net(data_net(tmp_path, source, batch), caffe.TEST)
     net.forward()
     return net.blobs["data"].data.copy(), net.blobs["label"].data.copy()
-
-
-def tool(name, *args):
-    """Run tools/<name>.py as a subprocess."""
-    return subprocess.run([sys.executable, os.path.join(TOOLS, f"{name}.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 def refused(name, *args, expect=()):

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from helpers import DC_DEPLOY, DC_NET, write_tiny_lmdb
+from helpers import DC_DEPLOY, DC_NET, tool, write_tiny_lmdb
 from dsd_caffe import deepcompression as dc
 from dsd_caffe import fileio
 
@@ -42,18 +42,6 @@ def caffemodel(tmp_path_factory):
     out = tmp_path_factory.mktemp("dc") / "decoded.caffemodel"
     dc.decode_to_caffemodel(DC_NET, DC_DEPLOY, out)
     return out
-
-
-def run_tool(name, argv):
-    """Run tools/<name>.py's main(argv) in-process; return its exit status."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.raises(SystemExit) as e:
-        module.main([str(a) for a in argv])
-    return e.value.code
 
 
 def identical(a, b):
@@ -182,13 +170,12 @@ def test_corrupted_net_refused(net_bytes, specs):
         dc.decode_bytes(bytes(data), specs, "x.net")
 
 
-def test_cli_one_line_error(tmp_path, net_bytes, capsys):
+def test_cli_one_line_error(tmp_path, net_bytes):
     bad = tmp_path / "short.net"
     bad.write_bytes(net_bytes[:-7])
-    code = run_tool("decode_compressed", ["--model", DC_DEPLOY, "--net", str(bad), "--output",
-                                          str(tmp_path / "o.caffemodel")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "short.net is truncated" in err[0] and "conv_final" in err[0]
+    r = tool("decode_compressed", "--model", DC_DEPLOY, "--net", bad, "--output", tmp_path / "o.caffemodel")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "short.net is truncated" in err[0] and "conv_final" in err[0]
     assert not (tmp_path / "o.caffemodel").exists()
 
 
@@ -354,17 +341,15 @@ def test_data_prototxt_without_input_shape_refused(small_net):
         dc.layer_specs(small_net["test"])
 
 
-def test_compress_tool_reports_and_refuses_wrong_model(small_net, capsys):
+def test_compress_tool_reports_and_refuses_wrong_model(small_net):
     d = small_net["dir"]
     model = fileio.write_caffemodel(d / "sparse.caffemodel", dc.to_net_parameter(small_net["layers"],
                                                                                   small_net["specs"]))
-    code = run_tool("compress", ["--model", small_net["deploy"], "--weights", model, "--output",
-                                 str(d / "tool.net")])
-    out = capsys.readouterr().out
-    assert code == 0 and "total: " in out and "ratio" in out and "fc" in out
-    code = run_tool("compress", ["--model", DC_DEPLOY, "--weights", model, "--output", str(d / "bad.net")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "has no weights for layer 'conv1'" in err[0]
+    r = tool("compress", "--model", small_net["deploy"], "--weights", model, "--output", d / "tool.net")
+    assert r.returncode == 0 and "total: " in r.stdout and "ratio" in r.stdout and "fc" in r.stdout
+    r = tool("compress", "--model", DC_DEPLOY, "--weights", model, "--output", d / "bad.net")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "has no weights for layer 'conv1'" in err[0]
     assert not (d / "bad.net").exists()
 
 

@@ -2,27 +2,12 @@
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from dsd_caffe import caffe_env, evaluate, fileio, netcheck
 from helpers import tool as run
-
-TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "evaluate.py")
-
-
-def _load_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
 
 NET = """name: "tiny"
 layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
@@ -102,9 +87,8 @@ def test_tool_prints_binary_lines_with_relative_source(tiny_lmdb, tmp_path):
     path = tiny_lmdb(n=24, seed=3, name="val_lmdb")
     make_net(str(tmp_path), path, batch=6, written_source="val_lmdb")
     expected = binary_lines("net.prototxt", "net.caffemodel", 4, cwd=tmp_path)
-    p = subprocess.run([sys.executable, TOOL, "--model", "net.prototxt", "--weights", "net.caffemodel",
-                        "--iterations", "4"], capture_output=True, text=True, cwd=tmp_path,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    p = run("evaluate", "--model", "net.prototxt", "--weights", "net.caffemodel", "--iterations", "4",
+            cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == expected
 
@@ -132,9 +116,8 @@ def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
     assert cm.shape == (10, 10) and cm.sum() == 40
     assert np.trace(cm) / 40 == pytest.approx(float(res["accuracy_top1"]), abs=1e-6)
     out = tmp_path / "cm"
-    with pytest.raises(SystemExit) as e:
-        tool.main(["--model", proto, "--weights", weights, "--iterations", "5", "--output", str(out)])
-    assert e.value.code == 0
+    r = run("evaluate", "--model", proto, "--weights", weights, "--iterations", "5", "--output", out)
+    assert r.returncode == 0, r.stderr
     rows = (out / "per_class.csv").read_text().splitlines()
     assert rows[0] == "class,name,images,correct,accuracy" and len(rows) == 11
     assert sum(int(r.split(",")[2]) for r in rows[1:]) == 40
@@ -142,9 +125,8 @@ def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
     assert sum(int(x) for r in table[1:] for x in r.split(",")[1:]) == 40
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # existing outputs are refused without --force
-    with pytest.raises(SystemExit) as e:
-        tool.main(["--model", proto, "--weights", weights, "--iterations", "5", "--output", str(out)])
-    assert e.value.code == 2 and "already holds output of evaluate.py" in capsys.readouterr().err
+    r = run("evaluate", "--model", proto, "--weights", weights, "--iterations", "5", "--output", out)
+    assert r.returncode == 2 and "already holds output of evaluate.py" in r.stderr
     # the old spelling still works for one release, with one deprecation line
     r = run("evaluate", "--model", proto, "--weights", weights, "--iterations", "5", "--confusion", out, "--force")
     assert r.returncode == 0 and "--confusion is deprecated" in r.stderr, r.stderr
@@ -154,10 +136,10 @@ def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
 
 
 def run_tool_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        tool.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2
+    """evaluate.py refuses: exit status 2, one error line, last (after any progress log lines)."""
+    r = run("evaluate", *argv)
+    err = [line for line in r.stderr.strip().splitlines() if not line[:8].count(":") == 2]  # not hh:mm:ss logs
+    assert r.returncode == 2, r.stderr
     assert len(err) == 1 and ": error: " in err[0], err
     return err[0]
 
@@ -173,8 +155,7 @@ def test_gpu_refused_on_cpu_build(good):
     _, _, proto, weights = good
     if caffe_env.has_gpu_support():
         pytest.skip("this Caffe has GPU support")
-    p = subprocess.run([sys.executable, TOOL, "--model", proto, "--weights", weights, "--gpu", "0"],
-                       capture_output=True, text=True, timeout=300)
+    p = run("evaluate", "--model", proto, "--weights", weights, "--gpu", "0")
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "CPU-only" in p.stderr
 
