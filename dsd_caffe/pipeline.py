@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 
 from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, pruning, solvers, training, verdict
 from .errors import Interrupted, UserError
@@ -360,6 +361,9 @@ def _parallel(config, out, seeds, jobs, engine, gpu, force):
             else:
                 problems.append((kind, value))
     except KeyboardInterrupt:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # a SIGTERM may have reached only this process
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
         raise Interrupted("interrupted; run the same command again to resume") from None
     finally:

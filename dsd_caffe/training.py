@@ -329,15 +329,21 @@ def _pump(stream, logf, progress):
 
 def _stop(proc, logf, progress):
     """Ctrl-C or SIGTERM: Caffe stops after its current iteration and snapshots (-sigint_effect stop). Wait for
-    it, still reading its log; a second interrupt kills it."""
-    try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; SIGTERM reached only us
-        _pump(proc.stderr, logf, progress)
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.kill()
-        proc.wait()
+    it, still reading its log; a second interrupt, a moment later, kills it (the same interrupt may arrive twice:
+    from the terminal and forwarded by a parent)."""
+    started = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reached it already; SIGTERM reached only us
+    while True:
+        try:
+            _pump(proc.stderr, logf, progress)
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            if time.monotonic() - started > 2:
+                proc.kill()
+                proc.wait()
+                return
 
 
 def _run_pycaffe(job, folder, state, progress, logpath, gpu):

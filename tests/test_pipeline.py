@@ -200,3 +200,27 @@ def test_training_tools_show_progress_and_stop_cleanly(setup, tmp_path, engine):
     for _, *numbers in tests:
         assert all(re.fullmatch(r"\d+\.\d{4}", n) for n in numbers), numbers
     assert re.search(r"redense: interrupted at iteration \d+; run the same command again to resume$", err.strip())
+
+
+def test_seeds_in_parallel_stop_on_sigterm_and_resume(setup, tmp_path):
+    """SIGTERM to dsd.py alone (its seed workers get no signal from a terminal): it forwards the interrupt, each
+    seed stops at a snapshot, exit status 130 at once, and the same command finishes every seed."""
+    out = tmp_path / "seeds"
+    args = dsd_args(setup, out, "--control", "--seeds", 2, "--jobs", 2, sparse=6000)
+    proc = _start(args)
+    try:
+        _wait_for(lambda: all(_iteration(out / f"seed{s}" / "cycle1-sparse" / training.LOG) > 20 for s in (0, 1)),
+                  proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.strip().endswith("dsd.py: interrupted; run the same command again to "
+                                                             "resume"), err[-2000:]
+    for s in (0, 1):
+        snaps = training.snapshots(str(out / f"seed{s}" / "cycle1-sparse" / "snapshots"), "sparse")
+        assert snaps and snaps[0].iteration < 6000
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert fileio.read_json(out / pipeline.VERDICT)["seeds"] == [0, 1]
