@@ -1,6 +1,9 @@
 """The bad-input catalogue across tools: every case runs the real tool as a subprocess and expects exit status 2 and
 exactly one line on stderr, `<tool>.py: error: ...`, naming the bad file, layer or value, with no traceback (a
 traceback only with --debug, tested once). Bad images during an LMDB build are skipped and listed (exit 0).
+Besides the message, a case checks what the refusal leaves: no output (no folder made for it, no lock file beside
+a device), inputs untouched, and on a full disk (a small private tmpfs) the old output or none. Odd inputs that
+must simply work (paths with spaces and non-ASCII characters) are here too.
 
 Other files test more cases of single tools (tests/test_evaluate.py, test_data.py, test_deepcompression.py,
 test_phases.py, test_netgen.py); this one is the consolidated catalogue."""
@@ -8,32 +11,25 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
+import lmdb
 import numpy as np
 import pytest
 
-from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources
+from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources, training
+from dsd_caffe.caffe_env import caffe_pb2
 from dsd_caffe.solvers import Schedule
-from helpers import DC_DEPLOY, DC_NET, shared_file, write_tiny_lmdb
+from helpers import DC_DEPLOY, DC_NET, shared_file, tool, write_tiny_lmdb
 
 caffe = pytest.importorskip("caffe")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tool(name, *args, debug=False):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]
-    if debug:
-        cmd.append("--debug")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-def bad(name, *args, expect=(), logs_ok=False):
-    """Run tools/<name>.py and check: exit status 2, one stderr line `<name>.py: error: ...` containing every
-    string of ``expect``, no traceback. ``logs_ok``: the error comes after work that logs progress, so log lines
-    may precede it (the error is still the one last line). Returns the message."""
-    r = tool(name, *args)
+def bad(name, *args, expect=(), logs_ok=False, env=None):
+    """Run tools/<name>.py (``python -m name`` for a dotted name) and check: exit status 2, one stderr line
+    `<name>.py: error: ...` containing every string of ``expect``, no traceback. ``logs_ok``: the error comes after
+    work that logs progress, so log lines may precede it (the error is still the one last line). Returns the
+    message."""
+    r = tool(name, *args, env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     assert "Traceback" not in r.stderr and "Check failed" not in r.stderr, r.stderr[-3000:]
@@ -41,7 +37,8 @@ def bad(name, *args, expect=(), logs_ok=False):
         assert sum(": error:" in line for line in lines) == 1, r.stderr[-3000:]
         lines = lines[-1:]
     assert len(lines) == 1, r.stderr[-3000:]
-    assert lines[0].startswith(f"{name}.py: error: "), lines[0]
+    prog = f"python -m {name}" if "." in name else f"{name}.py"
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
     for s in expect:
         assert s in lines[0], (s, lines[0])
     if os.environ.get("SHOW_MESSAGES"):
@@ -80,6 +77,14 @@ def net(tmp_path_factory):
     text = open(model).read().splitlines()
     text[5] = text[5] + " {"  # an unbalanced brace on line 6
     (folder / "syntax.prototxt").write_text("\n".join(text) + "\n")
+    fileio.write_prototxt(str(folder / "deploy.prototxt"), netgen.deploy(tv, input_shape=(1, 1, 28, 28)))
+    images = rng.integers(0, 256, (8, 1, 28, 28))
+    write_tiny_lmdb(folder / "mixed_lmdb", images, rng.integers(0, 10, 8))
+    env = lmdb.open(str(folder / "mixed_lmdb"), map_size=1 << 20)  # only a later record is smaller than the crop
+    with env.begin(write=True) as txn:
+        small = caffe_pb2().Datum(channels=1, height=16, width=16, data=bytes(256), label=1)
+        txn.put(b"00000006", small.SerializeToString())
+    env.close()
     return {"dir": folder, "model": model, "weights": weights}
 
 
@@ -510,6 +515,6 @@ def test_sparse_solver_syntax_error(pruned, tmp_path):
 
 def test_traceback_only_with_debug(net, tmp_path):
     r = tool("prune", "--model", net["model"], "--weights", p(net, "truncated.caffemodel"), "--ratio", "3x",
-             "--output", tmp_path / "o", debug=True)
+             "--output", tmp_path / "o", "--debug")
     assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr
     assert "truncated.caffemodel" in r.stderr

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 from dsd_caffe.errors import UserError
+from helpers import in_small_tmpfs
 
 TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
 
@@ -723,24 +724,6 @@ def test_encoded_lmdb_of_16_bit_pngs_reads_through_caffe(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- full disk
-
-def in_small_tmpfs(tmp_path, size, script):
-    """Run the shell ``script`` with a tmpfs of ``size`` mounted on $DISK in a private mount namespace, which
-    nothing outside it sees (the mount goes with the process); $PY and $TOOLS are set. Skips where this machine
-    does not allow it (it needs unshare(1) and the right to mount, i.e. root or a user namespace)."""
-    disk = tmp_path / "disk"
-    disk.mkdir(exist_ok=True)
-    cmd = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97\n{script}']
-    env = dict(os.environ, DISK=str(disk), PY=sys.executable, TOOLS=TOOLS)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    except FileNotFoundError:
-        pytest.skip("no unshare(1) on this machine: no private tmpfs for a full-disk test")
-    if r.returncode == 97 or r.stderr.startswith("unshare:"):
-        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {r.stderr.strip()[:300]}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
 
 def one_error_line(path, tool_name):
     """The stderr saved in ``path`` ends with the one error line of a tool (log lines may come before it)."""
