@@ -52,7 +52,7 @@ import zlib
 
 import numpy as np
 
-from . import fileio
+from . import fileio, netcheck
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def layer_specs(prototxt):
     from .caffe_env import import_caffe
 
     net_param = fileio.read_net_prototxt(prototxt)
+    netcheck.check_structure(net_param, "TEST", name=os.fspath(prototxt))  # Caffe aborts on an unknown type
     data_layers = [l for l in list(net_param.layer) + list(net_param.layers) if l.type in DATA_TYPES]
     caffe = import_caffe()
     with tempfile.TemporaryDirectory() as tmp:

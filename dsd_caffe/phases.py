@@ -78,7 +78,7 @@ def _checked(inputs, need_data=True):
     net = inputs.net(require=("TRAIN", "TEST", "BOTH") if need_data else ())
     netcheck.check_net(net, name=inputs.name)
     if need_data:
-        netcheck.check_data(net)
+        netcheck.check_data(net, name=inputs.name)
     model_param = fileio.read_caffemodel(inputs.weights)
     netcheck.check_fits(net, model_param, os.fspath(inputs.weights), inputs.name)
     return net, model_param
@@ -135,7 +135,7 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe="imagenet", engine=
     ``output_dir/dense.caffemodel``."""
     net = inputs.net()
     netcheck.check_net(net, name=inputs.name)
-    netcheck.check_data(net)
+    netcheck.check_data(net, name=inputs.name)
     if inputs.weights is not None:
         netcheck.check_fits(net, fileio.read_caffemodel(inputs.weights), os.fspath(inputs.weights), inputs.name)
     solver = _solver("dense", net, dense, recipe, seed)
@@ -244,13 +244,16 @@ def _sparse_solver(net, schedule, recipe, seed, trainable):
 
 # ------------------------------------------------------------------------------------------------ sparse
 def _sparse_folder(out):
-    """The masks of a prune folder, checked: masks.npz, the pruned model's mask layer and the net's agree."""
+    """The masks of a prune folder, checked: the sparse trainval's structure (netcheck) first, then masks.npz, the
+    pruned model's mask layer and the net's agree."""
     for f in (PRUNED, SPARSE_NET, MASKS):
         if not os.path.exists(os.path.join(out, f)):
             raise FileNotFoundError(f"{out} is not a folder written by tools/prune.py with a sparse trainval "
                                     f"(no {f})")
+    net = fileio.read_net_prototxt(os.path.join(out, SPARSE_NET))
+    netcheck.check_net(net, name=os.path.join(out, SPARSE_NET))  # a misspelt type, module or class is named first
     stored = masks.load_masks(os.path.join(out, MASKS))
-    net_spec = masks.mask_layer_spec(fileio.read_net_prototxt(os.path.join(out, SPARSE_NET)))
+    net_spec = masks.mask_layer_spec(net)
     model_spec = masks.mask_layer_spec(fileio.read_caffemodel(os.path.join(out, PRUNED)))
     if net_spec is None or model_spec is None:
         raise UserError(f"{out}: {SPARSE_NET if net_spec is None else PRUNED} holds no mask layer")
@@ -280,8 +283,7 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, PRUNED)))
         net_rel = fileio.read_net_prototxt(os.path.join(out, SPARSE_NET))
         net = sources.absolute_sources(net_rel, out)
-        netcheck.check_net(net, name=os.path.join(out, SPARSE_NET))
-        netcheck.check_data(masks.remove_mask_layer(net))
+        netcheck.check_data(masks.remove_mask_layer(net), name=os.path.join(out, SPARSE_NET))
         solver_path = os.path.join(out, SPARSE_SOLVER)
         if sparse.settings() or not os.path.exists(solver_path):
             recorded = Schedule(**prov.get("sparse_schedule", {}))

@@ -126,7 +126,7 @@ def _check_run(config):
     inputs = config.inputs()
     net = inputs.net()
     netcheck.check_net(net, name=config.model)
-    netcheck.check_data(net)
+    netcheck.check_data(net, name=config.model)
     model_param = fileio.read_caffemodel(config.weights)
     netcheck.check_fits(net, model_param, config.weights, config.model)
     if config.holdout_source is not None:

@@ -518,3 +518,121 @@ def test_traceback_only_with_debug(net, tmp_path):
              "--output", tmp_path / "o", "--debug")
     assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr
     assert "truncated.caffemodel" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ unbuildable layers
+BROKEN_MODULE = "dsd_broken_layer"  # a module with a syntax error, in the fixture's pymods/ (on PYTHONPATH)
+LAYER_CASES = {"misspelt type": ("'conv1'", "'Convolutoin'", "did you mean 'Convolution'"),
+               "no module": ("'py'", "'no_such_layer_module'", "cannot be imported"),
+               "no class": ("'py'", "'dsd_caffe.masklayer'", "no class 'NoSuchLayer'"),
+               "module fails to import": ("'py'", f"'{BROKEN_MODULE}'", "SyntaxError")}
+
+
+def _with_python_layer(tv, module, cls):
+    """The trainval with a Python layer ``py`` (no bottom, one unused top) right after its two data layers."""
+    net = sources.copy_message(tv)
+    layers = list(net.layer)
+    py = type(layers[0])(name="py", type="Python", top=["py_out"])
+    py.python_param.module, py.python_param.layer = module, cls
+    del net.layer[:]
+    net.layer.extend(layers[:2] + [py] + layers[2:])
+    return net
+
+
+@pytest.fixture(scope="module")
+def broken(net):
+    """{case: (trainval, its deploy form)} that Caffe cannot build (LAYER_CASES), and ``pymods`` holding the module
+    that fails to import."""
+    folder = net["dir"]
+    (folder / "pymods").mkdir()
+    (folder / "pymods" / f"{BROKEN_MODULE}.py").write_text("class Layer(:\n    pass\n")
+    tv = fileio.read_net_prototxt(net["model"])
+    typo = sources.copy_message(tv)
+    next(l for l in typo.layer if l.name == "conv1").type = "Convolutoin"
+    variants = {"misspelt type": typo, "no module": _with_python_layer(tv, "no_such_layer_module", "Layer"),
+                "no class": _with_python_layer(tv, "dsd_caffe.masklayer", "NoSuchLayer"),
+                "module fails to import": _with_python_layer(tv, BROKEN_MODULE, "Layer")}
+    out = {"pymods": {"PYTHONPATH": str(folder / "pymods")}}
+    for i, (case, variant) in enumerate(variants.items()):
+        model, deploy = str(folder / f"broken{i}.prototxt"), str(folder / f"broken{i}_deploy.prototxt")
+        fileio.write_prototxt(model, variant)
+        fileio.write_prototxt(deploy, netgen.deploy(variant, input_shape=(1, 1, 28, 28)))
+        out[case] = (model, deploy)
+    return out
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "evaluate", "sensitivity", "compress",
+                                   "decode_compressed"])
+def test_unbuildable_layer_is_named_before_caffe_builds_the_net(net, pruned, broken, tmp_path, which, case):
+    """Caffe answers these with a glog abort (exit 134) or a 20-line Boost.Python traceback."""
+    model, deploy = broken[case]
+    common = ("--model", model, "--weights", net["weights"])
+    sparse = os.path.join(pruned, phases.PRUNED)
+    args = {"prune": common + ("--ratio", "3x", "--output", tmp_path / "o"),
+            "retrain_dense": common + ("--max-iter", 1, "--output", tmp_path / "o"),
+            "dsd": common + ("--ratio", "3x", "--output", tmp_path / "o"),
+            "evaluate": common + ("--iterations", 1),
+            "sensitivity": common + ("--output", tmp_path / "o"),
+            "compress": ("--model", deploy, "--weights", sparse, "--output", tmp_path / "o"),
+            "decode_compressed": ("--model", deploy, "--net", sparse, "--output", tmp_path / "o")}[which]
+    bad(which, *args, expect=LAYER_CASES[case], env=broken["pymods"])
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("engine", ["binary", "pycaffe"])
+@pytest.mark.parametrize("case", ["misspelt type", "mask layer's module", "mask layer's class",
+                                  "module fails to import"])
+def test_train_sparse_unbuildable_layer_in_the_folder(pruned, broken, tmp_path, case, engine):
+    """The folder's sparse_trainval edited by hand: the layer and the module or type are named (not "holds no
+    mask layer"), before Caffe starts."""
+    run = str(tmp_path / "run")
+    shutil.copytree(pruned, run, ignore=shutil.ignore_patterns("snapshots"))
+    path = os.path.join(run, phases.SPARSE_NET)
+    sparse = fileio.read_net_prototxt(path)
+    mask = next(l for l in sparse.layer if masks.is_mask_layer(l))
+    expect = (repr(mask.name),)
+    if case == "misspelt type":
+        next(l for l in sparse.layer if l.name == "conv1").type = "Convolutoin"
+        expect = LAYER_CASES[case]
+    elif case == "mask layer's module":
+        mask.python_param.module = "dsd_caffe.no_such_masklayer"
+        expect += ("'dsd_caffe.no_such_masklayer'", "cannot be imported")
+    elif case == "mask layer's class":
+        mask.python_param.layer = "NoSuchLayer"
+        expect += ("no class 'NoSuchLayer'",)
+    else:
+        mask.python_param.module = BROKEN_MODULE
+        expect += (f"'{BROKEN_MODULE}'", "SyntaxError")
+    fileio.write_prototxt(path, sparse)
+    bad("train_sparse", run, "--engine", engine, expect=expect + (phases.SPARSE_NET,), env=broken["pymods"])
+    assert not os.path.exists(os.path.join(run, training.LOG)) and not os.path.exists(os.path.join(run, phases.SPARSE))
+
+
+# ------------------------------------------------------------------------------------------------ data needed
+@pytest.mark.parametrize("which", ["evaluate", "sensitivity", "retrain_dense", "dsd"])
+def test_deploy_net_where_data_is_needed(net, tmp_path, which):
+    """A deploy net (an Input layer, no data): caffe test runs it on zeros and prints meaningless numbers."""
+    args = {"evaluate": ("--iterations", 1), "sensitivity": ("--output", tmp_path / "o"),
+            "retrain_dense": ("--max-iter", 1, "--output", tmp_path / "o"),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o")}[which]
+    bad(which, "--model", p(net, "deploy.prototxt"), "--weights", net["weights"], *args,
+        expect=("deploy.prototxt", "only Input layers", "deploy net"))
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "sensitivity", "evaluate"])
+def test_lmdb_with_one_later_record_smaller_than_the_crop(net, tmp_path, which):
+    """The first record is 28x28 (what lmdb_info sees); record 00000006 is 16x16, which aborts Caffe mid-run."""
+    common = ("--model", net["model"], "--weights", net["weights"])
+    if which == "evaluate":
+        tv = netgen.small_squeezenet("train_lmdb", p(net, "mixed_lmdb"), train_batch=4, test_batch=4)
+        fileio.write_prototxt(str(tmp_path / "mixed.prototxt"), tv)
+        common = ("--model", tmp_path / "mixed.prototxt", "--weights", net["weights"])
+    args = {"prune": ("--ratio", "3x", "--output", tmp_path / "o"),
+            "retrain_dense": ("--max-iter", 1, "--output", tmp_path / "o"),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o"), "sensitivity": ("--output", tmp_path / "o"),
+            "evaluate": ()}[which]
+    source = () if which == "evaluate" else ("--test-source", p(net, "mixed_lmdb"))
+    bad(which, *common, *args, *source, expect=("mixed_lmdb", "record 00000006", "16x16", "crop size 28"))
+    assert not os.path.exists(tmp_path / "o")
