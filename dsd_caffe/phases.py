@@ -166,7 +166,7 @@ class PruneConfig:
     def __post_init__(self):
         given = (self.ratio, self.density, self.sparsity) != (None, None, None)
         target = pruning.parse_ratio(self.ratio, self.density, self.sparsity) if given else None
-        profile = os.fspath(self.profile)
+        profile = pruning.check_profile(self.profile)
         if target is None and profile in ("uniform", "global"):
             raise UserError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
         solvers.count(self.seed, "--seed", 0)

@@ -351,6 +351,7 @@ def train(job, engine="binary", gpu=None, force=False):
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     set_device(gpu)
     folder = os.path.abspath(job.folder)
+    fileio.check_output(os.path.join(folder, RECORD), force=True)  # a file or a dangling link in the way: named
     record = job.record()
     if force:
         clear(folder, [job.final] if job.final else [])

@@ -636,3 +636,158 @@ def test_lmdb_with_one_later_record_smaller_than_the_crop(net, tmp_path, which):
     source = () if which == "evaluate" else ("--test-source", p(net, "mixed_lmdb"))
     bad(which, *common, *args, *source, expect=("mixed_lmdb", "record 00000006", "16x16", "crop size 28"))
     assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@pytest.fixture(scope="module")
+def writers(net, pruned):
+    """Inputs for every tool that writes: an image folder, a folder of IDX files that are not IDX files, the small
+    net's deploy prototxt with a .net file of its pruned model."""
+    import cv2
+
+    from dsd_caffe import deepcompression
+
+    folder = net["dir"]
+    (folder / "img" / "cat").mkdir(parents=True)
+    cv2.imwrite(str(folder / "img" / "cat" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "idx").mkdir()
+    for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        (folder / "idx" / f"{name}-ubyte.gz").write_bytes(b"not an IDX file")
+    deploy, small = p(net, "deploy.prototxt"), p(net, "small.net")
+    deepcompression.compress(deploy, os.path.join(pruned, phases.PRUNED), small)
+    return {"img": p(net, "img"), "idx": p(net, "idx"), "deploy": deploy, "net": small,
+            "sparse": os.path.join(pruned, phases.PRUNED)}
+
+
+WRITERS = ["prune", "train_sparse", "retrain_dense", "dsd", "evaluate", "sensitivity", "make_lmdb",
+           "make_lmdb --mean-file", "import_fashion_mnist", "decode_compressed", "compress", "generate", "demo",
+           "dsd_caffe.zoo"]
+
+
+def writer_args(which, out, net, w, elsewhere):
+    """(tool, args) writing ``out``; ``elsewhere`` is a folder for its other outputs."""
+    common = ("--model", net["model"], "--weights", net["weights"])
+    args = {"prune": common + ("--ratio", "3x", "--output", out),
+            "train_sparse": (out,),
+            "retrain_dense": common + ("--max-iter", 1, "--output", out),
+            "dsd": common + ("--ratio", "3x", "--output", out),
+            "evaluate": common + ("--iterations", 1, "--output", out),
+            "sensitivity": common + ("--iterations", 1, "--densities", 0.5, "--output", out),
+            "make_lmdb": (w["img"], "--output", out, "--resize", "8x8"),
+            "make_lmdb --mean-file": (w["img"], "--output", elsewhere / "out_lmdb", "--mean-file", out, "--resize",
+                                      "8x8"),
+            "import_fashion_mnist": ("--output", out, "--source-dir", w["idx"]),
+            "decode_compressed": ("--model", w["deploy"], "--net", w["net"], "--output", out),
+            "compress": ("--model", w["deploy"], "--weights", w["sparse"], "--output", out),
+            "generate": ("--output", out),
+            "demo": ("--output", out, "--quick"),
+            "dsd_caffe.zoo": ("fetch", "squeezenet-v1.0", "--output", out, "--from-file", net["weights"])}[which]
+    return which.split()[0], args
+
+
+def special(kind, folder):
+    """(path, its stat test, the message's word) of /dev/null, or a FIFO or socket made in ``folder``."""
+    import socket
+    import stat
+
+    if kind == "/dev/null":
+        return "/dev/null", stat.S_ISCHR, "a character device"
+    path = folder / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+        return str(path), stat.S_ISFIFO, "a FIFO"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # the socket file stays after the socket closes
+    return str(path), stat.S_ISSOCK, "a socket"
+
+
+@pytest.mark.parametrize("kind", ["/dev/null", "fifo", "socket"])
+@pytest.mark.parametrize("which", WRITERS)
+def test_special_file_as_output_is_refused_and_left_alone(net, writers, tmp_path, which, kind):
+    """Also with --force: one line naming it, the file still what it was, nothing made beside it (no lock file in
+    /dev either)."""
+    (tmp_path / "here").mkdir()
+    out, is_kind, word = special(kind, tmp_path / "here")
+    before = sorted(os.listdir(os.path.dirname(out)))
+    name, args = writer_args(which, out, net, writers, tmp_path / "elsewhere")
+    for force in ((), ("--force",)):
+        bad(name, *args, *force, expect=(f"{out} is {word}", "also with --force"), logs_ok=name == "evaluate")
+        assert is_kind(os.stat(out).st_mode)
+    assert sorted(os.listdir(os.path.dirname(out))) == before
+    assert not os.path.exists(tmp_path / "elsewhere")
+
+
+REFUSALS = {  # a refused input, and the tool it goes to: (tool, args with the output at NEW)
+    "prune: truncated weights": ("prune", ("--model", "MODEL", "--weights", "TRUNCATED", "--ratio", "3x",
+                                           "--output", "NEW")),
+    "prune: --skip every layer": ("prune", ("--model", "MODEL", "--weights", "WEIGHTS", "--ratio", "3x", "--skip",
+                                            "*", "--output", "NEW")),
+    "retrain_dense: truncated weights": ("retrain_dense", ("--model", "MODEL", "--weights", "TRUNCATED",
+                                                           "--output", "NEW")),
+    "retrain_dense: --gpu 0": ("retrain_dense", ("--model", "MODEL", "--weights", "WEIGHTS", "--gpu", 0, "--output",
+                                                 "NEW")),
+    "dsd: truncated weights": ("dsd", ("--model", "MODEL", "--weights", "TRUNCATED", "--ratio", "3x", "--output",
+                                       "NEW")),
+    "sensitivity: truncated weights": ("sensitivity", ("--model", "MODEL", "--weights", "TRUNCATED", "--output",
+                                                       "NEW")),
+    "sensitivity: --gpu 0": ("sensitivity", ("--model", "MODEL", "--weights", "WEIGHTS", "--gpu", 0, "--output",
+                                             "NEW")),
+    "evaluate: truncated weights": ("evaluate", ("--model", "MODEL", "--weights", "TRUNCATED", "--output", "NEW")),
+    "make_lmdb: no image": ("make_lmdb", ("JUNK", "--output", "NEW")),
+    "import_fashion_mnist: not IDX files": ("import_fashion_mnist", ("--output", "NEW", "--source-dir", "IDX")),
+    "decode_compressed: another net's file": ("decode_compressed", ("--model", "DEPLOY", "--net", "WEIGHTS",
+                                                                    "--output", "NEW")),
+    "compress: truncated weights": ("compress", ("--model", "DEPLOY", "--weights", "TRUNCATED", "--output", "NEW")),
+    "demo: --width 0": ("demo", ("--width", 0, "--quick", "--output", "NEW")),
+    "demo: unknown --profile": ("demo", ("--profile", "nonsense", "--quick", "--output", "NEW")),
+    "zoo fetch: not the release": ("dsd_caffe.zoo", ("fetch", "squeezenet-v1.0", "--from-file", "WEIGHTS",
+                                                     "--output", "NEW")),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_refused_input_leaves_no_output_folder(net, writers, tmp_path, case):
+    """The output is two folders deep in folders that do not exist: none of them is left behind (no lock file,
+    no empty folder), whatever the refusal and wherever it is found (before or after the output's lock)."""
+    if "--gpu" in case:
+        from dsd_caffe.caffe_env import has_gpu_support
+
+        if has_gpu_support():
+            pytest.skip("this Caffe is a CUDA build")
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.jpg").write_text("not an image")
+    name, args = REFUSALS[case]
+    values = {"MODEL": net["model"], "WEIGHTS": net["weights"], "TRUNCATED": p(net, "truncated.caffemodel"),
+              "NEW": tmp_path / "new" / "deeper" / "out", "JUNK": tmp_path / "junk", "IDX": writers["idx"],
+              "DEPLOY": writers["deploy"]}
+    bad(name, *[values.get(a, a) if isinstance(a, str) else a for a in args], logs_ok=True)
+    assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "evaluate", "sensitivity", "train_sparse",
+                                   "make_lmdb", "import_fashion_mnist", "generate", "demo"])
+def test_output_is_a_file(net, writers, tmp_path, which):
+    """A file where the output folder should be is named, and never replaced, also with --force."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    name, args = writer_args(which, afile, net, writers, tmp_path / "elsewhere")
+    bad(name, *args, "--force", expect=(str(afile), "not a folder"), logs_ok=name == "evaluate")
+    assert afile.read_text() == "mine" and [n for n in os.listdir(tmp_path) if not n.endswith(".lock")] == ["afile"]
+
+
+@pytest.mark.parametrize("which", ["prune", "sensitivity", "evaluate", "make_lmdb"])
+def test_output_is_a_symlink_to_a_folder(net, writers, tmp_path, which):
+    """Tools that replace their output folder whole never replace a link (nor write through it)."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to("target")
+    name, args = writer_args(which, tmp_path / "link", net, writers, tmp_path / "elsewhere")
+    bad(name, *args, "--force", expect=(str(tmp_path / "link"), "not a folder"), logs_ok=name == "evaluate")
+    assert os.path.islink(tmp_path / "link") and os.listdir(tmp_path / "target") == []
+
+
+@pytest.mark.parametrize("which", ["retrain_dense", "dsd", "demo"])
+def test_output_is_a_dangling_symlink(net, writers, tmp_path, which):
+    (tmp_path / "link").symlink_to("nowhere")
+    name, args = writer_args(which, tmp_path / "link", net, writers, tmp_path / "elsewhere")
+    bad(name, *args, expect=(str(tmp_path / "link"), "symbolic link to nowhere, which does not exist"))
+    assert os.path.islink(tmp_path / "link") and not os.path.exists(tmp_path / "nowhere")
