@@ -273,8 +273,9 @@ def densities(layers):
 def decode_to_caffemodel(net_file, prototxt, output, force=False):
     """Decode ``net_file`` with ``prototxt`` and write ``output`` (a caffemodel, atomically) and its provenance
     JSON. Refuses an existing output unless ``force``. Returns the output path."""
-    fileio.check_output(output, force)
-    fileio.check_output(fileio.sidecar_path(output), force)
+    for path in (output, fileio.sidecar_path(output)):
+        fileio.check_output(path, force)
+        fileio.check_apart(path, (net_file, prototxt))
     specs = layer_specs(prototxt)
     data = _read(net_file)
     layers = decode_bytes(data, specs, os.fspath(net_file))
@@ -745,6 +746,7 @@ def compress(model, weights, output, format="net", bits=None, force=False):
     """Encode the sparse caffemodel ``weights`` of the deploy net ``model``; returns the report with the
     caffemodel's size and the ratio."""
     fileio.check_output(output, force)
+    fileio.check_apart(output, (model, weights))
     specs = layer_specs(model)
     result = encode(read_weights(weights, specs), output, specs, format=format, bits=bits, force=force)
     result["caffemodel_bytes"] = os.path.getsize(weights)

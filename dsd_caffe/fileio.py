@@ -9,8 +9,9 @@ Rules every tool follows through this module:
   writes several files stages them in one temporary folder renamed into place (``atomic_path(...,
   directory=True)``): afterwards the folder holds the old output or the new one, whole.
 - Only regular files and folders are ever replaced: a device, FIFO or socket at an output path is refused, also
-  with ``--force`` (:func:`check_output`). ``--force`` replaces a folder only when it holds nothing but what the
-  tool itself writes (:func:`check_replaceable`).
+  with ``--force`` (:func:`check_output`), and so is an output that is, holds or lies inside an input
+  (:func:`check_apart`). ``--force`` replaces a folder only when it holds nothing but what the tool itself writes
+  (:func:`check_replaceable`).
 - One writer per output (:func:`output_lock`): a second process writing the same output is refused with one line
   naming the live pid; the lock goes with the process, however it ends.
 """
@@ -111,6 +112,21 @@ def atomic_path(path, force=True, directory=False):
         _remove(tmp)
         _rmdirs(made)  # the folders made for it, when empty
         raise
+
+
+def check_apart(output, inputs):
+    """Refuse an ``output`` that is one of the ``inputs`` (None entries are skipped), a folder holding one, or a
+    path inside one (an image folder): writing or replacing it would destroy or change that input, also with
+    ``--force``. Symbolic links are followed."""
+    out = os.path.realpath(os.fspath(output))
+    for given in inputs:
+        if given is None:
+            continue
+        real = os.path.realpath(os.fspath(given))
+        if real == out or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+            how = "is" if real == out else "holds" if real.startswith(out + os.sep) else "is inside"
+            raise UserError(f"output {os.fspath(output)} {how} the input {os.fspath(given)}; writing it would "
+                            "destroy or change that input, also with --force: use another --output")
 
 
 def check_replaceable(folder, owned, force, tool):

@@ -295,8 +295,9 @@ def make_lmdb(source, output, **options):
     opts = LmdbOptions(**options)
     source, output = os.fspath(source), os.path.abspath(os.fspath(output))
     items, classes, root = _inputs(source, opts.root)
-    if os.path.abspath(source).rstrip(os.sep) == output:
-        raise UserError(f"output {output} is the input")
+    for path in (output, fileio.sidecar_path(output), opts.mean_file):
+        if path is not None:  # an output inside an image folder would be read as a class by the next build
+            fileio.check_apart(path, (source,))
     order = np.random.default_rng(opts.seed).permutation(len(items)) if opts.shuffle else range(len(items))
     items = [items[i] for i in order]
     with contextlib.ExitStack() as stack:  # left in reverse order: renames first, then the lock

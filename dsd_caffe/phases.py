@@ -103,6 +103,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
     source, param = start if isinstance(start, tuple) else (start, None)
+    fileio.check_apart(out, [source])  # --force clears the folder's own outputs
     start_path = os.path.join(out, RELEASED if source else INIT) if param is not None else source
     extra = dict(extra or {})
     job = training.Job(out, extra.pop("desc", phase), solver_file(phase), solver, net_file(phase),
@@ -179,6 +180,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe="imagenet", forc
     """Prune ``inputs.weights`` into ``output_dir`` (written whole or not at all: staged in a temporary folder).
     Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
+    fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
     with fileio.output_lock(out):
         if os.path.exists(os.path.join(out, PRUNED)) and not force:
             raise FileExistsError(f"{out} already holds a pruned model ({PRUNED}); pass --force to overwrite it")

@@ -85,9 +85,12 @@ def _open_state(out, config, force, reuse=False):
     state exists."""
     path = os.path.join(out, STATE)
     settings = config.settings()
+    checked = False
     if os.path.exists(path):
         state = fileio.read_json(path)
         if force:
+            _check_run(config)  # before anything goes: a refused input leaves the old run as it was
+            checked = True
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
             log.info("DSD: reusing the finished run in %s", out)
@@ -106,8 +109,9 @@ def _open_state(out, config, force, reuse=False):
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
                               "--force")
-    _check_run(config)
-    fileio.check_output(path, force=True)  # makes the folder; a real write probe (root ignores modes)
+    if not checked:
+        _check_run(config)
+    fileio.check_output(path, force=True)  # a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
@@ -153,6 +157,8 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     from .caffe_env import set_device
 
     set_device(gpu)
+    fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
+                             config.holdout_source))  # --force clears the run folder
     with fileio.output_lock(out):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):

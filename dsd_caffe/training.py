@@ -8,7 +8,8 @@ SHA-256).
 
 - **Reuse.** A folder is reused only when the new command's record equals the one stored: then training resumes
   from the newest complete snapshot, or returns the final one. Otherwise :func:`train` refuses, naming the first
-  setting that differs; ``force`` clears the folder's training outputs and starts from scratch.
+  setting that differs; ``force`` clears the folder's training outputs and starts from scratch. A folder holding
+  another phase's training is refused, also with ``force`` (:func:`check_phase`).
 - **Snapshots.** Caffe does not write snapshots atomically: a snapshot whose files are missing, empty or unreadable
   (a kill while Caffe wrote it) is dropped, and training passes that iteration again. A resume uses a solverstate
   whose ``learned_net`` resolves from the folder (:func:`portable_state`).
@@ -283,6 +284,19 @@ def _first_difference(old, new, solver=False):
     return (longer[0].strip(), "(nothing)") if len(a) > len(b) else ("(nothing)", longer[0].strip())
 
 
+def check_phase(folder, record, what):
+    """Refuse ``folder`` when its stored record is another phase's (its solver trains another net file), also
+    with ``--force``: the two phases' snapshots, log and record would be mixed, or the other's removed."""
+    old = record_of(folder)
+    if old is None:
+        return
+    net = (lambda text: fileio.parse_prototxt(text, caffe_pb2().SolverParameter(), RECORD).net)
+    theirs, ours = net(old.get("solver", "")), net(record["solver"])
+    if theirs != ours:
+        raise UserError(f"{folder} holds the training of another phase (its {RECORD} trains {theirs}, {what} "
+                        f"trains {ours}); use another --output (--force replaces only the same phase's outputs)")
+
+
 def check_record(folder, record, what):
     """Refuse to reuse ``folder`` when its stored record differs from ``record``; name the first difference."""
     path = os.path.join(folder, RECORD)
@@ -353,6 +367,7 @@ def train(job, engine="binary", gpu=None, force=False):
     folder = os.path.abspath(job.folder)
     fileio.check_output(os.path.join(folder, RECORD), force=True)  # a file or a dangling link in the way: named
     record = job.record()
+    check_phase(folder, record, f"a {job.desc} phase")
     if force:
         clear(folder, [job.final] if job.final else [])
     check_record(folder, record, f"a {job.desc} phase")

@@ -791,3 +791,169 @@ def test_output_is_a_dangling_symlink(net, writers, tmp_path, which):
     name, args = writer_args(which, tmp_path / "link", net, writers, tmp_path / "elsewhere")
     bad(name, *args, expect=(str(tmp_path / "link"), "symbolic link to nowhere, which does not exist"))
     assert os.path.islink(tmp_path / "link") and not os.path.exists(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------ odd inputs
+@pytest.fixture(scope="module")
+def odd(net):
+    """The trainval, its LMDBs and the dense model in a folder whose path has spaces and non-ASCII characters."""
+    folder = net["dir"] / "dossier à part" / "ünï cødé"
+    folder.mkdir(parents=True)
+    for lmdb_name in ("train_lmdb", "val_lmdb"):
+        shutil.copytree(net["dir"] / lmdb_name, folder / lmdb_name)
+    shutil.copy(net["model"], folder / "tv é.prototxt")
+    shutil.copy(net["weights"], folder / "dé nse.caffemodel")
+    return folder
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "evaluate", "sensitivity"])
+def test_paths_with_spaces_and_non_ascii_characters_work(odd, tmp_path, which):
+    out = tmp_path / "sortie à part" / "ünï"
+    args = {"prune": ("--ratio", "3x"), "retrain_dense": ("--max-iter", 1), "evaluate": ("--iterations", 1),
+            "sensitivity": ("--iterations", 1, "--densities", 0.5)}[which]
+    r = tool(which, "--model", odd / "tv é.prototxt", "--weights", odd / "dé nse.caffemodel", *args, "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    made = {"prune": phases.PRUNED, "retrain_dense": phases.REDENSE, "evaluate": "confusion.csv",
+            "sensitivity": "sensitivity.csv"}[which]
+    assert os.path.isfile(out / made)
+
+
+@pytest.fixture(scope="module")
+def trained(net, pruned):
+    """A prune folder beside the LMDBs after its sparse phase (snapshots, log, record, sparse.caffemodel)."""
+    folder = str(net["dir"] / "trained")
+    shutil.copytree(pruned, folder)
+    phases.train_sparse(folder)
+    return folder
+
+
+def test_prune_into_the_folder_holding_its_weights(trained, tmp_path):
+    """Re-pruning a sparse model into its own folder would replace the folder, sparse.caffemodel with it."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained, run)
+    weights = os.path.join(run, phases.SPARSE)
+    bad("prune", "--model", os.path.join(run, phases.SPARSE_NET), "--weights", weights, "--ratio", "4x", "--output",
+        run, "--force", expect=(run, "holds the input"))
+    assert sorted(os.listdir(run)) == sorted(os.listdir(trained))
+
+
+def test_dsd_force_with_weights_inside_the_run_folder(net, tmp_path):
+    """--force clears the run folder: weights from an earlier run in it (DSDSD by hand) would go first."""
+    run = tmp_path / "run"
+    (run / "cycle1-redense").mkdir(parents=True)
+    fileio.write_json(str(run / pipeline.STATE), {"config": {}, "phases": [], "finished": True})
+    weights = run / "cycle1-redense" / phases.REDENSE
+    shutil.copy(net["weights"], weights)
+    bad("dsd", "--model", net["model"], "--weights", weights, "--ratio", "3x", "--output", run, "--force",
+        expect=(str(run), "holds the input", str(weights)))
+    assert weights.read_bytes() == open(net["weights"], "rb").read()
+
+
+def test_dsd_force_with_a_bad_input_keeps_the_old_run(net, tmp_path):
+    """The inputs are checked before --force clears anything."""
+    run = tmp_path / "run"
+    (run / "cycle1-sparse").mkdir(parents=True)
+    fileio.write_json(str(run / pipeline.STATE), {"config": {}, "phases": [], "finished": True})
+    bad("dsd", "--model", net["model"], "--weights", p(net, "truncated.caffemodel"), "--ratio", "3x", "--output",
+        run, "--force", expect=("truncated.caffemodel",))
+    assert sorted(os.listdir(run)) == ["cycle1-sparse", pipeline.STATE]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_retrain_dense_into_a_folder_of_another_phase(net, trained, tmp_path, force):
+    """The sparse phase's snapshots, log and record share their names with the redense phase's: they are not
+    mixed or, with --force, removed."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained, run)
+    bad("retrain_dense", "--model", net["model"], "--weights", net["weights"], "--max-iter", 1, "--output", run,
+        *(["--force"] if force else []), expect=(run, "another phase", phases.SPARSE_NET))
+    assert sorted(os.listdir(os.path.join(run, training.SNAPSHOT_DIR))) == \
+        sorted(os.listdir(os.path.join(trained, training.SNAPSHOT_DIR)))
+    assert training.record_of(run) == training.record_of(trained)
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "compress", "decode_compressed"])
+def test_the_same_path_as_input_and_output(net, writers, tmp_path, which):
+    """--force never writes over an input."""
+    shutil.copy(net["weights"], tmp_path / "w.caffemodel")
+    shutil.copy(writers["net"], tmp_path / "x.net")
+    same = tmp_path / ("x.net" if which == "decode_compressed" else "w.caffemodel")
+    args = {"prune": ("--model", net["model"], "--weights", same, "--ratio", "3x"),
+            "retrain_dense": ("--model", net["model"], "--weights", same, "--max-iter", 1),
+            "dsd": ("--model", net["model"], "--weights", same, "--ratio", "3x"),
+            "compress": ("--model", writers["deploy"], "--weights", same),
+            "decode_compressed": ("--model", writers["deploy"], "--net", same)}[which]
+    before = same.read_bytes()
+    bad(which, *args, "--output", same, "--force", expect=(f"{same} is the input",))
+    assert same.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["a class folder", "the image folder"])
+def test_make_lmdb_output_inside_the_image_folder(writers, tmp_path, where):
+    """It would be read as an image (or, at the top, as a class) by the next build of the same folder."""
+    img = tmp_path / "img"
+    shutil.copytree(writers["img"], img)
+    out = img / "cat" / "out_lmdb" if where == "a class folder" else img / "out_lmdb"
+    bad("make_lmdb", img, "--output", out, "--resize", "8x8", expect=(str(out), "is inside the input", str(img)))
+    assert sorted(os.listdir(img)) == ["cat"] and os.listdir(img / "cat") == ["a.png"]
+
+
+def test_make_lmdb_mean_file_over_its_list_file(writers, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("cat/a.png 0\n")
+    bad("make_lmdb", listing, "--root", writers["img"], "--output", tmp_path / "out", "--mean-file", listing,
+        "--force", "--resize", "8x8", expect=(f"{listing} is the input",))
+    assert listing.read_text() == "cat/a.png 0\n" and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "evaluate", "sensitivity", "compress",
+                                   "decode_compressed"])
+def test_weights_given_as_a_folder(net, writers, tmp_path, which):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    args = {"prune": ("--model", net["model"], "--weights", folder, "--ratio", "3x", "--output", tmp_path / "o"),
+            "retrain_dense": ("--model", net["model"], "--weights", folder, "--output", tmp_path / "o"),
+            "dsd": ("--model", net["model"], "--weights", folder, "--ratio", "3x", "--output", tmp_path / "o"),
+            "evaluate": ("--model", net["model"], "--weights", folder),
+            "sensitivity": ("--model", net["model"], "--weights", folder, "--output", tmp_path / "o"),
+            "compress": ("--model", writers["deploy"], "--weights", folder, "--output", tmp_path / "o"),
+            "decode_compressed": ("--model", writers["deploy"], "--net", folder, "--output", tmp_path / "o")}[which]
+    bad(which, *args, expect=(f"{folder} is a folder, not a file",))
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "evaluate", "sensitivity", "compress",
+                                   "decode_compressed"])
+def test_empty_prototxt(net, writers, tmp_path, which):
+    (tmp_path / "blank.prototxt").write_text("")
+    m = ("--model", tmp_path / "blank.prototxt")
+    args = {"prune": m + ("--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o"),
+            "retrain_dense": m + ("--weights", net["weights"], "--output", tmp_path / "o"),
+            "dsd": m + ("--weights", net["weights"], "--ratio", "3x", "--output", tmp_path / "o"),
+            "evaluate": m + ("--weights", net["weights"]),
+            "sensitivity": m + ("--weights", net["weights"], "--output", tmp_path / "o"),
+            "compress": m + ("--weights", writers["sparse"], "--output", tmp_path / "o"),
+            "decode_compressed": m + ("--net", writers["net"], "--output", tmp_path / "o")}[which]
+    msg = bad(which, *args, expect=("blank.prototxt",))
+    assert "no layer" in msg or "no data layer" in msg, msg
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def other_deepscale(net):
+    """The caffemodel of another net (the small net at twice the width) in DeepScale's naming."""
+    path = p(net, "other_deepscale.caffemodel")
+    fileio.write_caffemodel(path, netgen.rename_weights(fileio.read_caffemodel(p(net, "other.caffemodel")), "han",
+                                                        "deepscale"))
+    return path
+
+
+@pytest.mark.parametrize("which", ["prune", "retrain_dense", "dsd", "evaluate", "sensitivity"])
+def test_caffemodel_of_another_net_in_the_other_naming(net, other_deepscale, tmp_path, which):
+    args = {"prune": ("--ratio", "3x", "--output", tmp_path / "o"), "retrain_dense": ("--output", tmp_path / "o"),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o"), "evaluate": (),
+            "sensitivity": ("--output", tmp_path / "o")}[which]
+    bad(which, "--model", net["model"], "--weights", other_deepscale, *args,
+        expect=("other_deepscale.caffemodel", "'conv1'", "32x1x3x3", "16x1x3x3", "deepscale naming", "han naming"),
+        logs_ok=which == "evaluate")
+    assert not os.path.exists(tmp_path / "o")
