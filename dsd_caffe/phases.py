@@ -175,6 +175,18 @@ class PruneConfig:
         object.__setattr__(self, "profile", profile)
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
 
+    def masks(self, weights):
+        """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing."""
+        densities = pruning.layer_densities(weights, self.target, profile=self.profile, skip=self.skip)
+        kept = pruning.make_masks(weights, densities)
+        if all(m.all() for m in kept.values()):
+            asked = next((f"--{k} {v}" for k, v in (("ratio", self.ratio), ("density", self.density),
+                                                      ("sparsity", self.sparsity)) if v is not None),
+                         f"--profile {self.profile}")
+            raise UserError(f"{asked} keeps every weight of every layer (each layer's kept count rounds up to all "
+                            "of it); nothing to prune")
+        return kept
+
 
 def prune(inputs, output_dir, config, sparse=Schedule(), recipe="imagenet", force=False):
     """Prune ``inputs.weights`` into ``output_dir`` (written whole or not at all: staged in a temporary folder).
@@ -193,10 +205,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe="imagenet", forc
         if not names:
             raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
         weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
-        densities = pruning.layer_densities(weights, config.target, profile=config.profile, skip=config.skip)
-        kept = pruning.make_masks(weights, densities)
-        if all(m.all() for m in kept.values()):
-            raise UserError("every layer is kept at density 1.0; nothing to prune")
+        kept = config.masks(weights)
         rows = pruning.summary_rows(weights, kept)
         sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
         solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
@@ -288,8 +297,11 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         netcheck.check_data(masks.remove_mask_layer(net), name=os.path.join(out, SPARSE_NET))
         solver_path = os.path.join(out, SPARSE_SOLVER)
         if sparse.settings() or not os.path.exists(solver_path):
-            recorded = Schedule(**prov.get("sparse_schedule", {}))
-            schedule = dataclasses.replace(recorded, **sparse.settings())
+            recorded = dict(prov.get("sparse_schedule", {}))
+            if {"epochs", "max_iter"} & set(sparse.settings()):  # a length given now replaces the recorded one
+                recorded.pop("epochs", None)
+                recorded.pop("max_iter", None)
+            schedule = dataclasses.replace(Schedule(**recorded), **sparse.settings())
             solver = _solver("sparse", masks.remove_mask_layer(net), schedule, prov.get("recipe", "imagenet"),
                              prov.get("seed", 0))
         else:

@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import shutil
 
-from . import evaluate, fileio, masks, netcheck, netgen, phases, plots, pruning, solvers, training, verdict
+from . import evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -126,7 +126,8 @@ def _clear(out):
 
 
 def _check_run(config):
-    """Everything that can be checked before the run state names its inputs: net, data, weights, profile."""
+    """Everything that can be checked before the run state names its inputs: net, data, weights, profile, and the
+    phases' solvers (a length in epochs that Caffe's max_iter cannot hold)."""
     inputs = config.inputs()
     net = inputs.net()
     netcheck.check_net(net, name=config.model)
@@ -137,8 +138,9 @@ def _check_run(config):
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
     names = netgen.weighted_layers(net)
-    p = config.prune
-    pruning.layer_densities({n: weights[n] for n in names}, p.target, profile=p.profile, skip=p.skip)
+    config.prune.masks({n: weights[n] for n in names})
+    for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
+        phases._solver(phase, net, schedule, config.recipe, config.seed)
 
 
 def _with_test(net, source):

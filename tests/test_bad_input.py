@@ -957,3 +957,65 @@ def test_caffemodel_of_another_net_in_the_other_naming(net, other_deepscale, tmp
         expect=("other_deepscale.caffemodel", "'conv1'", "32x1x3x3", "16x1x3x3", "deepscale naming", "han naming"),
         logs_ok=which == "evaluate")
     assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+BIG = str(2**31)  # one more than Caffe's int32 (max_iter, snapshot, iter_size, test_iter, --iterations, seeds)
+NUMBERS = [  # (tool, flag, value, what the message says); every integer fits Caffe's int32, every float its float
+    ("prune", "--max-iter", "-1", ">= 1"), ("prune", "--max-iter", BIG, "at most 2147483647"),
+    ("prune", "--snapshot", "0", ">= 1"), ("prune", "--iter-size", BIG, "at most"), ("prune", "--seed", "-1", ">= 0"),
+    ("prune", "--seed", BIG, "at most"), ("prune", "--base-lr", "nan", "positive"),
+    ("prune", "--base-lr", "1e39", "Caffe's float"), ("prune", "--base-lr", "1e-46", "Caffe's float"),
+    ("prune", "--epochs", "-2", "positive"), ("prune", "--epochs", "1e300", "give fewer epochs"),
+    ("prune", "--ratio", "1.0000001x", "nothing to prune"), ("dsd", "--ratio", "1.0000001x", "nothing to prune"),
+    ("retrain_dense", "--max-iter", BIG, "at most"), ("retrain_dense", "--seed", "-1", ">= 0"),
+    ("retrain_dense", "--seed", BIG, "at most"), ("retrain_dense", "--base-lr", "1e39", "Caffe's float"),
+    ("retrain_dense", "--base-lr", "inf", "positive"), ("retrain_dense", "--epochs", "1e300", "give fewer epochs"),
+    ("retrain_dense", "--iter-size", "-2", ">= 1"),
+    ("dsd", "--cycles", BIG, "at most"), ("dsd", "--seeds", BIG, "at most"), ("dsd", "--jobs", BIG, "at most"),
+    ("dsd", "--iterations", BIG, "at most"), ("dsd", "--sparse-max-iter", BIG, "at most"),
+    ("dsd", "--redense-epochs", "1e300", "give fewer epochs"), ("dsd", "--sparse-base-lr", "1e-46", "Caffe's float"),
+    ("dsd", "--seed", BIG, "at most"),
+    ("evaluate", "--iterations", BIG, "at most"), ("evaluate", "--iterations", "-1", "> 0"),
+    ("sensitivity", "--iterations", BIG, "at most"), ("sensitivity", "--iterations", "-3", ">= 1"),
+    ("sensitivity", "--densities", "nan", "(0, 1]"), ("sensitivity", "--densities", "1.5", "(0, 1]"),
+    ("train_sparse", "--max-iter", BIG, "at most"), ("train_sparse", "--base-lr", "1e39", "Caffe's float"),
+    ("train_sparse", "--epochs", "1e300", "give fewer epochs"), ("train_sparse", "--snapshot", "-3", ">= 1"),
+    ("make_lmdb", "--resize", "100000x100000", "too large"), ("make_lmdb", "--resize=-4x4", None, "positive"),
+    ("make_lmdb", "--workers", BIG, "at most"), ("make_lmdb", "--seed", "-1", ">= 0"),
+    ("import_fashion_mnist", "--seed", "-1", ">= 0"), ("import_fashion_mnist", "--seed", BIG, "at most"),
+    ("import_fashion_mnist", "--val-size", "-1", "1..59999"),
+    ("compress", "--bits", "0", "between 1 and 8"), ("compress", "--bits", BIG, "between 1 and 8"),
+    ("demo", "--scale", "nan", "(0, 100]"), ("demo", "--scale", "1e300", "(0, 100]"),
+    ("demo", "--width", "-1", "(0, 16]"), ("demo", "--seed", BIG, "at most"), ("demo", "--seed", "-1", ">= 0"),
+]
+NOT_NUMBERS = [("retrain_dense", "--max-iter", "nan"), ("evaluate", "--iterations", "1e3"),
+               ("dsd", "--cycles", "inf")]  # argparse's own error: the usage, then the one error line
+
+
+@pytest.mark.parametrize("which,flag,value,what", NUMBERS, ids=[f"{t}{f}={v}" for t, f, v, _ in NUMBERS])
+def test_negative_nan_and_huge_numbers(net, pruned, writers, tmp_path, which, flag, value, what):
+    """Refused before anything is written: nothing overflows into a protobuf traceback, nothing silently becomes
+    inf or 0 in Caffe's float, nothing runs for ever (decided: integers up to Caffe's int32, 2147483647)."""
+    common = ("--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o")
+    ratio = ("--ratio", "3x") if flag != "--ratio" else ()
+    args = {"prune": common + ratio, "retrain_dense": common, "dsd": common + ratio,
+            "evaluate": common[:4], "sensitivity": common,
+            "train_sparse": (pruned,),
+            "make_lmdb": (writers["img"], "--output", tmp_path / "o"),
+            "import_fashion_mnist": ("--output", tmp_path / "o", "--source-dir", writers["idx"]),
+            "compress": ("--model", writers["deploy"], "--weights", writers["sparse"], "--output", tmp_path / "o",
+                         "--format", "huffman"),
+            "demo": ("--output", tmp_path / "o") + (() if flag == "--scale" else ("--quick",))}[which]
+    flag_value = (flag,) if value is None else (flag, value)
+    msg = bad(which, *args, *flag_value, expect=(what,), logs_ok=flag == "--ratio")
+    assert flag.split("=")[0].lstrip("-").split("-")[-1] in msg.replace("_", "-"), msg
+    assert not os.path.exists(tmp_path / "o")
+    assert not os.path.exists(os.path.join(pruned, phases.SPARSE))
+
+
+@pytest.mark.parametrize("which,flag,value", NOT_NUMBERS)
+def test_integer_flags_that_are_not_integers(net, tmp_path, which, flag, value):
+    bad(which, "--model", net["model"], "--weights", net["weights"], "--output", tmp_path / "o", flag, value,
+        expect=(flag, "invalid int value", repr(value)), logs_ok=True)
+    assert not os.path.exists(tmp_path / "o")
