@@ -11,7 +11,8 @@ SHA-256).
   setting that differs; ``force`` clears the folder's training outputs and starts from scratch. A folder holding
   another phase's training is refused, also with ``force`` (:func:`check_phase`).
 - **Snapshots.** Caffe does not write snapshots atomically: a snapshot whose files are missing, empty or unreadable
-  (a kill while Caffe wrote it) is dropped, and training passes that iteration again. A resume uses a solverstate
+  (a kill while Caffe wrote it, a full disk) is dropped, and training passes that iteration again; a failed run
+  removes them before it reports. A resume uses a solverstate
   whose ``learned_net`` resolves from the folder (:func:`portable_state`).
 - **One writer.** The folder is locked (``fileio.output_lock``) while training; the ``caffe`` child gets SIGKILL
   when its Python parent dies, so a killed run leaves no orphan writing snapshots.
@@ -395,6 +396,10 @@ def train(job, engine="binary", gpu=None, force=False):
     try:
         run = _run_binary if engine == "binary" else _run_pycaffe
         run(job, folder, state, progress, logpath, gpu)
+    except BaseException:
+        # Caffe does not check its snapshot writes: on a full disk it leaves truncated ones under their names
+        snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
+        raise
     finally:
         progress.close()
         if state and state != resume.solverstate and os.path.exists(state):
@@ -444,6 +449,10 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
         except KeyboardInterrupt:
             _stop(proc, logf, progress)
             raise _interrupted(job, progress) from None
+        except BaseException:  # our side failed (its log on a full disk): Caffe stops now, not at our exit
+            proc.kill()
+            proc.wait()
+            raise
     if rc != 0:
         tail = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
         raise UserError(f"{job.desc}: `caffe train` failed with status {rc} in {folder}: {tail} (full log: "

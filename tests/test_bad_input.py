@@ -793,6 +793,82 @@ def test_output_is_a_dangling_symlink(net, writers, tmp_path, which):
     assert os.path.islink(tmp_path / "link") and not os.path.exists(tmp_path / "nowhere")
 
 
+# ------------------------------------------------------------------------------------------------ full disk
+def _full_disk(tmp_path, size, script, **paths):
+    """Run ``script`` on a private tmpfs of ``size`` ($DISK), with shell variables for ``paths`` and $ERR, the
+    test's folder. Returns its stdout."""
+    from helpers import in_small_tmpfs
+
+    names = "".join(f'{k.upper()}="{v}"; ' for k, v in dict(paths, err=tmp_path).items())
+    return in_small_tmpfs(tmp_path, size, names + "\n" + script)
+
+
+def full_disk_line(path, name):
+    """The one error line a tool printed (log lines may precede it) into ``path``: ENOSPC, or Caffe's own check."""
+    text = path.read_text()
+    lines = text.strip().splitlines()
+    assert "Traceback" not in text and sum(": error:" in line for line in lines) == 1, text[-3000:]
+    assert lines[-1].startswith(f"{name}.py: error: "), lines
+    assert "No space left on device" in lines[-1] and "free some space" in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def no_temporaries(root):
+    left = [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files
+            if ".tmp-" in n or n.startswith((".write-test-", ".resume-", ".pycaffe-"))]
+    assert not left, left
+
+
+FULL_OLD_NEW = {  # tools whose output is replaced whole: (tmpfs size, arguments of the run, of the --force run)
+    "prune": ("400k", '--model "$MODEL" --weights "$WEIGHTS" --ratio 3x --output', "--ratio 4x --force"),
+    "decode_compressed": ("200k", '--model "$DEPLOY" --net "$NET" --output', "--force"),
+    "evaluate": ("200k", '--model "$MODEL" --weights "$WEIGHTS" --iterations 1 --output', "--force"),
+}
+
+
+@pytest.mark.parametrize("which", list(FULL_OLD_NEW))
+def test_full_disk_keeps_the_old_output_or_leaves_none(net, writers, tmp_path, which):
+    """A full disk: exit 2 and one line; a --force run keeps the old output whole, a new one leaves nothing, and
+    no temporary stays."""
+    size, args, force = FULL_OLD_NEW[which]
+    out = _full_disk(tmp_path, size, f'''
+        "$PY" "$TOOLS/{which}.py" {args} "$DISK/old" >/dev/null 2>&1 || exit 98
+        find "$DISK"/old* -type f | sort | xargs md5sum > "$ERR/old.sum"
+        cat /dev/zero > "$DISK/filler" 2>/dev/null
+        "$PY" "$TOOLS/{which}.py" {args} "$DISK/old" {force} >/dev/null 2>"$ERR/force.err"; echo "force $?"
+        "$PY" "$TOOLS/{which}.py" {args} "$DISK/new" >/dev/null 2>"$ERR/new.err"; echo "new $?"
+        rm "$DISK/filler"
+        find "$DISK"/old* -type f | sort | xargs md5sum | cmp - "$ERR/old.sum" && echo "old kept"
+        echo "left" $(ls -A "$DISK" | grep -v '^\\..*\\.lock$')
+        find "$DISK" -name '.*tmp-*' -o -name '.write-test-*'
+    ''', model=net["model"], weights=net["weights"], deploy=writers["deploy"], net=writers["net"])
+    assert out.splitlines()[:3] == ["force 2", "new 2", "old kept"], out
+    for err in ("force.err", "new.err"):
+        full_disk_line(tmp_path / err, which)
+    assert out.splitlines()[3:] == ["left old old.json" if which == "decode_compressed" else "left old"], out
+
+
+@pytest.mark.parametrize("which", ["retrain_dense", "dsd"])
+def test_full_disk_while_training_leaves_no_truncated_file(net, tmp_path, which):
+    """The disk fills up while Caffe trains (its snapshots and log): exit 2 and one line; no final model, every
+    snapshot left is complete (Caffe writes them unchecked: the truncated ones are removed), no temporaries."""
+    args = {"retrain_dense": "--max-iter 4", "dsd": "--ratio 3x --sparse-max-iter 4 --redense-max-iter 4"}[which]
+    out = _full_disk(tmp_path, "300k", f'''
+        "$PY" "$TOOLS/{which}.py" --model "$MODEL" --weights "$WEIGHTS" --snapshot 1 {args} --output "$DISK/run" \\
+            >/dev/null 2>"$ERR/full.err"; echo "full $?"
+        cp -a "$DISK/run" "$ERR/left"
+    ''', model=net["model"], weights=net["weights"])
+    assert out.splitlines() == ["full 2"], out
+    full_disk_line(tmp_path / "full.err", which)
+    left = tmp_path / "left"
+    no_temporaries(left)
+    assert not list(left.rglob(phases.REDENSE))
+    for snaps in left.rglob(training.SNAPSHOT_DIR):
+        files = sorted(os.listdir(snaps))
+        complete = training.snapshots(str(snaps), files[0].split("_iter_")[0]) if files else []
+        assert len(files) == 2 * len(complete), files  # a caffemodel and a solverstate each, all readable
+
+
 # ------------------------------------------------------------------------------------------------ odd inputs
 @pytest.fixture(scope="module")
 def odd(net):
