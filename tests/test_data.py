@@ -257,6 +257,54 @@ def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
     assert imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)["count"] == 8
 
 
+def test_killed_at_any_moment_the_lmdb_is_absent_or_whole(tmp_path):
+    """SIGKILL at moments drawn at random (seeded) over a build of 200 images: the LMDB is absent or holds every
+    image, with its JSON; the next build removes what the killed ones left."""
+    src = make_folder(tmp_path / "img", per_class=100, size=(60, 80))
+    out = tmp_path / "out"
+    args = [sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output", str(out), "--resize", "32x32",
+            "--mean-file", str(tmp_path / "mean.binaryproto"), "--force"]
+    rng = np.random.default_rng(0)
+    for delay in sorted(rng.uniform(0.2, 2.5, 6)):
+        proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # renamed last, after its JSON and the mean file
+            assert lmdbio.lmdb_info(out)["count"] == 200 and fileio.read_json(f"{out}.json")["count"] == 200
+            assert imagedb.read_mean_file(tmp_path / "mean.binaryproto").shape == (3, 32, 32)
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert sorted(n for n in os.listdir(tmp_path) if n != "img") == [".out.lock", "mean.binaryproto", "out",
+                                                                     "out.json"]
+
+
+def test_two_builds_of_one_lmdb(tmp_path):
+    """The first holds the output's lock while it waits for an image (a FIFO): the second is refused naming its
+    pid, --force or not; then the first finishes."""
+    src = make_folder(tmp_path / "img")
+    os.mkfifo(tmp_path / "img" / "dog" / "z_fifo.png")
+    args = [sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output", str(tmp_path / "out"),
+            "--workers", "1", "--resize", "8x8"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = fileio.lock_path(tmp_path / "out")
+        deadline = time.time() + 60
+        while not (os.path.exists(lock) and open(lock).read().strip() == str(first.pid)):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.02)
+        for extra in ((), ("--force",)):
+            r = refused("make_lmdb", *args[2:], *extra)
+            assert f"in use by another dsd-caffe process (pid {first.pid})" in r, r
+        with open(tmp_path / "img" / "dog" / "z_fifo.png", "wb") as f:  # the first reads it now
+            f.write(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+        assert first.wait(timeout=120) == 0, first.communicate()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert lmdbio.lmdb_info(tmp_path / "out")["count"] == 9
+
+
 def test_output_exists_refused_unless_force(tmp_path):
     src = make_folder(tmp_path / "img")
     imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
