@@ -132,6 +132,20 @@ def _iteration(log):
     return int(found[-1]) if found else 0
 
 
+def _interrupt(args, log, after, how="ctrl-c"):
+    """Start ``args``, wait until Caffe's ``log`` passes iteration ``after``, then Ctrl-C (SIGINT to the process
+    group, as a terminal sends it) or SIGTERM (to the tool only). Returns (exit status, stderr)."""
+    proc = _start(args)
+    try:
+        _wait_for(lambda: _iteration(log) > after, proc)
+        os.killpg(proc.pid, signal.SIGINT) if how == "ctrl-c" else proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
 def test_two_runs_in_one_folder(setup, tmp_path):
     """A second run on a live run's folder is refused, --force or not, naming the live pid; the first finishes."""
     out = tmp_path / "dsd"
@@ -158,16 +172,8 @@ def test_interrupt_ends_with_130_and_resumes(setup, tmp_path, how):
     naming the iteration, exit status 130; the same command resumes from the snapshot Caffe wrote on stopping."""
     out = tmp_path / "dsd"
     args = dsd_args(setup, out, sparse=4000)
-    proc = _start(args)
-    log = out / "cycle1-sparse" / training.LOG
-    try:
-        _wait_for(lambda: _iteration(log) > 20, proc)
-        os.killpg(proc.pid, signal.SIGINT) if how == "ctrl-c" else proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = _interrupt(args, out / "cycle1-sparse" / training.LOG, 20, how)
+    assert code == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     m = re.fullmatch(r"dsd\.py: sparse: interrupted at iteration (\d+); run the same command again to resume", last)
     assert m, err[-2000:]
@@ -186,15 +192,8 @@ def test_training_tools_show_progress_and_stop_cleanly(setup, tmp_path, engine):
     folder, model, weights = setup
     args = [sys.executable, os.path.join(ROOT, "tools", "retrain_dense.py"), "--model", model, "--weights", weights,
             "--output", str(tmp_path / "r"), "--max-iter", "20000", "--engine", engine]
-    proc = _start(args)
-    try:
-        _wait_for(lambda: _iteration(tmp_path / "r" / training.LOG) > 1100, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = _interrupt(args, tmp_path / "r" / training.LOG, 1100)
+    assert code == 130, err[-2000:]
     assert f"Caffe's log: {tmp_path / 'r' / training.LOG}" in err
     tests = re.findall(r"redense: iteration (\d+)/20000, training loss (\S+); test: accuracy_top1 (\S+), "
                        r"accuracy_top5 (\S+), loss (\S+)", err)
@@ -221,15 +220,8 @@ def test_train_sparse_interrupted_ends_with_130_and_resumes(setup, tmp_path, eng
     resumes from it and the pruned weights stay exactly 0.0."""
     out = _pruned(setup, tmp_path / "sparse", max_iter=1500, snapshot=500)
     args = _tool_args("train_sparse", out, "--engine", engine)
-    proc = _start(args)
-    try:
-        _wait_for(lambda: _iteration(out / training.LOG) > 20, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = _interrupt(args, out / training.LOG, 20)
+    assert code == 130, err[-2000:]
     m = re.fullmatch(r"train_sparse\.py: sparse: interrupted at iteration (\d+); run the same command again to "
                      r"resume", err.strip().splitlines()[-1])
     assert m, err[-2000:]
