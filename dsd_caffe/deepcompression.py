@@ -53,7 +53,7 @@ import zlib
 
 import numpy as np
 
-from . import fileio
+from . import fileio, netcheck
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def layer_specs(prototxt):
     from .caffe_env import import_caffe
 
     net_param = fileio.read_net_prototxt(prototxt)
+    netcheck.check_structure(net_param, "TEST", name=os.fspath(prototxt))  # Caffe aborts on an unknown type
     data_layers = [l for l in list(net_param.layer) + list(net_param.layers) if l.type in DATA_TYPES]
     caffe = import_caffe()
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,8 +274,9 @@ def densities(layers):
 def decode_to_caffemodel(net_file, prototxt, output, force=False):
     """Decode ``net_file`` with ``prototxt`` and write ``output`` (a caffemodel, atomically) and its provenance
     JSON. Refuses an existing output unless ``force``. Returns the output path."""
-    fileio.check_output(output, force)
-    fileio.check_output(fileio.sidecar_path(output), force)
+    for path in (output, fileio.sidecar_path(output)):
+        fileio.check_output(path, force)
+        fileio.check_apart(path, (net_file, prototxt))
     specs = layer_specs(prototxt)
     data = _read(net_file)
     layers = decode_bytes(data, specs, os.fspath(net_file))
@@ -745,6 +747,7 @@ def compress(model, weights, output, format="net", bits=None, force=False):
     """Encode the sparse caffemodel ``weights`` of the deploy net ``model``; returns the report with the
     caffemodel's size and the ratio."""
     fileio.check_output(output, force)
+    fileio.check_apart(output, (model, weights))
     specs = layer_specs(model)
     result = encode(read_weights(weights, specs), output, specs, format=format, bits=bits, force=force)
     result["caffemodel_bytes"] = os.path.getsize(weights)

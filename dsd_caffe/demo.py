@@ -50,6 +50,9 @@ def config_for(seed=0, scale=1.0, **overrides):
         raise TypeError(f"unknown demo setting(s): {', '.join(sorted(unknown))}")
     cfg.update(overrides)
     cfg["skip"] = list(cfg["skip"])
+    # checked here, before any folder or phase: the net's width, the pruning (profile, density, skip)
+    netgen.small_squeezenet(width=cfg["width"])
+    PruneConfig(density=cfg["density"], profile=cfg["profile"], skip=tuple(cfg["skip"]), seed=seed)
     for phase in solvers.PHASES:
         cfg[f"{phase}_iters"] = max(10, int(round(cfg[f"{phase}_iters"] * scale)))
     cfg.update(seed=seed, scale=scale)
@@ -84,8 +87,7 @@ def _open(out, cfg, force):
         for name in ("dense", "dsd", "results.json", "accuracy.png", "weights_histogram.png"):
             p = os.path.join(out, name)
             shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p) if os.path.exists(p) else None
-    os.makedirs(out, exist_ok=True)
-    fileio.write_json(cfg_path, cfg)
+    fileio.write_json(cfg_path, cfg)  # makes the folder (a file in the way is named)
 
 
 def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=False, **overrides):

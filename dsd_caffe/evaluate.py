@@ -46,8 +46,12 @@ def cfmt(x):
 
 
 def _check_iterations(iterations):
+    from .solvers import INT_MAX
+
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations <= 0:
         raise UserError(f"--iterations must be a whole number > 0, got {iterations!r}")
+    if iterations > INT_MAX:  # caffe test's --iterations is an int32 too
+        raise UserError(f"--iterations must be at most {INT_MAX} (Caffe's int32), got {iterations!r}")
     return int(iterations)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import fileio, lmdbio
 from .errors import UserError
+from .solvers import count
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
     """
     if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 0 < val_size < 60000:
         raise UserError(f"val_size must be an integer in 1..59999, got {val_size!r}")
+    count(seed, "seed", 0)
     output_dir = os.path.abspath(os.fspath(output_dir))
     paths = {split: os.path.join(output_dir, f"{split}_lmdb") for split in SPLITS}
     settings = {"val_size": int(val_size), "seed": int(seed)}

@@ -5,15 +5,18 @@ Rules every tool follows through this module:
 
 - Every writer writes to a temporary name in the destination folder and renames at the end
   (:func:`atomic_path`), so a crash, a refusal or a full disk never leaves a truncated output under the real
-  name. A tool that writes several files stages them in one temporary folder renamed into place
-  (``atomic_path(..., directory=True)``): afterwards the folder holds the old output or the new one, whole.
+  name, and a refused input leaves no folder made for the output (:func:`check_output` makes none). A tool that
+  writes several files stages them in one temporary folder renamed into place (``atomic_path(...,
+  directory=True)``): afterwards the folder holds the old output or the new one, whole.
 - Only regular files and folders are ever replaced: a device, FIFO or socket at an output path is refused, also
-  with ``--force`` (:func:`check_output`). ``--force`` replaces a folder only when it holds nothing but what the
-  tool itself writes (:func:`check_replaceable`).
+  with ``--force`` (:func:`check_output`), and so is an output that is, holds or lies inside an input
+  (:func:`check_apart`). ``--force`` replaces a folder only when it holds nothing but what the tool itself writes
+  (:func:`check_replaceable`).
 - One writer per output (:func:`output_lock`): a second process writing the same output is refused with one line
   naming the live pid; the lock goes with the process, however it ends.
 """
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -44,17 +47,24 @@ def _check_kind(path):
 
 def check_output(path, force=False):
     """Refuse to overwrite ``path`` unless ``force``, and refuse anything but a regular file or folder even then;
-    check its folder is writable. Returns ``path``."""
+    check its folder is writable, or can be made (nothing is made here: a check leaves no folder behind).
+    Returns ``path``."""
     path = os.fspath(path)
     _check_kind(path)
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))
+    missing = _missing_folders(folder)
+    existing = os.path.dirname(missing[-1]) if missing else folder
     # A real write probe: root ignores permission bits, and a read-only file system or a file in the way
     # only shows when writing.
     try:
-        os.makedirs(folder, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".write-test-"))
+        if not os.path.isdir(existing):
+            _check_kind(existing)  # a device or FIFO in the way is named as such
+            what = (f"a symbolic link to {os.readlink(existing)}, which does not exist" if os.path.islink(existing)
+                    else "a file, not a folder")
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is {what}")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
     except OSError as e:
         raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
     return path
@@ -76,6 +86,7 @@ def atomic_path(path, force=True, directory=False):
     path = os.path.abspath(os.fspath(path))
     check_output(path, force=force)
     folder = os.path.dirname(path)
+    made = _missing_folders(folder)
     os.makedirs(folder, exist_ok=True)
     prefix = "." + os.path.basename(path) + ".tmp-"
     _remove_stale(folder, prefix)
@@ -99,7 +110,23 @@ def atomic_path(path, force=True, directory=False):
             _remove(aside)
     except BaseException:
         _remove(tmp)
+        _rmdirs(made)  # the folders made for it, when empty
         raise
+
+
+def check_apart(output, inputs):
+    """Refuse an ``output`` that is one of the ``inputs`` (None entries are skipped), a folder holding one, or a
+    path inside one (an image folder): writing or replacing it would destroy or change that input, also with
+    ``--force``. Symbolic links are followed."""
+    out = os.path.realpath(os.fspath(output))
+    for given in inputs:
+        if given is None:
+            continue
+        real = os.path.realpath(os.fspath(given))
+        if real == out or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+            how = "is" if real == out else "holds" if real.startswith(out + os.sep) else "is inside"
+            raise UserError(f"output {os.fspath(output)} {how} the input {os.fspath(given)}; writing it would "
+                            "destroy or change that input, also with --force: use another --output")
 
 
 def check_replaceable(folder, owned, force, tool):
@@ -139,9 +166,12 @@ def lock_path(output):
 def output_lock(output):
     """Hold the exclusive lock of ``output`` (a file or folder) while the block runs. A second process is refused
     with a UserError naming the pid that holds it. The lock is an ``flock``: it goes with the process, also on
-    SIGKILL, and the small lock file stays (harmless)."""
+    SIGKILL, and the small lock file stays (harmless); but when the lock had to make the folders it sits in and the
+    output never appeared (a refused input), the lock file and those folders go, so a refusal leaves no folder
+    behind. A device, FIFO or socket at ``output`` is refused before a lock file is made beside it."""
     import fcntl
 
+    _check_kind(output)
     path = lock_path(output)
     with _held_guard:
         if path in _held:
@@ -150,26 +180,33 @@ def output_lock(output):
         else:
             entry = None
     if entry is None:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            f = open(path, "a+")
-        except OSError as e:
-            raise PermissionError(f"output folder {os.path.dirname(path)} is not writable ({e.strerror or e})") \
-                from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            pid = f.read().strip() or "unknown"
-            f.close()
-            raise UserError(f"{os.path.abspath(os.fspath(output))} is in use by another dsd-caffe process "
-                            f"(pid {pid}); wait for it to end, or use another --output") from None
+        folder = os.path.dirname(path)
+        made = _missing_folders(folder)
+        while True:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                f = open(path, "a+")
+            except OSError as e:
+                raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                pid = f.read().strip() or "unknown"
+                f.close()
+                raise UserError(f"{os.path.abspath(os.fspath(output))} is in use by another dsd-caffe process "
+                                f"(pid {pid}); wait for it to end, or use another --output") from None
+            if _same_file(f, path):
+                break
+            f.close()  # its holder removed it on leaving (see below): lock the lock file there now
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
         with _held_guard:
             entry = _held[path] = [f, 1]
+    else:
+        made = []
     try:
         yield path
     finally:
@@ -177,7 +214,44 @@ def output_lock(output):
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[path]
+                if made and not os.path.lexists(output):
+                    _unmake(path, made)
                 entry[0].close()
+
+
+def _missing_folders(folder):
+    """The folders of ``folder``'s path that do not exist yet, deepest first (the last one's parent exists, as a
+    folder or as something in the way)."""
+    missing = []
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _same_file(f, path):
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _unmake(lock, folders):
+    """Remove a lock file and the (empty) folders made for it, while the lock is still held."""
+    try:
+        os.unlink(lock)
+    except OSError:
+        return
+    _rmdirs(folders)
+
+
+def _rmdirs(folders):
+    """Remove ``folders`` (deepest first) while they are empty."""
+    try:
+        for folder in folders:
+            os.rmdir(folder)
+    except OSError:
+        pass  # something else appeared there meanwhile: it stays
 
 
 def _pid_alive(pid):

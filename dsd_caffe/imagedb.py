@@ -20,7 +20,7 @@ import numpy as np
 from . import datums, fileio, lmdbio
 from .caffe_env import caffe_pb2
 from .errors import UserError
-from .solvers import count as _count
+from .solvers import INT_MAX, count as _count
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,13 @@ class LmdbOptions:
     def __post_init__(self):
         put = functools.partial(object.__setattr__, self)
         put("resize", _parse_resize(self.resize))
+        if self.resize and self.resize[0] * self.resize[1] * (1 if self.gray else 3) > INT_MAX:
+            raise UserError(f"resize {self.resize[0]}x{self.resize[1]} is too large: a record would hold more "
+                            f"than {INT_MAX} bytes, the most a Datum (a protobuf message) can")
         put("encoded", _parse_encoded(self.encoded))
         put("workers", _all_cores() if self.workers is None else _count(self.workers, "workers"))
         put("chunk", _count(self.chunk, "chunk"))
-        put("map_size", _count(self.map_size, "map_size", 4096))
+        put("map_size", _count(self.map_size, "map_size", 4096, maximum=None))  # 64-bit in LMDB
         put("seed", _count(self.seed, "seed", 0))
         for name in ("root", "mean_file"):
             if getattr(self, name) is not None:
@@ -295,8 +298,9 @@ def make_lmdb(source, output, **options):
     opts = LmdbOptions(**options)
     source, output = os.fspath(source), os.path.abspath(os.fspath(output))
     items, classes, root = _inputs(source, opts.root)
-    if os.path.abspath(source).rstrip(os.sep) == output:
-        raise UserError(f"output {output} is the input")
+    for path in (output, fileio.sidecar_path(output), opts.mean_file):
+        if path is not None:  # an output inside an image folder would be read as a class by the next build
+            fileio.check_apart(path, (source,))
     order = np.random.default_rng(opts.seed).permutation(len(items)) if opts.shuffle else range(len(items))
     items = [items[i] for i in order]
     with contextlib.ExitStack() as stack:  # left in reverse order: renames first, then the lock

@@ -116,6 +116,8 @@ def _check_python_layer(layer, name):
         mod = importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from None
+    except Exception as e:  # the module's own code fails (a syntax error, an exception at import), or a bad name
+        raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from None
     if not isinstance(getattr(mod, cls, None), type):
         raise UserError(f"{where}: module {module!r} has no class {cls!r}")
 
@@ -387,9 +389,11 @@ def check_labels(net):
                                 "belong to this net?")
 
 
-def check_data(net, phases=("TRAIN", "TEST")):
-    """Everything a training run reads: the data layers of each phase and their labels."""
+def check_data(net, phases=("TRAIN", "TEST"), name="net"):
+    """Everything a training run reads: a data layer in each phase (not a deploy net), its data, and the
+    labels."""
     for phase in phases:
+        require_data(net, phase, name)
         check_data_layers(net, phase)
     check_labels(net)
 

@@ -78,7 +78,7 @@ def _checked(inputs, need_data=True):
     net = inputs.net(require=("TRAIN", "TEST", "BOTH") if need_data else ())
     netcheck.check_net(net, name=inputs.name)
     if need_data:
-        netcheck.check_data(net)
+        netcheck.check_data(net, name=inputs.name)
     model_param = fileio.read_caffemodel(inputs.weights)
     netcheck.check_fits(net, model_param, os.fspath(inputs.weights), inputs.name)
     return net, model_param
@@ -103,6 +103,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
     source, param = start if isinstance(start, tuple) else (start, None)
+    fileio.check_apart(out, [source])  # --force clears the folder's own outputs
     start_path = os.path.join(out, RELEASED if source else INIT) if param is not None else source
     extra = dict(extra or {})
     job = training.Job(out, extra.pop("desc", phase), solver_file(phase), solver, net_file(phase),
@@ -135,7 +136,7 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binar
     recipe = recipe_of(recipe, inputs.weights)
     net = inputs.net()
     netcheck.check_net(net, name=inputs.name)
-    netcheck.check_data(net)
+    netcheck.check_data(net, name=inputs.name)
     if inputs.weights is not None:
         netcheck.check_fits(net, fileio.read_caffemodel(inputs.weights), os.fspath(inputs.weights), inputs.name)
     solver = _solver("dense", net, dense, recipe, seed)
@@ -178,13 +179,25 @@ class PruneConfig:
     def __post_init__(self):
         given = (self.ratio, self.density, self.sparsity) != (None, None, None)
         target = pruning.parse_ratio(self.ratio, self.density, self.sparsity) if given else None
-        profile = os.fspath(self.profile)
+        profile = pruning.check_profile(self.profile)
         if target is None and profile in ("uniform", "global"):
             raise UserError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
         solvers.count(self.seed, "--seed", 0)
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "profile", profile)
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
+
+    def masks(self, weights):
+        """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing."""
+        densities = pruning.layer_densities(weights, self.target, profile=self.profile, skip=self.skip)
+        kept = pruning.make_masks(weights, densities)
+        if all(m.all() for m in kept.values()):
+            asked = next((f"--{k} {v}" for k, v in (("ratio", self.ratio), ("density", self.density),
+                                                      ("sparsity", self.sparsity)) if v is not None),
+                         f"--profile {self.profile}")
+            raise UserError(f"{asked} keeps every weight of every layer (each layer's kept count rounds up to all "
+                            "of it); nothing to prune")
+        return kept
 
 
 #: what a prune folder's JSON records of the command that made it: the folder is reused only when they match
@@ -198,6 +211,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
     recipe = recipe_of(recipe, inputs.weights)
+    fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out)
@@ -231,10 +245,7 @@ def _plan(inputs, config, sparse, recipe, out):
     if not names:
         raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
     weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
-    densities = pruning.layer_densities(weights, config.target, profile=config.profile, skip=config.skip)
-    kept = pruning.make_masks(weights, densities)
-    if all(m.all() for m in kept.values()):
-        raise UserError("every layer is kept at density 1.0; nothing to prune")
+    kept = config.masks(weights)
     rows = pruning.summary_rows(weights, kept)
     sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
     solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
@@ -287,13 +298,16 @@ def _sparse_solver(net, schedule, recipe, seed, trainable):
 
 # ------------------------------------------------------------------------------------------------ sparse
 def _sparse_folder(out):
-    """The masks of a prune folder, checked: masks.npz, the pruned model's mask layer and the net's agree."""
+    """The masks of a prune folder, checked: the sparse trainval's structure (netcheck) first, then masks.npz, the
+    pruned model's mask layer and the net's agree."""
     for f in (PRUNED, SPARSE_NET, MASKS):
         if not os.path.exists(os.path.join(out, f)):
             raise FileNotFoundError(f"{out} is not a folder written by tools/prune.py with a sparse trainval "
                                     f"(no {f})")
+    net = fileio.read_net_prototxt(os.path.join(out, SPARSE_NET))
+    netcheck.check_net(net, name=os.path.join(out, SPARSE_NET))  # a misspelt type, module or class is named first
     stored = masks.load_masks(os.path.join(out, MASKS))
-    net_spec = masks.mask_layer_spec(fileio.read_net_prototxt(os.path.join(out, SPARSE_NET)))
+    net_spec = masks.mask_layer_spec(net)
     model_spec = masks.mask_layer_spec(fileio.read_caffemodel(os.path.join(out, PRUNED)))
     if net_spec is None or model_spec is None:
         raise UserError(f"{out}: {SPARSE_NET if net_spec is None else PRUNED} holds no mask layer")
@@ -323,12 +337,14 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, PRUNED)))
         net_rel = fileio.read_net_prototxt(os.path.join(out, SPARSE_NET))
         net = sources.absolute_sources(net_rel, out)
-        netcheck.check_net(net, name=os.path.join(out, SPARSE_NET))
-        netcheck.check_data(masks.remove_mask_layer(net))
+        netcheck.check_data(masks.remove_mask_layer(net), name=os.path.join(out, SPARSE_NET))
         solver_path = os.path.join(out, SPARSE_SOLVER)
         if sparse.settings() or not os.path.exists(solver_path):
-            recorded = Schedule(**prov.get("sparse_schedule", {}))
-            schedule = dataclasses.replace(recorded, **sparse.settings())
+            recorded = dict(prov.get("sparse_schedule", {}))
+            if {"epochs", "max_iter"} & set(sparse.settings()):  # a length given now replaces the recorded one
+                recorded.pop("epochs", None)
+                recorded.pop("max_iter", None)
+            schedule = dataclasses.replace(Schedule(**recorded), **sparse.settings())
             solver = _solver("sparse", masks.remove_mask_layer(net), schedule, prov.get("recipe", "imagenet"),
                              prov.get("seed", 0))
         else:

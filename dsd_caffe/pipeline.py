@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 
-from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, pruning, solvers, training, verdict
+from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -86,9 +86,12 @@ def _open_state(out, config, force, reuse=False):
     state exists."""
     path = os.path.join(out, STATE)
     settings = config.settings()
+    checked = False
     if os.path.exists(path):
         state = fileio.read_json(path)
         if force:
+            _check_run(config)  # before anything goes: a refused input leaves the old run as it was
+            checked = True
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
             log.info("DSD: reusing the finished run in %s", out)
@@ -107,8 +110,9 @@ def _open_state(out, config, force, reuse=False):
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
                               "--force")
-    _check_run(config)
-    fileio.check_output(path, force=True)  # makes the folder; a real write probe (root ignores modes)
+    if not checked:
+        _check_run(config)
+    fileio.check_output(path, force=True)  # a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
@@ -123,19 +127,21 @@ def _clear(out):
 
 
 def _check_run(config):
-    """Everything that can be checked before the run state names its inputs: net, data, weights, profile."""
+    """Everything that can be checked before the run state names its inputs: net, data, weights, profile, and the
+    phases' solvers (a length in epochs that Caffe's max_iter cannot hold)."""
     inputs = config.inputs()
     net = inputs.net()
     netcheck.check_net(net, name=config.model)
-    netcheck.check_data(net)
+    netcheck.check_data(net, name=config.model)
     model_param = fileio.read_caffemodel(config.weights)
     netcheck.check_fits(net, model_param, config.weights, config.model)
     if config.holdout_source is not None:
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
     names = netgen.weighted_layers(net)
-    p = config.prune
-    pruning.layer_densities({n: weights[n] for n in names}, p.target, profile=p.profile, skip=p.skip)
+    config.prune.masks({n: weights[n] for n in names})
+    for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
+        phases._solver(phase, net, schedule, config.recipe, config.seed)
 
 
 def _with_test(net, source):
@@ -154,6 +160,8 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     from .caffe_env import set_device
 
     set_device(gpu)
+    fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
+                             config.holdout_source))  # --force clears the run folder
     with fileio.output_lock(out):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):

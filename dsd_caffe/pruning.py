@@ -432,7 +432,7 @@ def layer_densities(weights, density=None, profile="uniform", skip=()):
         chosen = _global_densities({n: weights[n] for n in selected}, density)
     elif prof == "squeezenet-3x":
         chosen = _squeezenet_densities(sizes, density)
-    elif os.path.exists(prof) or prof.endswith(".json") or os.sep in prof:
+    elif _is_profile_file(prof):
         chosen = _file_densities(prof, selected, list(weights), density)
     else:
         raise UserError(f"unknown profile {prof!r}: use {', '.join(PROFILES)} or the path of a JSON file")
@@ -508,9 +508,27 @@ def _profile_value(value, path, key):
     return _check_density(value, f"{path}: {key!r}")
 
 
+def check_profile(profile):
+    """``profile`` as a string when it is a built-in profile's name or a JSON profile file that reads
+    (:func:`read_profile`), else UserError: what can be checked before the net's layers are known."""
+    prof = os.fspath(profile)
+    if prof in PROFILES:
+        return prof
+    if not _is_profile_file(prof):
+        raise UserError(f"unknown profile {prof!r}: use {', '.join(PROFILES)} or the path of a JSON file")
+    read_profile(prof)
+    return prof
+
+
+def _is_profile_file(prof):
+    return os.path.exists(prof) or prof.endswith(".json") or os.sep in prof
+
+
 def read_profile(path):
     """The ``{key: density}`` mapping of a JSON profile file (keys are layer names or patterns, ``*`` default)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"profile {path} is a folder; a profile is a JSON file (or one of {', '.join(PROFILES)})")
     try:
         with open(path) as f:
             data = json.load(f)

@@ -48,6 +48,7 @@ class ScanConfig:
 def sensitivity_scan(model, weights, output_dir, config=ScanConfig(), test_source=None, force=False, gpu=None):
     """Run the scan and write its files into ``output_dir``; returns the rows (dicts)."""
     out = os.path.abspath(os.fspath(output_dir))
+    fileio.check_apart(out, (model, weights, test_source))  # the folder is replaced whole
     with fileio.output_lock(out):
         fileio.check_replaceable(out, FILES, force, "sensitivity.py")
         net_param = masks.remove_mask_layer(sources.read_net(model, test=test_source, require=("TEST", "BOTH")))

@@ -24,6 +24,7 @@ folder*; :func:`resolve_paths` gives a copy with absolute paths, for running fro
 import dataclasses
 import math
 import os
+import struct
 
 from .caffe_env import caffe_pb2
 from .errors import UserError
@@ -85,17 +86,34 @@ def defaults(phase, recipe="imagenet"):
     return DEFAULTS[recipe][phase]
 
 
-def count(value, what, minimum=1):
-    """``value`` if it is an integer >= ``minimum``, else UserError naming ``what``."""
+#: The largest integer Caffe takes for a count or a seed: its solver fields (max_iter, snapshot, iter_size,
+#: test_iter, ...) and ``caffe test --iterations`` are int32, and its RNG seed an unsigned int.
+INT_MAX = 2**31 - 1
+
+
+def count(value, what, minimum=1, maximum=INT_MAX):
+    """``value`` if it is an integer in ``minimum``..``maximum`` (None: no maximum), else UserError naming
+    ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise UserError(f"{what} must be at most {maximum} (Caffe's int32), got {value!r}")
     return value
 
 
-def positive(value, what):
-    """``value`` as a float if it is a positive finite number, else UserError naming ``what``."""
+def positive(value, what, float32=False):
+    """``value`` as a float if it is a positive finite number, else UserError naming ``what``; with ``float32``
+    also one that Caffe's float field keeps positive and finite (not above 3.4e38, not rounded to 0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise UserError(f"{what} must be a positive finite number, got {value!r}")
+    if float32:
+        try:
+            single = struct.unpack("f", struct.pack("f", value))[0]
+        except OverflowError:
+            single = math.inf
+        if not 0 < single < math.inf:
+            raise UserError(f"{what} must be a positive number that Caffe's float holds (about 1.4e-45 to "
+                            f"3.4e38), got {value!r}")
     return float(value)
 
 
@@ -145,7 +163,7 @@ class Schedule:
                               f"{field.replace('_', '-')}")
         for field in ("base_lr", "epochs"):
             if getattr(self, field) is not None:
-                positive(getattr(self, field), name(field))
+                positive(getattr(self, field), name(field), float32=field == "base_lr")
         for field in ("max_iter", "snapshot", "iter_size", "test_interval"):
             if getattr(self, field) is not None:
                 count(getattr(self, field), name(field))
@@ -202,6 +220,9 @@ def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_pr
                             "on this machine to count its images; give the iterations (--max-iter)")
         else:
             max_iter = epochs_to_iters(epochs, sizes.train, sizes.batch or row.batch_size, row.iter_size)
+            if max_iter > INT_MAX:
+                raise UserError(f"{epochs:g} epochs of the {phase} phase are {max_iter:.3g} iterations, more than "
+                                f"Caffe's max_iter holds ({INT_MAX}); give fewer epochs")
     test_interval = schedule.test_interval or (math.ceil(max_iter / row.tests) if row.tests else
                                                max(1, min(1000, max_iter)))
     s = _solver(net, row, dict(EXTRA, **extra))
@@ -210,7 +231,7 @@ def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_pr
     s.snapshot = schedule.snapshot or snapshot_interval(max_iter, row.snapshots)
     s.snapshot_prefix = os.fspath(snapshot_prefix or phase)
     if random_seed is not None:
-        s.random_seed = int(random_seed)
+        s.random_seed = count(random_seed, "--seed", 0)  # Caffe takes -1 as "a random seed": never reproducible
     return s
 
 
@@ -220,7 +241,7 @@ def _solver(net, row, extra):
     if not isinstance(net, (str, os.PathLike)) or not os.fspath(net):
         raise TypeError(f"net must be a prototxt path, got {net!r}")
     s = pb2.SolverParameter(net=os.fspath(net), test_initialization=bool(extra["test_initialization"]),
-                            base_lr=positive(row.base_lr, "base_lr"), display=row.display,
+                            base_lr=positive(row.base_lr, "base_lr", float32=True), display=row.display,
                             average_loss=count(extra["average_loss"], "average_loss"),
                             iter_size=count(row.iter_size, "iter_size"), lr_policy=row.lr_policy,
                             momentum=float(row.momentum), weight_decay=float(row.weight_decay),

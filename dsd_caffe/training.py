@@ -9,9 +9,11 @@ SHA-256).
 
 - **Reuse.** A folder is reused only when the new command's record equals the one stored: then training resumes
   from the newest complete snapshot, or returns the final one. Otherwise :func:`train` refuses, naming the first
-  setting that differs; ``force`` clears the folder's training outputs and starts from scratch.
+  setting that differs; ``force`` clears the folder's training outputs and starts from scratch. A folder holding
+  another phase's training is refused, also with ``force`` (:func:`check_phase`).
 - **Snapshots.** Caffe does not write snapshots atomically: a snapshot whose files are missing, empty or unreadable
-  (a kill while Caffe wrote it) is dropped, and training passes that iteration again. A resume uses a solverstate
+  (a kill while Caffe wrote it, a full disk) is dropped, and training passes that iteration again; a failed run
+  removes them before it reports. A resume uses a solverstate
   whose ``learned_net`` resolves from the folder (:func:`portable_state`).
 - **One writer.** The folder is locked (``fileio.output_lock``) while training; the ``caffe`` child gets SIGKILL
   when its Python parent dies, so a killed run leaves no orphan writing snapshots.
@@ -168,6 +170,19 @@ def _first_difference(old, new, solver=False):
     return (longer[0].strip(), "(nothing)") if len(a) > len(b) else ("(nothing)", longer[0].strip())
 
 
+def check_phase(folder, record, what):
+    """Refuse ``folder`` when its stored record is another phase's (its solver trains another net file), also
+    with ``--force``: the two phases' snapshots, log and record would be mixed, or the other's removed."""
+    old = record_of(folder)
+    if old is None:
+        return
+    net = (lambda text: fileio.parse_prototxt(text, caffe_pb2().SolverParameter(), RECORD).net)
+    theirs, ours = net(old.get("solver", "")), net(record["solver"])
+    if theirs != ours:
+        raise UserError(f"{folder} holds the training of another phase (its {RECORD} trains {theirs}, {what} "
+                        f"trains {ours}); use another --output (--force replaces only the same phase's outputs)")
+
+
 def check_record(folder, record, what):
     """Refuse to reuse ``folder`` when its stored record differs from ``record``; name the first difference."""
     path = os.path.join(folder, RECORD)
@@ -236,7 +251,9 @@ def train(job, engine="binary", gpu=None, force=False):
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     set_device(gpu)
     folder = os.path.abspath(job.folder)
+    fileio.check_output(os.path.join(folder, RECORD), force=True)  # a file or a dangling link in the way: named
     record = job.record()
+    check_phase(folder, record, f"a {job.desc} phase")
     if force:
         clear(folder, [job.final] if job.final else [])
     check_record(folder, record, f"a {job.desc} phase")
@@ -265,6 +282,10 @@ def train(job, engine="binary", gpu=None, force=False):
         run = _run_binary if engine == "binary" else _run_pycaffe
         run(job, folder, state, progress, logpath, gpu)
         progress.feed("")  # the end of the log: its last test is finished
+    except BaseException:
+        # Caffe does not check its snapshot writes: on a full disk it leaves truncated ones under their names
+        snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
+        raise
     finally:
         progress.close()
         if state and state != resume.solverstate and os.path.exists(state):
@@ -314,6 +335,10 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
         except KeyboardInterrupt:
             _stop(proc, logf, progress)
             raise _interrupted(job, progress) from None
+        except BaseException:  # our side failed (its log on a full disk): Caffe stops now, not at our exit
+            proc.kill()
+            proc.wait()
+            raise
     if rc != 0:
         tail = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
         raise UserError(f"{job.desc}: `caffe train` failed with status {rc} in {folder}: {tail} (full log: "

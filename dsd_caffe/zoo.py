@@ -196,7 +196,7 @@ def fetch(name, dest, url=None, force=False):
     dest = os.fspath(dest)
     if os.path.isdir(dest):
         dest = os.path.join(dest, model.filename)
-    if os.path.exists(dest) and not force:
+    if os.path.isfile(dest) and not force:  # anything else there is refused by atomic_path below
         try:
             verify(dest, name)
         except ValueError as e:

@@ -1,5 +1,6 @@
 """Test helpers shared by the test modules (which never import each other): one way to run a tool, small real
-set-ups (tiny LMDBs, the small net, a dense caffemodel), and the reference files of ../shared.
+set-ups (tiny LMDBs, the small net, a dense caffemodel), a small private tmpfs for full-disk tests, and the
+reference files of ../shared.
 
 Reference files are optional: a user clones the repository alone. :func:`shared_file` skips the test with a reason
 naming the file and where to get it when it is absent.
@@ -38,8 +39,10 @@ def shared_file(path):
 
 
 def tool(name, *args, timeout=600, env=None, cwd=None):
-    """Run ``tools/<name>.py`` with this interpreter; returns the CompletedProcess (text)."""
-    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]
+    """Run ``tools/<name>.py`` with this interpreter (a dotted ``name`` such as ``dsd_caffe.zoo``: ``python -m
+    name``); returns the CompletedProcess (text)."""
+    script = ["-m", name] if "." in name else [os.path.join(ROOT, "tools", f"{name}.py")]
+    cmd = [sys.executable, *script, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
@@ -90,3 +93,21 @@ def fashion_arrays(n, offset=0):
     x = read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))[offset:offset + n]
     y = read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))[offset:offset + n]
     return x[:, None].astype(np.uint8), y.astype(np.int64)
+
+
+def in_small_tmpfs(tmp_path, size, script):
+    """Run the shell ``script`` with a tmpfs of ``size`` mounted on $DISK in a private mount namespace, which
+    nothing outside it sees (the mount goes with the process); $PY and $TOOLS are set. Skips where this machine
+    does not allow it (it needs unshare(1) and the right to mount, i.e. root or a user namespace)."""
+    disk = tmp_path / "disk"
+    disk.mkdir(exist_ok=True)
+    cmd = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97\n{script}']
+    env = dict(os.environ, DISK=str(disk), PY=sys.executable, TOOLS=os.path.join(ROOT, "tools"))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) on this machine: no private tmpfs for a full-disk test")
+    if r.returncode == 97 or r.stderr.startswith("unshare:"):
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {r.stderr.strip()[:300]}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout

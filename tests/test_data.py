@@ -22,6 +22,7 @@ from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from helpers import tool
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 from dsd_caffe.errors import UserError
+from helpers import in_small_tmpfs
 
 TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
 
@@ -249,6 +250,54 @@ def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
     assert not os.path.exists(tmp_path / "out")
     os.unlink(tmp_path / "img" / "dog" / "z_fifo.png")
     assert imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)["count"] == 8
+
+
+def test_killed_at_any_moment_the_lmdb_is_absent_or_whole(tmp_path):
+    """SIGKILL at moments drawn at random (seeded) over a build of 200 images: the LMDB is absent or holds every
+    image, with its JSON; the next build removes what the killed ones left."""
+    src = make_folder(tmp_path / "img", per_class=100, size=(60, 80))
+    out = tmp_path / "out"
+    args = [sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output", str(out), "--resize", "32x32",
+            "--mean-file", str(tmp_path / "mean.binaryproto"), "--force"]
+    rng = np.random.default_rng(0)
+    for delay in sorted(rng.uniform(0.2, 2.5, 6)):
+        proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # renamed last, after its JSON and the mean file
+            assert lmdbio.lmdb_info(out)["count"] == 200 and fileio.read_json(f"{out}.json")["count"] == 200
+            assert imagedb.read_mean_file(tmp_path / "mean.binaryproto").shape == (3, 32, 32)
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert sorted(n for n in os.listdir(tmp_path) if n != "img") == [".out.lock", "mean.binaryproto", "out",
+                                                                     "out.json"]
+
+
+def test_two_builds_of_one_lmdb(tmp_path):
+    """The first holds the output's lock while it waits for an image (a FIFO): the second is refused naming its
+    pid, --force or not; then the first finishes."""
+    src = make_folder(tmp_path / "img")
+    os.mkfifo(tmp_path / "img" / "dog" / "z_fifo.png")
+    args = [sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output", str(tmp_path / "out"),
+            "--workers", "1", "--resize", "8x8"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = fileio.lock_path(tmp_path / "out")
+        deadline = time.time() + 60
+        while not (os.path.exists(lock) and open(lock).read().strip() == str(first.pid)):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.02)
+        for extra in ((), ("--force",)):
+            r = refused("make_lmdb", *args[2:], *extra)
+            assert f"in use by another dsd-caffe process (pid {first.pid})" in r, r
+        with open(tmp_path / "img" / "dog" / "z_fifo.png", "wb") as f:  # the first reads it now
+            f.write(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+        assert first.wait(timeout=120) == 0, first.communicate()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert lmdbio.lmdb_info(tmp_path / "out")["count"] == 9
 
 
 def test_output_exists_refused_unless_force(tmp_path):
@@ -718,24 +767,6 @@ def test_encoded_lmdb_of_16_bit_pngs_reads_through_caffe(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- full disk
-
-def in_small_tmpfs(tmp_path, size, script):
-    """Run the shell ``script`` with a tmpfs of ``size`` mounted on $DISK in a private mount namespace, which
-    nothing outside it sees (the mount goes with the process); $PY and $TOOLS are set. Skips where this machine
-    does not allow it (it needs unshare(1) and the right to mount, i.e. root or a user namespace)."""
-    disk = tmp_path / "disk"
-    disk.mkdir(exist_ok=True)
-    cmd = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "$DISK" || exit 97\n{script}']
-    env = dict(os.environ, DISK=str(disk), PY=sys.executable, TOOLS=TOOLS)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    except FileNotFoundError:
-        pytest.skip("no unshare(1) on this machine: no private tmpfs for a full-disk test")
-    if r.returncode == 97 or r.stderr.startswith("unshare:"):
-        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {r.stderr.strip()[:300]}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
 
 def one_error_line(path, tool_name):
     """The stderr saved in ``path`` ends with the one error line of a tool (log lines may come before it)."""

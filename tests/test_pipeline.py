@@ -1,6 +1,7 @@
 """The DSD run (tools/dsd.py, dsd_caffe.pipeline) on the small net with tiny LMDBs: cycles, the control arm and
 its invariants, seeds and the verdict, one writer per run folder, and interruptions (Ctrl-C, SIGTERM) that end
-with exit status 130 and resume."""
+with exit status 130 and resume. The same for the phase tools: train_sparse.py interrupted, prune.py killed at
+any moment, two prune.py or retrain_dense.py runs on one output."""
 import os
 import re
 import signal
@@ -130,6 +131,20 @@ def _iteration(log):
     return int(found[-1]) if found else 0
 
 
+def _interrupt(args, log, after, how="ctrl-c"):
+    """Start ``args``, wait until Caffe's ``log`` passes iteration ``after``, then Ctrl-C (SIGINT to the process
+    group, as a terminal sends it) or SIGTERM (to the tool only). Returns (exit status, stderr)."""
+    proc = _start(args)
+    try:
+        _wait_for(lambda: _iteration(log) > after, proc)
+        os.killpg(proc.pid, signal.SIGINT) if how == "ctrl-c" else proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err
+
+
 def test_two_runs_in_one_folder(setup, tmp_path):
     """A second run on a live run's folder is refused, --force or not, naming the live pid; the first finishes."""
     out = tmp_path / "dsd"
@@ -156,16 +171,8 @@ def test_interrupt_ends_with_130_and_resumes(setup, tmp_path, how):
     naming the iteration, exit status 130; the same command resumes from the snapshot Caffe wrote on stopping."""
     out = tmp_path / "dsd"
     args = dsd_args(setup, out, sparse=4000)
-    proc = _start(args)
-    log = out / "cycle1-sparse" / training.LOG
-    try:
-        _wait_for(lambda: _iteration(log) > 20, proc)
-        os.killpg(proc.pid, signal.SIGINT) if how == "ctrl-c" else proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = _interrupt(args, out / "cycle1-sparse" / training.LOG, 20, how)
+    assert code == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     m = re.fullmatch(r"dsd\.py: sparse: interrupted at iteration (\d+); run the same command again to resume", last)
     assert m, err[-2000:]
@@ -184,15 +191,8 @@ def test_training_tools_show_progress_and_stop_cleanly(setup, tmp_path, engine):
     folder, model, weights = setup
     args = [sys.executable, os.path.join(ROOT, "tools", "retrain_dense.py"), "--model", model, "--weights", weights,
             "--output", str(tmp_path / "r"), "--max-iter", "20000", "--engine", engine]
-    proc = _start(args)
-    try:
-        _wait_for(lambda: _iteration(tmp_path / "r" / training.LOG) > 1100, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = _interrupt(args, tmp_path / "r" / training.LOG, 1100)
+    assert code == 130, err[-2000:]
     assert f"Caffe's log: {tmp_path / 'r' / training.LOG}" in err
     tests = re.findall(r"redense: iteration (\d+)/20000, training loss (\S+); test: accuracy_top1 (\S+), "
                        r"accuracy_top5 (\S+), loss (\S+)", err)
@@ -224,3 +224,124 @@ def test_seeds_in_parallel_stop_on_sigterm_and_resume(setup, tmp_path):
     r = run(args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert fileio.read_json(out / pipeline.VERDICT)["seeds"] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------- the phase tools
+def _tool_args(name, *args):
+    return [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]
+
+
+def _pruned(setup, out, **schedule):
+    folder, model, weights = setup
+    phases.prune(phases.Inputs(model, weights), out, phases.PruneConfig(ratio="3x"), Schedule(**schedule))
+    return out
+
+
+@pytest.mark.parametrize("engine", ["binary", "pycaffe"])
+def test_train_sparse_interrupted_ends_with_130_and_resumes(setup, tmp_path, engine):
+    """Ctrl-C: exit 130 with one line naming the iteration of the snapshot taken on stopping; the same command
+    resumes from it and the pruned weights stay exactly 0.0."""
+    out = _pruned(setup, tmp_path / "sparse", max_iter=1500, snapshot=500)
+    args = _tool_args("train_sparse", out, "--engine", engine)
+    code, err = _interrupt(args, out / training.LOG, 20)
+    assert code == 130, err[-2000:]
+    m = re.fullmatch(r"train_sparse\.py: sparse: interrupted at iteration (\d+); run the same command again to "
+                     r"resume", err.strip().splitlines()[-1])
+    assert m, err[-2000:]
+    assert training.snapshots(str(out / training.SNAPSHOT_DIR), "sparse")[0].iteration == int(m.group(1))
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"from iteration {m.group(1)}" in r.stderr
+    masks.check_masked(str(out / phases.SPARSE), masks.load_masks(str(out / phases.MASKS)))
+
+
+PRUNE_FOLDER = {phases.PRUNED, fileio.sidecar_path(phases.PRUNED), phases.MASKS, phases.SPARSE_NET,
+                phases.SPARSE_SOLVER, phases.HISTOGRAM, training.SNAPSHOT_DIR}
+
+
+def _whole_prune_folder(out):
+    assert set(os.listdir(out)) == PRUNE_FOLDER, os.listdir(out)
+    kept = masks.load_masks(str(out / phases.MASKS))
+    assert masks.same_masks(kept, masks.read_masks(str(out / phases.PRUNED))) is None
+    fileio.read_json(out / fileio.sidecar_path(phases.PRUNED))
+
+
+def test_prune_killed_at_any_moment_leaves_its_folder_absent_or_whole(setup, tmp_path):
+    """SIGKILL at moments drawn at random (seeded) over a run: the folder is absent or whole (it is staged and
+    renamed), and the next run removes what the killed ones left."""
+    folder, model, weights = setup
+    out = tmp_path / "sparse"
+    args = _tool_args("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--output", out, "--force")
+    rng = np.random.default_rng(0)
+    for delay in sorted(rng.uniform(0.3, 3.0, 6)):
+        proc = _start(args)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            _whole_prune_folder(out)
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _whole_prune_folder(out)
+    assert sorted(os.listdir(tmp_path)) == [".sparse.lock", "sparse"]
+
+
+def _feed(fifo, data, proc, timeout=60):
+    """Write ``data`` into ``fifo`` once ``proc`` opens it for reading (the open of a writer alone would block)."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: no reader yet
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < timeout, "the FIFO was never opened"
+            time.sleep(0.02)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _refused_for(pid, args):
+    for extra in ((), ("--force",)):
+        r = run(args + list(extra))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"in use by another dsd-caffe process (pid {pid})" in r.stderr, r.stderr
+
+
+def test_two_prunes_on_one_output(setup, tmp_path):
+    """The first holds the folder's lock while it reads its profile (from a FIFO, so it waits for it): the
+    second is refused naming its pid, --force or not; then the first finishes."""
+    folder, model, weights = setup
+    fifo, out = tmp_path / "profile.fifo", tmp_path / "sparse"
+    os.mkfifo(fifo)
+    first = _start(_tool_args("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--profile", fifo,
+                              "--output", out))
+    try:
+        profile = b'{"*": 0.33}'
+        _feed(fifo, profile, first)  # read once when the flags are checked, before the lock
+        lock = fileio.lock_path(out)
+        _wait_for(lambda: os.path.exists(lock) and open(lock).read().strip() == str(first.pid), first)
+        _refused_for(first.pid, _tool_args("prune", "--model", model, "--weights", weights, "--ratio", "3x",
+                                           "--output", out))
+        _feed(fifo, profile, first)  # and once more to prune, holding the lock
+        assert first.wait(timeout=120) == 0, first.communicate()[1][-2000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    _whole_prune_folder(out)
+
+
+def test_two_retrain_dense_on_one_output(setup, tmp_path):
+    folder, model, weights = setup
+    out = tmp_path / "redense"
+    args = _tool_args("retrain_dense", "--model", model, "--weights", weights, "--max-iter", 2000, "--output", out)
+    first = _start(args)
+    try:
+        _wait_for(lambda: _iteration(out / training.LOG) > 10, first)
+        _refused_for(first.pid, args)
+        assert first.wait(timeout=600) == 0, first.communicate()[1][-2000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert fileio.read_json(fileio.sidecar_path(out / phases.REDENSE))["iteration"] == 2000

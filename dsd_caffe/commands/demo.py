@@ -19,8 +19,9 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--output", "-o", default="runs/demo", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and dropout")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every phase's iteration count")
-    p.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")
+    length = p.add_mutually_exclusive_group()  # --quick is a scale: both at once, one would be ignored
+    length.add_argument("--scale", type=float, default=1.0, help="multiply every phase's iteration count")
+    length.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")
     p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary",
                    help="train with the `caffe train` binary or pycaffe's Solver in this process")
     p.add_argument("--width", type=float, help="width multiplier of the small net (default: 1)")
