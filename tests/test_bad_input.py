@@ -19,7 +19,7 @@ import pytest
 from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources, training
 from dsd_caffe.caffe_env import caffe_pb2
 from dsd_caffe.solvers import Schedule
-from helpers import DC_DEPLOY, DC_NET, shared_file, tool, write_tiny_lmdb
+from helpers import DC_DEPLOY, DC_NET, tool, write_tiny_lmdb
 
 caffe = pytest.importorskip("caffe")
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from dsd_caffe import fileio, masks, phases, pipeline, training
