@@ -108,6 +108,18 @@ def _resolve_output(p, a, legacy, required):
         p.error("the following arguments are required: --output")
 
 
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ the shell
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
@@ -128,6 +140,11 @@ def main(p, fn, argv=None):
     args = p.parse_args(argv)
     for check in getattr(p, "_dsd_checks", []):
         check(args)
+    for name, value in vars(args).items():  # Caffe, protobuf and JSON need text: a name that is not UTF-8 is refused
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not _utf8(v):
+                p.error(f"{_flag(name)} {v.encode('utf-8', 'backslashreplace').decode()}: a file name that is not "
+                        "valid UTF-8; rename it")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",

@@ -34,6 +34,7 @@ from .solvers import Schedule
 log = logging.getLogger(__name__)
 
 STATE = "dsd_state.json"
+MAX_SEEDS = 1000  # a verdict needs a few dozen seeds at most; each seed is a whole run
 VERDICT = "verdict.json"
 PLOT = "accuracy.png"
 
@@ -332,7 +333,7 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
     """``seeds`` paired runs (DSD and its control; seeds ``config.seed``, +1, ...) in ``output_dir/seed<k>``,
     ``jobs`` at a time, then the verdict. One seed runs in ``output_dir`` itself. Returns {"runs": {seed:
     state}, "verdict": Verdict or None}."""
-    solvers.count(seeds, "--seeds")
+    solvers.count(seeds, "--seeds", maximum=MAX_SEEDS)
     solvers.count(jobs, "--jobs")
     if seeds > 1 and not config.control:
         raise UserError("--seeds compares DSD with its control over seeds: add --control")

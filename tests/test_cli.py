@@ -1,5 +1,6 @@
 """The tools' shell: one line and exit 2 for bad input, 130 for interruptions, tracebacks for bugs, and the
 vocabulary helpers (comma lists, deprecated spellings, --output)."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -68,3 +69,9 @@ def test_help_shows_defaults_but_not_none():
     p.add_argument("--max-iter", type=int, help="iterations")
     text = p.format_help()
     assert "learning rate (default: 0.0001)" in text and "(default: None)" not in text
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    r = _tool(tmp_path, "print(a.output)", "--output", os.fsdecode(b"r\xffx"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "error: --output r\\udcffx: a file name that is not valid UTF-8; rename it"), r.stderr
