@@ -18,7 +18,9 @@ the virtual environment exists. Steps, each named in the one-line error if it fa
    with those settings and ``.venv/bin`` first on PATH, so that Python layers under ``caffe train`` import the
    venv's numpy and ``dsd_caffe``.
 
-``--gpu`` builds with CUDA (CPU_ONLY off) where ``nvcc`` exists. The cache lives in ``$DSD_CAFFE_CACHE`` or
+``--gpu`` builds with CUDA (CPU_ONLY off) where ``nvcc`` exists. ``--unpatched`` only builds (or finds) the Caffe
+without the performance patches (``patches/*-perf-*.patch``), under its own cache key, and prints its prefix: the
+reference that ``bench/caffe_layers.py`` compares against; the venv is left alone. The cache lives in ``$DSD_CAFFE_CACHE`` or
 ``~/.cache/dsd-caffe``.
 """
 import argparse
@@ -151,8 +153,19 @@ def cache_key(options, linkage, patches):
     return h.hexdigest()[:16]
 
 
-def our_patches():
-    return sorted(os.path.join(PATCH_DIR, n) for n in os.listdir(PATCH_DIR) if n.endswith(".patch"))
+PERF_MARK = "-perf-"  # in the name of a patch that changes only speed (left out by --unpatched)
+
+
+def our_patches(perf=True):
+    """``patches/*.patch`` in the order applied; without the performance patches if ``perf`` is false."""
+    names = sorted(n for n in os.listdir(PATCH_DIR) if n.endswith(".patch") and (perf or PERF_MARK not in n))
+    return [os.path.join(PATCH_DIR, n) for n in names]
+
+
+def patch_reason(path):
+    """A patch's first line: the one-line reason every patch opens with."""
+    with open(path) as f:
+        return f.readline().strip()
 
 
 # ---------------------------------------------------------------- step 1: apt
@@ -351,7 +364,7 @@ def build_caffe(key, options, linkage, patches, jobs):
         log.info("compile: done in %.0f s", time.time() - t0)
         record = {
             "source": f"{SOURCE_PACKAGE} {SOURCE_VERSION} (Debian {SOURCE_SUITE})",
-            "patches": [os.path.basename(p) for p in patches],
+            "patches": {os.path.basename(p): patch_reason(p) for p in patches},
             "options": options,
             "cpu_only": options["CPU_ONLY"] == "ON",
             "python": linkage,
@@ -432,6 +445,23 @@ def check_caffe(python):
 # ---------------------------------------------------------------- main
 
 
+def caffe_build(python, gpu=False, perf=True, jobs=None):
+    """The cached Caffe build for these options and patches (building it if missing): its prefix."""
+    options, patches, linkage = build_options(gpu), our_patches(perf), python_linkage(python)
+    key = cache_key(options, linkage, patches)
+    prefix = cached_build(key)
+    if prefix:
+        log.info("caffe: cached build %s", prefix)
+        return prefix
+    return build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
+
+
+def unpatched_prefix(python=None):
+    """The prefix of the finished build without the performance patches, or None if it was not built."""
+    key = cache_key(build_options(), python_linkage(python), our_patches(perf=False))
+    return cached_build(key)
+
+
 def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
     """Run every step; return the dict of what was used. Raises SetupError naming the failed step."""
     t0 = time.time()
@@ -442,19 +472,12 @@ def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
         ensure_apt_packages()
     os.makedirs(cache_root(), exist_ok=True)
     python = ensure_venv(venv)
-    linkage = python_linkage(python)
     existing = find_existing_caffe()
     if existing:
         pydir, binary = existing
         log.info("caffe: using the existing Caffe: pycaffe in %s, binary %s", pydir, binary)
     else:
-        options, patches = build_options(gpu), our_patches()
-        key = cache_key(options, linkage, patches)
-        prefix = cached_build(key)
-        if prefix:
-            log.info("caffe: cached build %s", prefix)
-        else:
-            prefix = build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
+        prefix = caffe_build(python, gpu=gpu, jobs=jobs)
         pydir = os.path.join(prefix, "lib", "python3", "dist-packages")
         binary = os.path.join(prefix, "bin", "caffe")
     link_pycaffe(venv, pydir)
@@ -471,10 +494,18 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="build with CUDA (CPU_ONLY off); needs nvcc")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     p.add_argument("--skip-apt", action="store_true", help="do not check or install Debian packages")
+    p.add_argument("--unpatched", action="store_true",
+                   help="only build (or find) Caffe without the performance patches and print its prefix")
     p.add_argument("--debug", action="store_true", help="show the traceback on errors")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[setup %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.unpatched:
+            if not args.skip_apt:
+                ensure_apt_packages()
+            os.makedirs(cache_root(), exist_ok=True)
+            print(caffe_build(None, gpu=args.gpu, perf=False, jobs=args.jobs))
+            return 0
         setup(args.venv, gpu=args.gpu, jobs=args.jobs, skip_apt=args.skip_apt)
     except (SetupError, OSError) as e:
         if args.debug:
