@@ -331,6 +331,16 @@ def fetch_sources():
     return folder
 
 
+def unpack_source(sources, src, patches, logfile):
+    """Unpack the verified source package into ``src`` with Debian's patch series, then apply ``patches``."""
+    dsc = os.path.join(sources, next(n for n in SOURCE_SHA256 if n.endswith(".dsc")))
+    log.info("unpack: Debian's source and patch series")
+    _run("unpack", ["dpkg-source", "--no-check", "-x", dsc, src], logfile=logfile)
+    for p in patches:
+        log.info("patch: %s", os.path.basename(p))
+        _run("patch", ["patch", "-p1", "--forward", "-d", src, "-i", p], logfile=logfile)
+
+
 def build_caffe(key, options, linkage, patches, jobs):
     """Unpack, patch, configure, compile and install into ``cache/caffe-<key>`` (renamed at the end)."""
     sources = fetch_sources()
@@ -343,12 +353,7 @@ def build_caffe(key, options, linkage, patches, jobs):
     src, build, destdir = (os.path.join(work, d) for d in ("src", "build", "dest"))
     prefix = destdir + final
     try:
-        dsc = os.path.join(sources, next(n for n in SOURCE_SHA256 if n.endswith(".dsc")))
-        log.info("unpack: Debian's source and patch series")
-        _run("unpack", ["dpkg-source", "--no-check", "-x", dsc, src], logfile=logfile)
-        for p in patches:
-            log.info("patch: %s", os.path.basename(p))
-            _run("patch", ["patch", "-p1", "--forward", "-d", src, "-i", p], logfile=logfile)
+        unpack_source(sources, src, patches, logfile)
         os.makedirs(build)
         cmake = ["cmake", src, f"-DCMAKE_INSTALL_PREFIX={final}",
                  f"-DPYTHON_EXECUTABLE={linkage['executable']}",
@@ -378,6 +383,58 @@ def build_caffe(key, options, linkage, patches, jobs):
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Caffe's own tests of the patched layers
+
+#: Caffe's gtest sources for the layers the performance patches change, and the test cases to run from each.
+GTEST_CASES = {
+    "test_pooling_layer.cpp": "PoolingLayerTest/*",
+    "test_convolution_layer.cpp": "ConvolutionLayerTest/*",
+    "test_concat_layer.cpp": "ConcatLayerTest/*",
+    "test_neuron_layer.cpp": "NeuronLayerTest/*.TestReLU*",
+}
+
+
+def caffe_gtest(jobs=None):
+    """Compile Caffe's gtest cases of the patched layers (:data:`GTEST_CASES`) against the set-up's cached build
+    and run them with OpenMP on every core; return the test binary's exit code. Works in a temporary folder."""
+    options, patches = build_options(), our_patches()
+    prefix = cached_build(cache_key(options, python_linkage(), patches))
+    jobs = jobs or os.cpu_count() or 2
+    if prefix is None:
+        raise SetupError("gtest", "no cached build for the current patches: run `make setup` first")
+    with tempfile.TemporaryDirectory(prefix="dsd-caffe-gtest-") as work:
+        logfile = os.path.join(work, "gtest.log")
+        src = os.path.join(work, "src")
+        unpack_source(fetch_sources(), src, patches, logfile)
+        defines = ["-DUSE_OPENCV", "-DUSE_LMDB", "-DUSE_HDF5"] + (["-DCPU_ONLY"] if options["CPU_ONLY"] == "ON" else [])
+        flags = ["-O2", *defines, f"-I{src}/src", f"-I{prefix}/include", "-I/usr/include/hdf5/serial"]
+        tests = os.path.join(src, "src", "caffe", "test")
+        sources = [os.path.join(src, "src", "gtest", "gtest-all.cpp"), os.path.join(tests, "test_caffe_main.cpp")]
+        sources += [os.path.join(tests, name) for name in GTEST_CASES]
+        objects = [os.path.join(work, os.path.basename(c) + ".o") for c in sources]
+        log.info("gtest: compiling %d test sources against %s", len(sources), prefix)
+        t0 = time.time()
+        pending = list(zip(sources, objects))
+        while pending:  # ``jobs`` compilers at a time
+            batch, pending = pending[:jobs], pending[jobs:]
+            procs = [subprocess.Popen(["g++", *flags, "-c", c, "-o", o], stderr=subprocess.PIPE, text=True)
+                     for c, o in batch]
+            for (c, _), proc in zip(batch, procs):
+                err = proc.communicate()[1]
+                if proc.returncode:
+                    raise SetupError("gtest", f"compiling {os.path.basename(c)} failed: {err.strip()[-500:]}")
+        binary = os.path.join(work, "caffe-gtest")
+        _run("gtest", ["g++", "-o", binary, *objects, f"-L{prefix}/lib", f"-Wl,-rpath,{prefix}/lib", "-lcaffe",
+                       "-lglog", "-lgflags", "-lprotobuf", "-lboost_system", "-lpthread"])
+        log.info("gtest: compiled in %.0f s; running %s", time.time() - t0, ":".join(GTEST_CASES.values()))
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+        t0 = time.time()
+        rc = subprocess.call([binary, "--gtest_filter=" + ":".join(GTEST_CASES.values())], env=env, cwd=src)
+        log.info("gtest: ran in %.1f s, exit code %d", time.time() - t0, rc)
+        return rc
 
 
 # ---------------------------------------------------------------- step 4: link into the venv
@@ -494,12 +551,16 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="build with CUDA (CPU_ONLY off); needs nvcc")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     p.add_argument("--skip-apt", action="store_true", help="do not check or install Debian packages")
+    p.add_argument("--gtest", action="store_true",
+                   help="compile and run Caffe's own tests of the patched layers against the cached build")
     p.add_argument("--unpatched", action="store_true",
                    help="only build (or find) Caffe without the performance patches and print its prefix")
     p.add_argument("--debug", action="store_true", help="show the traceback on errors")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[setup %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.gtest:
+            return 1 if caffe_gtest(jobs=args.jobs) else 0
         if args.unpatched:
             if not args.skip_apt:
                 ensure_apt_packages()
