@@ -30,6 +30,7 @@ import engine_vs_torch  # noqa: E402  (the same SqueezeNet, Caffe runner and PyT
 
 BATCH = engine_vs_torch.BATCH
 GEMM_REPEATS = 5
+SETTLE = 0.3  # s of idle before each request: the other build's spinning BLAS/OpenMP threads go to sleep
 
 
 # ---------------------------------------------------------------- worker: one Caffe build
@@ -129,6 +130,7 @@ class Worker:
         self.info = json.loads(line)
 
     def run(self, what, n=1):
+        time.sleep(SETTLE)
         self.proc.stdin.write(json.dumps({"what": what, "n": n}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
