@@ -391,6 +391,8 @@ def build_caffe(key, options, linkage, patches, jobs):
 GTEST_CASES = {
     "test_pooling_layer.cpp": "PoolingLayerTest/*",
     "test_convolution_layer.cpp": "ConvolutionLayerTest/*",
+    "test_deconvolution_layer.cpp": "DeconvolutionLayerTest/*",
+    "test_im2col_layer.cpp": "Im2colLayerTest/*",
     "test_concat_layer.cpp": "ConcatLayerTest/*",
     "test_neuron_layer.cpp": "NeuronLayerTest/*.TestReLU*",
 }

@@ -139,6 +139,12 @@ def pooling(kernel=None, stride=(1, 1), pad=(0, 0), method="max", ceil=True):
     return l
 
 
+def relu(negative_slope=0.0):
+    l = caffe_pb2().LayerParameter(name="relu", type="ReLU")
+    l.relu_param.negative_slope = negative_slope
+    return l
+
+
 def convolution(num_output, kernel, stride=(1, 1), pad=(0, 0), group=1, bias=True):
     pb2 = caffe_pb2()
     l = pb2.LayerParameter(name="conv", type="Convolution")
@@ -317,7 +323,7 @@ caffe = import_caffe()
 caffe.set_mode_cpu()
 out = {}
 for name, kind, kw, shape in cfg["layers"]:
-    layer = t.pooling(**kw) if kind == "pool" else t.convolution(**kw)
+    layer = {"pool": t.pooling, "conv": t.convolution, "relu": t.relu}[kind](**kw)
     for k, v in t.run_layer(cfg["folder"], layer, shape)[1].items():
         out[f"{name}/{k}"] = v
 for name in ("small", "squeezenet"):
@@ -333,7 +339,10 @@ THREAD_LAYERS = [
     ("conv-k7s2", "conv", dict(num_output=12, kernel=(7, 7), stride=(2, 2)), (4, 3, 31, 31)),
     ("conv-1x1", "conv", dict(num_output=10, kernel=(1, 1)), (10, 16, 7, 7)),
     ("conv-group", "conv", dict(num_output=8, kernel=(3, 3), group=2), (5, 4, 9, 9)),
+    ("relu", "relu", dict(), (3, 5, 111, 111)),
+    ("relu-leaky", "relu", dict(negative_slope=0.1), (3, 5, 31, 37)),
 ]
+EXACT = ("pool-", "relu")  # layers that must match the unpatched build bit for bit
 STEPS = 3
 
 
@@ -410,7 +419,7 @@ def test_the_unpatched_build_agrees(one_thread, tmp_path):
         pytest.skip("no unpatched build in the cache (python3 -m dsd_caffe.build --unpatched)")
     ref = run_child(tmp_path, "unpatched", 1, os.path.join(prefix, "lib", "python3", "dist-packages"))
     for key, value in one_thread.items():
-        if key.startswith("pool-"):
+        if key.startswith(EXACT):
             np.testing.assert_array_equal(value, ref[key], err_msg=key)
         else:
             err = np.abs(value - ref[key]).max() / max(np.abs(ref[key]).max(), 1e-30)
