@@ -180,6 +180,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed calls per build per round (default 2)")
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--top", type=int, default=12, help="slowest layers to list (default 12)")
+    p.add_argument("--threads", type=int, help="threads for every engine (default: the set-up's BLAS choice)")
     p.add_argument("--build-unpatched", action="store_true",
                    help="build the unpatched Caffe if it is missing (a few minutes, once)")
     p.add_argument("--torch-python", help="an interpreter with torch, for the ratio to PyTorch (optional)")
@@ -191,7 +192,9 @@ def main(argv=None):
 
     from dsd_caffe import blas, build
 
-    env = blas.runtime_env()  # the set-up's choice, for both builds
+    env = blas.runtime_env(threads=a.threads)  # the set-up's choice unless --threads, for both builds
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
     threads = int(env.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
     unpatched = build.unpatched_prefix()
     if unpatched is None and a.build_unpatched:
