@@ -469,7 +469,8 @@ def choose_blas(python):
 
 
 def write_wrapper(venv, binary, blas_env):
-    """``venv/bin/caffe``: runs ``binary`` with the venv's Python first on PATH and the chosen BLAS settings."""
+    """``venv/bin/caffe``: runs ``binary`` with the venv's Python first on PATH and the chosen BLAS and OpenMP
+    settings."""
     wrapper = os.path.join(venv, "bin", "caffe")
     venv_bin = os.path.join(os.path.abspath(venv), "bin")
     lines = [
@@ -483,6 +484,9 @@ def write_wrapper(venv, binary, blas_env):
     if "OPENBLAS_NUM_THREADS" in blas_env:
         lines.append(f'[ -n "${{OPENBLAS_NUM_THREADS}}${{OMP_NUM_THREADS}}" ] || '
                      f'export OPENBLAS_NUM_THREADS={blas_env["OPENBLAS_NUM_THREADS"]}')
+    if "OMP_WAIT_POLICY" in blas_env:
+        lines.append(f'[ -n "${{OMP_WAIT_POLICY}}${{GOMP_SPINCOUNT}}" ] || '
+                     f'export OMP_WAIT_POLICY={blas_env["OMP_WAIT_POLICY"]}')
     lines.append(f'PATH="{venv_bin}:$PATH" exec "{binary}" "$@"')
     text = "\n".join(lines) + "\n"
     with open(wrapper + ".tmp", "w") as f:
