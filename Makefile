@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench caffe-gtest clean-venv
 
 # Build (or reuse the cached) Caffe, create .venv, install the project. A second run takes seconds.
 setup:
@@ -15,6 +15,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Caffe's own gtest cases for every layer our performance patches change, against the set-up's build (a few minutes).
+caffe-gtest: setup
+	$(PYTHON) -m dsd_caffe.build --gtest
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

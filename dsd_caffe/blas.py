@@ -33,6 +33,10 @@ PREFER_DEFAULT_WITHIN = 0.05  # keep the library's own detection unless a forced
 PREFER_FEWER_THREADS_WITHIN = 0.25  # more threads must be >25% faster: busy-waiting OpenBLAS threads collapse
 #                                      when the cores are shared (seen here: 2 threads at 1-7 GFLOPS under load)
 FAULTS = ("perturb", "crash")
+# Caffe's OpenMP layers (patches/*-perf-*): idle OpenMP threads sleep at once instead of spinning (GCC's default
+# spins ~16 ms here after every parallel loop, taking the core from OpenBLAS's threads: a small-net training step
+# took 0.23 s instead of 0.013 s). Read when libgomp loads, so it is set with the BLAS variables.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "passive"}
 
 # (m, n, k, transA, transB, alpha, beta): odd and tiny sizes, both transposes, beta != 0, a GEMV-like shape.
 CHECK_SHAPES = [
@@ -412,9 +416,10 @@ def load_decision(path=None):
 
 def runtime_env(threads=None, decision=None, environ=None):
     """Environment variables to set before Caffe's BLAS loads: ``OPENBLAS_CORETYPE`` (only when the decision forces
-    one and the environment does not already set it) and ``OPENBLAS_NUM_THREADS`` (``threads`` if given, else the
-    decision's, unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is already set). Existing values are never overridden
-    (this returns only what to add). A decision made on another CPU (a cache moved between machines) is ignored."""
+    one and the environment does not already set it), ``OPENBLAS_NUM_THREADS`` (``threads`` if given, else the
+    decision's, unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is already set) and :data:`OPENMP_WAIT` (unless
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is set). Existing values are never overridden (this returns only what to add).
+    A decision made on another CPU (a cache moved between machines) is ignored."""
     environ = os.environ if environ is None else environ
     decision = load_decision() if decision is None else decision
     here = cpu_info()
@@ -434,6 +439,8 @@ def runtime_env(threads=None, decision=None, environ=None):
         env["OPENBLAS_NUM_THREADS"] = str(threads)
     elif decision.get("threads") and not ({"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"} & set(environ)):
         env["OPENBLAS_NUM_THREADS"] = str(decision["threads"])
+    if not ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ)):
+        env.update(OPENMP_WAIT)
     return env
 
 

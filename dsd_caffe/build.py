@@ -18,7 +18,9 @@ the virtual environment exists. Steps, each named in the one-line error if it fa
    with those settings and ``.venv/bin`` first on PATH, so that Python layers under ``caffe train`` import the
    venv's numpy and ``dsd_caffe``.
 
-``--gpu`` builds with CUDA (CPU_ONLY off) where ``nvcc`` exists. The cache lives in ``$DSD_CAFFE_CACHE`` or
+``--gpu`` builds with CUDA (CPU_ONLY off) where ``nvcc`` exists. ``--unpatched`` only builds (or finds) the Caffe
+without the performance patches (``patches/*-perf-*.patch``), under its own cache key, and prints its prefix: the
+reference that ``bench/caffe_layers.py`` compares against; the venv is left alone. The cache lives in ``$DSD_CAFFE_CACHE`` or
 ``~/.cache/dsd-caffe``.
 """
 import argparse
@@ -151,8 +153,19 @@ def cache_key(options, linkage, patches):
     return h.hexdigest()[:16]
 
 
-def our_patches():
-    return sorted(os.path.join(PATCH_DIR, n) for n in os.listdir(PATCH_DIR) if n.endswith(".patch"))
+PERF_MARK = "-perf-"  # in the name of a patch that changes only speed (left out by --unpatched)
+
+
+def our_patches(perf=True):
+    """``patches/*.patch`` in the order applied; without the performance patches if ``perf`` is false."""
+    names = sorted(n for n in os.listdir(PATCH_DIR) if n.endswith(".patch") and (perf or PERF_MARK not in n))
+    return [os.path.join(PATCH_DIR, n) for n in names]
+
+
+def patch_reason(path):
+    """A patch's first line: the one-line reason every patch opens with."""
+    with open(path) as f:
+        return f.readline().strip()
 
 
 # ---------------------------------------------------------------- step 1: apt
@@ -318,6 +331,16 @@ def fetch_sources():
     return folder
 
 
+def unpack_source(sources, src, patches, logfile):
+    """Unpack the verified source package into ``src`` with Debian's patch series, then apply ``patches``."""
+    dsc = os.path.join(sources, next(n for n in SOURCE_SHA256 if n.endswith(".dsc")))
+    log.info("unpack: Debian's source and patch series")
+    _run("unpack", ["dpkg-source", "--no-check", "-x", dsc, src], logfile=logfile)
+    for p in patches:
+        log.info("patch: %s", os.path.basename(p))
+        _run("patch", ["patch", "-p1", "--forward", "-d", src, "-i", p], logfile=logfile)
+
+
 def build_caffe(key, options, linkage, patches, jobs):
     """Unpack, patch, configure, compile and install into ``cache/caffe-<key>`` (renamed at the end)."""
     sources = fetch_sources()
@@ -330,12 +353,7 @@ def build_caffe(key, options, linkage, patches, jobs):
     src, build, destdir = (os.path.join(work, d) for d in ("src", "build", "dest"))
     prefix = destdir + final
     try:
-        dsc = os.path.join(sources, next(n for n in SOURCE_SHA256 if n.endswith(".dsc")))
-        log.info("unpack: Debian's source and patch series")
-        _run("unpack", ["dpkg-source", "--no-check", "-x", dsc, src], logfile=logfile)
-        for p in patches:
-            log.info("patch: %s", os.path.basename(p))
-            _run("patch", ["patch", "-p1", "--forward", "-d", src, "-i", p], logfile=logfile)
+        unpack_source(sources, src, patches, logfile)
         os.makedirs(build)
         cmake = ["cmake", src, f"-DCMAKE_INSTALL_PREFIX={final}",
                  f"-DPYTHON_EXECUTABLE={linkage['executable']}",
@@ -351,7 +369,7 @@ def build_caffe(key, options, linkage, patches, jobs):
         log.info("compile: done in %.0f s", time.time() - t0)
         record = {
             "source": f"{SOURCE_PACKAGE} {SOURCE_VERSION} (Debian {SOURCE_SUITE})",
-            "patches": [os.path.basename(p) for p in patches],
+            "patches": {os.path.basename(p): patch_reason(p) for p in patches},
             "options": options,
             "cpu_only": options["CPU_ONLY"] == "ON",
             "python": linkage,
@@ -365,6 +383,60 @@ def build_caffe(key, options, linkage, patches, jobs):
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Caffe's own tests of the patched layers
+
+#: Caffe's gtest sources for the layers the performance patches change, and the test cases to run from each.
+GTEST_CASES = {
+    "test_pooling_layer.cpp": "PoolingLayerTest/*",
+    "test_convolution_layer.cpp": "ConvolutionLayerTest/*",
+    "test_deconvolution_layer.cpp": "DeconvolutionLayerTest/*",
+    "test_im2col_layer.cpp": "Im2colLayerTest/*",
+    "test_concat_layer.cpp": "ConcatLayerTest/*",
+    "test_neuron_layer.cpp": "NeuronLayerTest/*.TestReLU*",
+}
+
+
+def caffe_gtest(jobs=None):
+    """Compile Caffe's gtest cases of the patched layers (:data:`GTEST_CASES`) against the set-up's cached build
+    and run them with OpenMP on every core; return the test binary's exit code. Works in a temporary folder."""
+    options, patches = build_options(), our_patches()
+    prefix = cached_build(cache_key(options, python_linkage(), patches))
+    jobs = jobs or os.cpu_count() or 2
+    if prefix is None:
+        raise SetupError("gtest", "no cached build for the current patches: run `make setup` first")
+    with tempfile.TemporaryDirectory(prefix="dsd-caffe-gtest-") as work:
+        logfile = os.path.join(work, "gtest.log")
+        src = os.path.join(work, "src")
+        unpack_source(fetch_sources(), src, patches, logfile)
+        defines = ["-DUSE_OPENCV", "-DUSE_LMDB", "-DUSE_HDF5"] + (["-DCPU_ONLY"] if options["CPU_ONLY"] == "ON" else [])
+        flags = ["-O2", *defines, f"-I{src}/src", f"-I{prefix}/include", "-I/usr/include/hdf5/serial"]
+        tests = os.path.join(src, "src", "caffe", "test")
+        sources = [os.path.join(src, "src", "gtest", "gtest-all.cpp"), os.path.join(tests, "test_caffe_main.cpp")]
+        sources += [os.path.join(tests, name) for name in GTEST_CASES]
+        objects = [os.path.join(work, os.path.basename(c) + ".o") for c in sources]
+        log.info("gtest: compiling %d test sources against %s", len(sources), prefix)
+        t0 = time.time()
+        pending = list(zip(sources, objects))
+        while pending:  # ``jobs`` compilers at a time
+            batch, pending = pending[:jobs], pending[jobs:]
+            procs = [subprocess.Popen(["g++", *flags, "-c", c, "-o", o], stderr=subprocess.PIPE, text=True)
+                     for c, o in batch]
+            for (c, _), proc in zip(batch, procs):
+                err = proc.communicate()[1]
+                if proc.returncode:
+                    raise SetupError("gtest", f"compiling {os.path.basename(c)} failed: {err.strip()[-500:]}")
+        binary = os.path.join(work, "caffe-gtest")
+        _run("gtest", ["g++", "-o", binary, *objects, f"-L{prefix}/lib", f"-Wl,-rpath,{prefix}/lib", "-lcaffe",
+                       "-lglog", "-lgflags", "-lprotobuf", "-lboost_system", "-lpthread"])
+        log.info("gtest: compiled in %.0f s; running %s", time.time() - t0, ":".join(GTEST_CASES.values()))
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+        t0 = time.time()
+        rc = subprocess.call([binary, "--gtest_filter=" + ":".join(GTEST_CASES.values())], env=env, cwd=src)
+        log.info("gtest: ran in %.1f s, exit code %d", time.time() - t0, rc)
+        return rc
 
 
 # ---------------------------------------------------------------- step 4: link into the venv
@@ -397,7 +469,8 @@ def choose_blas(python):
 
 
 def write_wrapper(venv, binary, blas_env):
-    """``venv/bin/caffe``: runs ``binary`` with the venv's Python first on PATH and the chosen BLAS settings."""
+    """``venv/bin/caffe``: runs ``binary`` with the venv's Python first on PATH and the chosen BLAS and OpenMP
+    settings."""
     wrapper = os.path.join(venv, "bin", "caffe")
     venv_bin = os.path.join(os.path.abspath(venv), "bin")
     lines = [
@@ -411,6 +484,9 @@ def write_wrapper(venv, binary, blas_env):
     if "OPENBLAS_NUM_THREADS" in blas_env:
         lines.append(f'[ -n "${{OPENBLAS_NUM_THREADS}}${{OMP_NUM_THREADS}}" ] || '
                      f'export OPENBLAS_NUM_THREADS={blas_env["OPENBLAS_NUM_THREADS"]}')
+    if "OMP_WAIT_POLICY" in blas_env:
+        lines.append(f'[ -n "${{OMP_WAIT_POLICY}}${{GOMP_SPINCOUNT}}" ] || '
+                     f'export OMP_WAIT_POLICY={blas_env["OMP_WAIT_POLICY"]}')
     lines.append(f'PATH="{venv_bin}:$PATH" exec "{binary}" "$@"')
     text = "\n".join(lines) + "\n"
     with open(wrapper + ".tmp", "w") as f:
@@ -432,6 +508,23 @@ def check_caffe(python):
 # ---------------------------------------------------------------- main
 
 
+def caffe_build(python, gpu=False, perf=True, jobs=None):
+    """The cached Caffe build for these options and patches (building it if missing): its prefix."""
+    options, patches, linkage = build_options(gpu), our_patches(perf), python_linkage(python)
+    key = cache_key(options, linkage, patches)
+    prefix = cached_build(key)
+    if prefix:
+        log.info("caffe: cached build %s", prefix)
+        return prefix
+    return build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
+
+
+def unpatched_prefix(python=None):
+    """The prefix of the finished build without the performance patches, or None if it was not built."""
+    key = cache_key(build_options(), python_linkage(python), our_patches(perf=False))
+    return cached_build(key)
+
+
 def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
     """Run every step; return the dict of what was used. Raises SetupError naming the failed step."""
     t0 = time.time()
@@ -442,19 +535,12 @@ def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
         ensure_apt_packages()
     os.makedirs(cache_root(), exist_ok=True)
     python = ensure_venv(venv)
-    linkage = python_linkage(python)
     existing = find_existing_caffe()
     if existing:
         pydir, binary = existing
         log.info("caffe: using the existing Caffe: pycaffe in %s, binary %s", pydir, binary)
     else:
-        options, patches = build_options(gpu), our_patches()
-        key = cache_key(options, linkage, patches)
-        prefix = cached_build(key)
-        if prefix:
-            log.info("caffe: cached build %s", prefix)
-        else:
-            prefix = build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
+        prefix = caffe_build(python, gpu=gpu, jobs=jobs)
         pydir = os.path.join(prefix, "lib", "python3", "dist-packages")
         binary = os.path.join(prefix, "bin", "caffe")
     link_pycaffe(venv, pydir)
@@ -471,10 +557,22 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="build with CUDA (CPU_ONLY off); needs nvcc")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     p.add_argument("--skip-apt", action="store_true", help="do not check or install Debian packages")
+    p.add_argument("--gtest", action="store_true",
+                   help="compile and run Caffe's own tests of the patched layers against the cached build")
+    p.add_argument("--unpatched", action="store_true",
+                   help="only build (or find) Caffe without the performance patches and print its prefix")
     p.add_argument("--debug", action="store_true", help="show the traceback on errors")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[setup %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.gtest:
+            return 1 if caffe_gtest(jobs=args.jobs) else 0
+        if args.unpatched:
+            if not args.skip_apt:
+                ensure_apt_packages()
+            os.makedirs(cache_root(), exist_ok=True)
+            print(caffe_build(None, gpu=args.gpu, perf=False, jobs=args.jobs))
+            return 0
         setup(args.venv, gpu=args.gpu, jobs=args.jobs, skip_apt=args.skip_apt)
     except (SetupError, OSError) as e:
         if args.debug:

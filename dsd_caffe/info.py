@@ -1,5 +1,6 @@
 """Print the Caffe in use and how it was built: version, BLAS and the kernel it runs, threads, Python layer, OpenCV,
-LMDB, HDF5, CPU or GPU, numpy, and the paths. For users and bug reports: ``python -m dsd_caffe.info [--json]``.
+LMDB, HDF5, CPU or GPU, numpy, the paths and the patches applied to Caffe's source, each with its reason. For users
+and bug reports: ``python -m dsd_caffe.info [--json]``.
 
 Everything is read from what pycaffe really has (its layer registry, the libraries ``_caffe.so`` resolves, the
 OpenBLAS loaded in this process) as well as from the set-up's build record.
@@ -124,6 +125,11 @@ def format_text(d):
     rec = d["build_record"]
     if rec:
         lines.append("build record   " + ", ".join(f"{k}={v}" for k, v in rec.items() if not isinstance(v, (dict, list))))
+        patches = rec.get("patches") or {}
+        lines.append(f"patches        {len(patches) or 'none'} applied to Debian's source")
+        for name in patches:
+            reason = patches[name] if isinstance(patches, dict) else ""
+            lines.append(f"  {name}" + (f": {reason}" if reason else ""))
     return "\n".join(lines)
 
 

@@ -87,17 +87,21 @@ def test_preset_coretype_is_kept_but_warned_about(library, caplog):
 def test_runtime_env():
     decision = {"coretype": "Haswell", "threads": 2}
     assert blas.runtime_env(decision=decision, environ={}) == {"OPENBLAS_CORETYPE": "Haswell",
-                                                                "OPENBLAS_NUM_THREADS": "2"}
+                                                                "OPENBLAS_NUM_THREADS": "2", **blas.OPENMP_WAIT}
+    # the OpenMP wait policy is added unless one is set
+    assert "OMP_WAIT_POLICY" not in blas.runtime_env(decision=decision, environ={"GOMP_SPINCOUNT": "0"})
+    preset = {"OMP_WAIT_POLICY": "active"}
     # a preset core type or thread count is never overridden
-    assert blas.runtime_env(decision=decision, environ={"OPENBLAS_CORETYPE": "Sandybridge"}) == {
+    assert blas.runtime_env(decision=decision, environ={"OPENBLAS_CORETYPE": "Sandybridge", **preset}) == {
         "OPENBLAS_NUM_THREADS": "2"}
-    assert blas.runtime_env(decision=decision, environ={"OMP_NUM_THREADS": "1"}) == {"OPENBLAS_CORETYPE": "Haswell"}
-    assert blas.runtime_env(decision=decision, environ={"OPENBLAS_NUM_THREADS": "1"}) == {
+    assert blas.runtime_env(decision=decision, environ={"OMP_NUM_THREADS": "1", **preset}) == {
+        "OPENBLAS_CORETYPE": "Haswell"}
+    assert blas.runtime_env(decision=decision, environ={"OPENBLAS_NUM_THREADS": "1", **preset}) == {
         "OPENBLAS_CORETYPE": "Haswell"}
     # an explicit thread count is what the caller asks for; the library's own detection sets no core type
-    assert blas.runtime_env(threads=3, decision={"coretype": None, "threads": 2}, environ={}) == {
+    assert blas.runtime_env(threads=3, decision={"coretype": None, "threads": 2}, environ=preset) == {
         "OPENBLAS_NUM_THREADS": "3"}
-    assert blas.runtime_env(decision={}, environ={}) == {}
+    assert blas.runtime_env(decision={}, environ=preset) == {}
     with pytest.raises(ValueError, match="threads"):
         blas.runtime_env(threads=0, decision={}, environ={})
 
@@ -106,9 +110,10 @@ def test_apply_adds_only_missing(monkeypatch, tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"coretype": "Haswell", "threads": 2}))
     monkeypatch.setattr(blas, "decision_path", lambda: str(path))
-    env = {"OPENBLAS_CORETYPE": "Zen", "OPENBLAS_L2_SIZE": "1048576"}
+    env = {"OPENBLAS_CORETYPE": "Zen", "OPENBLAS_L2_SIZE": "1048576", "OMP_WAIT_POLICY": "active"}
     assert blas.apply(env) == {"OPENBLAS_NUM_THREADS": "2"}
-    assert env == {"OPENBLAS_CORETYPE": "Zen", "OPENBLAS_L2_SIZE": "1048576", "OPENBLAS_NUM_THREADS": "2"}
+    assert env == {"OPENBLAS_CORETYPE": "Zen", "OPENBLAS_L2_SIZE": "1048576", "OMP_WAIT_POLICY": "active",
+                   "OPENBLAS_NUM_THREADS": "2"}
 
 
 def test_coretype_candidates():
@@ -152,6 +157,8 @@ def test_pick_prefers_default_and_fewer_threads_unless_clearly_faster():
 def test_runtime_env_ignores_a_choice_made_on_another_cpu():
     here = blas.cpu_info()
     same = {"coretype": "Haswell", "threads": 2, "cpu": {"vendor": here["vendor"], "model_name": here["model_name"]}}
-    assert blas.runtime_env(decision=same, environ={}) == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_NUM_THREADS": "2"}
+    preset = {"OMP_WAIT_POLICY": "active"}
+    assert blas.runtime_env(decision=same, environ=preset) == {"OPENBLAS_CORETYPE": "Haswell",
+                                                               "OPENBLAS_NUM_THREADS": "2"}
     other = dict(same, cpu={"vendor": "GenuineIntel", "model_name": "Some other CPU"})
-    assert blas.runtime_env(decision=other, environ={}) == {}
+    assert blas.runtime_env(decision=other, environ=preset) == {}
