@@ -199,6 +199,17 @@ def _child(args):
         return y
 
     rng = np.random.default_rng(0)
+    worst, worst_case = _check_kernels(sgemm, sgemv, rng)
+    out = {"corename": name, "max_rel_error": worst, "worst_case": worst_case, "ok": worst <= args["tolerance"]}
+    if out["ok"] and args.get("time"):
+        out["seconds"], out["gflops_per_shape"] = _time_kernel(sgemm, rng, args.get("seconds_per_shape", 0.25))
+    print(json.dumps(out))
+
+
+def _check_kernels(sgemm, sgemv, rng):
+    """(largest relative error against float64, the case it came from) over CHECK_SHAPES and a few SGEMVs."""
+    import numpy as np
+
     worst, worst_case = 0.0, None
     for m, n, k, ta, tb, alpha, beta in CHECK_SHAPES:
         a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
@@ -221,24 +232,27 @@ def _child(args):
         err = float(np.max(np.abs(y - ref) / scale)) if np.all(np.isfinite(y)) else float("inf")
         if err > worst:
             worst, worst_case = err, f"sgemv m={m} n={n}"
-    out = {"corename": name, "max_rel_error": worst, "worst_case": worst_case, "ok": worst <= args["tolerance"]}
-    if out["ok"] and args.get("time"):
-        total, per = 0.0, []
-        for m, n, k, ta, tb in TIME_SHAPES:
-            a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
-            b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
-            c = np.zeros((m, n), np.float32)
+    return worst, worst_case
+
+
+def _time_kernel(sgemm, rng, seconds_per_shape):
+    """(total of the best SGEMM time per TIME_SHAPES shape, GFLOPS per shape)."""
+    import numpy as np
+
+    total, per = 0.0, []
+    for m, n, k, ta, tb in TIME_SHAPES:
+        a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+        c = np.zeros((m, n), np.float32)
+        sgemm(a, b, ta, tb, 1.0, 0.0, c)
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds_per_shape:
+            t = time.perf_counter()
             sgemm(a, b, ta, tb, 1.0, 0.0, c)
-            best, start = float("inf"), time.perf_counter()
-            while time.perf_counter() - start < args.get("seconds_per_shape", 0.25):
-                t = time.perf_counter()
-                sgemm(a, b, ta, tb, 1.0, 0.0, c)
-                best = min(best, time.perf_counter() - t)
-            per.append(round(2 * m * n * k / best / 1e9, 2))
-            total += best
-        out["seconds"] = total
-        out["gflops_per_shape"] = per
-    print(json.dumps(out))
+            best = min(best, time.perf_counter() - t)
+        per.append(round(2 * m * n * k / best / 1e9, 2))
+        total += best
+    return total, per
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -346,7 +360,19 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
     unknown = set(faults) - set(candidates)
     if unknown:
         raise ValueError(f"faults name candidates that are not tried: {sorted(unknown)}")
-    results = {}  # (core, threads) -> result; rounds are interleaved so that other load hits all alike
+    results = _rounds(library, candidates, threads, faults, seconds_per_shape, rounds)
+    decision = _decide(library, cpu, preset, results)
+    if output:
+        from dsd_caffe import fileio
+
+        fileio.write_json(output, decision)
+    return decision
+
+
+def _rounds(library, candidates, threads, faults, seconds_per_shape, rounds):
+    """Every (core, threads) candidate's self-check result, its best time over ``rounds`` interleaved rounds (so
+    that other load hits all alike)."""
+    results = {}
     for _ in range(rounds):
         for core in candidates:
             for n in threads:
@@ -363,7 +389,11 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
                 else:
                     prev["seconds"] = min(prev["seconds"], r["seconds"])
                     prev["max_rel_error"] = max(prev["max_rel_error"], r["max_rel_error"])
-    results = list(results.values())
+    return list(results.values())
+
+
+def _decide(library, cpu, preset, results):
+    """The decision dict from the candidates' results: the fastest that passed (the preset core type if any)."""
     passed = [r for r in results if r["ok"]]
     decision = {"library": library, "cpu": {"vendor": cpu["vendor"], "model_name": cpu["model_name"]},
                 "preset_coretype": preset, "tolerance": TOLERANCE, "candidates": results, "time_shapes": TIME_SHAPES}
@@ -386,10 +416,6 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
         decision.update(threads=best["threads"], corename=best.get("corename"), seconds=best["seconds"])
     else:
         decision["threads"] = None
-    if output:
-        from dsd_caffe import fileio
-
-        fileio.write_json(output, decision)
     return decision
 
 

@@ -1,5 +1,6 @@
 """Crash-safe file I/O: atomic writes, guarded outputs, one writer per output, prototxt/caffemodel reading with
-clear errors, and the JSON provenance file written beside every model.
+clear errors, and the JSON provenance file written beside every model. (One module past 400 lines: every rule about
+what may be written where lives here, so every tool follows the same ones.)
 
 Rules every tool follows through this module:
 

@@ -24,11 +24,8 @@ def _soname_version(name):
     return m.group(1) if m else ""
 
 
-def collect():
-    """A dict describing the Caffe in use (see :func:`format_text` for the fields)."""
-    applied = blas.apply()  # the same env the wrapper and import_caffe() set, before Caffe's BLAS loads
-    caffe = caffe_env.import_caffe()
-    ext = blas._caffe_extension()
+def _linked(ext):
+    """{label: {"linked", "libraries", "version"}} of the libraries ``_caffe.so`` resolves."""
     libs = blas._ldd(ext) if ext else {}
     linked = {}
     for label, prefix in LIBS.items():
@@ -37,13 +34,37 @@ def collect():
         hits = sorted(n for n in libs if n.startswith(prefix))
         linked[label] = {"linked": bool(hits), "libraries": {n: libs[n] for n in hits},
                          "version": _soname_version(hits[0]) if hits else None}
-    layers = sorted(caffe.layer_type_list())
+    return linked
+
+
+def _blas(applied):
+    """The BLAS library in use, its kernel and threads, the environment and the set-up's decision."""
     try:
         library = blas.caffe_blas_library()
-        blas_cfg = blas.library_config(library)
+        cfg = blas.library_config(library)
     except (FileNotFoundError, OSError) as e:
-        library, blas_cfg = None, {"error": str(e)}
+        library, cfg = None, {"error": str(e)}
     decision = blas.load_decision()
+    return {
+        "library": library,
+        "kernel": cfg.get("corename"),
+        "config": cfg.get("config"),
+        "threads": cfg.get("threads"),
+        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                          "OPENBLAS_L2_SIZE") if k in os.environ},
+        "env_applied_by_dsd_caffe": applied,
+        "decision_file": blas.decision_path(),
+        "decision": {k: decision.get(k) for k in ("coretype", "threads", "corename", "ok")} if decision else None,
+        "error": cfg.get("error"),
+    }
+
+
+def collect():
+    """A dict describing the Caffe in use (see :func:`format_text` for the fields)."""
+    applied = blas.apply()  # the same env the wrapper and import_caffe() set, before Caffe's BLAS loads
+    caffe = caffe_env.import_caffe()
+    ext = blas._caffe_extension()
+    layers = sorted(caffe.layer_type_list())
     import numpy
 
     try:
@@ -69,19 +90,8 @@ def collect():
         "python_layer": "Python" in layers,
         "data_layers": {t: t in layers for t in LAYERS},
         "layer_types": layers,
-        "libraries": linked,
-        "blas": {
-            "library": library,
-            "kernel": blas_cfg.get("corename"),
-            "config": blas_cfg.get("config"),
-            "threads": blas_cfg.get("threads"),
-            "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                              "OPENBLAS_L2_SIZE") if k in os.environ},
-            "env_applied_by_dsd_caffe": applied,
-            "decision_file": blas.decision_path(),
-            "decision": {k: decision.get(k) for k in ("coretype", "threads", "corename", "ok")} if decision else None,
-            "error": blas_cfg.get("error"),
-        },
+        "libraries": _linked(ext),
+        "blas": _blas(applied),
         "build_record": caffe_env.build_info(),
         "numpy": {"version": numpy.__version__, "blas": np_blas},
         "protobuf": protobuf_version,
@@ -124,7 +134,8 @@ def format_text(d):
     ]
     rec = d["build_record"]
     if rec:
-        lines.append("build record   " + ", ".join(f"{k}={v}" for k, v in rec.items() if not isinstance(v, (dict, list))))
+        plain = ", ".join(f"{k}={v}" for k, v in rec.items() if not isinstance(v, (dict, list)))
+        lines.append("build record   " + plain)
         patches = rec.get("patches") or {}
         lines.append(f"patches        {len(patches) or 'none'} applied to Debian's source")
         for name in patches:
