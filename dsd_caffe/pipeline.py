@@ -347,9 +347,9 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
     result = {"runs": runs, "verdict": None}
     if config.control:
         v = verdict.paired_verdict([100 * (results_table(s)["DSD"]["top1"] - results_table(s)["control"]["top1"])
-                             for s in runs.values()])
+                                    for s in runs.values()], seeds=list(runs))
         result["verdict"] = v
-        fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v), seeds=sorted(runs),
+        fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v),
                                                            split="holdout" if config.holdout_source else "val"))
     return result
 

@@ -24,9 +24,11 @@ class Verdict:
     low: float  # the interval (None for one seed)
     high: float
     sentence: str
+    seeds: tuple = None  # the seed of each gain (default 0, 1, ...)
 
     def format(self):
-        lines = [f"seed {i}: DSD - control = {g:+.2f} points" for i, g in enumerate(self.gains)]
+        seeds = self.seeds or range(len(self.gains))
+        lines = [f"seed {s}: DSD - control = {g:+.2f} points" for s, g in zip(seeds, self.gains)]
         spread = f" +- {self.std:.2f}" if len(self.gains) > 1 else ""
         interval = (f", {100 * CONFIDENCE:.0f}% interval [{self.low:+.2f}, {self.high:+.2f}]"
                     if self.low is not None else "")
@@ -42,16 +44,17 @@ def t_quantile(p, df):
     return float(stats.t.ppf(p, df))
 
 
-def paired_verdict(gains):
-    """The :class:`Verdict` of paired gains (points of top-1, DSD - control), one per seed."""
+def paired_verdict(gains, seeds=None):
+    """The :class:`Verdict` of paired gains (points of top-1, DSD - control), one per seed (``seeds`` names them)."""
     gains = tuple(float(g) for g in gains)
+    seeds = tuple(seeds) if seeds is not None else None
     if not gains or not all(math.isfinite(g) for g in gains):
         raise UserError(f"the verdict needs one finite gain per seed, got {list(gains)}")
     n = len(gains)
     mean = statistics.fmean(gains)
     if n == 1:
         return Verdict(gains, mean, 0.0, None, None,
-                       "No difference detectable at 1 seed: one seed gives no interval; run --seeds 3 or more.")
+                       "No difference detectable at 1 seed: one seed gives no interval; run --seeds 3 or more.", seeds)
     std = statistics.stdev(gains)
     half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * std / math.sqrt(n)
     low, high = mean - half, mean + half
@@ -61,4 +64,4 @@ def paired_verdict(gains):
         sentence = f"The control beat DSD (by {-mean:.2f} points of top-1, {n} seeds)."
     else:
         sentence = f"No difference detectable at {n} seeds."
-    return Verdict(gains, mean, std, low, high, sentence)
+    return Verdict(gains, mean, std, low, high, sentence, seeds)
