@@ -250,6 +250,11 @@ def per_class(confusion):
 CONFUSION_FILES = ("confusion.csv", "per_class.csv", "confusion.png")
 
 
+def check_confusion_folder(folder, force=False):
+    """Refuse a --output folder :func:`write_confusion` could not write, before an evaluation is spent on it."""
+    return fileio.check_replaceable(folder, CONFUSION_FILES, force, "evaluate.py")
+
+
 def write_confusion(confusion, folder, class_names=None, force=False):
     """Write ``confusion.csv``, ``per_class.csv`` and ``confusion.png`` into ``folder``, staged in a temporary
     folder renamed into place (a folder holding anything else is never replaced)."""
@@ -260,7 +265,7 @@ def write_confusion(confusion, folder, class_names=None, force=False):
         raise UserError(f"{len(names)} class names for a {k}-class confusion matrix")
     folder = os.path.abspath(os.fspath(folder))
     with fileio.output_lock(folder):
-        fileio.check_replaceable(folder, CONFUSION_FILES, force, "evaluate.py")
+        check_confusion_folder(folder, force)
         with fileio.atomic_path(folder, force=True, directory=True) as tmp:
             rows = [["true\\predicted"] + names] + [[names[i]] + [int(x) for x in cm[i]] for i in range(k)]
             fileio.atomic_write(os.path.join(tmp, "confusion.csv"), fileio.csv_text(rows))

@@ -13,6 +13,8 @@ from dsd_caffe import cli
 def run(a):
     from dsd_caffe import evaluate, sources
 
+    if a.output is not None:
+        evaluate.check_confusion_folder(a.output, a.force)
     results = evaluate.evaluate(a.model, a.weights, iterations=a.iterations, gpu=a.gpu,
                                 confusion=a.output is not None, allow_missing=a.allow_missing,
                                 test_source=a.test_source)
