@@ -22,8 +22,6 @@ import numpy as np
 from dsd_caffe import deepcompression as dc
 from dsd_caffe import fileio
 
-FASHION = "/usr/share/datasets/fashion-mnist"
-
 
 def quantized_caffemodel(weights, layers, specs, out):
     """A copy of the caffemodel ``weights`` with the weighted layers' blobs replaced by ``layers``."""
@@ -58,8 +56,8 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
     caffe = import_caffe()
     caffe.set_mode_cpu()
     caffe.set_random_seed(seed)
-    images = fashion_mnist.read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
-    labels = fashion_mnist.read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))
+    images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+    labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
     order = np.random.default_rng(seed).permutation(len(images))
     val, train = order[:5000], order[5000:5000 + train_size]
     train_db = lmdbio.write_array_lmdb(os.path.join(tmp, "train_lmdb"), images[train], labels[train])

@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION = "/usr/share/datasets/fashion-mnist"
 SPARSE_ITERS, DENSE_ITERS, SNAPSHOT = 12, 6, 2
 
 
@@ -31,8 +30,8 @@ def fashion_arrays(n, offset=0):
     the dataset package is not installed."""
     from dsd_caffe import fashion_mnist
 
-    images = os.path.join(FASHION, "train-images-idx3-ubyte.gz")
-    labels = os.path.join(FASHION, "train-labels-idx1-ubyte.gz")
+    images = os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")
+    labels = os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")
     if os.path.exists(images) and os.path.exists(labels):
         x = fashion_mnist.read_idx(images)[offset:offset + n]
         y = fashion_mnist.read_idx(labels)[offset:offset + n]

@@ -6,11 +6,14 @@ Reference files are optional: a user clones the repository alone. :func:`shared_
 naming the file and where to get it when it is absent.
 """
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from dsd_caffe.fashion_mnist import FASHION_MNIST_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("DSD_SHARED", os.path.join(ROOT, "..", "shared"))
@@ -19,7 +22,7 @@ DSD_TRAINVAL = os.path.join(REFERENCE, "squeezenet-dsd", "trainval.prototxt")
 DC_NET = os.path.join(REFERENCE, "squeezenet-deep-compression", "compressed_SqueezeNet.net")
 DC_DEPLOY = os.path.join(REFERENCE, "squeezenet-deep-compression", "SqueezeNet_deploy.prototxt")
 IMAGENET_CLASSES = os.path.join(REFERENCE, "imagenet", "classes.txt")
-FASHION = "/usr/share/datasets/fashion-mnist"
+FASHION = FASHION_MNIST_DIR
 #: where each reference file comes from (for skip reasons)
 ORIGIN = {
     DSD_TRAINVAL: "github.com/songhan/SqueezeNet-DSD-Training (trainval.prototxt)",
@@ -38,13 +41,30 @@ def shared_file(path):
     return path
 
 
-def tool(name, *args, timeout=600, env=None, cwd=None):
-    """Run ``tools/<name>.py`` with this interpreter (a dotted ``name`` such as ``dsd_caffe.zoo``: ``python -m
-    name``); returns the CompletedProcess (text)."""
+def tool_cmd(name, *args):
+    """The command line of ``tools/<name>.py`` with this interpreter (a dotted ``name`` such as ``dsd_caffe.zoo``:
+    ``python -m name``), for :func:`tool` and for tests that start a tool with Popen."""
     script = ["-m", name] if "." in name else [os.path.join(ROOT, "tools", f"{name}.py")]
-    cmd = [sys.executable, *script, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    return [sys.executable, *script, *map(str, args)]
+
+
+def tool(name, *args, timeout=600, env=None, cwd=None):
+    """Run :func:`tool_cmd` ``(name, *args)``; returns the CompletedProcess (text)."""
+    return subprocess.run(tool_cmd(name, *args), capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def tool_parser(module):
+    """The argparse parser a tool module (``dsd_caffe.commands.prune``, ``dsd_caffe.zoo``) hands to ``cli.main``,
+    captured without running the tool."""
+    import importlib
+    from unittest import mock
+
+    captured = {}
+    mod = importlib.import_module(module)
+    with mock.patch("dsd_caffe.cli.main", lambda p, fn, argv=None: captured.setdefault("p", p)):
+        mod.main([]) if module != "dsd_caffe.zoo" else mod.main(["list"])
+    return captured["p"]
 
 
 def write_tiny_lmdb(path, images, labels):
@@ -63,6 +83,14 @@ def write_tiny_lmdb(path, images, labels):
             txn.put(f"{i:08d}".encode(), d.SerializeToString())
     env.close()
     return str(path)
+
+
+def copy_beside(src, name):
+    """A copy of the run folder ``src`` beside it, named ``name`` (its data sources are paths relative to the
+    LMDBs next to it); returns its path."""
+    dst = os.path.join(os.path.dirname(src), name)
+    shutil.copytree(src, dst)
+    return dst
 
 
 def small_setup(folder, n_train=16, n_val=8, batch=4, seed=0):
@@ -84,15 +112,6 @@ def small_setup(folder, n_train=16, n_val=8, batch=4, seed=0):
     weights = os.path.join(folder, "dense.caffemodel")
     make_net(sources.absolute_sources(net, folder), "TRAIN").save(weights)
     return model, weights
-
-
-def fashion_arrays(n, offset=0):
-    """n real Fashion-MNIST training images (N, 1, 28, 28) uint8 and labels, from ``offset``."""
-    from dsd_caffe.fashion_mnist import read_idx
-
-    x = read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))[offset:offset + n]
-    y = read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz"))[offset:offset + n]
-    return x[:, None].astype(np.uint8), y.astype(np.int64)
 
 
 def in_small_tmpfs(tmp_path, size, script):

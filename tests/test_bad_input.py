@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources, training
-from dsd_caffe.caffe_env import caffe_pb2
+from dsd_caffe.caffe_env import caffe_pb2, make_net
 from dsd_caffe.solvers import Schedule
 from helpers import DC_DEPLOY, DC_NET, tool, write_tiny_lmdb
 
@@ -61,17 +61,15 @@ def net(tmp_path_factory):
     tv = netgen.small_squeezenet("train_lmdb", "val_lmdb", train_batch=4, test_batch=4)
     model = str(folder / "trainval.prototxt")
     fileio.write_prototxt(model, tv)
-    fileio.write_prototxt(str(folder / "abs.prototxt"), sources.absolute_sources(tv, str(folder)))
     caffe.set_random_seed(0)
     weights = str(folder / "dense.caffemodel")
-    caffe.Net(str(folder / "abs.prototxt"), caffe.TEST).save(weights)
+    make_net(sources.absolute_sources(tv, str(folder)), "TEST").save(weights)
     raw = open(weights, "rb").read()
     (folder / "truncated.caffemodel").write_bytes(raw[: len(raw) // 2])
     (folder / "empty.caffemodel").write_bytes(b"")
     (folder / "garbage.caffemodel").write_bytes(bytes(rng.integers(0, 256, 5000, dtype=np.uint8)))
     other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
-    fileio.write_prototxt(str(folder / "other.prototxt"), sources.absolute_sources(other, str(folder)))
-    caffe.Net(str(folder / "other.prototxt"), caffe.TEST).save(str(folder / "other.caffemodel"))
+    make_net(sources.absolute_sources(other, str(folder)), "TEST").save(str(folder / "other.caffemodel"))
     fileio.write_caffemodel(str(folder / "deepscale.caffemodel"),
                             netgen.rename_weights(fileio.read_caffemodel(weights), "han", "deepscale"))
     text = open(model).read().splitlines()
@@ -162,9 +160,7 @@ def test_truncated_pruned_model_in_a_sparse_folder(pruned, tmp_path):
 
 
 def test_compress_truncated_caffemodel(net, tmp_path):
-    deploy = netgen.deploy(fileio.read_net_prototxt(net["model"]), input_shape=(1, 1, 28, 28))
-    fileio.write_prototxt(str(tmp_path / "deploy.prototxt"), deploy)
-    bad("compress", "--model", tmp_path / "deploy.prototxt", "--weights", p(net, "truncated.caffemodel"),
+    bad("compress", "--model", p(net, "deploy.prototxt"), "--weights", p(net, "truncated.caffemodel"),
         "--output", tmp_path / "o.net", expect=("truncated.caffemodel", "truncated"))
     assert not os.path.exists(tmp_path / "o.net")
 
@@ -333,9 +329,7 @@ def test_net_file_too_long(net_bytes, tmp_path):
 
 def test_net_file_with_the_wrong_prototxt(net, net_bytes, tmp_path):
     (tmp_path / "x.net").write_bytes(net_bytes)
-    deploy = netgen.deploy(fileio.read_net_prototxt(net["model"]), input_shape=(1, 1, 28, 28))
-    fileio.write_prototxt(str(tmp_path / "deploy.prototxt"), deploy)
-    bad("decode_compressed", "--model", tmp_path / "deploy.prototxt", "--net", tmp_path / "x.net", "--output",
+    bad("decode_compressed", "--model", p(net, "deploy.prototxt"), "--net", tmp_path / "x.net", "--output",
         tmp_path / "o.caffemodel", expect=("x.net",))
 
 
@@ -363,13 +357,8 @@ def test_unwritable_output_folder(net, locked, which):
         expect=("locked", "not writable"))
 
 
-def test_make_lmdb_unwritable_output(locked, tmp_path):
-    src = tmp_path / "img" / "cat"
-    src.mkdir(parents=True)
-    import cv2
-
-    cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
-    bad("make_lmdb", tmp_path / "img", "--output", locked / "out_lmdb", "--resize", "8x8", expect=("locked",))
+def test_make_lmdb_unwritable_output(locked, writers):
+    bad("make_lmdb", writers["img"], "--output", locked / "out_lmdb", "--resize", "8x8", expect=("locked",))
 
 
 def test_output_folder_holding_a_finished_dsd_run(net, tmp_path):
@@ -415,13 +404,8 @@ def test_output_folder_holding_a_pruned_model(net, pruned):
         expect=(pruned, "--force"))
 
 
-def test_output_lmdb_exists(net, tmp_path):
-    src = tmp_path / "img" / "cat"
-    src.mkdir(parents=True)
-    import cv2
-
-    cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
-    bad("make_lmdb", tmp_path / "img", "--output", p(net, "train_lmdb"), "--resize", "8x8",
+def test_output_lmdb_exists(net, writers):
+    bad("make_lmdb", writers["img"], "--output", p(net, "train_lmdb"), "--resize", "8x8",
         expect=("train_lmdb", "--force"))
 
 

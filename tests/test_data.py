@@ -19,12 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
-from helpers import tool
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 from dsd_caffe.errors import UserError
-from helpers import in_small_tmpfs
-
-TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+from helpers import in_small_tmpfs, tool, tool_cmd
 
 
 def make_folder(root, per_class=4, size=(30, 40), seed=0):
@@ -236,8 +233,8 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
 def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
     src = make_folder(tmp_path / "img")
     os.mkfifo(tmp_path / "img" / "dog" / "z_fifo.png")
-    proc = subprocess.Popen([sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output",
-                             str(tmp_path / "out"), "--workers", "1", "--resize", "8x8"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(tool_cmd("make_lmdb", src, "--output", tmp_path / "out", "--workers", 1, "--resize", "8x8"),
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while not any(n.startswith(".out.tmp-") for n in os.listdir(tmp_path)) and time.time() < deadline:
@@ -257,8 +254,8 @@ def test_killed_at_any_moment_the_lmdb_is_absent_or_whole(tmp_path):
     image, with its JSON; the next build removes what the killed ones left."""
     src = make_folder(tmp_path / "img", per_class=100, size=(60, 80))
     out = tmp_path / "out"
-    args = [sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output", str(out), "--resize", "32x32",
-            "--mean-file", str(tmp_path / "mean.binaryproto"), "--force"]
+    args = tool_cmd("make_lmdb", src, "--output", out, "--resize", "32x32",
+                    "--mean-file", tmp_path / "mean.binaryproto", "--force")
     rng = np.random.default_rng(0)
     for delay in sorted(rng.uniform(0.2, 2.5, 6)):
         proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -278,8 +275,7 @@ def test_two_builds_of_one_lmdb(tmp_path):
     pid, --force or not; then the first finishes."""
     src = make_folder(tmp_path / "img")
     os.mkfifo(tmp_path / "img" / "dog" / "z_fifo.png")
-    args = [sys.executable, os.path.join(TOOLS, "make_lmdb.py"), str(src), "--output", str(tmp_path / "out"),
-            "--workers", "1", "--resize", "8x8"]
+    args = tool_cmd("make_lmdb", src, "--output", tmp_path / "out", "--workers", 1, "--resize", "8x8")
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lock = fileio.lock_path(tmp_path / "out")

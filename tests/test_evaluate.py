@@ -108,7 +108,7 @@ def test_cfmt_is_ostream_default():
         assert evaluate.cfmt(x) == s
 
 
-def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
+def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path):
     lmdb_path = tiny_lmdb(n=40, seed=5)
     proto, weights = make_net(str(tmp_path), lmdb_path, batch=8)
     res = evaluate.evaluate(proto, weights, iterations=5, confusion=True)
@@ -135,7 +135,7 @@ def test_confusion_matrix_and_per_class(tiny_lmdb, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- bad input
 
 
-def run_tool_error(capsys, argv):
+def run_tool_error(argv):
     """evaluate.py refuses: exit status 2, one error line, last (after any progress log lines)."""
     r = run("evaluate", *argv)
     err = [line for line in r.stderr.strip().splitlines() if not line[:8].count(":") == 2]  # not hh:mm:ss logs
@@ -160,46 +160,46 @@ def test_gpu_refused_on_cpu_build(good):
     assert p.stderr.strip().count("\n") == 0 and "CPU-only" in p.stderr
 
 
-def test_missing_caffemodel(good, capsys):
+def test_missing_caffemodel(good):
     tmp, _, proto, _ = good
-    msg = run_tool_error(capsys, ["--model", proto, "--weights", str(tmp / "nope.caffemodel")])
+    msg = run_tool_error(["--model", proto, "--weights", str(tmp / "nope.caffemodel")])
     assert "nope.caffemodel" in msg and "does not exist" in msg
 
 
-def test_truncated_caffemodel(good, capsys):
+def test_truncated_caffemodel(good):
     tmp, _, proto, weights = good
     data = open(weights, "rb").read()
     bad = tmp / "trunc.caffemodel"
     bad.write_bytes(data[: len(data) // 2])
-    msg = run_tool_error(capsys, ["--model", proto, "--weights", str(bad)])
+    msg = run_tool_error(["--model", proto, "--weights", str(bad)])
     assert "trunc.caffemodel" in msg and "truncated or corrupted" in msg
 
 
-def test_caffemodel_from_another_net(good, capsys):
+def test_caffemodel_from_another_net(good):
     tmp, lmdb_path, proto, _ = good
     _, other = make_net(str(tmp), lmdb_path, batch=4, classes=12, name="other")
-    msg = run_tool_error(capsys, ["--model", proto, "--weights", other])
+    msg = run_tool_error(["--model", proto, "--weights", other])
     assert "'fc'" in msg and "12x8" in msg and "10x8" in msg
 
 
-def test_caffemodel_with_other_layer_names(good, capsys):
+def test_caffemodel_with_other_layer_names(good):
     tmp, _, proto, weights = good
     param = fileio.read_caffemodel(weights)
     for layer in param.layer:
         layer.name = "x_" + layer.name
     renamed = tmp / "renamed.caffemodel"
     fileio.write_caffemodel(renamed, param)
-    msg = run_tool_error(capsys, ["--model", proto, "--weights", str(renamed)])
+    msg = run_tool_error(["--model", proto, "--weights", str(renamed)])
     assert "none of the net's learnable layers" in msg and "conv1" in msg
 
 
-def test_caffemodel_missing_a_layer(good, capsys):
+def test_caffemodel_missing_a_layer(good):
     tmp, _, proto, weights = good
     param = fileio.read_caffemodel(weights)
     param.layer[[l.name for l in param.layer].index("fc")].name = "fc_old"
     part = tmp / "part.caffemodel"
     fileio.write_caffemodel(part, param)
-    msg = run_tool_error(capsys, ["--model", proto, "--weights", str(part)])
+    msg = run_tool_error(["--model", proto, "--weights", str(part)])
     assert "no weights for layer 'fc'" in msg
     res = evaluate.evaluate(proto, str(part), iterations=1, allow_missing=True)
     assert "accuracy_top1" in res
@@ -233,64 +233,64 @@ def test_weights_fit_accepts_legacy_4d_shapes():
         netcheck.check_weights_fit({"fc": [(10, 8), (10,)]}, param)
 
 
-def test_prototxt_syntax_error_line_col(good, capsys):
+def test_prototxt_syntax_error_line_col(good):
     tmp, _, _, weights = good
     bad = tmp / "bad.prototxt"
     bad.write_text('name: "x"\nlayer {\n  name: "data"\n  type: Data"\n}\n')
-    msg = run_tool_error(capsys, ["--model", str(bad), "--weights", weights])
+    msg = run_tool_error(["--model", str(bad), "--weights", weights])
     assert re.search(r"bad\.prototxt:4:\d+: prototxt syntax error", msg)
 
 
-def test_missing_lmdb(good, capsys):
+def test_missing_lmdb(good):
     tmp, _, _, weights = good
     proto = tmp / "missing.prototxt"
     proto.write_text(NET.format(source="no_such_lmdb", batch=4, crop=24, classes=10, lw=1, extra=""))
-    msg = run_tool_error(capsys, ["--model", str(proto), "--weights", weights])
+    msg = run_tool_error(["--model", str(proto), "--weights", weights])
     assert "no_such_lmdb" in msg and "not found" in msg and "beside the prototxt" in msg and "current folder" in msg
 
 
-def test_empty_lmdb(good, capsys):
+def test_empty_lmdb(good):
     import lmdb
 
     tmp, _, _, weights = good
     lmdb.open(str(tmp / "empty_lmdb"), map_size=1 << 20).close()
     proto = tmp / "empty.prototxt"
     proto.write_text(NET.format(source=str(tmp / "empty_lmdb"), batch=4, crop=24, classes=10, lw=1, extra=""))
-    msg = run_tool_error(capsys, ["--model", str(proto), "--weights", weights])
+    msg = run_tool_error(["--model", str(proto), "--weights", weights])
     assert "empty_lmdb" in msg and "is empty" in msg
 
 
-def test_not_an_lmdb(good, capsys):
+def test_not_an_lmdb(good):
     tmp, _, _, weights = good
     (tmp / "plain").mkdir()
     proto = tmp / "plain.prototxt"
     proto.write_text(NET.format(source=str(tmp / "plain"), batch=4, crop=24, classes=10, lw=1, extra=""))
-    msg = run_tool_error(capsys, ["--model", str(proto), "--weights", weights])
+    msg = run_tool_error(["--model", str(proto), "--weights", weights])
     assert "plain" in msg and "no data.mdb" in msg
 
 
-def test_images_smaller_than_crop(good, capsys):
+def test_images_smaller_than_crop(good):
     tmp, lmdb_path, _, weights = good
     proto = tmp / "crop.prototxt"
     proto.write_text(NET.format(source=lmdb_path, batch=4, crop=32, classes=10, lw=1, extra=""))
-    msg = run_tool_error(capsys, ["--model", str(proto), "--weights", weights])
+    msg = run_tool_error(["--model", str(proto), "--weights", weights])
     assert "28x28" in msg and "crop_size 32" in msg and "'data'" in msg
 
 
-def test_unknown_bottom_and_type(good, capsys):
+def test_unknown_bottom_and_type(good):
     tmp, lmdb_path, _, weights = good
     text = NET.format(source=lmdb_path, batch=4, crop=24, classes=10, lw=1, extra="")
     p1 = tmp / "bottom.prototxt"
     p1.write_text(text.replace('bottom: "pool1" top: "fc"', 'bottom: "pool9" top: "fc"'))
-    assert "'pool9'" in run_tool_error(capsys, ["--model", str(p1), "--weights", weights])
+    assert "'pool9'" in run_tool_error(["--model", str(p1), "--weights", weights])
     p2 = tmp / "type.prototxt"
     p2.write_text(text.replace('type: "ReLU"', 'type: "Relu"'))
-    assert "'Relu'" in run_tool_error(capsys, ["--model", str(p2), "--weights", weights])
+    assert "'Relu'" in run_tool_error(["--model", str(p2), "--weights", weights])
 
 
-def test_bad_iterations(good, capsys):
+def test_bad_iterations(good):
     _, _, proto, weights = good
-    assert "--iterations" in run_tool_error(capsys, ["--model", proto, "--weights", weights, "--iterations", "0"])
+    assert "--iterations" in run_tool_error(["--model", proto, "--weights", weights, "--iterations", "0"])
 
 
 def test_included_layers_follow_caffe_rules():

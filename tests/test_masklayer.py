@@ -1,14 +1,13 @@
 """The mask layer keeps pruned weights at exactly 0.0 under real Caffe: the `caffe train` binary and pycaffe's
 Solver, momentum 0.9, weight decay, iter_size 2, across a snapshot and a resume; masks live in the caffemodel."""
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 from dsd_caffe import fileio, masklayer, masks, phases, sources, training
 from dsd_caffe.solvers import Schedule
-from helpers import small_setup
+from helpers import copy_beside, small_setup
 
 caffe = pytest.importorskip("caffe")
 
@@ -57,13 +56,6 @@ def pruned(tmp_path_factory):
     return out
 
 
-def copy_run(src, tmp_path):
-    """A copy beside ``src`` (its Data sources are relative paths to the LMDBs next to it)."""
-    dst = os.path.join(os.path.dirname(src), "run-" + tmp_path.name)
-    shutil.copytree(src, dst)
-    return dst
-
-
 def sparse_net(folder):
     return sources.absolute_sources(fileio.read_net_prototxt(os.path.join(folder, phases.SPARSE_NET)), folder)
 
@@ -86,7 +78,7 @@ def check_snapshots(folder, expect_iters):
 
 @pytest.mark.parametrize("engine", ["binary", "pycaffe"])
 def test_pruned_weights_stay_zero_through_snapshot_and_resume(pruned, tmp_path, engine):
-    run = copy_run(pruned, tmp_path)
+    run = copy_beside(pruned, "run-" + tmp_path.name)
     sp = fileio.read_solver_prototxt(os.path.join(run, phases.SPARSE_SOLVER))
     assert sp.momentum == pytest.approx(0.9) and sp.weight_decay > 0 and sp.iter_size == 2
     job = training.Job(run, "sparse", phases.SPARSE_SOLVER, sp, phases.SPARSE_NET,
@@ -102,7 +94,7 @@ def test_pruned_weights_stay_zero_through_snapshot_and_resume(pruned, tmp_path, 
 
 
 def test_train_sparse_writes_checked_model(pruned, tmp_path):
-    run = copy_run(pruned, tmp_path)
+    run = copy_beside(pruned, "run-" + tmp_path.name)
     final = phases.train_sparse(run, engine="pycaffe")
     prov = fileio.read_json(fileio.sidecar_path(final))
     assert prov["phase"] == "sparse" and prov["iteration"] == 6
@@ -183,7 +175,7 @@ def test_caffemodel_size_overhead(pruned):
 def test_train_sparse_refuses_masks_that_do_not_fit(pruned, tmp_path):
     import json
 
-    run = copy_run(pruned, tmp_path)
+    run = copy_beside(pruned, "run-" + tmp_path.name)
     path = os.path.join(run, phases.SPARSE_NET)
     net = fileio.read_net_prototxt(path)
     layer = next(l for l in net.layer if masks.is_mask_layer(l))

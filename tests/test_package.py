@@ -1,5 +1,6 @@
 """The package's face: lazy re-exports, no Caffe at import time, tools as thin CLIs."""
 import ast
+import functools
 import glob
 import json
 import os
@@ -11,9 +12,8 @@ import pytest
 
 import dsd_caffe
 from dsd_caffe import cli
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT as REPO
+from helpers import tool, tool_parser
 
 
 def setup_commands():
@@ -57,23 +57,16 @@ def test_tools_are_thin_clis_with_their_docstring_as_description():
         assert f"from dsd_caffe.commands.{name} import main" in shim and ast.get_docstring(ast.parse(shim)), name
 
 
+@functools.lru_cache(maxsize=None)
 def _help(name):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{name}.py"), "--help"], capture_output=True,
-                       text=True, timeout=60)
+    r = tool(name, "--help", timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
 def _flags(name):
     """{flag: its argparse action} of a tool, including hidden deprecated spellings."""
-    import importlib
-    from unittest import mock
-
-    captured = {}
-    mod = importlib.import_module(f"dsd_caffe.commands.{name}")
-    with mock.patch("dsd_caffe.cli.main", lambda p, fn, argv=None: captured.setdefault("p", p)):
-        mod.main([])
-    return {s: a for a in captured["p"]._actions for s in a.option_strings}
+    return {s: a for a in tool_parser(f"dsd_caffe.commands.{name}")._actions for s in a.option_strings}
 
 
 #: the vocabulary: one spelling per meaning across every tool (issue 14)

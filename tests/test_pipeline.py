@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 
 from dsd_caffe import fileio, masks, phases, pipeline, training
 from dsd_caffe.solvers import Schedule
-from helpers import ROOT, small_setup
+from helpers import small_setup, tool_cmd
 
 caffe = pytest.importorskip("caffe")
 
@@ -28,9 +27,9 @@ def setup(tmp_path_factory):
 
 def dsd_args(setup, out, *extra, sparse=6, redense=4):
     folder, model, weights = setup
-    return [sys.executable, os.path.join(ROOT, "tools", "dsd.py"), "--model", model, "--weights", weights,
-            "--output", str(out), "--ratio", "3x", "--sparse-max-iter", str(sparse), "--redense-max-iter",
-            str(redense), "--snapshot", "2", "--sparse-base-lr", "0.05", "--iterations", "2", *map(str, extra)]
+    return tool_cmd("dsd", "--model", model, "--weights", weights, "--output", out, "--ratio", "3x",
+                    "--sparse-max-iter", sparse, "--redense-max-iter", redense, "--snapshot", 2,
+                    "--sparse-base-lr", 0.05, "--iterations", 2, *extra)
 
 
 def run(args, **kw):
@@ -152,11 +151,7 @@ def test_two_runs_in_one_folder(setup, tmp_path):
     first = _start(dsd_args(setup, out, sparse=4000))
     try:
         _wait_for(lambda: _iteration(out / "cycle1-sparse" / training.LOG) > 10, first)
-        for extra in ((), ("--force",)):
-            r = run(dsd_args(setup, out, *extra, sparse=4000))
-            assert r.returncode == 2, r.stderr
-            assert f"in use by another dsd-caffe process (pid {first.pid})" in r.stderr, r.stderr
-            assert len(r.stderr.strip().splitlines()) == 1
+        _refused_for(first.pid, dsd_args(setup, out, sparse=4000))
         assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
     finally:
         if first.poll() is None:
@@ -190,8 +185,8 @@ def test_interrupt_ends_with_130_and_resumes(setup, tmp_path, how):
 def test_training_tools_show_progress_and_stop_cleanly(setup, tmp_path, engine):
     """retrain_dense.py: the log lines a person reads (rounded to 4 digits, where Caffe's log is), and Ctrl-C."""
     folder, model, weights = setup
-    args = [sys.executable, os.path.join(ROOT, "tools", "retrain_dense.py"), "--model", model, "--weights", weights,
-            "--output", str(tmp_path / "r"), "--max-iter", "20000", "--engine", engine]
+    args = tool_cmd("retrain_dense", "--model", model, "--weights", weights, "--output", tmp_path / "r",
+                    "--max-iter", 20000, "--engine", engine)
     code, err = _interrupt(args, tmp_path / "r" / training.LOG, 1100)
     assert code == 130, err[-2000:]
     assert f"Caffe's log: {tmp_path / 'r' / training.LOG}" in err
@@ -228,10 +223,6 @@ def test_seeds_in_parallel_stop_on_sigterm_and_resume(setup, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the phase tools
-def _tool_args(name, *args):
-    return [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]
-
-
 def _pruned(setup, out, **schedule):
     folder, model, weights = setup
     phases.prune(phases.Inputs(model, weights), out, phases.PruneConfig(ratio="3x"), Schedule(**schedule))
@@ -243,7 +234,7 @@ def test_train_sparse_interrupted_ends_with_130_and_resumes(setup, tmp_path, eng
     """Ctrl-C: exit 130 with one line naming the iteration of the snapshot taken on stopping; the same command
     resumes from it and the pruned weights stay exactly 0.0."""
     out = _pruned(setup, tmp_path / "sparse", max_iter=1500, snapshot=500)
-    args = _tool_args("train_sparse", out, "--engine", engine)
+    args = tool_cmd("train_sparse", out, "--engine", engine)
     code, err = _interrupt(args, out / training.LOG, 20)
     assert code == 130, err[-2000:]
     m = re.fullmatch(r"train_sparse\.py: sparse: interrupted at iteration (\d+); run the same command again to "
@@ -272,7 +263,7 @@ def test_prune_killed_at_any_moment_leaves_its_folder_absent_or_whole(setup, tmp
     renamed), and the next run removes what the killed ones left."""
     folder, model, weights = setup
     out = tmp_path / "sparse"
-    args = _tool_args("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--output", out, "--force")
+    args = tool_cmd("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--output", out, "--force")
     rng = np.random.default_rng(0)
     for delay in sorted(rng.uniform(0.3, 3.0, 6)):
         proc = _start(args)
@@ -316,14 +307,14 @@ def test_two_prunes_on_one_output(setup, tmp_path):
     folder, model, weights = setup
     fifo, out = tmp_path / "profile.fifo", tmp_path / "sparse"
     os.mkfifo(fifo)
-    first = _start(_tool_args("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--profile", fifo,
+    first = _start(tool_cmd("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--profile", fifo,
                               "--output", out))
     try:
         profile = b'{"*": 0.33}'
         _feed(fifo, profile, first)  # read once when the flags are checked, before the lock
         lock = fileio.lock_path(out)
         _wait_for(lambda: os.path.exists(lock) and open(lock).read().strip() == str(first.pid), first)
-        _refused_for(first.pid, _tool_args("prune", "--model", model, "--weights", weights, "--ratio", "3x",
+        _refused_for(first.pid, tool_cmd("prune", "--model", model, "--weights", weights, "--ratio", "3x",
                                            "--output", out))
         _feed(fifo, profile, first)  # and once more to prune, holding the lock
         assert first.wait(timeout=120) == 0, first.communicate()[1][-2000:]
@@ -336,7 +327,7 @@ def test_two_prunes_on_one_output(setup, tmp_path):
 def test_two_retrain_dense_on_one_output(setup, tmp_path):
     folder, model, weights = setup
     out = tmp_path / "redense"
-    args = _tool_args("retrain_dense", "--model", model, "--weights", weights, "--max-iter", 2000, "--output", out)
+    args = tool_cmd("retrain_dense", "--model", model, "--weights", weights, "--max-iter", 2000, "--output", out)
     first = _start(args)
     try:
         _wait_for(lambda: _iteration(out / training.LOG) > 10, first)

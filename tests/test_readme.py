@@ -7,11 +7,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 
-from helpers import FASHION, ROOT
+from helpers import FASHION, ROOT, tool_parser
 
 README = os.path.join(ROOT, "README.md")
 
@@ -38,13 +37,7 @@ def commands(block):
 
 def _parser(module, argv):
     """Parse ``argv`` with the tool's own parser; returns the parse error, or None."""
-    import importlib
-
-    captured = {}
-    mod = importlib.import_module(module)
-    with mock.patch("dsd_caffe.cli.main", lambda p, fn, argv=None: captured.setdefault("p", p)):
-        mod.main([]) if module != "dsd_caffe.zoo" else mod.main(["list"])
-    p = captured["p"]
+    p = tool_parser(module)
     try:
         args = p.parse_args(argv)
         for check in getattr(p, "_dsd_checks", []):
