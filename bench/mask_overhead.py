@@ -78,7 +78,7 @@ def main():
         assert all(np.all(w[n][~m] == 0) for n, m in kept.items())
         # the mask layer's own work, timed alone
         layer = next(l for l in sparse.net.layers if isinstance(l, masklayer.MaskLayer))
-        top = [sparse.net.blobs[masklayer.TOP]]
+        top = [sparse.net.blobs[masks.TOP]]
         t = time.perf_counter()
         for _ in range(10):
             layer.forward([], top)

@@ -1,6 +1,8 @@
 """The mask layer: a Caffe Python layer that keeps pruned weights at exactly 0.0 while Caffe trains.
 
-This module holds only the layer and its mask codec; putting it into nets and caffemodels is :mod:`dsd_caffe.masks`.
+This module holds only the layer; its mask codec (how masks are stored in blobs) and putting it into nets and
+caffemodels are :mod:`dsd_caffe.masks`, which imports no Caffe layer code (this module builds its class on
+``caffe.Layer``, so importing it imports Caffe).
 
 How it works (under the ``caffe train`` binary and under pycaffe's Solver alike):
 
@@ -26,74 +28,14 @@ How it works (under the ``caffe train`` binary and under pycaffe's Solver alike)
   ``python/train.py`` (one process per GPU, ``caffe.NCCL``); every solver's net holds its own mask layer, and the
   masks are identical because they come from the same caffemodel. Not testable on this CPU-only machine.
 """
-import json
 import logging
 
 import numpy as np
 
 from .errors import UserError
+from .masks import packed_length, parse_param_str, unpack_mask
 
 log = logging.getLogger(__name__)
-
-MODULE = "dsd_caffe.masklayer"
-LAYER = "MaskLayer"
-#: default name of the mask layer in generated trainvals, and of its zero-loss top
-NAME = "dsd_masks"
-TOP = "dsd_mask_loss"
-HEADER = 1.0
-BITS = 16
-
-
-# ---------------------------------------------------------------------------------------------- compact masks
-def packed_length(count):
-    """Length of the float32 blob that stores a mask of ``count`` weights."""
-    return 1 + (int(count) + BITS - 1) // BITS
-
-
-def pack_mask(mask):
-    """bool array -> float32 vector: header 1.0, then 16 mask bits per float (exact integers 0..65535)."""
-    bits = np.packbits(np.asarray(mask, dtype=bool).ravel(), bitorder="little")
-    if bits.size % 2:
-        bits = np.append(bits, np.uint8(0))
-    words = bits.view("<u2").astype(np.float32)
-    return np.concatenate([np.array([HEADER], np.float32), words])
-
-
-def unpack_mask(packed, shape, what="mask"):
-    """Inverse of :func:`pack_mask`; ValueError when the blob is unset, of the wrong size or not a packed mask."""
-    packed = np.asarray(packed, dtype=np.float32).ravel()
-    count = int(np.prod(shape))
-    if packed.size != packed_length(count):
-        raise UserError(f"{what}: stored mask has {packed.size} values, but a weight blob of shape "
-                         f"{tuple(shape)} needs {packed_length(count)}; the mask does not fit the net")
-    if packed[0] != HEADER:
-        raise UserError(f"{what}: mask blob is not set (header {packed[0]!r}); load the pruned caffemodel "
-                         "written by tools/prune.py (or a sparse-phase snapshot) as weights")
-    words = packed[1:]
-    if not np.all((words >= 0) & (words <= 65535) & (words == np.round(words))):
-        raise UserError(f"{what}: mask blob holds values that are not packed mask bits; corrupted caffemodel?")
-    bits = np.unpackbits(words.astype("<u2").view(np.uint8), bitorder="little", count=count)
-    return bits.astype(bool).reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------- the layer
-def parse_param_str(text):
-    try:
-        spec = json.loads(text or "")
-    except json.JSONDecodeError as e:
-        raise UserError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None
-    layers = spec.get("layers") if isinstance(spec, dict) else None
-    if not isinstance(layers, list) or not layers:
-        raise UserError(f'MaskLayer param_str must be {{"layers": [{{"name": ..., "shape": [...]}}, ...]}}, '
-                         f"got {text!r}")
-    out = []
-    for entry in layers:
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("shape"), list)
-                and all(isinstance(d, int) and d > 0 for d in entry["shape"])):
-            raise UserError(f"MaskLayer param_str: bad layer entry {entry!r}")
-        out.append((entry["name"], tuple(entry["shape"])))
-    return out
-
 
 def _caffe_layer_base():
     from .caffe_env import import_caffe

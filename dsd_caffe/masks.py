@@ -1,7 +1,9 @@
 """Masks around the mask layer: net and caffemodel surgery, the masks file, the release, and sparsity reports.
 
 The layer itself (what Caffe runs) is in :mod:`dsd_caffe.masklayer`; everything here works on NetParameters,
-caffemodel files and numpy arrays, and imports no Caffe layer code.
+caffemodel files and numpy arrays, and imports no Caffe layer code: the mask codec (how a mask is stored in a
+blob: :func:`pack_mask`, :func:`unpack_mask`) and the layer's param_str are here, so that reading masks does not
+import Caffe.
 
 - :func:`add_mask_layer` / :func:`remove_mask_layer`: the sparse trainval is the net plus one mask layer after the
   data layers, over **every** weighted layer (a layer kept dense gets an all-ones mask). So a net has exactly one
@@ -20,9 +22,67 @@ import numpy as np
 from . import fileio
 from .caffe_env import caffe_pb2
 from .errors import UserError
-from .masklayer import LAYER, MODULE, NAME, TOP, pack_mask, parse_param_str, unpack_mask
 
+#: where Caffe finds the mask layer (python_param module and layer)
+MODULE = "dsd_caffe.masklayer"
+LAYER = "MaskLayer"
+#: default name of the mask layer in generated trainvals, and of its zero-loss top
+NAME = "dsd_masks"
+TOP = "dsd_mask_loss"
+HEADER = 1.0
+BITS = 16
 WEIGHTED = ("Convolution", "InnerProduct", "Deconvolution")
+
+
+# ---------------------------------------------------------------------------------------------- the mask codec
+def packed_length(count):
+    """Length of the float32 blob that stores a mask of ``count`` weights."""
+    return 1 + (int(count) + BITS - 1) // BITS
+
+
+def pack_mask(mask):
+    """bool array -> float32 vector: header 1.0, then 16 mask bits per float (exact integers 0..65535)."""
+    bits = np.packbits(np.asarray(mask, dtype=bool).ravel(), bitorder="little")
+    if bits.size % 2:
+        bits = np.append(bits, np.uint8(0))
+    words = bits.view("<u2").astype(np.float32)
+    return np.concatenate([np.array([HEADER], np.float32), words])
+
+
+def unpack_mask(packed, shape, what="mask"):
+    """Inverse of :func:`pack_mask`; ValueError when the blob is unset, of the wrong size or not a packed mask."""
+    packed = np.asarray(packed, dtype=np.float32).ravel()
+    count = int(np.prod(shape))
+    if packed.size != packed_length(count):
+        raise UserError(f"{what}: stored mask has {packed.size} values, but a weight blob of shape "
+                         f"{tuple(shape)} needs {packed_length(count)}; the mask does not fit the net")
+    if packed[0] != HEADER:
+        raise UserError(f"{what}: mask blob is not set (header {packed[0]!r}); load the pruned caffemodel "
+                         "written by tools/prune.py (or a sparse-phase snapshot) as weights")
+    words = packed[1:]
+    if not np.all((words >= 0) & (words <= 65535) & (words == np.round(words))):
+        raise UserError(f"{what}: mask blob holds values that are not packed mask bits; corrupted caffemodel?")
+    bits = np.unpackbits(words.astype("<u2").view(np.uint8), bitorder="little", count=count)
+    return bits.astype(bool).reshape(shape)
+
+
+def parse_param_str(text):
+    """The mask layer's param_str: [(masked layer name, weight shape)], checked."""
+    try:
+        spec = json.loads(text or "")
+    except json.JSONDecodeError as e:
+        raise UserError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None
+    layers = spec.get("layers") if isinstance(spec, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise UserError(f'MaskLayer param_str must be {{"layers": [{{"name": ..., "shape": [...]}}, ...]}}, '
+                         f"got {text!r}")
+    out = []
+    for entry in layers:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("shape"), list)
+                and all(isinstance(d, int) and d > 0 for d in entry["shape"])):
+            raise UserError(f"MaskLayer param_str: bad layer entry {entry!r}")
+        out.append((entry["name"], tuple(entry["shape"])))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- net surgery

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from dsd_caffe import fileio, masklayer, masks, phases, sources, training
+from dsd_caffe import fileio, masks, phases, sources, training
 from dsd_caffe.solvers import Schedule
 from helpers import copy_beside, small_setup
 
@@ -17,30 +17,30 @@ caffe = pytest.importorskip("caffe")
 def test_pack_roundtrip(shape):
     rng = np.random.default_rng(sum(shape))
     m = rng.random(shape) < 0.4
-    packed = masklayer.pack_mask(m)
-    assert packed.dtype == np.float32 and packed.size == masklayer.packed_length(m.size)
+    packed = masks.pack_mask(m)
+    assert packed.dtype == np.float32 and packed.size == masks.packed_length(m.size)
     assert packed[0] == 1.0 and np.all(packed[1:] == np.round(packed[1:])) and packed[1:].max(initial=0) <= 65535
-    np.testing.assert_array_equal(masklayer.unpack_mask(packed, shape), m)
+    np.testing.assert_array_equal(masks.unpack_mask(packed, shape), m)
 
 
 def test_unpack_refuses_bad_blobs():
     m = np.ones((4, 8), bool)
-    p = masklayer.pack_mask(m)
+    p = masks.pack_mask(m)
     with pytest.raises(ValueError, match="does not fit"):
-        masklayer.unpack_mask(p, (4, 9))
+        masks.unpack_mask(p, (4, 9))
     with pytest.raises(ValueError, match="not set"):
-        masklayer.unpack_mask(np.zeros_like(p), (4, 8))
+        masks.unpack_mask(np.zeros_like(p), (4, 8))
     bad = p.copy()
     bad[1] = 0.5
     with pytest.raises(ValueError, match="not packed mask bits"):
-        masklayer.unpack_mask(bad, (4, 8))
+        masks.unpack_mask(bad, (4, 8))
 
 
 def test_param_str_is_json_and_checked():
-    assert masklayer.parse_param_str('{"layers": [{"name": "c", "shape": [2, 3]}]}') == [("c", (2, 3))]
+    assert masks.parse_param_str('{"layers": [{"name": "c", "shape": [2, 3]}]}') == [("c", (2, 3))]
     for bad in ("", "{layers: 1}", '{"layers": []}', '{"layers": [{"name": "c", "shape": [0]}]}'):
         with pytest.raises(ValueError, match="param_str"):
-            masklayer.parse_param_str(bad)
+            masks.parse_param_str(bad)
 
 
 # ------------------------------------------------------------------------------------------ a pruned small net
@@ -185,3 +185,4 @@ def test_train_sparse_refuses_masks_that_do_not_fit(pruned, tmp_path):
     fileio.write_prototxt(path, net)
     with pytest.raises(ValueError, match="mask of layer 'conv1'.*does not fit the net"):
         phases.train_sparse(run)
+

@@ -30,6 +30,13 @@ def test_import_needs_neither_caffe_nor_numpy():
     assert out.split() == ["False", "False"]
 
 
+def test_masks_and_pruning_do_not_import_caffe():
+    """Only the layer (dsd_caffe.masklayer) subclasses caffe.Layer: reading and writing masks needs no Caffe."""
+    code = "import sys, dsd_caffe.masks, dsd_caffe.pruning; print('caffe' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+
+
 def test_every_export_resolves_and_never_shadows_a_module():
     modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "dsd_caffe", "*.py"))}
     for name, module in dsd_caffe._EXPORTS.items():
