@@ -272,26 +272,34 @@ def read_masks(source):
             for i, (lname, shape) in enumerate(entries)}
 
 
-def check_masked(model, masks):
-    """Raise UserError unless every pruned weight of the caffemodel is exactly 0.0; returns {layer: density}."""
+def check_masked(model, masks, name=None):
+    """Raise UserError unless every pruned weight of the caffemodel ``model`` (path or NetParameter; ``name``
+    names it in messages, default its path) is exactly 0.0; returns {layer: density}."""
     w = weight_arrays(model)
+    name = name or _name(model)
     out = {}
-    for name, m in masks.items():
-        if name not in w or w[name].shape != m.shape:
-            raise UserError(f"{model}: mask of layer {name!r} {m.shape} does not fit its weights "
-                            f"{w.get(name, np.empty(0)).shape}")
-        bad = int(np.count_nonzero(w[name][~m]))
+    for layer, m in masks.items():
+        if layer not in w or w[layer].shape != m.shape:
+            raise UserError(f"{name}: mask of layer {layer!r} {m.shape} does not fit its weights "
+                            f"{w.get(layer, np.empty(0)).shape}")
+        bad = int(np.count_nonzero(w[layer][~m]))
         if bad:
-            raise UserError(f"{model}: {bad} pruned weights of layer {name!r} are not 0.0")
-        out[name] = float(np.count_nonzero(w[name]) / w[name].size)
+            raise UserError(f"{name}: {bad} pruned weights of layer {layer!r} are not 0.0")
+        out[layer] = float(np.count_nonzero(w[layer]) / w[layer].size)
     return out
 
 
-def release_masks(sparse_model):
-    """DSD's release: the caffemodel of a sparse-phase model without its mask layer, after checking that every
-    pruned weight is exactly 0.0. Returns (NetParameter, {layer: density})."""
+def _name(model):
+    """How messages name a caffemodel given as a path or a NetParameter."""
+    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else "the caffemodel"
+
+
+def release_masks(sparse_model, name=None):
+    """DSD's release: the caffemodel of a sparse-phase model (path or NetParameter; ``name`` names it in
+    messages) without its mask layer, after checking that every pruned weight is exactly 0.0. Returns
+    (NetParameter, {layer: density})."""
     param = _as_param(sparse_model)
-    densities = check_masked(param, read_masks(param))
+    densities = check_masked(param, read_masks(param), name or _name(sparse_model))
     return remove_mask_layer(param), densities
 
 

@@ -372,7 +372,7 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="b
     recipe = recipe_of(recipe, inputs.weights)
     net, model_param = _checked(inputs)
     if masks.mask_layer_spec(model_param) is not None:
-        released = masks.release_masks(model_param)[0]
+        released = masks.release_masks(model_param, os.fspath(inputs.weights))[0]
         log.info("redense: masks released; training starts at density %.4f",
                  masks.sparsity_report(released)["total"]["density"])
     else:

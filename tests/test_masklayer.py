@@ -186,3 +186,19 @@ def test_train_sparse_refuses_masks_that_do_not_fit(pruned, tmp_path):
     with pytest.raises(ValueError, match="mask of layer 'conv1'.*does not fit the net"):
         phases.train_sparse(run)
 
+
+def test_a_revived_pruned_weight_is_named_in_one_line(pruned, tmp_path):
+    """retrain_dense releases the masks of a caffemodel it has parsed already: the refusal names the file (not
+    the parsed model's text)."""
+    param = fileio.read_caffemodel(os.path.join(pruned, phases.PRUNED))
+    kept = masks.read_masks(param)
+    name = next(n for n, m in kept.items() if not m.all())
+    layer = next(l for l in param.layer if l.name == name)
+    layer.blobs[0].data[int(np.flatnonzero(~kept[name].ravel())[0])] = 1.0
+    revived = str(tmp_path / "revived.caffemodel")
+    fileio.write_caffemodel(revived, param)
+    model = os.path.join(os.path.dirname(pruned), "trainval.prototxt")
+    with pytest.raises(ValueError) as e:
+        phases.retrain_dense(phases.Inputs(model, revived), tmp_path / "r", Schedule(max_iter=2))
+    assert str(e.value) == f"{revived}: 1 pruned weights of layer {name!r} are not 0.0"
+    assert not os.path.exists(tmp_path / "r")
