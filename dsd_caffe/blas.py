@@ -420,12 +420,11 @@ def _decide(library, cpu, preset, results):
 
 
 def decision_path():
-    """``<caffe prefix>/dsd-caffe-blas.json`` (next to dsd-caffe-build.json), without importing Caffe."""
+    """``<caffe prefix>/dsd-caffe-blas.json`` (next to dsd-caffe-build.json), without importing Caffe (which reads
+    this file as it imports: asking Caffe for its prefix here would recurse). ImportError without pycaffe."""
     ext = _caffe_extension()
     if ext is None:
-        from dsd_caffe import caffe_env
-
-        return os.path.join(caffe_env.caffe_prefix(), DECISION_FILE)
+        raise ImportError("pycaffe (caffe/_caffe.so) is not on this Python's path")
     pkg = os.path.dirname(os.path.realpath(ext))
     return os.path.abspath(os.path.join(pkg, "..", "..", "..", "..", DECISION_FILE))
 

@@ -12,6 +12,7 @@ import re
 import sys
 
 from dsd_caffe import blas, caffe_env
+from dsd_caffe.errors import UserError
 
 LAYERS = ("Python", "Data", "ImageData", "HDF5Data", "HDF5Output", "WindowData", "MemoryData", "Input")
 LIBS = {"OpenCV": "libopencv_core", "LMDB": "liblmdb", "LevelDB": "libleveldb", "HDF5": "libhdf5",
@@ -150,7 +151,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         d = collect()
-    except ImportError as e:
+    except (ImportError, UserError) as e:  # no pycaffe: import_caffe says what to run
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(json.dumps(d, indent=1, default=str) if a.json else format_text(d))
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from dsd_caffe import blas, caffe_env
+from helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +50,12 @@ def test_text_output():
     assert "Python layer   yes" in out
     assert "CPU only" in out
     assert "kernel" in out and "OpenCV         yes" in out
+
+
+def test_without_pycaffe_one_line_and_exit_2(tmp_path):
+    """A Python that cannot import caffe (here: no site-packages) gets the set-up hint, not a recursion."""
+    r = subprocess.run([sys.executable, "-S", "-m", "dsd_caffe.info"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path, env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "pycaffe is not importable" in r.stderr and "make setup" in r.stderr
