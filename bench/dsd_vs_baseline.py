@@ -19,9 +19,6 @@ import statistics
 import sys
 
 
-CHANCE = 1.5 / 10  # a dense model below this validation top-1 never trained (10 classes)
-
-
 def _one(folder, seed, scale, engine, overrides):
     """One seed's demo in a child process; returns its results dict."""
     os.environ["TQDM_DISABLE"] = "1"  # a child process of ours: parallel bars would interleave
@@ -52,7 +49,7 @@ def main(argv=None):
                    for s in a.seeds}
         for fut in concurrent.futures.as_completed(futures):
             results[futures[fut]] = fut.result()
-    from dsd_caffe import fileio, verdict
+    from dsd_caffe import demo, fileio, verdict
 
     cfg = results[a.seeds[0]]["config"]
     print(f"DSD vs the equal-length baseline, Fashion-MNIST test top-1, {len(a.seeds)} seeds, scale {a.scale}")
@@ -65,7 +62,7 @@ def main(argv=None):
         print(f"{s:>4} {100 * t['dense']['top1']:7.2f} {100 * t['sparse']['top1']:7.2f} {100 * t['DSD']['top1']:7.2f}"
               f" {100 * t['baseline']['top1']:8.2f} {100 * results[s]['gain']:+7.2f}"
               f" {100 * results[s]['val_gain']:+8.2f}")
-    diverged = [s for s in a.seeds if results[s]["val"]["dense"]["top1"] < CHANCE]
+    diverged = [s for s in a.seeds if demo.untrained(results[s]["val"]["dense"]["top1"])]
     for s in diverged:
         print(f"seed {s}: the dense training diverged (validation top-1 {results[s]['val']['dense']['top1']:.4f},"
               " chance 0.1): left out")

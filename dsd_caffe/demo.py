@@ -65,11 +65,16 @@ def _schedule(cfg, phase):
                     test_interval=max(1, math.ceil(iters / cfg["tests_per_phase"])))
 
 
+def untrained(top1, classes=10):
+    """True when a dense model's validation top-1 is near chance (below 1.5 / classes): its training diverged or
+    its ReLUs died, and DSD and baseline would compare untrained nets."""
+    return top1 < 1.5 / classes
+
+
 def _warn_if_untrained(log_path, classes):
-    """Warn when dense training ended near chance (diverged or dead ReLUs): DSD and baseline would then compare
-    untrained nets."""
+    """Warn when dense training ended near chance (see :func:`untrained`)."""
     curve = caffelog.read_curve(log_path)
-    if curve and curve[-1][1] < 1.5 / classes:
+    if curve and untrained(curve[-1][1], classes):
         log.warning("dense training ended at validation top-1 %.3f, about chance (1/%d): it diverged or its ReLUs "
                     "died; lower the learning rate or change the seed before reading the comparison",
                     curve[-1][1], classes)
@@ -141,7 +146,7 @@ def _plots(out, cfg, state, models):
     curves = {"dense": caffelog.read_curve(os.path.join(out, "dense", training.LOG))}
     curves.update({label: shift(pts) for label, pts in points.items()})
     curves["baseline"] = curves.pop("control", [])
-    boundaries = [dense_iters + b for b in pipeline._boundaries(os.path.join(out, "dsd"), state)]
+    boundaries = [dense_iters + b for b in pipeline.boundaries(os.path.join(out, "dsd"), state)]
     plots.accuracy_curves(os.path.join(out, "accuracy.png"), curves, boundaries,
                           [(i + dense_iters, v, t) for i, v, t in marks],
                           title="DSD vs the equal-length dense baseline (Fashion-MNIST validation)",

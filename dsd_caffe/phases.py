@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 PRUNED, MASKS, HISTOGRAM, RELEASED, INIT = ("pruned.caffemodel", "masks.npz", "weights_histogram.png",
                                             "released.caffemodel", "init.caffemodel")
-ENGINES = training.ENGINES
 
 
 def model_file(phase):
@@ -73,22 +72,28 @@ class Inputs:
         return masks.remove_mask_layer(net)
 
 
-def _checked(inputs, need_data=True):
-    """The dense net and the caffemodel, checked before Caffe sees them: structure, data (when needed), fit."""
+def check_inputs(inputs, need_data=True):
+    """The dense net and the caffemodel (None without ``inputs.weights``), checked before Caffe sees them:
+    structure, data (when needed), fit."""
     net = inputs.net(require=("TRAIN", "TEST", "BOTH") if need_data else ())
     netcheck.check_net(net, name=inputs.name)
     if need_data:
         netcheck.check_data(net, name=inputs.name)
+    if inputs.weights is None:
+        return net, None
     model_param = fileio.read_caffemodel(inputs.weights)
     netcheck.check_fits(net, model_param, os.fspath(inputs.weights), inputs.name)
     return net, model_param
 
 
-def _provenance(job, snap, phase, seed, extra):
-    """The JSON beside a phase's final model, from the run that trained it."""
-    start = job.record()["weights"]
+def _provenance(job, snap, phase, seed, extra, densities=None):
+    """The JSON beside a phase's final model, from the run that trained it (its record names the start weights);
+    ``densities`` when the caller has them already."""
+    start = training.record_of(job.folder)["weights"]
+    if densities is None:
+        densities = masks.layer_densities_of(snap.caffemodel)
     return dict(source=start["path"], source_sha256=start["sha256"],
-                densities=masks.layer_densities_of(snap.caffemodel), phase=phase, iteration=snap.iteration,
+                densities=densities, phase=phase, iteration=snap.iteration,
                 seed=seed, net=job.net_name, solver=job.solver_name, settings=training.solver_summary(job.solver),
                 **extra)
 
@@ -134,11 +139,7 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binar
     """The dense phase: ``inputs.weights``, or the net's fillers seeded with ``seed`` when None, trained into
     ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS."""
     recipe = recipe_of(recipe, inputs.weights)
-    net = inputs.net()
-    netcheck.check_net(net, name=inputs.name)
-    netcheck.check_data(net, name=inputs.name)
-    if inputs.weights is not None:
-        netcheck.check_fits(net, fileio.read_caffemodel(inputs.weights), os.fspath(inputs.weights), inputs.name)
+    net, _ = check_inputs(inputs)
     solver = _solver("dense", net, dense, recipe, seed)
     start = os.fspath(inputs.weights) if inputs.weights is not None else (None, initial_weights(net, seed))
     return train_plain("dense", net, output_dir, solver, start, engine, gpu, force,
@@ -240,7 +241,7 @@ def _plan(inputs, config, sparse, recipe, out):
     net = inputs.net(require=())
     data_layers = [p.source for _, p in sources.source_fields(net)]
     present = bool(data_layers) and all(os.path.exists(s) for s in data_layers)
-    net, model_param = _checked(inputs, need_data=present)
+    net, model_param = check_inputs(inputs, need_data=present)
     names = netgen.weighted_layers(net)
     if not names:
         raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
@@ -298,8 +299,8 @@ def _sparse_solver(net, schedule, recipe, seed, trainable):
 
 # ------------------------------------------------------------------------------------------------ sparse
 def _sparse_folder(out):
-    """The masks of a prune folder, checked: the sparse trainval's structure (netcheck) first, then masks.npz, the
-    pruned model's mask layer and the net's agree."""
+    """The masks of a prune folder and its sparse trainval (sources as written), checked: the sparse trainval's
+    structure (netcheck) first, then masks.npz, the pruned model's mask layer and the net's agree."""
     for f in (PRUNED, SPARSE_NET, MASKS):
         if not os.path.exists(os.path.join(out, f)):
             raise FileNotFoundError(f"{out} is not a folder written by tools/prune.py with a sparse trainval "
@@ -308,7 +309,8 @@ def _sparse_folder(out):
     netcheck.check_net(net, name=os.path.join(out, SPARSE_NET))  # a misspelt type, module or class is named first
     stored = masks.load_masks(os.path.join(out, MASKS))
     net_spec = masks.mask_layer_spec(net)
-    model_spec = masks.mask_layer_spec(fileio.read_caffemodel(os.path.join(out, PRUNED)))
+    pruned = fileio.read_caffemodel(os.path.join(out, PRUNED))
+    model_spec = masks.mask_layer_spec(pruned)
     if net_spec is None or model_spec is None:
         raise UserError(f"{out}: {SPARSE_NET if net_spec is None else PRUNED} holds no mask layer")
     for (ln, ls), (mn, ms) in zip(net_spec[1], model_spec[1]):
@@ -317,13 +319,13 @@ def _sparse_folder(out):
                             f"{ls}; the mask does not fit the net")
     if len(net_spec[1]) != len(model_spec[1]) or net_spec[0] != model_spec[0]:
         raise UserError(f"{out}: the mask layers of {SPARSE_NET} and {PRUNED} differ")
-    inside = masks.read_masks(os.path.join(out, PRUNED))
+    inside = masks.read_masks(pruned)
     k = masks.same_masks(stored, inside)
     if k is not None:
         raise UserError(f"{out}: {MASKS} and the masks inside {PRUNED} differ, first at layer {k!r} (shape "
                         f"{getattr(stored.get(k), 'shape', None)} in {MASKS}, "
                         f"{getattr(inside.get(k), 'shape', None)} in {PRUNED})")
-    return stored
+    return stored, net
 
 
 def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force=False):
@@ -333,11 +335,10 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
     without overrides the folder's own sparse_solver.prototxt is used as it is. Returns the final model's path."""
     out = os.path.abspath(os.fspath(output_dir))
     with fileio.output_lock(out):
-        stored = _sparse_folder(out)
+        stored, net_rel = _sparse_folder(out)
         prov = fileio.read_json(fileio.sidecar_path(os.path.join(out, PRUNED)))
-        net_rel = fileio.read_net_prototxt(os.path.join(out, SPARSE_NET))
-        net = sources.absolute_sources(net_rel, out)
-        netcheck.check_data(masks.remove_mask_layer(net), name=os.path.join(out, SPARSE_NET))
+        dense_net = masks.remove_mask_layer(sources.absolute_sources(net_rel, out))
+        netcheck.check_data(dense_net, name=os.path.join(out, SPARSE_NET))
         solver_path = os.path.join(out, SPARSE_SOLVER)
         if sparse.settings() or not os.path.exists(solver_path):
             recorded = dict(prov.get("sparse_schedule", {}))
@@ -345,7 +346,7 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
                 recorded.pop("epochs", None)
                 recorded.pop("max_iter", None)
             schedule = dataclasses.replace(Schedule(**recorded), **sparse.settings())
-            solver = _solver("sparse", masks.remove_mask_layer(net), schedule, prov.get("recipe", "imagenet"),
+            solver = _solver("sparse", dense_net, schedule, prov.get("recipe", "imagenet"),
                              prov.get("seed", 0))
         else:
             solver = fileio.read_solver_prototxt(solver_path)
@@ -354,12 +355,13 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         snap = training.train(job, engine, gpu, force)
         if snap is None:
             return job.final
-        dens = masks.check_masked(snap.caffemodel, stored)
-        if masks.same_masks(masks.read_masks(snap.caffemodel), stored) is not None:
+        trained = fileio.read_caffemodel(snap.caffemodel)
+        dens = masks.check_masked(trained, stored, snap.caffemodel)
+        if masks.same_masks(masks.read_masks(trained), stored) is not None:
             raise UserError(f"{snap.caffemodel}: the masks in the snapshot differ from {MASKS}")
-        prov = _provenance(job, snap, "sparse", prov.get("seed"), dict(engine=engine, masked_layers=sorted(stored),
-                                                                      recipe=prov.get("recipe", "imagenet")))
-        training.finish(snap, job.final, dict(prov, densities=dens))
+        training.finish(snap, job.final, _provenance(job, snap, "sparse", prov.get("seed"),
+                                                     dict(engine=engine, masked_layers=sorted(stored),
+                                                          recipe=prov.get("recipe", "imagenet")), dens))
     return job.final
 
 
@@ -370,7 +372,7 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="b
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
     ``output_dir/redense.caffemodel``. Returns its path."""
     recipe = recipe_of(recipe, inputs.weights)
-    net, model_param = _checked(inputs)
+    net, model_param = check_inputs(inputs)
     if masks.mask_layer_spec(model_param) is not None:
         released = masks.release_masks(model_param, os.fspath(inputs.weights))[0]
         log.info("redense: masks released; training starts at density %.4f",

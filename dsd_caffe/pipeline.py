@@ -70,9 +70,9 @@ class RunConfig:
 
     def settings(self):
         """The run's settings as JSON values (what dsd_state.json records and compares)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("prune", "sparse", "redense")}
-        d["prune"] = {k: v for k, v in dataclasses.asdict(self.prune).items()}
-        d["prune"]["skip"] = list(self.prune.skip)
+        full = dataclasses.asdict(self)
+        d = {k: v for k, v in full.items() if k not in ("prune", "sparse", "redense")}
+        d["prune"] = full["prune"]  # JSON makes its skip tuple a list
         d["sparse"], d["redense"] = self.sparse.settings(), self.redense.settings()
         return json.loads(json.dumps(d))
 
@@ -130,12 +130,7 @@ def _clear(out):
 def _check_run(config):
     """Everything that can be checked before the run state names its inputs: net, data, weights, profile, and the
     phases' solvers (a length in epochs that Caffe's max_iter cannot hold)."""
-    inputs = config.inputs()
-    net = inputs.net()
-    netcheck.check_net(net, name=config.model)
-    netcheck.check_data(net, name=config.model)
-    model_param = fileio.read_caffemodel(config.weights)
-    netcheck.check_fits(net, model_param, config.weights, config.model)
+    net, model_param = phases.check_inputs(config.inputs())
     if config.holdout_source is not None:
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
@@ -155,8 +150,7 @@ def _with_test(net, source):
 def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=False):
     """Run (or resume) one DSD run in ``output_dir``; returns its state (also in dsd_state.json). A finished run
     is refused unless ``force`` (start over) or ``reuse`` (return it when its settings are the same)."""
-    if engine not in training.ENGINES:
-        raise UserError(f"engine must be one of {', '.join(training.ENGINES)}, got {engine!r}")
+    training.check_engine(engine)
     out = os.path.abspath(os.fspath(output_dir))
     from .caffe_env import set_device
 
@@ -183,7 +177,7 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
                     run.step(f"control{c}-{phase}", "control", "dense", lambda: run.control(control, folder, c, phase))
                     control = run.model(f"control{c}-{phase}")
         points, marks = curves(out, state)
-        plots.accuracy_curves(os.path.join(out, PLOT), points, marks=marks, boundaries=_boundaries(out, state),
+        plots.accuracy_curves(os.path.join(out, PLOT), points, marks=marks, boundaries=boundaries(out, state),
                               title="DSD" + (" and its control" if config.control else "") + ": validation top-1")
         state["table"] = results_text(state)
         state["finished"] = True
@@ -254,17 +248,11 @@ def _offsets(out, state, arm):
         steps.append((entry["name"], folder, at))
         record = training.record_of(folder)
         if record:
-            at += fileio.parse_prototxt(record["solver"], _solver_param()).max_iter
+            at += training.recorded_solver(record, os.path.join(folder, training.RECORD)).max_iter
     return steps
 
 
-def _solver_param():
-    from .caffe_env import caffe_pb2
-
-    return caffe_pb2().SolverParameter()
-
-
-def _boundaries(out, state):
+def boundaries(out, state):
     """Cumulative iterations where the DSD arm's phases start."""
     return [at for _, _, at in _offsets(out, state, "dsd")]
 
@@ -346,8 +334,9 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
             runs = _parallel(config, out, seeds, jobs, engine, gpu, force)
     result = {"runs": runs, "verdict": None}
     if config.control:
-        v = verdict.paired_verdict([100 * (results_table(s)["DSD"]["top1"] - results_table(s)["control"]["top1"])
-                                    for s in runs.values()], seeds=list(runs))
+        tables = [results_table(s) for s in runs.values()]
+        v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables],
+                                   seeds=list(runs))
         result["verdict"] = v
         fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v),
                                                            split="holdout" if config.holdout_source else "val"))
@@ -373,7 +362,6 @@ def _parallel(config, out, seeds, jobs, engine, gpu, force):
         for proc in list(getattr(pool, "_processes", {}).values()):  # a SIGTERM may have reached only this process
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGINT)
-        pool.shutdown(wait=True, cancel_futures=True)
         raise Interrupted("interrupted; run the same command again to resume") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

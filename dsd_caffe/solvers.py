@@ -209,10 +209,10 @@ def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_pr
     if unknown:
         raise TypeError(f"unknown solver argument(s): {', '.join(sorted(unknown))}")
     row = dataclasses.replace(defaults(phase, recipe), **{k: v for k, v in schedule.settings().items()
-                                                          if k in {f.name for f in dataclasses.fields(PhaseDefaults)}})
+                                                          if k in _DEFAULT_FIELDS})
     max_iter = schedule.max_iter
     if max_iter is None:
-        epochs = schedule.epochs if schedule.epochs is not None else row.epochs
+        epochs = row.epochs  # the schedule's epochs, when given, are already in the row
         if epochs is None:
             max_iter = row.max_iter
         elif sizes.train is None:
@@ -256,6 +256,7 @@ def _solver(net, row, extra):
 
 
 _SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(Schedule)} - {"flag"}
+_DEFAULT_FIELDS = {f.name for f in dataclasses.fields(PhaseDefaults)}
 
 
 def _builder(phase):

@@ -176,8 +176,7 @@ def check_phase(folder, record, what):
     old = record_of(folder)
     if old is None:
         return
-    net = (lambda text: fileio.parse_prototxt(text, caffe_pb2().SolverParameter(), RECORD).net)
-    theirs, ours = net(old.get("solver", "")), net(record["solver"])
+    theirs, ours = recorded_solver(old, RECORD).net, recorded_solver(record, RECORD).net
     if theirs != ours:
         raise UserError(f"{folder} holds the training of another phase (its {RECORD} trains {theirs}, {what} "
                         f"trains {ours}); use another --output (--force replaces only the same phase's outputs)")
@@ -185,10 +184,9 @@ def check_phase(folder, record, what):
 
 def check_record(folder, record, what):
     """Refuse to reuse ``folder`` when its stored record differs from ``record``; name the first difference."""
-    path = os.path.join(folder, RECORD)
-    if not os.path.exists(path):
+    old = record_of(folder)
+    if old is None:
         return
-    old = fileio.read_json(path)
     hint = (f"use the same settings to resume or reuse it, --force to redo {what} from scratch, or another "
             "--output")
     if old.get("weights", {}).get("sha256") != record["weights"]["sha256"]:
@@ -241,14 +239,25 @@ class Job:
                 "weights": {"path": os.path.abspath(self.source or self.start), "sha256": digest}}
 
 
+def check_engine(engine):
+    """Refuse an engine other than those of :data:`ENGINES`."""
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+def _snapshots(job, clean=False):
+    """The snapshots of ``job`` in its folder, newest first (see :func:`snapshots`)."""
+    prefix = os.path.join(os.path.abspath(job.folder), job.solver.snapshot_prefix)
+    return snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=clean)
+
+
 def train(job, engine="binary", gpu=None, force=False):
     """Train ``job``, or resume it, and return its final :class:`Snapshot`; None when the phase's final model
     already exists from the same record (nothing is written then). The caller holds the folder's lock
     (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch."""
     from .caffe_env import set_device
 
-    if engine not in ENGINES:
-        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_engine(engine)
     set_device(gpu)
     folder = os.path.abspath(job.folder)
     fileio.check_output(os.path.join(folder, RECORD), force=True)  # a file or a dangling link in the way: named
@@ -260,14 +269,13 @@ def train(job, engine="binary", gpu=None, force=False):
     if job.final and finished(job.final):
         log.info("%s: finished already, with the same settings: %s", job.desc, job.final)
         return None
-    prefix = os.path.join(folder, job.solver.snapshot_prefix)
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.join(folder, job.solver.snapshot_prefix)), exist_ok=True)
     if job.start_param is not None:
         fileio.write_caffemodel(job.start, job.start_param)
     fileio.write_prototxt(os.path.join(folder, job.net_name), job.net)
     fileio.write_prototxt(os.path.join(folder, job.solver_name), job.solver)
     fileio.write_json(os.path.join(folder, RECORD), record)
-    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
+    snaps = _snapshots(job, clean=True)
     max_iter = job.solver.max_iter
     if snaps and snaps[0].iteration >= max_iter:
         log.info("%s: already trained to iteration %d in %s", job.desc, snaps[0].iteration, folder)
@@ -284,13 +292,13 @@ def train(job, engine="binary", gpu=None, force=False):
         progress.feed("")  # the end of the log: its last test is finished
     except BaseException:
         # Caffe does not check its snapshot writes: on a full disk it leaves truncated ones under their names
-        snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=True)
+        _snapshots(job, clean=True)
         raise
     finally:
         progress.close()
         if state and state != resume.solverstate and os.path.exists(state):
             os.unlink(state)
-    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    snaps = _snapshots(job)
     if not snaps or snaps[0].iteration < max_iter:
         raise UserError(f"{job.desc}: training ended without a snapshot at iteration {max_iter} in {folder} "
                         f"(full log: {logpath})")
@@ -299,8 +307,7 @@ def train(job, engine="binary", gpu=None, force=False):
 
 def _interrupted(job, progress):
     """The Interrupted error, naming the iteration the next run resumes from (the snapshot written on stopping)."""
-    prefix = os.path.join(os.path.abspath(job.folder), job.solver.snapshot_prefix)
-    snaps = snapshots(os.path.dirname(prefix), os.path.basename(prefix))
+    snaps = _snapshots(job)
     it = snaps[0].iteration if snaps else progress.caffe.iteration
     return Interrupted(f"{job.desc}: interrupted at iteration {it}; run the same command again to resume", it)
 
@@ -468,4 +475,9 @@ def record_of(folder):
     """The stored record of a training folder, or None."""
     path = os.path.join(folder, RECORD)
     return fileio.read_json(path) if os.path.exists(path) else None
+
+
+def recorded_solver(record, name):
+    """The SolverParameter a record (see :meth:`Job.record`) holds as text; ``name`` names it in a syntax error."""
+    return fileio.parse_prototxt(record.get("solver", ""), caffe_pb2().SolverParameter(), name)
 
