@@ -108,6 +108,15 @@ def _resolve_output(p, a, legacy, required):
         p.error("the following arguments are required: --output")
 
 
+def run_checks(p, args):
+    """Run the checks :func:`add_output` attached to ``p`` and to the sub-command ``args`` chose, after parsing."""
+    chosen = [a.choices.get(getattr(args, a.dest, None)) for a in p._actions
+              if isinstance(a, argparse._SubParsersAction)]
+    for parser in [p, *filter(None, chosen)]:
+        for check in getattr(parser, "_dsd_checks", []):
+            check(args)
+
+
 def _flag(dest):
     return "--" + dest.replace("_", "-")
 
@@ -138,8 +147,7 @@ def main(p, fn, argv=None):
     if not any(a.dest == "debug" for a in p._actions):
         add_common(p)
     args = p.parse_args(argv)
-    for check in getattr(p, "_dsd_checks", []):
-        check(args)
+    run_checks(p, args)
     for name, value in vars(args).items():  # Caffe, protobuf and JSON need text: a name that is not UTF-8 is refused
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and not _utf8(v):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from dsd_caffe import cli
 from helpers import FASHION, ROOT, tool_parser
 
 README = os.path.join(ROOT, "README.md")
@@ -39,9 +40,7 @@ def _parser(module, argv):
     """Parse ``argv`` with the tool's own parser; returns the parse error, or None."""
     p = tool_parser(module)
     try:
-        args = p.parse_args(argv)
-        for check in getattr(p, "_dsd_checks", []):
-            check(args)
+        cli.run_checks(p, p.parse_args(argv))
     except SystemExit:
         return "refused"
     return None

@@ -19,10 +19,9 @@ from dsd_caffe.commands import flags
 def run(a):
     from dsd_caffe import pipeline
 
-    common = dict(snapshot=a.snapshot, iter_size=a.iter_size)
     config = pipeline.RunConfig(
         model=a.model, weights=a.weights, prune=flags.prune_config(a, a.seed),
-        sparse=flags.schedule(a, "sparse", **common), redense=flags.schedule(a, "redense", **common),
+        sparse=flags.schedule(a, "sparse"), redense=flags.schedule(a, "redense"),
         cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
         test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed)
     result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, a.gpu, a.force)

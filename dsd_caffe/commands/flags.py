@@ -5,12 +5,12 @@ table's value, which its help names."""
 from dsd_caffe import cli
 
 
-def add_schedule(p, phase, prefix="", recipe="imagenet", default=None):
+def add_schedule(p, phase, prefix="", default=None):
     """The schedule flags of ``phase`` (``--base-lr``...; ``--<prefix>-base-lr`` with a prefix); ``default`` says
-    where a left-out flag's value comes from when it is not the table."""
+    where a left-out flag's value comes from when it is not the table (whose imagenet values the help names)."""
     from dsd_caffe import solvers
 
-    d = solvers.DEFAULTS[recipe][phase]
+    d = solvers.DEFAULTS["imagenet"][phase]
     flag = (lambda name: f"--{prefix + '-' if prefix else ''}{name}")
     length = f"{d.epochs:g} epochs" if d.epochs else f"{d.max_iter} iterations"
     g = p.add_argument_group(f"{phase} phase")
@@ -23,13 +23,13 @@ def add_schedule(p, phase, prefix="", recipe="imagenet", default=None):
     return g
 
 
-def schedule(args, prefix="", **common):
-    """The Schedule the flags of :func:`add_schedule` (and ``common`` settings) give."""
+def schedule(args, prefix=""):
+    """The Schedule the flags of :func:`add_schedule` and :func:`add_run_settings` give."""
     from dsd_caffe.solvers import Schedule
 
     get = (lambda name: getattr(args, f"{prefix + '_' if prefix else ''}{name}"))
-    return Schedule(base_lr=get("base_lr"), epochs=get("epochs"), max_iter=get("max_iter"), flag=prefix,
-                    **{k: v for k, v in common.items() if v is not None})
+    common = {k: getattr(args, k) for k in ("snapshot", "iter_size") if getattr(args, k) is not None}
+    return Schedule(base_lr=get("base_lr"), epochs=get("epochs"), max_iter=get("max_iter"), flag=prefix, **common)
 
 
 def add_run_settings(p):
@@ -40,7 +40,7 @@ def add_run_settings(p):
                    "1, the net's batch; solvers.DEFAULTS)")
 
 
-def add_pruning(p, required=True):
+def add_pruning(p):
     """How much to prune and where."""
     g = p.add_argument_group("how much to keep (give one)")
     g.add_argument("--ratio", help='keep 1/N of the weights, e.g. "3x" keeps 1/3')
@@ -59,9 +59,8 @@ def prune_config(args, seed=0):
                        skip=tuple(args.skip), seed=seed)
 
 
-def add_sources(p, train=True):
-    if train:
-        p.add_argument("--train-source", help="TRAIN LMDB instead of the trainval's (default: the trainval's)")
+def add_sources(p):
+    p.add_argument("--train-source", help="TRAIN LMDB instead of the trainval's (default: the trainval's)")
     p.add_argument("--test-source", help="TEST (validation) LMDB instead of the trainval's (default: the "
                    "trainval's)")
 

@@ -22,8 +22,7 @@ def run(a):
     from dsd_caffe import phases
 
     res = phases.prune(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
-                       flags.prune_config(a, a.seed), flags.schedule(a, snapshot=a.snapshot, iter_size=a.iter_size),
-                       a.recipe, force=a.force)
+                       flags.prune_config(a, a.seed), flags.schedule(a), a.recipe, force=a.force)
     print(res["table"])
     print(f"wrote {res['output_dir']}")
 

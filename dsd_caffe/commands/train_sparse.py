@@ -17,7 +17,7 @@ from dsd_caffe.commands import flags
 def run(a):
     from dsd_caffe import phases
 
-    print(phases.train_sparse(a.folder, flags.schedule(a, snapshot=a.snapshot, iter_size=a.iter_size),
+    print(phases.train_sparse(a.folder, flags.schedule(a),
                               engine=a.engine, gpu=a.gpu, force=a.force))
 
 
