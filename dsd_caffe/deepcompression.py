@@ -78,28 +78,25 @@ def layer_specs(prototxt):
     list of LayerSpec(name, type, bits, shape, bias_size). A deploy prototxt is built as it is; a trainval (with
     Data layers, and a DSD mask layer if any) is first turned into its deploy form (netgen.deploy: the input
     shape comes from its crop size and per-channel mean values)."""
-    import tempfile
-
-    from .caffe_env import import_caffe
+    from .caffe_env import import_caffe, make_net
 
     net_param = fileio.read_net_prototxt(prototxt)
     netcheck.check_structure(net_param, "TEST", name=os.fspath(prototxt))  # Caffe aborts on an unknown type
     data_layers = [l for l in list(net_param.layer) + list(net_param.layers) if l.type in DATA_TYPES]
-    caffe = import_caffe()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.fspath(prototxt)
-        if data_layers:
-            from . import masks, netgen
+    if data_layers:
+        from . import masks, netgen
 
-            try:
-                deploy = netgen.deploy(masks.remove_mask_layer(net_param))
-            except (ValueError, TypeError) as e:
-                raise UserError(
-                    f"prototxt {prototxt} reads data (layer {data_layers[0].name!r} of type {data_layers[0].type}) "
-                    f"and its deploy form cannot be made ({e}); give the deploy prototxt (with an Input layer)"
-                ) from None
-            path = fileio.write_prototxt(os.path.join(tmp, "deploy.prototxt"), deploy)
-        net = caffe.Net(path, caffe.TEST)
+        try:
+            deploy = netgen.deploy(masks.remove_mask_layer(net_param))
+        except (ValueError, TypeError) as e:
+            raise UserError(
+                f"prototxt {prototxt} reads data (layer {data_layers[0].name!r} of type {data_layers[0].type}) "
+                f"and its deploy form cannot be made ({e}); give the deploy prototxt (with an Input layer)"
+            ) from None
+        net = make_net(deploy, "TEST")
+    else:
+        caffe = import_caffe()
+        net = caffe.Net(os.fspath(prototxt), caffe.TEST)
     return net_specs(net, name=f"prototxt {prototxt}")
 
 

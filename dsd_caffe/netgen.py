@@ -232,31 +232,15 @@ def small_squeezenet(train_source="train_lmdb", test_source="test_lmdb", num_cla
 
 def param_count(net_param):
     """Learnable parameters (weights and biases) of the Convolution/InnerProduct layers, from the net's shapes."""
-    caffe = _caffe()
-    net = _load(net_param, caffe.TEST)
+    net = _load(net_param)
     return sum(b.data.size for name in weighted_layers(net_param) for b in net.params[name])
 
 
-def _caffe():
-    from .caffe_env import import_caffe
+def _load(net_param):
+    """A TEST caffe.Net of ``net_param`` (Data layers replaced by Input layers so no LMDB is needed)."""
+    from .caffe_env import make_net
 
-    return import_caffe()
-
-
-def _load(net_param, phase):
-    """A caffe.Net of ``net_param`` (Data layers replaced by Input layers so no LMDB is needed)."""
-    import tempfile
-
-    from google.protobuf import text_format
-
-    caffe = _caffe()
-    d = deploy(net_param) if any(l.type == "Data" for l in net_param.layer) else net_param
-    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-        f.write(text_format.MessageToString(d))
-    try:
-        return caffe.Net(f.name, phase)
-    finally:
-        os.unlink(f.name)
+    return make_net(deploy(net_param) if any(l.type == "Data" for l in net_param.layer) else net_param, "TEST")
 
 
 def _output_blob(net_param):
@@ -413,7 +397,7 @@ def sparse_form(net_param):
     """The sparse trainval of a dense one: the mask layer over every weighted layer (see dsd_caffe.masks)."""
     from . import masks
 
-    net = _load(net_param, _caffe().TEST)
+    net = _load(net_param)
     return masks.sparse_net(net_param, {n: net.params[n][0].data.shape for n in weighted_layers(net_param)})
 
 
