@@ -196,7 +196,7 @@ def main(argv=None):
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     threads = int(env.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
-    unpatched = build.unpatched_prefix()
+    unpatched = build.cached_prefix(perf=False)
     if unpatched is None and a.build_unpatched:
         unpatched = build.caffe_build(None, perf=False)
     workers = {"patched": Worker(None, env, a.batch)}

@@ -401,16 +401,15 @@ GTEST_CASES = {
 def caffe_gtest(jobs=None):
     """Compile Caffe's gtest cases of the patched layers (:data:`GTEST_CASES`) against the set-up's cached build
     and run them with OpenMP on every core; return the test binary's exit code. Works in a temporary folder."""
-    options, patches = build_options(), our_patches()
-    prefix = cached_build(cache_key(options, python_linkage(), patches))
+    prefix = cached_prefix()
     jobs = jobs or os.cpu_count() or 2
     if prefix is None:
         raise SetupError("gtest", "no cached build for the current patches: run `make setup` first")
     with tempfile.TemporaryDirectory(prefix="dsd-caffe-gtest-") as work:
         logfile = os.path.join(work, "gtest.log")
         src = os.path.join(work, "src")
-        unpack_source(fetch_sources(), src, patches, logfile)
-        defines = ["-DUSE_OPENCV", "-DUSE_LMDB", "-DUSE_HDF5"] + (["-DCPU_ONLY"] if options["CPU_ONLY"] == "ON" else [])
+        unpack_source(fetch_sources(), src, our_patches(), logfile)
+        defines = ["-DUSE_OPENCV", "-DUSE_LMDB", "-DUSE_HDF5", "-DCPU_ONLY"]  # the CPU build (build_options())
         flags = ["-O2", *defines, f"-I{src}/src", f"-I{prefix}/include", "-I/usr/include/hdf5/serial"]
         tests = os.path.join(src, "src", "caffe", "test")
         sources = [os.path.join(src, "src", "gtest", "gtest-all.cpp"), os.path.join(tests, "test_caffe_main.cpp")]
@@ -519,10 +518,10 @@ def caffe_build(python, gpu=False, perf=True, jobs=None):
     return build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
 
 
-def unpatched_prefix(python=None):
-    """The prefix of the finished build without the performance patches, or None if it was not built."""
-    key = cache_key(build_options(), python_linkage(python), our_patches(perf=False))
-    return cached_build(key)
+def cached_prefix(perf=True):
+    """The prefix of the finished CPU build with (``perf``) or without the performance patches, or None if it was
+    not built."""
+    return cached_build(cache_key(build_options(), python_linkage(), our_patches(perf)))
 
 
 def setup(venv=None, gpu=False, jobs=None, skip_apt=False):

@@ -414,7 +414,7 @@ def test_one_and_two_threads_give_identical_results(one_thread, tmp_path):
 
 
 def test_the_unpatched_build_agrees(one_thread, tmp_path):
-    prefix = build.unpatched_prefix()
+    prefix = build.cached_prefix(perf=False)
     if prefix is None:
         pytest.skip("no unpatched build in the cache (python3 -m dsd_caffe.build --unpatched)")
     ref = run_child(tmp_path, "unpatched", 1, os.path.join(prefix, "lib", "python3", "dist-packages"))
