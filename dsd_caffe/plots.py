@@ -25,10 +25,10 @@ def _figure(**kw):
     return Figure(**kw)
 
 
-def save(fig, path, dpi=80, force=True):
+def save(fig, path, dpi=80):
     """Lay out ``fig`` and write it as a PNG atomically."""
     fig.tight_layout()
-    with fileio.atomic_path(path, force=force) as tmp:
+    with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return os.fspath(path)
 
@@ -112,7 +112,7 @@ def sensitivity_heatmap(path, layers, densities, accuracy, base):
     return save(fig, path, dpi=90)
 
 
-def confusion(path, cm, names, force=True):
+def confusion(path, cm, names):
     """A row-normalised confusion matrix [true, predicted] with counts in the cells (up to 30 classes)."""
     k = cm.shape[0]
     rows = cm.sum(axis=1, keepdims=True)
@@ -134,4 +134,4 @@ def confusion(path, cm, names, force=True):
     ax.set_ylabel("true")
     total = cm.sum()
     ax.set_title(f"accuracy {np.trace(cm) / total:.4f} on {total} images" if total else "no images")
-    return save(fig, path, dpi=100, force=force)
+    return save(fig, path, dpi=100)
