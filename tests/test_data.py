@@ -447,6 +447,19 @@ def test_label_range_covers_every_record_of_a_small_lmdb(tmp_path):
     assert lmdbio.check_lmdb(path)["label_range"] == (3, 10)
 
 
+def test_check_data_walks_each_lmdb_once(tiny_lmdb, monkeypatch):
+    """A phase start's check (netcheck.check_data) reads each LMDB's records once: check_labels takes the label
+    range check_lmdb found (the TRAIN and TEST layers are both named "data")."""
+    from dsd_caffe import netcheck, netgen
+
+    train, val = tiny_lmdb(name="train_lmdb"), tiny_lmdb(name="val_lmdb", seed=1)
+    walked = collections.Counter()
+    records = lmdbio._checked_records
+    monkeypatch.setattr(lmdbio, "_checked_records", lambda path: walked.update([path]) or records(path))
+    netcheck.check_data(netgen.small_squeezenet(train, val, train_batch=4, test_batch=4))
+    assert walked == {train: 1, val: 1}
+
+
 def test_check_lmdb_samples_a_large_lmdb_evenly_and_says_so(tmp_path, monkeypatch, caplog):
     shapes = [(1, 30, 30)] * 3000
     for bad in (0, 1497, 2997):  # on the sample's grid of every 3rd record (1000 of 3000)
