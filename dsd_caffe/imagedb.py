@@ -302,7 +302,7 @@ def make_lmdb(source, output, **options):
     with contextlib.ExitStack() as stack:  # left in reverse order: renames first, then the lock
         fileio.check_output(output, force=True)  # a writable folder, for the lock too
         stack.enter_context(fileio.output_lock(output))
-        lmdbio.check_output(output, opts.force, "make_lmdb")
+        fileio.check_replaceable(output, lmdbio.LMDB_FILES, opts.force, "make_lmdb")  # lmdbio.check_output's rest
         fileio.check_output(fileio.sidecar_path(output), force=True)
         if opts.mean_file is not None:
             fileio.check_output(opts.mean_file, opts.force)
