@@ -64,7 +64,7 @@ def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow
     model = os.fspath(model) if model is not None else "net"
     if net_param is None:
         net_param = sources.read_net(model, require=(phase.upper(), "BOTH") if isinstance(phase, str) else ())
-    weights_param, _hdf5 = None, False
+    weights_param = None
     if weights is not None and _is_hdf5(weights):
         log.warning("%s is an HDF5 weights file: Caffe reads it, but its fit to the net is not checked first",
                     weights)
