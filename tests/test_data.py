@@ -175,6 +175,17 @@ def test_encoded_without_resize_keeps_file_bytes(tmp_path):
         assert datum.data == (src / key.decode().split("_", 1)[1]).read_bytes()
 
 
+def test_storage_format_and_whether_a_file_is_in_it():
+    """datums._encoding: the record's format, and whether the file is in it already (a JPEG is .jpg or .jpeg;
+    ``encoded=True`` keeps a file's own format, and makes PNG of any other)."""
+    from dsd_caffe import datums
+
+    cases = {(False, "a/x.png"): (None, False), (True, "a/x.JPEG"): ("jpeg", True), (True, "a/x.tif"): ("png", False),
+             ("jpg", "a/x.jpeg"): ("jpg", True), ("png", "a/x.jpg"): ("png", False), ("bmp", "a/x.bmp"): ("bmp", True)}
+    for (encoded, path), expected in cases.items():
+        assert datums._encoding(imagedb.LmdbOptions(encoded=encoded), path) == expected, (encoded, path)
+
+
 def test_encoded_grey_file_in_colour_lmdb_is_reencoded(tmp_path):
     """A grey PNG in a colour LMDB is stored as a 3-channel PNG, so Caffe's native decoding gives 3 channels."""
     (tmp_path / "img" / "a").mkdir(parents=True)
