@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -576,6 +577,19 @@ def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
         fashion_mnist.import_fashion_mnist(out, val_size=1000, seed=0)
 
 
+
+def test_fashion_mnist_reuse_needs_no_idx_files(tmp_path):
+    """A complete import is reused on a machine without Debian's package (the IDX files are read only to build)."""
+    out = tmp_path / "fm"
+    for split, n in (("train", 3), ("val", 2), ("test", 1)):
+        path = lmdbio.write_array_lmdb(out / f"{split}_lmdb", np.zeros((n, 28, 28), np.uint8), np.zeros(n, int))
+        fileio.write_json(path + ".json", {"count": n, "val_size": 5000, "seed": 0})
+    paths = fashion_mnist.import_fashion_mnist(out, source_dir=tmp_path / "no_idx")
+    assert paths == {split: str(out / f"{split}_lmdb") for split in fashion_mnist.SPLITS}
+    os.remove(out / "test_lmdb.json")
+    shutil.rmtree(out / "test_lmdb")
+    with pytest.raises(FileNotFoundError, match="no_idx.*install Debian's dataset-fashion-mnist"):
+        fashion_mnist.import_fashion_mnist(out, source_dir=tmp_path / "no_idx")
 # ------------------------------------------------------------------------------------------- counts
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 9, 17])
