@@ -25,18 +25,17 @@ def quiet_opencv():
         pass
 
 
-def _decode(raw, path, opts):
+def _decode(raw, same_format, opts):
     """(image, keep, note): the image as the LMDB will hold it; ``keep`` when the file's own bytes can be stored
-    (encoded, not resized, same format, and natively decoded to what the LMDB holds: a Data layer decodes
+    (encoded, not resized, ``same_format``, and natively decoded to what the LMDB holds: a Data layer decodes
     natively, and aborts on anything but 8 bits); ``note`` says how a file that could not be kept was converted.
     convert_imageset --encoded stores every file as it is, whatever Caffe will make of it later."""
     import cv2
 
     buf = np.frombuffer(raw, np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if opts.gray else cv2.IMREAD_COLOR
-    enc, ext = _encoding(opts, path), os.path.splitext(path)[1].lower().lstrip(".")
     note = None
-    if enc is not None and opts.resize is None and ENCODINGS[enc] == ENCODINGS.get(ext):
+    if same_format and opts.resize is None:
         native = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         if native is None:
             raise UserError("not an image, or a corrupt one (OpenCV could not decode it)")
@@ -52,11 +51,11 @@ def _decode(raw, path, opts):
 
 
 def _encoding(opts, path):
-    """The format a record is stored in: None (raw pixels) or a key of ENCODINGS."""
-    if opts.encoded != "auto":
-        return opts.encoded
+    """(enc, same_format): the format the record of the file at ``path`` is stored in, None (raw pixels) or a key
+    of ENCODINGS; and whether the file is in that format already (judged by its extension)."""
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    return ext if ext in ENCODINGS else "png"
+    enc = opts.encoded if opts.encoded != "auto" else (ext if ext in ENCODINGS else "png")
+    return enc, enc is not None and ENCODINGS[enc] == ENCODINGS.get(ext)
 
 
 def convert_one(full, label, opts, pb2):
@@ -68,14 +67,14 @@ def convert_one(full, label, opts, pb2):
         raw = f.read()
     if not raw:
         raise UserError("empty file")
-    img, keep, note = _decode(raw, full, opts)
+    enc, same_format = _encoding(opts, full)
+    img, keep, note = _decode(raw, same_format, opts)
     if opts.resize is not None and img.shape[:2] != opts.resize:
         img = cv2.resize(img, opts.resize[::-1])  # bilinear, as convert_imageset
     if img.ndim == 2:
         img = img[:, :, None]
     h, w, c = img.shape
     datum = pb2.Datum(channels=c, height=h, width=w, label=int(label))
-    enc = _encoding(opts, full)
     if enc is None:
         datum.data = np.ascontiguousarray(img.transpose(2, 0, 1)).tobytes()
     else:

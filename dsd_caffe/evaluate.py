@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 
 class Results(collections.OrderedDict):
     """{output name: mean} (a float32 scalar, or a float32 array for multi-element outputs) with
-    ``loss``, ``loss_weights`` {output: weight}, ``iterations`` and, when asked for, ``confusion``
-    (int64 [true class, predicted class]) attributes."""
+    ``loss``, ``loss_weights`` {output: weight}, ``iterations``, ``test_source`` (from :func:`evaluate`: the
+    absolute source of the TEST Data layer, or None) and, when asked for, ``confusion`` (int64 [true class,
+    predicted class]) attributes."""
 
     loss = np.float32(0)
     loss_weights = {}
     iterations = 0
+    test_source = None
     confusion = None
 
 
@@ -64,7 +66,7 @@ def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow
     model = os.fspath(model) if model is not None else "net"
     if net_param is None:
         net_param = sources.read_net(model, require=(phase.upper(), "BOTH") if isinstance(phase, str) else ())
-    weights_param, _hdf5 = None, False
+    weights_param = None
     if weights is not None and _is_hdf5(weights):
         log.warning("%s is an HDF5 weights file: Caffe reads it, but its fit to the net is not checked first",
                     weights)
@@ -191,7 +193,9 @@ def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_mis
                 ignore = layer.accuracy_param.ignore_label
             break
     log.info("Running for %d iterations.", iterations)
-    return run(net, iterations, confusion=confusion, ignore_label=ignore)
+    res = run(net, iterations, confusion=confusion, ignore_label=ignore)
+    res.test_source = sources.test_source(net_param)
+    return res
 
 
 def evaluate_param(net_param, weights, iterations=None, gpu=None):

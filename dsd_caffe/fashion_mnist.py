@@ -123,13 +123,12 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
     output_dir = os.path.abspath(os.fspath(output_dir))
     paths = {split: os.path.join(output_dir, f"{split}_lmdb") for split in SPLITS}
     settings = {"val_size": int(val_size), "seed": int(seed)}
-    files = _idx_files(source_dir)
     with fileio.output_lock(output_dir):
         fileio.check_replaceable(output_dir, _OWNED, True, "import_fashion_mnist")
         if not force and _present(paths, settings):
             log.info("Fashion-MNIST LMDBs already in %s; reusing them", output_dir)
             return paths
-        splits = _splits(files, val_size, seed)
+        splits = _splits(_idx_files(source_dir), val_size, seed)  # reuse needs no IDX files
         with fileio.atomic_path(output_dir, directory=True) as stage:
             for split in SPLITS:
                 _write_split(os.path.join(stage, f"{split}_lmdb"), split, *splits[split], settings)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import datums, fileio, lmdbio
+from . import blas, datums, fileio, lmdbio
 from .caffe_env import caffe_pb2
 from .errors import UserError
 from .solvers import INT_MAX, count as _count
@@ -50,10 +50,6 @@ def _parse_encoded(encoded):
     if enc not in datums.ENCODINGS:
         raise UserError(f"encoded must be True, False or one of {sorted(datums.ENCODINGS)}, got {encoded!r}")
     return enc
-
-
-def _all_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +85,7 @@ class LmdbOptions:
             raise UserError(f"resize {self.resize[0]}x{self.resize[1]} is too large: a record would hold more "
                             f"than {INT_MAX} bytes, the most a Datum (a protobuf message) can")
         put("encoded", _parse_encoded(self.encoded))
-        put("workers", _all_cores() if self.workers is None else _count(self.workers, "workers"))
+        put("workers", blas.cpu_count() if self.workers is None else _count(self.workers, "workers"))
         put("chunk", _count(self.chunk, "chunk"))
         put("map_size", _count(self.map_size, "map_size", 4096, maximum=None))  # 64-bit in LMDB
         put("seed", _count(self.seed, "seed", 0))
@@ -306,7 +302,7 @@ def make_lmdb(source, output, **options):
     with contextlib.ExitStack() as stack:  # left in reverse order: renames first, then the lock
         fileio.check_output(output, force=True)  # a writable folder, for the lock too
         stack.enter_context(fileio.output_lock(output))
-        lmdbio.check_output(output, opts.force, "make_lmdb")
+        fileio.check_replaceable(output, lmdbio.LMDB_FILES, opts.force, "make_lmdb")  # lmdbio.check_output's rest
         fileio.check_output(fileio.sidecar_path(output), force=True)
         if opts.mean_file is not None:
             fileio.check_output(opts.mean_file, opts.force)

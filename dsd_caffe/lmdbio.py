@@ -255,8 +255,8 @@ SAMPLE = 1000
 
 def _checked_records(path):
     """Yield (key, Datum) of every record of an LMDB of at most FULL_CHECK_BYTES, else of SAMPLE records evenly
-    spread over its key order (keys alone are walked to find them); log how many were checked."""
-    lmdb_info(path)
+    spread over its key order (keys alone are walked to find them); log how many were checked. The caller has
+    checked ``path`` with :func:`lmdb_info` first, for its clear errors."""
     env = _open_readonly(path)
     try:
         stat = env.stat()
@@ -319,6 +319,7 @@ def check_lmdb(path, crop_size=0, channels=None, *, force_color=False, force_gra
 def label_range(path):
     """(smallest, largest) label of an LMDB of Datums, over every record of a small LMDB and an evenly spread
     sample of a large one (see FULL_CHECK_BYTES)."""
+    lmdb_info(path)
     labels = [datum.label for _, datum in _checked_records(path)]
     return min(labels), max(labels)
 

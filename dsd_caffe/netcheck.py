@@ -193,10 +193,12 @@ def _check_transform(tp, c, h, w, where):
             raise UserError(f"{where}: mean_file {tp.mean_file} is {mc}x{mh}x{mw} but images are {c}x{h}x{w}")
 
 
-def check_data_layers(net_param, phase="TEST", iterations=None):
+def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=None):
     """Check the data sources of the layers included in ``phase``; returns {layer: summary dict}.
 
-    Sources are resolved like the caffe binary resolves them: relative to the current working folder.
+    Sources are resolved like the caffe binary resolves them: relative to the current working folder. A
+    ``label_ranges`` dict receives {resolved LMDB source: (smallest, largest) label} of the records checked, for
+    :func:`check_labels`.
     """
     pb2 = caffe_pb2()
     out = {}
@@ -220,10 +222,12 @@ def check_data_layers(net_param, phase="TEST", iterations=None):
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
             _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
             try:  # every record (a sample of a large LMDB): Caffe aborts on any image smaller than the crop
-                lmdbio.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size, force_color=tp.force_color,
-                                  force_gray=tp.force_gray)
+                checked = lmdbio.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size,
+                                            force_color=tp.force_color, force_gray=tp.force_gray)
             except ValueError as e:
                 raise UserError(f"{where}: {e}") from None
+            if label_ranges is not None:
+                label_ranges[resolve_source(dp.source)] = checked["label_range"]
             if iterations and info["count"] < iterations * dp.batch_size:
                 log.info("%s: %d iterations x batch %d = %d images but the LMDB holds %d; like `caffe test`, "
                          "the reader wraps around and counts some images more than once", where, iterations,
@@ -371,17 +375,20 @@ def num_classes(net):
     return None
 
 
-def check_labels(net):
+def check_labels(net, label_ranges=None):
     """Refuse LMDB Data layers whose labels lie outside the net's classes (Caffe checks them only in debug
-    builds: an out-of-range label makes SoftmaxWithLoss write outside its blob)."""
+    builds: an out-of-range label makes SoftmaxWithLoss write outside its blob). ``label_ranges`` are those
+    :func:`check_data_layers` found; other sources are read here."""
     from .lmdbio import label_range
 
     classes = num_classes(net)
     if not classes:
         return
+    label_ranges = label_ranges or {}
     for l in net.layer:
         if l.type == "Data":
-            low, high = label_range(resolve_source(l.data_param.source))
+            path = resolve_source(l.data_param.source)
+            low, high = label_ranges.get(path) or label_range(path)
             if low < 0 or high >= classes:
                 bad = low if low < 0 else high
                 raise UserError(f"Data layer {l.name!r} ({phase_of(l)}): LMDB {l.data_param.source} holds label "
@@ -392,10 +399,11 @@ def check_labels(net):
 def check_data(net, phases=("TRAIN", "TEST"), name="net"):
     """Everything a training run reads: a data layer in each phase (not a deploy net), its data, and the
     labels."""
+    label_ranges = {}
     for phase in phases:
         require_data(net, phase, name)
-        check_data_layers(net, phase)
-    check_labels(net)
+        check_data_layers(net, phase, label_ranges=label_ranges)
+    check_labels(net, label_ranges)
 
 
 def check_net(net_param, phases=("TRAIN", "TEST"), name="net"):

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -170,6 +171,17 @@ def test_encoded_without_resize_keeps_file_bytes(tmp_path):
         datum.ParseFromString(value)
         assert datum.encoded
         assert datum.data == (src / key.decode().split("_", 1)[1]).read_bytes()
+
+
+def test_storage_format_and_whether_a_file_is_in_it():
+    """datums._encoding: the record's format, and whether the file is in it already (a JPEG is .jpg or .jpeg;
+    ``encoded=True`` keeps a file's own format, and makes PNG of any other)."""
+    from dsd_caffe import datums
+
+    cases = {(False, "a/x.png"): (None, False), (True, "a/x.JPEG"): ("jpeg", True), (True, "a/x.tif"): ("png", False),
+             ("jpg", "a/x.jpeg"): ("jpg", True), ("png", "a/x.jpg"): ("png", False), ("bmp", "a/x.bmp"): ("bmp", True)}
+    for (encoded, path), expected in cases.items():
+        assert datums._encoding(imagedb.LmdbOptions(encoded=encoded), path) == expected, (encoded, path)
 
 
 def test_encoded_grey_file_in_colour_lmdb_is_reencoded(tmp_path):
@@ -443,6 +455,19 @@ def test_label_range_covers_every_record_of_a_small_lmdb(tmp_path):
     assert lmdbio.check_lmdb(path)["label_range"] == (3, 10)
 
 
+def test_check_data_walks_each_lmdb_once(tiny_lmdb, monkeypatch):
+    """A phase start's check (netcheck.check_data) reads each LMDB's records once: check_labels takes the label
+    range check_lmdb found (the TRAIN and TEST layers are both named "data")."""
+    from dsd_caffe import netcheck, netgen
+
+    train, val = tiny_lmdb(name="train_lmdb"), tiny_lmdb(name="val_lmdb", seed=1)
+    walked = collections.Counter()
+    records = lmdbio._checked_records
+    monkeypatch.setattr(lmdbio, "_checked_records", lambda path: walked.update([path]) or records(path))
+    netcheck.check_data(netgen.small_squeezenet(train, val, train_batch=4, test_batch=4))
+    assert walked == {train: 1, val: 1}
+
+
 def test_check_lmdb_samples_a_large_lmdb_evenly_and_says_so(tmp_path, monkeypatch, caplog):
     shapes = [(1, 30, 30)] * 3000
     for bad in (0, 1497, 2997):  # on the sample's grid of every 3rd record (1000 of 3000)
@@ -548,6 +573,19 @@ def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
         fashion_mnist.import_fashion_mnist(out, val_size=1000, seed=0)
 
 
+
+def test_fashion_mnist_reuse_needs_no_idx_files(tmp_path):
+    """A complete import is reused on a machine without Debian's package (the IDX files are read only to build)."""
+    out = tmp_path / "fm"
+    for split, n in (("train", 3), ("val", 2), ("test", 1)):
+        path = lmdbio.write_array_lmdb(out / f"{split}_lmdb", np.zeros((n, 28, 28), np.uint8), np.zeros(n, int))
+        fileio.write_json(path + ".json", {"count": n, "val_size": 5000, "seed": 0})
+    paths = fashion_mnist.import_fashion_mnist(out, source_dir=tmp_path / "no_idx")
+    assert paths == {split: str(out / f"{split}_lmdb") for split in fashion_mnist.SPLITS}
+    os.remove(out / "test_lmdb.json")
+    shutil.rmtree(out / "test_lmdb")
+    with pytest.raises(FileNotFoundError, match="no_idx.*install Debian's dataset-fashion-mnist"):
+        fashion_mnist.import_fashion_mnist(out, source_dir=tmp_path / "no_idx")
 # ------------------------------------------------------------------------------------------- counts
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 9, 17])

@@ -350,3 +350,20 @@ def test_test_source_replaces_the_trainvals(tiny_lmdb, tmp_path):
     replaced = evaluate.format_results(evaluate.evaluate(proto, weights, iterations=4, test_source=second))
     assert replaced == evaluate.format_results(evaluate.evaluate(other, weights, iterations=4))
     assert replaced != evaluate.format_results(evaluate.evaluate(proto, weights, iterations=4))
+
+
+def test_output_names_the_classes_of_the_test_lmdb_evaluate_read(tiny_lmdb, tmp_path):
+    """--output takes the class names from the JSON beside the TEST LMDB that evaluate read (Results.test_source):
+    the prototxt is read once, so a relative source found both beside it and here is warned about once."""
+    (tmp_path / "net").mkdir()
+    (tmp_path / "here").mkdir()
+    beside, _ = tiny_lmdb(n=16, seed=1, name="net/lmdb"), tiny_lmdb(n=16, seed=2, name="here/lmdb")
+    fileio.write_json(beside + ".json", {"classes": [f"class{i}" for i in range(10)]})
+    proto, weights = make_net(str(tmp_path / "net"), beside, batch=4, written_source="lmdb")
+    r = run("evaluate", "--model", proto, "--weights", weights, "--iterations", "4", "--output", tmp_path / "out",
+            cwd=tmp_path / "here")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("beside the prototxt") == 1, r.stderr
+    rows = (tmp_path / "out" / "per_class.csv").read_text().splitlines()
+    assert [row.split(",")[1] for row in rows[1:]] == [f"class{i}" for i in range(10)]
+    assert evaluate.evaluate(proto, weights, iterations=1).test_source == beside

@@ -11,7 +11,7 @@ from dsd_caffe import cli
 
 
 def run(a):
-    from dsd_caffe import evaluate, sources
+    from dsd_caffe import evaluate
 
     if a.output is not None:
         evaluate.check_confusion_folder(a.output, a.force)
@@ -26,7 +26,7 @@ def run(a):
             with open(a.class_names) as f:
                 names = [line.strip() for line in f if line.strip()]
         else:
-            source = a.test_source or sources.test_source(sources.read_net(a.model, require=("TEST", "BOTH")))
+            source = a.test_source or results.test_source
             names = evaluate.lmdb_class_names(source) if source else None
         paths = evaluate.write_confusion(results.confusion, a.output, names, force=a.force)
         print(f"wrote {', '.join(paths.values())}", flush=True)
