@@ -3,6 +3,7 @@ retraining, and the equal-length dense baseline (DSD's control), all with real C
 sparse, DSD, baseline: test top-1, top-5, density) and writes accuracy.png and weights_histogram.png into the
 output folder. Re-running reuses every finished step (and resumes an interrupted one)."""
 from dsd_caffe import cli
+from dsd_caffe.commands import flags
 
 
 def run(a):
@@ -22,8 +23,7 @@ def main(argv=None):
     length = p.add_mutually_exclusive_group()  # --quick is a scale: both at once, one would be ignored
     length.add_argument("--scale", type=float, default=1.0, help="multiply every phase's iteration count")
     length.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")
-    p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary",
-                   help="train with the `caffe train` binary or pycaffe's Solver in this process")
+    flags.add_engine(p)
     p.add_argument("--width", type=float, help="width multiplier of the small net (default: 1)")
     p.add_argument("--profile", help="pruning profile: uniform, global or a JSON file of densities (default: "
                    "uniform)")

@@ -8,6 +8,7 @@ confusion matrix and per-class accuracy (confusion.csv, per_class.csv, confusion
 TEST LMDB's JSON (or --class-names).
 """
 from dsd_caffe import cli
+from dsd_caffe.commands import flags
 
 
 def run(a):
@@ -40,7 +41,7 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=50, help="forward passes, as caffe test's --iterations")
     p.add_argument("--test-source", help="TEST LMDB instead of the trainval's (e.g. the test split; default: the "
                    "trainval's)")
-    p.add_argument("--gpu", type=int, default=None, help="GPU device number (CUDA builds only; default: the CPU)")
+    flags.add_device(p, engine=False)
     cli.add_output(p, "folder for confusion.csv, per_class.csv and confusion.png (default: none written)",
                    required=False)
     cli.add_deprecated(p, "--confusion", "--output", "output")

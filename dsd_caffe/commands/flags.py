@@ -65,10 +65,16 @@ def add_sources(p):
                    "trainval's)")
 
 
+def add_engine(p):
+    from dsd_caffe.training import ENGINES
+
+    p.add_argument("--engine", choices=ENGINES, default="binary",
+                   help="train with the `caffe train` binary or pycaffe's Solver in this process")
+
+
 def add_device(p, engine=True):
     if engine:
-        p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary",
-                       help="train with the `caffe train` binary or pycaffe's Solver in this process")
+        add_engine(p)
     p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
 
 

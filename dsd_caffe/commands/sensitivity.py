@@ -8,6 +8,7 @@ read: no TRAIN LMDB is needed (--test-source replaces the trainval's). Write the
 profile for prune.py --profile.
 """
 from dsd_caffe import cli
+from dsd_caffe.commands import flags
 
 
 def run(a):
@@ -33,6 +34,6 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=10, help="TEST batches per evaluation")
     p.add_argument("--test-source", help="validation LMDB instead of the trainval's TEST source (default: the "
                    "trainval's)")
-    p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
+    flags.add_device(p, engine=False)
     p.add_argument("--force", action="store_true", help="replace an existing sensitivity folder")
     cli.main(p, run, argv)
