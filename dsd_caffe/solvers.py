@@ -6,10 +6,10 @@ batch and snapshot cadence is written. Two recipes:
 - ``imagenet`` (the default for any net): SqueezeNet v1.0 as published. Dense: DeepScale's solver (batch 32 x
   iter_size 16, base_lr 0.04, poly, 170,000 iterations, about 68 epochs). Sparse: the same shape at a tenth of
   the rate for 20 epochs (the DSD release publishes no sparse solver; this is ours). Redense: base_lr 1e-4 for 20
-  epochs, as the DSD paper. Sparse and redense take iter_size 1 (the net's own batch) unless told: the README's
-  ImageNet commands pass ``--iter-size 16`` for DeepScale's effective batch of 512.
-- ``fashion-mnist``: the small net of ``make demo``, chosen on the validation split (README, "DSD on
-  Fashion-MNIST"): dense 4,000 iterations at 0.04, sparse and re-dense 1,000 at 0.004, batch 64.
+  epochs, as the DSD paper. Sparse and redense take iter_size 1 (the net's own batch) unless told: the
+  ImageNet commands of docs/imagenet.md pass ``--iter-size 16`` for DeepScale's effective batch of 512.
+- ``fashion-mnist``: the small net of ``make demo``, chosen on the validation split (docs/results.md,
+  "Regimes tried on validation"): dense 4,000 iterations at 0.04, sparse and re-dense 1,000 at 0.004, batch 64.
 
 The tools, the pipeline, the demo and ``tools/generate.py`` (the committed ``solvers/``) all read it; a test checks
 the committed files against it. A :class:`Schedule` holds what a user overrides (None: the table's value).

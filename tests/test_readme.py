@@ -1,6 +1,7 @@
 """The README's commands work as written: the "own nets" walk-through runs, literally, on a copy of the repository
-(with this checkout's .venv), and every other tool command in the README (the ImageNet ones, which need ImageNet)
-is at least accepted by its tool's parser, flag for flag."""
+(with this checkout's .venv), and every other tool command in the README and in docs/*.md (the ImageNet ones, which
+need ImageNet) is at least accepted by its tool's parser, flag for flag."""
+import glob
 import os
 import re
 import shlex
@@ -14,11 +15,12 @@ from dsd_caffe import cli
 from helpers import FASHION, ROOT, tool_parser
 
 README = os.path.join(ROOT, "README.md")
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
-def blocks(section=None):
-    """The ```sh blocks of the README (of one ``## section``), continuation lines joined."""
-    with open(README) as f:
+def blocks(section=None, path=README):
+    """The ```sh blocks of a markdown file (of one ``## section``), continuation lines joined."""
+    with open(path) as f:
         text = f.read()
     if section:
         start = text.index(f"## {section}")
@@ -48,7 +50,7 @@ def _parser(module, argv):
 
 def test_every_tool_command_in_the_readme_is_accepted_by_its_parser(capsys):
     seen = 0
-    for block in blocks():
+    for block in [b for path in [README] + DOCS for b in blocks(path=path)]:
         for cmd in commands(block):
             if len(cmd) > 1 and cmd[0].endswith("python") and cmd[1].startswith("tools/"):
                 module = "dsd_caffe.commands." + os.path.basename(cmd[1])[:-3]
