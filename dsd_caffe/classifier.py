@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from . import fileio, imagedb, lmdbio, netcheck
+from . import fileio, imagedb, lmdbio, netcheck, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,14 @@ def _read(image, channels):
     return np.ascontiguousarray(img[:, :, ::-1])  # RGB -> BGR
 
 
-def _lmdb_facts(layer):
-    """{"resize", "channels", "classes"} from a Data layer's LMDB when it is on this machine, else {}."""
-    path = netcheck.resolve_source(layer.data_param.source)
+def _lmdb_facts(layer, base):
+    """{"resize", "channels", "classes"} from a Data layer's LMDB when it is on this machine, else {}. Its source
+    resolves by ``sources.resolve`` against ``base``, the prototxt's folder; a relative source of a net made in
+    memory (``base`` None) names no file, so nothing is read for it (not whatever lies in the current folder)."""
+    source = layer.data_param.source
+    if not os.path.isabs(source) and base is None:
+        return {}
+    path = sources.resolve(source, base)
     if not os.path.isdir(path):
         return {}
     info = lmdbio.lmdb_info(path)
@@ -142,15 +147,16 @@ def _data_layer(net_param):
     return next((l for l in netcheck.included_layers(net_param, "TEST") if l.type == "Data"), None)
 
 
-def from_net_param(net_param, resize=None):
+def from_net_param(net_param, resize=None, base=None):
     """(Preprocess, class names or None) from the TEST Data layer of a trainval NetParameter (see the module
-    doc); ``resize`` overrides the stored image size."""
+    doc); ``resize`` overrides the stored image size. ``base``: the folder of the prototxt the net was read from,
+    where its relative sources lie (None: a net made in memory, whose relative sources are not looked up)."""
     layer = _data_layer(net_param)
     where = f"net {net_param.name!r}"
     if layer is None:
         raise UserError(f"{where} has no Data layer in the TEST phase: no transform_param to read")
     tp = layer.transform_param
-    facts = _lmdb_facts(layer)
+    facts = _lmdb_facts(layer, base)
     mean = imagedb.read_mean_file(tp.mean_file) if tp.HasField("mean_file") else tuple(tp.mean_value) or None
     image_mean = isinstance(mean, np.ndarray)
     if resize is None:
@@ -218,7 +224,7 @@ class Classifier:
         """A Classifier for a zoo model name (weights fetched or verified as ``dsd_caffe.load`` does,
         ``zoo_args``: ``url``, ``cache``, ``prototxt``) or a prototxt path with ``weights`` (a caffemodel).
         ``preprocess``, when given, replaces the recipe read from a trainval or known for a zoo model."""
-        from . import masks, netgen, sources, zoo
+        from . import masks, netgen, zoo
 
         if isinstance(model, str) and model in zoo.ZOO:
             return cls(zoo.load(model, weights=weights, gpu=gpu, **zoo_args), preprocess, classes)

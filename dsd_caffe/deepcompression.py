@@ -53,16 +53,15 @@ import zlib
 
 import numpy as np
 
-from . import fileio, netcheck
+from . import caffefacts, fileio, netcheck
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: bits per code in the .net format, by layer type
+#: bits per code in the .net format, by layer type (the weighted types the format encodes: no Deconvolution)
 NET_BITS = {"Convolution": 8, "InnerProduct": 4}
 #: layer types that read data: such prototxts cannot be built for their shapes without the data
-DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "AnnotatedData", "VideoData",
-              5, 12, 9, 24, 29}  # the V1 enums of DATA, IMAGE_DATA, HDF5_DATA, WINDOW_DATA, MEMORY_DATA
+DATA_TYPES = {*caffefacts.DATA_TYPES, *caffefacts.V1_DATA_TYPES}
 MAGIC = b"DSDH"
 VERSION = 1
 MAX_GAP = 16  # the .net format's 4-bit gap advances at most 16 positions per entry

@@ -35,7 +35,7 @@ ROWS = ("dense", "sparse", "DSD", "baseline")
 TABLE_LABELS = {"control": "baseline"}
 
 
-def config_for(seed=0, scale=1.0, **overrides):
+def config_for(seed=solvers.SEED, scale=1.0, **overrides):
     """The demo's settings: DEMO and the recipe's lengths and rates, with ``overrides`` (any key of the result but
     seed/scale), iteration counts multiplied by ``scale``."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 100 or math.isnan(scale):
@@ -95,7 +95,7 @@ def _open(out, cfg, force):
     fileio.write_json(cfg_path, cfg)  # makes the folder (a file in the way is named)
 
 
-def run_demo(output_dir="runs/demo", seed=0, scale=1.0, engine="binary", force=False, **overrides):
+def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binary", force=False, **overrides):
     """Run (or resume) the whole demo in ``output_dir``; returns the results dict (also in results.json):
     {"table", "test": {row: {"top1", "top5", "density"}}, "val": {...}, "config", "models", "gain"}."""
     cfg = config_for(seed=seed, scale=scale, **overrides)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from . import caffe_env, fileio, netcheck, plots, sources
+from . import caffe_env, checks, fileio, netcheck, plots, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,7 @@ def cfmt(x):
 
 
 def _check_iterations(iterations):
-    from .solvers import INT_MAX
-
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations <= 0:
-        raise UserError(f"--iterations must be a whole number > 0, got {iterations!r}")
-    if iterations > INT_MAX:  # caffe test's --iterations is an int32 too
-        raise UserError(f"--iterations must be at most {INT_MAX} (Caffe's int32), got {iterations!r}")
-    return int(iterations)
+    return checks.count(iterations, "--iterations")  # caffe test's --iterations is an int32 too
 
 
 def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow_missing=False, net_param=None):

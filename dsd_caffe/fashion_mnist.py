@@ -9,7 +9,7 @@ import numpy as np
 
 from . import fileio, lmdbio
 from .errors import UserError
-from .solvers import count
+from .checks import count
 
 log = logging.getLogger(__name__)
 

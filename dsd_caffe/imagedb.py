@@ -20,7 +20,7 @@ import numpy as np
 from . import blas, datums, fileio, lmdbio
 from .caffe_env import caffe_pb2
 from .errors import UserError
-from .solvers import INT_MAX, count as _count
+from .checks import INT_MAX, count as _count
 
 log = logging.getLogger(__name__)
 

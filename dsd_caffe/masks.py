@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from . import fileio
+from . import caffefacts, fileio
 from .caffe_env import caffe_pb2
 from .errors import UserError
 
@@ -31,7 +31,7 @@ NAME = "dsd_masks"
 TOP = "dsd_mask_loss"
 HEADER = 1.0
 BITS = 16
-WEIGHTED = ("Convolution", "InnerProduct", "Deconvolution")
+WEIGHTED = caffefacts.WEIGHTED
 
 
 # ---------------------------------------------------------------------------------------------- the mask codec

@@ -29,7 +29,7 @@ import os
 
 from .caffe_env import caffe_pb2
 from .errors import UserError
-from . import lmdbio
+from . import caffefacts, lmdbio, sources
 from .sources import phase_of
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _check_python_layer(layer, name):
 
 
 #: layer types that read data (a net without any in a phase reads nothing in it)
-DATA_TYPES = ("Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "Python")
+DATA_TYPES = caffefacts.DATA_TYPES + caffefacts.GENERATED_DATA_TYPES
 
 
 def require_data(net_param, phase="TEST", name="net"):
@@ -141,8 +141,9 @@ def require_data(net_param, phase="TEST", name="net"):
 
 
 def resolve_source(source):
-    """A Data layer ``source`` as the caffe binary opens it: relative paths against the current folder."""
-    return os.path.abspath(source)
+    """A Data layer ``source`` as the caffe binary opens it: relative paths against the current folder
+    (``sources.resolve`` without a prototxt folder)."""
+    return sources.resolve(source, None)
 
 
 def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
@@ -279,20 +280,10 @@ def _fmt(shape):
 
 
 def guess_naming(layer_names):
-    """"han", "deepscale" or None: which SqueezeNet naming the names follow (netgen's rule when available)."""
-    names = list(layer_names)
-    try:
-        from .netgen import detect_naming
-    except ImportError:
-        detect_naming = None
-    if detect_naming is not None:
-        return detect_naming(names)
-    joined = " ".join(names)
-    if "squeeze1x1" in joined or "conv10" in names:
-        return "deepscale"
-    if "conv1x1_1" in joined or "conv_final" in names:
-        return "han"
-    return None
+    """"han", "deepscale" or None: which SqueezeNet naming the names follow (``netgen.detect_naming``)."""
+    from .netgen import detect_naming  # netgen imports this module's callers; kept here to stay out of the cycle
+
+    return detect_naming(list(layer_names))
 
 
 def _naming_hint(src_names, dst_names):

@@ -30,12 +30,14 @@ import functools
 import logging
 import os
 
+from . import caffefacts
 from .caffe_env import caffe_pb2
+from .checks import count
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-NAMINGS = ("han", "deepscale")
+NAMINGS = caffefacts.NAMINGS
 
 #: (name, squeeze, expand) for SqueezeNet v1.0's fire modules, with the max pools between them.
 SQUEEZENET_V1_0 = (
@@ -46,12 +48,7 @@ SQUEEZENET_V1_0 = (
 )
 
 #: Names of the parts of a fire module and of the net's head, per naming.
-_NAMES = {
-    "han": {"squeeze": "conv1x1_1", "expand1x1": "conv1x1_2", "expand3x3": "conv3x3_2",
-            "final": "conv_final", "pool_final": "pool_final"},
-    "deepscale": {"squeeze": "squeeze1x1", "expand1x1": "expand1x1", "expand3x3": "expand3x3",
-                  "final": "conv10", "pool_final": "pool10"},
-}
+_NAMES = caffefacts.SQUEEZENET_NAMES
 
 #: Parameter count of small_squeezenet() at its defaults (1 channel, 10 classes, width 1.0).
 SMALL_PARAMS = 15770
@@ -64,9 +61,7 @@ def _check_naming(naming):
 
 
 def _positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{what} must be a positive integer, got {value!r}")
-    return value
+    return count(value, what)
 
 
 class _Builder:
@@ -231,7 +226,7 @@ def small_squeezenet(train_source="train_lmdb", test_source="test_lmdb", num_cla
 
 
 def param_count(net_param):
-    """Learnable parameters (weights and biases) of the Convolution/InnerProduct layers, from the net's shapes."""
+    """Learnable parameters (weights and biases) of the weighted layers, from the net's shapes."""
     net = _load(net_param)
     return sum(b.data.size for name in weighted_layers(net_param) for b in net.params[name])
 
@@ -298,14 +293,9 @@ def deploy(trainval_netparam, input_shape=None):
 
 
 def weighted_layers(net_param):
-    """Names of the Convolution/InnerProduct layers (the weights DSD prunes), in net order."""
+    """Names of the layers whose weights DSD prunes (``caffefacts.WEIGHTED``, V1 enums too), in net order."""
     layers = list(net_param.layer) or list(net_param.layers)
-    out = []
-    for l in layers:
-        t = l.type
-        if t in ("Convolution", "InnerProduct", 4, 14):  # V1 enums: CONVOLUTION=4, INNER_PRODUCT=14
-            out.append(l.name)
-    return out
+    return [l.name for l in layers if caffefacts.is_weighted(l.type)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -135,7 +135,8 @@ def initial_weights(net, seed):
         return fileio.read_caffemodel(os.path.join(tmp, INIT))
 
 
-def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False, seed=0):
+def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,
+                seed=solvers.SEED):
     """The dense phase: ``inputs.weights``, or the net's fillers seeded with ``seed`` when None, trained into
     ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS."""
     recipe = recipe_of(recipe, inputs.weights)
@@ -174,7 +175,7 @@ class PruneConfig:
     sparsity: object = None
     profile: str = "uniform"
     skip: tuple = ()
-    seed: int = 0
+    seed: int = solvers.SEED
     target: float = dataclasses.field(init=False, default=None)
 
     def __post_init__(self):
@@ -367,7 +368,7 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
 
 # ------------------------------------------------------------------------------------------------ redense
 def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,
-                  seed=0):
+                  seed=solvers.SEED):
     """The redense phase: release the masks of ``inputs.weights`` (a sparse-phase caffemodel; a caffemodel with no
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
     ``output_dir/redense.caffemodel``. Returns its path."""

@@ -54,7 +54,7 @@ class RunConfig:
     test_source: str = None
     holdout_source: str = None  # evaluated once per finished model, never used to choose anything
     control: bool = False
-    seed: int = 0
+    seed: int = solvers.SEED
 
     def __post_init__(self):
         solvers.count(self.cycles, "--cycles")

@@ -46,6 +46,7 @@ import os
 import re
 
 import numpy as np
+from .caffefacts import deepscale_name, han_name  # noqa: F401 (pruning.han_name is API)
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -96,32 +97,7 @@ SQUEEZENET_3X_OVERALL = (sum(nz for nz, _ in SQUEEZENET_3X.values())
                          / sum(total for _, total in SQUEEZENET_3X.values()))
 
 # ---------------------------------------------------------------------------------------------------------------
-# SqueezeNet naming (kept here so pruning needs no Caffe-importing module)
-
-_HAN_TO_DEEPSCALE = {"conv1x1_1": "squeeze1x1", "conv1x1_2": "expand1x1", "conv3x3_2": "expand3x3"}
-_DEEPSCALE_TO_HAN = {v: k for k, v in _HAN_TO_DEEPSCALE.items()}
-
-
-def han_name(name):
-    """DeepScale SqueezeNet layer name -> Han's (``fire2/squeeze1x1`` -> ``fire2/conv1x1_1``, ``conv10`` ->
-    ``conv_final``). Other names are returned unchanged."""
-    if name == "conv10":
-        return "conv_final"
-    head, sep, tail = name.rpartition("/")
-    if sep and tail in _DEEPSCALE_TO_HAN:
-        return f"{head}/{_DEEPSCALE_TO_HAN[tail]}"
-    return name
-
-
-def deepscale_name(name):
-    """Han's SqueezeNet layer name -> DeepScale's (the inverse of :func:`han_name`)."""
-    if name == "conv_final":
-        return "conv10"
-    head, sep, tail = name.rpartition("/")
-    if sep and tail in _HAN_TO_DEEPSCALE:
-        return f"{head}/{_HAN_TO_DEEPSCALE[tail]}"
-    return name
-
+# SqueezeNet naming (the rule is caffefacts', which imports no Caffe)
 
 def _other_naming(name):
     other = han_name(name)

@@ -24,9 +24,9 @@ folder*; :func:`resolve_paths` gives a copy with absolute paths, for running fro
 import dataclasses
 import math
 import os
-import struct
 
 from .caffe_env import caffe_pb2
+from .checks import INT_MAX, count, positive  # noqa: F401 (read here by other modules)
 from .errors import UserError
 
 PHASES = ("dense", "sparse", "redense")
@@ -86,35 +86,8 @@ def defaults(phase, recipe="imagenet"):
     return DEFAULTS[recipe][phase]
 
 
-#: The largest integer Caffe takes for a count or a seed: its solver fields (max_iter, snapshot, iter_size,
-#: test_iter, ...) and ``caffe test --iterations`` are int32, and its RNG seed an unsigned int.
-INT_MAX = 2**31 - 1
-
-
-def count(value, what, minimum=1, maximum=INT_MAX):
-    """``value`` if it is an integer in ``minimum``..``maximum`` (None: no maximum), else UserError naming
-    ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise UserError(f"{what} must be at most {maximum} (Caffe's int32), got {value!r}")
-    return value
-
-
-def positive(value, what, float32=False):
-    """``value`` as a float if it is a positive finite number, else UserError naming ``what``; with ``float32``
-    also one that Caffe's float field keeps positive and finite (not above 3.4e38, not rounded to 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise UserError(f"{what} must be a positive finite number, got {value!r}")
-    if float32:
-        try:
-            single = struct.unpack("f", struct.pack("f", value))[0]
-        except OverflowError:
-            single = math.inf
-        if not 0 < single < math.inf:
-            raise UserError(f"{what} must be a positive number that Caffe's float holds (about 1.4e-45 to "
-                            f"3.4e38), got {value!r}")
-    return float(value)
+#: The one seed default: every solver's ``random_seed``, the demo's initial weights, every tool's ``--seed``.
+SEED = 0
 
 
 def snapshot_interval(max_iter, snapshots):
@@ -200,7 +173,7 @@ EXTRA = {"gamma": 0.1, "stepsize": None, "power": None, "average_loss": 40, "tes
          "solver_type": "SGD"}
 
 
-def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_prefix=None, random_seed=42,
+def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_prefix=None, random_seed=SEED,
           **extra):
     """The SolverParameter of ``phase`` for ``net`` (a prototxt path, written into the solver): the table's row for
     ``recipe`` with ``schedule``'s settings over it; ``sizes`` (:class:`DataSizes`) turn epochs and the test set into

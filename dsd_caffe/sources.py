@@ -12,14 +12,10 @@ import logging
 import os
 
 from .caffe_env import caffe_pb2
+from .caffefacts import SOURCE_PARAMS  # noqa: F401 (read here by other modules)
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-#: layer type -> name of its parameter message, for the layers that read a source
-SOURCE_PARAMS = {"Data": "data_param", "ImageData": "image_data_param", "HDF5Data": "hdf5_data_param",
-                 "WindowData": "window_data_param"}
-
 
 def copy_message(message):
     out = type(message)()

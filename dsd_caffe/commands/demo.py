@@ -19,7 +19,7 @@ def run(a):
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--output", "-o", default="runs/demo", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and dropout")
+    p.add_argument("--seed", type=int, default=flags.seed_default(), help="seed of the initial weights and dropout")
     length = p.add_mutually_exclusive_group()  # --quick is a scale: both at once, one would be ignored
     length.add_argument("--scale", type=float, default=1.0, help="multiply every phase's iteration count")
     length.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")

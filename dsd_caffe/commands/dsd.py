@@ -53,7 +53,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="paired runs (with --control) over seeds --seed, +1, ...")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time, in separate processes")
     flags.add_device(p)
-    p.add_argument("--seed", type=int, default=0, help="random_seed of every solver (dropout, crops, mirrors)")
+    p.add_argument("--seed", type=int, default=flags.seed_default(),
+                   help="random_seed of every solver (dropout, crops, mirrors)")
     p.add_argument("--force", action="store_true", help="start a finished or different run over")
     for old, new, dest, kind in (("--sparse-iters", "--sparse-max-iter", "sparse_max_iter", int),
                                  ("--sparse-lr", "--sparse-base-lr", "sparse_base_lr", float),

@@ -52,11 +52,18 @@ def add_pruning(p):
     cli.add_list(p, "--skip", help="layers (names or patterns) kept dense", default=[])
 
 
-def prune_config(args, seed=0):
+def seed_default():
+    """The one seed default, ``solvers.SEED``."""
+    from dsd_caffe import solvers
+
+    return solvers.SEED
+
+
+def prune_config(args, seed=None):
     from dsd_caffe.phases import PruneConfig
 
     return PruneConfig(ratio=args.ratio, density=args.density, sparsity=args.sparsity, profile=args.profile,
-                       skip=tuple(args.skip), seed=seed)
+                       skip=tuple(args.skip), seed=seed_default() if seed is None else seed)
 
 
 def add_sources(p):

@@ -37,6 +37,6 @@ def main(argv=None):
     flags.add_schedule(p, "sparse")
     flags.add_run_settings(p)
     flags.add_recipe(p)
-    p.add_argument("--seed", type=int, default=0, help="random_seed of the sparse solver")
+    p.add_argument("--seed", type=int, default=flags.seed_default(), help="random_seed of the sparse solver")
     p.add_argument("--force", action="store_true", help="replace an existing prune folder")
     cli.main(p, run, argv)

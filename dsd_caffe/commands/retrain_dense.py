@@ -28,6 +28,6 @@ def main(argv=None):
     flags.add_sources(p)
     flags.add_recipe(p)
     flags.add_device(p)
-    p.add_argument("--seed", type=int, default=0, help="random_seed of the solver")
+    p.add_argument("--seed", type=int, default=flags.seed_default(), help="random_seed of the solver")
     p.add_argument("--force", action="store_true", help="redo a finished redense phase from scratch")
     cli.main(p, run, argv)
