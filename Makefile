@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 setup:
 	$(PYTHON) -m dsd_caffe.build
 
-# The main job: Dense-Sparse-Dense on Fashion-MNIST against an equal-length dense baseline.
+# The main job: Dense-Sparse-Dense on Fashion-MNIST against its equal-length dense control.
 demo: setup
 	$(PY) tools/demo.py
 

@@ -280,7 +280,7 @@ def decode_to_caffemodel(net_file, prototxt, output, force=False):
     folder = os.path.dirname(os.path.abspath(output))
     fileio.write_provenance(
         output, source=os.path.relpath(os.path.abspath(net_file), folder), densities=densities(layers),
-        phase="deep-compression-decoded", iteration=0, seed=None, force=force,
+        phase="sparse", made_by="decode_compressed", iteration=0, seed=None, force=force,
         prototxt=os.path.relpath(os.path.abspath(prototxt), folder),
         format="huffman" if data[:4] == MAGIC else "net", source_bytes=len(data),
         nonzero=int(sum(np.count_nonzero(w) for w, _ in layers.values())),

@@ -1,7 +1,7 @@
 """The one-command DSD demo on Fashion-MNIST (``make demo``): the small SqueezeNet trained dense from seeded random
 weights (:func:`phases.train_dense`), then the DSD run beside its control (:func:`pipeline.run_dsd` with
 ``control=True``): prune 3x -> sparse -> redense, and the dense model trained on for the same iterations at the
-same learning rates (the "baseline" row of the table). Everything is real Caffe.
+same learning rates (the "control" row of the table). Everything is real Caffe.
 
 Settings: the lengths and learning rates are the ``fashion-mnist`` recipe of ``solvers.DEFAULTS`` (chosen on the
 validation split; ``scale`` multiplies the iteration counts), the net's width and the pruning are :data:`DEMO`.
@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 RECIPE = "fashion-mnist"
 #: The demo's net and pruning: the small net at width 1, pruned 3x uniformly per layer with conv1 kept dense.
 DEMO = dict(width=1.0, density=1 / 3, profile="uniform", skip=("conv1",))
-ROWS = ("dense", "sparse", "DSD", "baseline")
-TABLE_LABELS = {"control": "baseline"}
+ROWS = ("dense", "sparse", "DSD", "control")
+#: demo_config.json keys of earlier releases -> today's (named like the flags), read when resuming
+OLD_KEYS = {f"{p}_{old}": f"{p}_{new}" for p in solvers.PHASES
+            for old, new in (("iters", "max_iter"), ("lr", "base_lr"))}
 
 
 def config_for(seed=solvers.SEED, scale=1.0, **overrides):
@@ -44,7 +46,7 @@ def config_for(seed=solvers.SEED, scale=1.0, **overrides):
     cfg = dict(DEMO, tests_per_phase=solvers.DEFAULTS[RECIPE]["sparse"].tests)
     for phase in solvers.PHASES:
         row = solvers.DEFAULTS[RECIPE][phase]
-        cfg[f"{phase}_iters"], cfg[f"{phase}_lr"] = row.max_iter, row.base_lr
+        cfg[f"{phase}_max_iter"], cfg[f"{phase}_base_lr"] = row.max_iter, row.base_lr
     unknown = set(overrides) - set(cfg)
     if unknown:
         raise TypeError(f"unknown demo setting(s): {', '.join(sorted(unknown))}")
@@ -54,20 +56,20 @@ def config_for(seed=solvers.SEED, scale=1.0, **overrides):
     netgen.small_squeezenet(width=cfg["width"])
     PruneConfig(density=cfg["density"], profile=cfg["profile"], skip=tuple(cfg["skip"]), seed=seed)
     for phase in solvers.PHASES:
-        cfg[f"{phase}_iters"] = max(10, int(round(cfg[f"{phase}_iters"] * scale)))
+        cfg[f"{phase}_max_iter"] = max(10, int(round(cfg[f"{phase}_max_iter"] * scale)))
     cfg.update(seed=seed, scale=scale)
     return cfg
 
 
 def _schedule(cfg, phase):
-    iters = cfg[f"{phase}_iters"]
-    return Schedule(base_lr=cfg[f"{phase}_lr"], max_iter=iters,
+    iters = cfg[f"{phase}_max_iter"]
+    return Schedule(base_lr=cfg[f"{phase}_base_lr"], max_iter=iters,
                     test_interval=max(1, math.ceil(iters / cfg["tests_per_phase"])))
 
 
 def untrained(top1, classes=10):
     """True when a dense model's validation top-1 is near chance (below 1.5 / classes): its training diverged or
-    its ReLUs died, and DSD and baseline would compare untrained nets."""
+    its ReLUs died, and DSD and its control would compare untrained nets."""
     return top1 < 1.5 / classes
 
 
@@ -83,7 +85,7 @@ def _warn_if_untrained(log_path, classes):
 def _open(out, cfg, force):
     cfg_path = os.path.join(out, "demo_config.json")
     if os.path.exists(cfg_path) and not force:
-        old = fileio.read_json(cfg_path)
+        old = {OLD_KEYS.get(k, k): v for k, v in fileio.read_json(cfg_path).items()}
         if old != cfg:
             diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
             raise UserError(f"{out} holds a demo run with other settings ({', '.join(diff)}); use another "
@@ -107,13 +109,13 @@ def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binar
         net = sources.absolute_sources(netgen.small_squeezenet(
             train_source=lmdbs["train"], test_source=lmdbs["val"], train_batch=64, test_batch=100,
             width=cfg["width"]), None)
-        log.info("2/5 dense: %d iterations at lr %g", cfg["dense_iters"], cfg["dense_lr"])
+        log.info("2/5 dense: %d iterations at lr %g", cfg["dense_max_iter"], cfg["dense_base_lr"])
         dense = phases.train_dense(Inputs(net_param=net), os.path.join(out, "dense"), _schedule(cfg, "dense"),
                                    RECIPE, engine, seed=seed)
         _warn_if_untrained(os.path.join(out, "dense", training.LOG), classes=10)
         log.info("3/5 DSD and its control: prune to %.3f, sparse %d iterations at lr %g, redense %d at lr %g; the "
                  "control trains the dense model on for as long at the same rates", cfg["density"],
-                 cfg["sparse_iters"], cfg["sparse_lr"], cfg["redense_iters"], cfg["redense_lr"])
+                 cfg["sparse_max_iter"], cfg["sparse_base_lr"], cfg["redense_max_iter"], cfg["redense_base_lr"])
         run = pipeline.RunConfig(
             model=os.path.join(out, "dense", phases.net_file("dense")), weights=dense,
             prune=PruneConfig(density=cfg["density"], profile=cfg["profile"], skip=tuple(cfg["skip"]), seed=seed),
@@ -130,29 +132,27 @@ def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binar
 
 def _results(out, cfg, state):
     test, val = (pipeline.results_table(state, split) for split in ("holdout", "val"))
-    rename = (lambda t: {TABLE_LABELS.get(k, k): v for k, v in t.items()})
-    test, val = rename(test), rename(val)
-    return {"config": cfg, "test": test, "val": val, "table": pipeline.results_text(state, TABLE_LABELS),
-            "gain": test["DSD"]["top1"] - test["baseline"]["top1"],
-            "val_gain": val["DSD"]["top1"] - val["baseline"]["top1"],
+    return {"config": cfg, "test": test, "val": val, "table": pipeline.results_text(state),
+            "gain": test["DSD"]["top1"] - test["control"]["top1"],
+            "val_gain": val["DSD"]["top1"] - val["control"]["top1"],
             "models": {k: os.path.normpath(os.path.join("dsd", v["model"])) for k, v in test.items()},
             "dsd_phases": state["phases"]}
 
 
 def _plots(out, cfg, state, models):
-    dense_iters = cfg["dense_iters"]
+    dense_iters = cfg["dense_max_iter"]
     points, marks = pipeline.curves(os.path.join(out, "dsd"), state)
     shift = (lambda pts: [(i + dense_iters, v) for i, v in pts])
     curves = {"dense": caffelog.read_curve(os.path.join(out, "dense", training.LOG))}
     curves.update({label: shift(pts) for label, pts in points.items()})
-    curves["baseline"] = curves.pop("control", [])
+    curves.setdefault("control", [])
     boundaries = [dense_iters + b for b in pipeline.boundaries(os.path.join(out, "dsd"), state)]
     plots.accuracy_curves(os.path.join(out, "accuracy.png"), curves, boundaries,
                           [(i + dense_iters, v, t) for i, v, t in marks],
-                          title="DSD vs the equal-length dense baseline (Fashion-MNIST validation)",
+                          title="DSD vs its equal-length dense control (Fashion-MNIST validation)",
                           zoom_from=dense_iters)
     paths = {"dense": models["dense"], "pruned": os.path.join("dsd", "cycle1-sparse", phases.PRUNED),
-             "sparse": models["sparse"], "DSD": models["DSD"], "baseline": models["baseline"]}
+             "sparse": models["sparse"], "DSD": models["DSD"], "control": models["control"]}
     plots.weight_histograms(os.path.join(out, "weights_histogram.png"),
                             {k: masks.flat(masks.weight_arrays(os.path.join(out, p))) for k, p in paths.items()},
                             "conv weights per phase", zeros="hidden")

@@ -11,7 +11,7 @@ import Caffe.
 - :func:`add_masks_to_caffemodel`: the pruned caffemodel: weights zeroed where the mask is False, plus the mask
   layer's blobs (shared weights, packed masks).
 - :func:`release_masks`: DSD's release step, explicit: from a sparse-phase caffemodel, check that every pruned
-  weight is exactly 0.0, and return the caffemodel without the mask layer. Re-dense training starts from it:
+  weight is exactly 0.0, and return the caffemodel without the mask layer. Redense training starts from it:
   pruned weights restart at exactly 0.0, survivors keep their values.
 """
 import json
@@ -250,7 +250,7 @@ def read_masks(source):
         spec = mask_layer_spec(param)
         if spec is None:
             raise UserError("the caffemodel holds no mask layer (is it a sparse-phase model? a pruned model or a "
-                            "sparse.caffemodel has one; a re-dense model has none)")
+                            "sparse.caffemodel has one; a redense model has none)")
         name, entries = spec
         layer = next(l for l in param.layer if l.name == name)
         blobs = [l.data for l in layer.blobs]

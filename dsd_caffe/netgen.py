@@ -22,7 +22,7 @@ fire4 (16/32+32) -> fire5 (16/32+32) -> dropout 0.5 -> conv_final 1x1 (10, no Re
 28x28 -> 14x14 -> 7x7 -> 1x1. It has SMALL_PARAMS = 15,770 learnable parameters (weights and biases;
 about 34,700 at width 1.5 and 61,000 at width 2). It is kept small because Caffe's CPU convolution is
 per-image GEMM: one forward+backward at batch 64 costs about 40 ms of CPU time on this project's machines
-(single thread, measured with pycaffe), so dense + sparse + re-dense + a baseline fit the demo's budget.
+(single thread, measured with pycaffe), so dense + sparse + redense + a control fit the demo's budget.
 Han's layer naming (``fireN/conv1x1_1`` ...) is used so pruning profiles and tools treat it like SqueezeNet.
 """
 import copy

@@ -16,7 +16,7 @@ from . import fileio
 
 #: line colours and styles of the arms and phases in accuracy_curves
 STYLES = {"dense": ("black", "-"), "sparse": ("tab:orange", "-"), "redense": ("tab:green", "-"),
-          "control": ("tab:blue", "--"), "baseline": ("tab:blue", "--")}
+          "control": ("tab:blue", "--")}
 
 
 def _figure(**kw):

@@ -9,7 +9,7 @@ batch and snapshot cadence is written. Two recipes:
   epochs, as the DSD paper. Sparse and redense take iter_size 1 (the net's own batch) unless told: the
   ImageNet commands of docs/imagenet.md pass ``--iter-size 16`` for DeepScale's effective batch of 512.
 - ``fashion-mnist``: the small net of ``make demo``, chosen on the validation split (docs/results.md,
-  "Regimes tried on validation"): dense 4,000 iterations at 0.04, sparse and re-dense 1,000 at 0.004, batch 64.
+  "Regimes tried on validation"): dense 4,000 iterations at 0.04, sparse and redense 1,000 at 0.004, batch 64.
 
 The tools, the pipeline, the demo and ``tools/generate.py`` (the committed ``solvers/``) all read it; a test checks
 the committed files against it. A :class:`Schedule` holds what a user overrides (None: the table's value).

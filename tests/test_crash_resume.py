@@ -13,7 +13,7 @@ pytest.importorskip("caffe")
 
 #: Candidate kill points, one chain, in phase order: before caffe is imported, the dense evaluation, right after
 #: the pruned model appears, as the first sparse snapshot's caffemodel appears (usually before its solverstate),
-#: during the copy of the final sparse model, as the first re-dense snapshot appears, the final evaluation + PNG.
+#: during the copy of the final sparse model, as the first redense snapshot appears, the final evaluation + PNG.
 POINTS = ["startup", "dense-eval", "pruned-model-written", "sparse-first-snapshot-writing", "sparse-final-copy",
           "redense-first-snapshot-writing", "final-eval-and-png"]
 
@@ -44,7 +44,7 @@ def test_sigkill_at_five_phases_then_resume(setup):
     assert final.returncode == 0, final.stderr[-2000:] + "\n" + report
     killed = [k for k in kills if k["killed"]]
     assert len(killed) >= 5, report
-    # the kills landed in different phases: before pruning, in the sparse phase, in the re-dense phase
+    # the kills landed in different phases: before pruning, in the sparse phase, in the redense phase
     assert {"startup", "dense-eval"} & {k["point"] for k in killed}, report
     assert {"sparse-first-snapshot-writing", "sparse-final-copy"} & {k["point"] for k in killed}, report
     assert {"redense-first-snapshot-writing", "final-eval-and-png"} & {k["point"] for k in killed}, report

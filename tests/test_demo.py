@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.FA
                                                                 "train-images-idx3-ubyte.gz")),
                                 reason="Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
 
-QUICK = dict(scale=0.02, tests_per_phase=2)  # dense 80, sparse 20, re-dense 20 iterations
+QUICK = dict(scale=0.02, tests_per_phase=2)  # dense 80, sparse 20, redense 20 iterations
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
 def test_config_scales_iterations():
     cfg = demo.config_for(scale=0.02)
-    assert (cfg["dense_iters"], cfg["sparse_iters"], cfg["redense_iters"]) == (80, 20, 20)
+    assert (cfg["dense_max_iter"], cfg["sparse_max_iter"], cfg["redense_max_iter"]) == (80, 20, 20)
     for bad in (0, -1, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="scale"):
             demo.config_for(scale=bad)
@@ -36,27 +36,41 @@ def test_config_scales_iterations():
 
     for phase in solvers.PHASES:  # the demo runs the fashion-mnist recipe of the one table
         row = solvers.DEFAULTS["fashion-mnist"][phase]
-        assert (demo.config_for()[f"{phase}_iters"], demo.config_for()[f"{phase}_lr"]) == (row.max_iter,
+        assert (demo.config_for()[f"{phase}_max_iter"], demo.config_for()[f"{phase}_base_lr"]) == (row.max_iter,
                                                                                            row.base_lr)
+
+
+def test_a_demo_folder_of_the_previous_release_is_read_with_its_old_keys(tmp_path):
+    """demo_config.json keys are named like the flags now (dense_max_iter, sparse_base_lr); a folder written with
+    the old keys (dense_iters, sparse_lr) is the same run, not one "with other settings"."""
+    cfg = demo.config_for()
+    old = {{v: k for k, v in demo.OLD_KEYS.items()}.get(k, k): v for k, v in cfg.items()}
+    assert "dense_iters" in old and "dense_max_iter" not in old and len(old) == len(cfg)
+    fileio.write_json(tmp_path / "demo_config.json", old)
+    demo._open(str(tmp_path), cfg, force=False)
+    assert fileio.read_json(tmp_path / "demo_config.json") == cfg
+    fileio.write_json(tmp_path / "demo_config.json", dict(old, dense_iters=1), force=True)
+    with pytest.raises(ValueError, match=r"other settings \(dense_max_iter\)"):
+        demo._open(str(tmp_path), cfg, force=False)
 
 
 def test_table_structure_and_densities(run):
     out, res = run
     lines = res["table"].splitlines()
     assert lines[0].split() == ["model", "top-1", "top-5", "density"]
-    assert [l.split()[0] for l in lines[1:5]] == ["dense", "sparse", "DSD", "baseline"]
-    assert re.fullmatch(r"DSD - baseline: [+-]\d+\.\d\d points of top-1", lines[5])
+    assert [l.split()[0] for l in lines[1:5]] == ["dense", "sparse", "DSD", "control"]
+    assert re.fullmatch(r"DSD - control: [+-]\d+\.\d\d points of top-1", lines[5])
     for name in demo.ROWS:
         r = res["test"][name]
         assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
     # the trained net beats chance by far even after 80 iterations
     assert res["test"]["dense"]["top1"] > 0.2  # chance is 0.1
     t = res["test"]
-    assert t["dense"]["density"] == 1.0 and t["baseline"]["density"] == 1.0
+    assert t["dense"]["density"] == 1.0 and t["control"]["density"] == 1.0
     # 3x on every layer but conv1 (kept dense): the overall density is a little above 1/3
     assert 1 / 3 < t["sparse"]["density"] < 0.36
     assert t["sparse"]["density"] < t["DSD"]["density"] <= 1.0
-    assert res["gain"] == pytest.approx(t["DSD"]["top1"] - t["baseline"]["top1"])
+    assert res["gain"] == pytest.approx(t["DSD"]["top1"] - t["control"]["top1"])
     assert fileio.read_json(os.path.join(out, "results.json"))["table"] == res["table"]
     for png in ("accuracy.png", "weights_histogram.png"):
         with open(os.path.join(out, png), "rb") as f:
@@ -70,7 +84,7 @@ def test_every_phase_model_loads(run, tmp_path):
     out, res = run
     dense_net = os.path.join(out, "dense", "dense_trainval.prototxt")
     sparse_dir = os.path.join(out, "dsd", "cycle1-sparse")
-    models = [(dense_net, os.path.join(out, res["models"][k])) for k in ("dense", "DSD", "baseline")]
+    models = [(dense_net, os.path.join(out, res["models"][k])) for k in ("dense", "DSD", "control")]
     models += [(os.path.join(sparse_dir, phases.SPARSE_NET), os.path.join(sparse_dir, f))
                for f in (phases.PRUNED, phases.SPARSE)]
     for net_path, weights in models:
@@ -100,8 +114,8 @@ def test_sparse_model_has_exactly_the_pruned_density(run):
         assert sparse[name]["nonzero"] == expected, name
     assert sparse["total"]["density"] == pruned["total"]["density"] == res["test"]["sparse"]["density"]
     masks.check_masked(os.path.join(sparse_dir, phases.SPARSE), kept)  # every pruned weight exactly 0.0
-    # the baseline never pruned anything; DSD's redense phase revived pruned weights
-    assert res["test"]["baseline"]["density"] == 1.0
+    # the control never pruned anything; DSD's redense phase revived pruned weights
+    assert res["test"]["control"]["density"] == 1.0
     dsd = masks.weight_arrays(os.path.join(out, res["models"]["DSD"]))
     assert any(np.count_nonzero(dsd[n][~m]) for n, m in kept.items())
 

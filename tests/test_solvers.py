@@ -70,7 +70,7 @@ def test_phase_defaults_come_from_the_one_table():
         assert s.max_iter == solvers.epochs_to_iters(row.epochs, solvers.IMAGENET_TRAIN, 32, row.iter_size)
         assert (s.base_lr, s.iter_size, s.snapshot) == (pytest.approx(row.base_lr), row.iter_size,
                                                         solvers.snapshot_interval(s.max_iter, row.snapshots))
-    assert solvers.redense_solver("n").base_lr == pytest.approx(1e-4)  # the DSD paper's re-dense rate
+    assert solvers.redense_solver("n").base_lr == pytest.approx(1e-4)  # the DSD paper's redense rate
     assert table["redense"].epochs == 20
     demo = solvers.DEFAULTS["fashion-mnist"]  # what make demo trains with
     assert [(demo[p].base_lr, demo[p].max_iter) for p in solvers.PHASES] == [(0.04, 4000), (0.004, 1000),

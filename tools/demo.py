@@ -1,5 +1,5 @@
 """The one-command DSD demo on Fashion-MNIST (`make demo`): dense training, prune 3x, sparse retraining, dense
-retraining, and the equal-length dense baseline (DSD's control), all with real Caffe.
+retraining, and DSD's control (the dense model trained on for as long), all with real Caffe.
 
 The code and the full --help are in dsd_caffe/commands/demo.py (installed as dsd-demo)."""
 from dsd_caffe.commands.demo import main

@@ -1,6 +1,6 @@
 """The one-command DSD demo on Fashion-MNIST (`make demo`): dense training, prune 3x, sparse retraining, dense
-retraining, and the equal-length dense baseline (DSD's control), all with real Caffe. Prints the table (dense,
-sparse, DSD, baseline: test top-1, top-5, density) and writes accuracy.png and weights_histogram.png into the
+retraining, and DSD's control (the dense model trained on for as long), all with real Caffe. Prints the table
+(dense, sparse, DSD, control: test top-1, top-5, density) and writes accuracy.png and weights_histogram.png into the
 output folder. Re-running reuses every finished step (and resumes an interrupted one)."""
 from dsd_caffe import cli
 from dsd_caffe.commands import flags

@@ -1,8 +1,8 @@
-"""DSD vs its control (the equal-length dense baseline) on Fashion-MNIST over seeds, with the verdict.
+"""DSD vs its control (the dense model trained on for as long) on Fashion-MNIST over seeds, with the verdict.
 
 A thin wrapper: each seed is one demo run (dsd_caffe.demo.run_demo: the small net trained dense from seeded random
 weights, then dsd_caffe.pipeline.run_dsd with control=True), in ``<output>/seed<N>``, ``--jobs`` at a time in
-separate processes; finished seeds are reused, so an interrupted benchmark resumes. The paired gains (DSD - baseline,
+separate processes; finished seeds are reused, so an interrupted benchmark resumes. The paired gains (DSD - control,
 test top-1, points) go through dsd_caffe.verdict: mean +- std, the 95% t interval and its sentence.
 
 The hyperparameters are the demo's (solvers.DEFAULTS["fashion-mnist"], chosen on the validation split); the test
@@ -52,22 +52,22 @@ def main(argv=None):
     from dsd_caffe import demo, fileio, verdict
 
     cfg = results[a.seeds[0]]["config"]
-    print(f"DSD vs the equal-length baseline, Fashion-MNIST test top-1, {len(a.seeds)} seeds, scale {a.scale}")
-    print(f"dense {cfg['dense_iters']} it @ {cfg['dense_lr']}, sparse {cfg['sparse_iters']} it @ {cfg['sparse_lr']}"
-          f" (density {cfg['density']:.3f}, skip {','.join(cfg['skip']) or '-'}), redense {cfg['redense_iters']} it"
-          f" @ {cfg['redense_lr']}, width {cfg['width']}, profile {cfg['profile']}")
-    print(f"{'seed':>4} {'dense':>7} {'sparse':>7} {'DSD':>7} {'baseline':>8} {'gain':>7} {'val gain':>8}")
+    print(f"DSD vs its equal-length control, Fashion-MNIST test top-1, {len(a.seeds)} seeds, scale {a.scale}")
+    print(f"dense {cfg['dense_max_iter']} it @ {cfg['dense_base_lr']}, sparse {cfg['sparse_max_iter']} it @ "
+          f"{cfg['sparse_base_lr']} (density {cfg['density']:.3f}, skip {','.join(cfg['skip']) or '-'}), redense "
+          f"{cfg['redense_max_iter']} it @ {cfg['redense_base_lr']}, width {cfg['width']}, profile {cfg['profile']}")
+    print(f"{'seed':>4} {'dense':>7} {'sparse':>7} {'DSD':>7} {'control':>8} {'gain':>7} {'val gain':>8}")
     for s in a.seeds:
         t = results[s]["test"]
         print(f"{s:>4} {100 * t['dense']['top1']:7.2f} {100 * t['sparse']['top1']:7.2f} {100 * t['DSD']['top1']:7.2f}"
-              f" {100 * t['baseline']['top1']:8.2f} {100 * results[s]['gain']:+7.2f}"
+              f" {100 * t['control']['top1']:8.2f} {100 * results[s]['gain']:+7.2f}"
               f" {100 * results[s]['val_gain']:+8.2f}")
     diverged = [s for s in a.seeds if demo.untrained(results[s]["val"]["dense"]["top1"])]
     for s in diverged:
         print(f"seed {s}: the dense training diverged (validation top-1 {results[s]['val']['dense']['top1']:.4f},"
               " chance 0.1): left out")
     kept = [s for s in a.seeds if s not in diverged]
-    for k in ("dense", "DSD", "baseline"):
+    for k in ("dense", "DSD", "control"):
         xs = [100 * results[s]["test"][k]["top1"] for s in kept]
         print(f"{k:>8}: {statistics.mean(xs):.2f} +- {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}")
     v = verdict.paired_verdict([100 * results[s]["gain"] for s in kept], seeds=kept)
