@@ -264,15 +264,18 @@ def find_existing_caffe():
 
 
 def cached_build(key):
-    """The cache folder of a finished build for ``key``, or None. A folder without its stamp is incomplete."""
+    """The cache folder of a finished build for ``key``, or None. A folder without its stamp is incomplete (left
+    to the builder, :func:`drop_incomplete_build`): this only reads."""
     prefix = os.path.join(cache_root(), f"caffe-{key}")
-    stamp = os.path.join(prefix, STAMP)
-    if os.path.exists(stamp):
-        return prefix
-    if os.path.exists(prefix):
+    return prefix if os.path.exists(os.path.join(prefix, STAMP)) else None
+
+
+def drop_incomplete_build(key):
+    """Remove the cache folder of ``key`` when it has no stamp (a build killed halfway), before building it."""
+    prefix = os.path.join(cache_root(), f"caffe-{key}")
+    if os.path.exists(prefix) and not os.path.exists(os.path.join(prefix, STAMP)):
         log.warning("caffe: %s is incomplete (no %s); rebuilding", prefix, STAMP)
         shutil.rmtree(prefix)
-    return None
 
 
 def apt_private_args(aptdir):
@@ -515,6 +518,7 @@ def caffe_build(python, gpu=False, perf=True, jobs=None):
     if prefix:
         log.info("caffe: cached build %s", prefix)
         return prefix
+    drop_incomplete_build(key)
     return build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
 
 

@@ -35,7 +35,7 @@ QUIET = GLOG_LEVELS["ERROR"]
 
 
 @contextlib.contextmanager
-def _environ_set(env):
+def environ_set(env):
     """Set ``env`` in os.environ for the duration of the block, then restore what was there."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -49,6 +49,9 @@ def _environ_set(env):
                 os.environ[k] = v
 
 
+_environ_set = environ_set  # the name other modules used before
+
+
 @functools.lru_cache(maxsize=None)
 def import_caffe():
     """Return the ``caffe`` module, with glog's INFO chatter off unless GLOG_minloglevel is set (see the module
@@ -56,7 +59,7 @@ def import_caffe():
     from . import blas
 
     # the BLAS core type and threads chosen at set-up, read when Caffe's OpenBLAS loads (never overrides the caller's)
-    with _environ_set(blas.runtime_env()):
+    with environ_set(blas.runtime_env()):
         try:
             import caffe
         except ImportError as e:

@@ -5,6 +5,7 @@ resize); a Data layer decodes encoded Datums natively (IMREAD_UNCHANGED), so an 
 what the net expects.
 """
 import collections
+import contextlib
 import os
 
 import numpy as np
@@ -15,14 +16,23 @@ from .errors import UserError
 ENCODINGS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "bmp": ".bmp"}
 
 
+@contextlib.contextmanager
 def quiet_opencv():
+    """OpenCV on one thread (the parallelism is ours, one image per thread) and without its stderr warnings
+    (failures are reported by us, file by file) for the block; its thread count and log level are restored after."""
     import cv2
 
-    cv2.setNumThreads(1)  # the parallelism is ours, one image per thread
-    try:  # failures are reported by us, file by file, not by OpenCV's stderr warnings
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    except AttributeError:
-        pass
+    logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
+    threads, level = cv2.getNumThreads(), logging_.getLogLevel() if logging_ else None
+    cv2.setNumThreads(1)
+    if logging_:
+        logging_.setLogLevel(logging_.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+        if logging_:
+            logging_.setLogLevel(level)
 
 
 def _decode(raw, same_format, opts):

@@ -227,11 +227,15 @@ class _Totals:
 
 def _convert_all(tasks, writer, opts, desc):
     """Convert every task on the worker threads and write the records in input order. Returns the _Totals."""
+    chunks = [tasks[i:i + opts.chunk] for i in range(0, len(tasks), opts.chunk)]
+    with datums.quiet_opencv():
+        return _convert_chunks(chunks, len(tasks), writer, opts, desc)
+
+
+def _convert_chunks(chunks, n_tasks, writer, opts, desc):
     from tqdm import tqdm
 
-    chunks = [tasks[i:i + opts.chunk] for i in range(0, len(tasks), opts.chunk)]
     workers = min(opts.workers, max(1, len(chunks)))
-    datums.quiet_opencv()
     convert = functools.partial(datums.convert_chunk, opts, caffe_pb2())
     # Threads, not processes: OpenCV decodes and resizes without the GIL, and a process pool spent as much CPU
     # again on pickling the decoded pixels back (bench/lmdb_vs_convert_imageset.py).
@@ -239,7 +243,7 @@ def _convert_all(tasks, writer, opts, desc):
     results = _in_order(pool, convert, chunks, ahead=2 * workers) if pool else map(convert, chunks)
     totals = _Totals()
     try:
-        with tqdm(total=len(tasks), unit="img", desc=desc, disable=None if opts.progress else True) as bar:
+        with tqdm(total=n_tasks, unit="img", desc=desc, disable=None if opts.progress else True) as bar:
             for chunk in results:
                 writer.put([(key, value) for _, key, value, _ in chunk.records])
                 totals.add(chunk)

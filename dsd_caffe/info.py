@@ -62,7 +62,12 @@ def _blas(applied):
 
 def collect():
     """A dict describing the Caffe in use (see :func:`format_text` for the fields)."""
-    applied = blas.apply()  # the same env the wrapper and import_caffe() set, before Caffe's BLAS loads
+    applied = blas.runtime_env()  # the env the wrapper and import_caffe() set, here only while collecting
+    with caffe_env.environ_set(applied):
+        return _collect(applied)
+
+
+def _collect(applied):
     caffe = caffe_env.import_caffe()
     ext = blas._caffe_extension()
     layers = sorted(caffe.layer_type_list())

@@ -21,6 +21,7 @@ import logging
 import os
 
 from . import fileio, masks, netcheck, netgen, plots, pruning, solvers, sources, training
+from .caffe_env import caffe_pb2
 from .errors import UserError
 from .solvers import Schedule
 
@@ -122,17 +123,32 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
 
 
 def initial_weights(net, seed):
-    """The net's own fillers with Caffe's RNG seeded: a caffemodel NetParameter to train from."""
+    """The net's own fillers with Caffe's RNG seeded: a caffemodel NetParameter to train from. Filled in a child
+    process: pycaffe can seed Caffe's global RNG but not read it back, so seeding it here would change the
+    caller's random stream for good."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        data = pool.submit(_filled, net.SerializeToString(), seed).result()
+    param = caffe_pb2().NetParameter()
+    param.ParseFromString(data)
+    return param
+
+
+def _filled(net_bytes, seed):
+    """(In the child) the serialized caffemodel of the net in ``net_bytes`` filled with Caffe's RNG at ``seed``."""
     from .caffe_env import import_caffe, make_net
 
     import tempfile
 
-    caffe = import_caffe()
-    caffe.set_random_seed(seed)
+    net = caffe_pb2().NetParameter()
+    net.ParseFromString(net_bytes)
+    import_caffe().set_random_seed(seed)
     fresh = make_net(netgen.deploy(net, input_shape=netcheck.input_shape(net)), "TEST")
     with tempfile.TemporaryDirectory() as tmp:
         fresh.save(os.path.join(tmp, INIT))
-        return fileio.read_caffemodel(os.path.join(tmp, INIT))
+        return fileio.read_caffemodel(os.path.join(tmp, INIT)).SerializeToString()
 
 
 def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,

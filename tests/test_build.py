@@ -166,11 +166,15 @@ def test_a_second_setup_finds_the_cached_build():
 
 
 def test_half_written_cache_is_detected(tmp_path, monkeypatch):
+    """The getter only reads (tests and tools call it on the real cache, where a build may be under way); the
+    builder removes a half-written folder before building."""
     monkeypatch.setenv("DSD_CAFFE_CACHE", str(tmp_path))
     half = tmp_path / "caffe-0123456789abcdef"
     (half / "bin").mkdir(parents=True)
     (half / "bin" / "caffe").write_text("")
     assert build.cached_build("0123456789abcdef") is None
+    assert (half / "bin" / "caffe").exists()
+    build.drop_incomplete_build("0123456789abcdef")
     assert not half.exists()
     (half).mkdir()
     (half / build.STAMP).write_text("{}")
