@@ -266,9 +266,11 @@ def _pid_alive(pid):
 
 
 def _remove_stale(folder, prefix):
-    """Delete temporaries ``<prefix><pid>-*`` whose writer process is gone (killed mid-write)."""
+    """Delete temporaries ``<prefix><pid>-*`` whose writer process is gone (killed mid-write), and the temporaries
+    of such a temporary (``.<prefix><pid>-*``: a file written atomically into a staged path)."""
     for name in os.listdir(folder):
-        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        own = next((p for p in (prefix, "." + prefix) if name.startswith(p)), None)
+        pid = name[len(own):].split("-", 1)[0] if own else ""
         if pid.isdigit() and not _pid_alive(int(pid)):
             log.info("removing %s, left by the killed process %s", os.path.join(folder, name), pid)
             _remove(os.path.join(folder, name))

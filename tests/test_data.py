@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 from dsd_caffe.errors import UserError
+import paused_tool
 from helpers import in_small_tmpfs, tool, tool_cmd
 
 
@@ -261,23 +262,23 @@ def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
     assert imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)["count"] == 8
 
 
-def test_killed_at_any_moment_the_lmdb_is_absent_or_whole(tmp_path):
-    """SIGKILL at moments drawn at random (seeded) over a build of 200 images: the LMDB is absent or holds every
-    image, with its JSON; the next build removes what the killed ones left."""
+def test_killed_at_every_rename_the_lmdb_is_absent_or_whole(tmp_path):
+    """SIGKILL before each rename of a build of 200 images in turn (paused there, so every kill lands where it is
+    meant to): the LMDB is absent or holds every image, with its JSON; the next build removes what the killed ones
+    left."""
     src = make_folder(tmp_path / "img", per_class=100, size=(60, 80))
     out = tmp_path / "out"
-    args = tool_cmd("make_lmdb", src, "--output", out, "--resize", "32x32",
-                    "--mean-file", tmp_path / "mean.binaryproto", "--force")
-    rng = np.random.default_rng(0)
-    for delay in sorted(rng.uniform(0.2, 2.5, 6)):
-        proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    args = (src, "--output", out, "--resize", "32x32", "--mean-file", tmp_path / "mean.binaryproto", "--force")
+    assert paused_tool.kill_at(1, "make_lmdb", *args)
+    assert not out.exists() and any(n.startswith(".") and ".tmp-" in n for n in os.listdir(tmp_path))
+    k = 2
+    while paused_tool.kill_at(k, "make_lmdb", *args):
         if out.exists():  # renamed last, after its JSON and the mean file
             assert lmdbio.lmdb_info(out)["count"] == 200 and fileio.read_json(f"{out}.json")["count"] == 200
             assert imagedb.read_mean_file(tmp_path / "mean.binaryproto").shape == (3, 32, 32)
-    assert subprocess.run(args, capture_output=True).returncode == 0
+        k += 1
+    assert lmdbio.lmdb_info(out)["count"] == 200  # the run that had no k-th rename finished
+    assert subprocess.run(tool_cmd("make_lmdb", *args), capture_output=True).returncode == 0
     assert sorted(n for n in os.listdir(tmp_path) if n != "img") == [".out.lock", "mean.binaryproto", "out",
                                                                      "out.json"]
 
@@ -547,21 +548,33 @@ def test_fashion_mnist_counts_and_split(fashion):
         assert (info["channels"], info["height"], info["width"]) == (1, 28, 28)
     meta = fileio.read_json(paths["val"] + ".json")
     assert meta["count"] == 5000 and meta["seed"] == 0 and sum(meta["counts_by_class"].values()) == 5000
-    train = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+    images, labels = (fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, f"train-{f}.gz"))
+                      for f in ("images-idx3-ubyte", "labels-idx1-ubyte"))
     val_idx = np.sort(np.random.default_rng(0).permutation(60000)[:5000])
-    first_val = next(lmdbio.read_lmdb(paths["val"]))[1][0]
-    np.testing.assert_array_equal(first_val, train[val_idx[0]])
-    first_train = next(lmdbio.read_lmdb(paths["train"]))[1][0]
-    np.testing.assert_array_equal(first_train, train[0 if val_idx[0] else 1])
+    train_idx = np.setdiff1d(np.arange(60000), val_idx)
+    assert len(np.intersect1d(val_idx, train_idx)) == 0 and len(val_idx) + len(train_idx) == 60000
+    for split, idx in (("val", val_idx), ("train", train_idx)):  # every image and label, in the file's order
+        got_images, got_labels = _lmdb_arrays(paths[split])
+        np.testing.assert_array_equal(got_images, images[idx])
+        np.testing.assert_array_equal(got_labels, labels[idx])
+
+
+def _lmdb_arrays(path):
+    """(images N x 28 x 28, labels) of a 1-channel LMDB, in key order."""
+    records = list(lmdbio.read_lmdb(path))
+    return np.stack([img[0] for _, img, _ in records]), np.array([label for _, _, label in records])
 
 
 def test_fashion_mnist_data_layer_reads_test_set(fashion, tmp_path):
     out, paths = fashion
     test_images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
     test_labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
-    pixels, labels = data_layer_read(tmp_path, paths["test"], 50)
+    pixels, labels = data_layer_read(tmp_path, paths["test"], 50)  # Caffe's own reader, one batch
     np.testing.assert_array_equal(pixels[:, 0], test_images[:50].astype(np.float32))
     np.testing.assert_array_equal(labels, test_labels[:50])
+    got_images, got_labels = _lmdb_arrays(paths["test"])  # and all 10,000
+    np.testing.assert_array_equal(got_images, test_images)
+    np.testing.assert_array_equal(got_labels, test_labels)
 
 
 def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):

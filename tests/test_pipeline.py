@@ -8,11 +8,11 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from dsd_caffe import fileio, masks, phases, pipeline, training
 from dsd_caffe.solvers import Schedule
+import paused_tool
 from helpers import small_setup, tool_cmd
 
 caffe = pytest.importorskip("caffe")
@@ -258,21 +258,21 @@ def _whole_prune_folder(out):
     fileio.read_json(out / fileio.sidecar_path(phases.PRUNED))
 
 
-def test_prune_killed_at_any_moment_leaves_its_folder_absent_or_whole(setup, tmp_path):
-    """SIGKILL at moments drawn at random (seeded) over a run: the folder is absent or whole (it is staged and
-    renamed), and the next run removes what the killed ones left."""
+def test_prune_killed_at_every_rename_leaves_its_folder_absent_or_whole(setup, tmp_path):
+    """SIGKILL before each rename of a run in turn (paused there, so every kill lands where it is meant to): the
+    folder is absent or whole (it is staged and renamed), and the next run removes what the killed ones left."""
     folder, model, weights = setup
     out = tmp_path / "sparse"
-    args = tool_cmd("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--output", out, "--force")
-    rng = np.random.default_rng(0)
-    for delay in sorted(rng.uniform(0.3, 3.0, 6)):
-        proc = _start(args)
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    args = ("--model", model, "--weights", weights, "--ratio", "3x", "--output", out, "--force")
+    assert paused_tool.kill_at(1, "prune", *args)
+    assert not out.exists() and any(n.startswith(".sparse.tmp-") for n in os.listdir(tmp_path))  # inside the write
+    k = 2
+    while paused_tool.kill_at(k, "prune", *args):
         if out.exists():
             _whole_prune_folder(out)
-    r = run(args)
+        k += 1
+    _whole_prune_folder(out)  # the run that had no k-th rename finished
+    r = run(tool_cmd("prune", *args))
     assert r.returncode == 0, r.stderr[-2000:]
     _whole_prune_folder(out)
     assert sorted(os.listdir(tmp_path)) == [".sparse.lock", "sparse"]
