@@ -17,9 +17,11 @@ Two libraries inside Caffe read settings that are easy to get wrong from Python:
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import json
 import logging
 import os
+import sys
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -126,11 +128,27 @@ def glog_level_set(level, to_stderr=False):
 
 
 def caffe_pb2():
-    """Return ``caffe.proto.caffe_pb2``."""
-    import_caffe()
-    from caffe.proto import caffe_pb2 as pb2
+    """Return ``caffe.proto.caffe_pb2``: Caffe's messages, loaded from pycaffe's package without importing Caffe
+    itself (no ``_caffe.so``, BLAS or glog), so reading and writing prototxts and caffemodels (masks, pruning)
+    needs no Caffe runtime. ``import caffe`` later finds and uses this same module."""
+    name = "caffe.proto.caffe_pb2"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("caffe")  # finds the package without running its __init__
+    path = os.path.join(spec.submodule_search_locations[0], "proto", "caffe_pb2.py") if spec else None
+    if path is None or not os.path.isfile(path):
+        import_caffe()  # not installed as a package folder: the import names what is wrong
+        from caffe.proto import caffe_pb2 as pb2
 
-    return pb2
+        return pb2
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+    sys.modules[name] = module
+    try:
+        module.__spec__.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def caffe_prefix():

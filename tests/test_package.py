@@ -30,11 +30,22 @@ def test_import_needs_neither_caffe_nor_numpy():
     assert out.split() == ["False", "False"]
 
 
-def test_masks_and_pruning_do_not_import_caffe():
-    """Only the layer (dsd_caffe.masklayer) subclasses caffe.Layer: reading and writing masks needs no Caffe."""
-    code = "import sys, dsd_caffe.masks, dsd_caffe.pruning; print('caffe' in sys.modules)"
+def test_masks_and_pruning_do_not_import_caffe(tmp_path):
+    """Only the layer (dsd_caffe.masklayer) subclasses caffe.Layer: reading and writing masks needs no Caffe (its
+    messages, caffe_pb2, load without it). Checked by reading the masks of a pruned model and pruning it again."""
+    from helpers import small_setup
+    from dsd_caffe import phases
+
+    model, weights = small_setup(tmp_path)
+    phases.prune(phases.Inputs(model=model, weights=weights), tmp_path / "sparse", phases.PruneConfig(ratio="3x"))
+    code = (f"import sys, numpy, dsd_caffe.masks as m, dsd_caffe.pruning as p\n"
+            f"masks = m.read_masks({str(tmp_path / 'sparse' / phases.PRUNED)!r})\n"
+            f"again = p.magnitude_mask(m.weight_arrays({weights!r})['conv1'], 0.5)\n"
+            f"print(len(masks), int(again.sum()), [k for k in sys.modules if k.split('.')[0] == 'caffe'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False"]
+    n, kept, loaded = out.strip().split(maxsplit=2)
+    assert int(n) > 0 and int(kept) > 0
+    assert loaded == "['caffe.proto.caffe_pb2']"  # the messages only: no caffe, no _caffe.so
 
 
 def test_every_export_resolves_and_never_shadows_a_module():
