@@ -87,11 +87,11 @@ def layer_specs(prototxt):
 
         try:
             deploy = netgen.deploy(masks.remove_mask_layer(net_param))
-        except (ValueError, TypeError) as e:
+        except UserError as e:  # the net's own shortcoming; anything else is a bug and keeps its traceback
             raise UserError(
                 f"prototxt {prototxt} reads data (layer {data_layers[0].name!r} of type {data_layers[0].type}) "
                 f"and its deploy form cannot be made ({e}); give the deploy prototxt (with an Input layer)"
-            ) from None
+            ) from e
         net = make_net(deploy, "TEST")
     else:
         caffe = import_caffe()
