@@ -29,7 +29,7 @@ import os
 
 from .caffe_env import caffe_pb2
 from .errors import UserError
-from . import caffefacts, lmdbio, sources
+from . import caffefacts, lmdbio, netgen, sources
 from .sources import phase_of
 
 log = logging.getLogger(__name__)
@@ -281,9 +281,7 @@ def _fmt(shape):
 
 def guess_naming(layer_names):
     """"han", "deepscale" or None: which SqueezeNet naming the names follow (``netgen.detect_naming``)."""
-    from .netgen import detect_naming  # netgen imports this module's callers; kept here to stay out of the cycle
-
-    return detect_naming(list(layer_names))
+    return netgen.detect_naming(list(layer_names))
 
 
 def _naming_hint(src_names, dst_names):
@@ -422,7 +420,7 @@ def input_shape(net_param):
 def weight_shapes(net_param):
     """{layer: [blob shapes]} of a net from a real caffe.Net of its deploy form, or None when the input shape is
     unknown (a trainval whose data is not on this machine)."""
-    from . import masks, netgen
+    from . import masks
     from .caffe_env import make_net
 
     net_param = masks.remove_mask_layer(net_param)
