@@ -1037,7 +1037,7 @@ NUMBERS = [  # (tool, flag, value, what the message says); every integer fits Ca
     ("dsd", "--iterations", BIG, "at most"), ("dsd", "--sparse-max-iter", BIG, "at most"),
     ("dsd", "--redense-epochs", "1e300", "give fewer epochs"), ("dsd", "--sparse-base-lr", "1e-46", "Caffe's float"),
     ("dsd", "--seed", BIG, "at most"),
-    ("evaluate", "--iterations", BIG, "at most"), ("evaluate", "--iterations", "-1", "> 0"),
+    ("evaluate", "--iterations", BIG, "at most"), ("evaluate", "--iterations", "-1", ">= 1"),
     ("sensitivity", "--iterations", BIG, "at most"), ("sensitivity", "--iterations", "-3", ">= 1"),
     ("sensitivity", "--densities", "nan", "(0, 1]"), ("sensitivity", "--densities", "1.5", "(0, 1]"),
     ("train_sparse", "--max-iter", BIG, "at most"), ("train_sparse", "--base-lr", "1e39", "Caffe's float"),
