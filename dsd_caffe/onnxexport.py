@@ -473,7 +473,10 @@ def read_model(model, weights, input_shape=None):
     netcheck.check_weights_fit(netcheck.param_shapes(net), param, weights_name=os.fspath(weights),
                                net_name=os.fspath(model))
     net.copy_from(os.fspath(weights))  # the pycaffe side of the parity check
-    arrays = {l.name: [masks.blob_array(b) for b in l.blobs] for l in param.layer if len(l.blobs)}  # last wins, as Caffe
+    # flat values, shaped as the net's blobs later (a scalar blob, e.g. a shared PReLU slope, stores no shape);
+    # a name given twice: the last wins, as in Caffe's CopyTrainedLayersFrom
+    arrays = {l.name: [np.asarray(b.double_data if len(b.double_data) else b.data, np.float32) for b in l.blobs]
+              for l in param.layer if len(l.blobs)}
     return {"net_param": net_param, "deploy": deploy, "caffemodel": param, "released": released, "net": net,
             "weights": arrays}
 
