@@ -581,15 +581,17 @@ def _source_record(weights):
 
 
 def build(model, weights, opset=DEFAULT_OPSET, input_shape=None):
-    """(ONNX ModelProto, read_model's dict, graph) of a net and its caffemodel, checked by onnx.checker."""
+    """(ONNX ModelProto, its bytes, read_model's dict, graph) of a net and its caffemodel, checked by onnx.checker
+    (full check: with shape inference)."""
     import onnx
 
     _check_opset(opset)
     read = read_model(model, weights, input_shape)
     g = build_graph(read["deploy"], read["net"], read["weights"])
     onnx_model = make_model(g, opset, read["deploy"].name, _props(read, g, os.path.basename(os.fspath(weights))))
-    onnx.checker.check_model(onnx_model, full_check=True)
-    return onnx_model, read, g
+    data = onnx_model.SerializeToString()
+    onnx.checker.check_model(data, full_check=True)
+    return onnx_model, data, read, g
 
 
 def export(model, weights, output, opset=DEFAULT_OPSET, force=False, check=True, input_shape=None, inputs=None):
@@ -599,13 +601,12 @@ def export(model, weights, output, opset=DEFAULT_OPSET, force=False, check=True,
     for path in (output, fileio.sidecar_path(output)):
         fileio.check_output(path, force)
         fileio.check_apart(path, (model, weights))
-    onnx_model, read, g = build(model, weights, opset, input_shape)
+    onnx_model, data, read, g = build(model, weights, opset, input_shape)
     props = {p.key: p.value for p in onnx_model.metadata_props}
     result = None
     if check:
         pre = json.loads(props["preprocessing"]) if "preprocessing" in props else None
-        result = check_parity(onnx_model, read["net"], inputs or random_inputs(read["net"], pre))
-    data = onnx_model.SerializeToString()
+        result = check_parity(data, read["net"], inputs or random_inputs(read["net"], pre))
     folder = os.path.dirname(os.path.abspath(output))
     with fileio.atomic_path(output, force=force) as tmp:  # the record is written inside: both or neither
         with open(tmp, "wb") as f:

@@ -175,7 +175,7 @@ def test_bvlc_nets(tmp_path, rel, shape):
     result, weights, out = exported(tmp_path, prototxt, input_shape=shape)
     assert_parity(result)
     assert_zeros_equal(result, weights, out)
-    assert result["props"]["classes"] == str({"bvlc": 1000, "mnist": 10, "cifar": 10}[rel[:5]])
+    assert result["props"]["classes"] == str(10 if rel.startswith(("mnist", "cifar10")) else 1000)
     ops = {n.op_type for n in onnx.load(os.fspath(out)).graph.node}
     if "alexnet" in rel:
         assert {"LRN", "Gemm", "Conv", "MaxPool"} <= ops
@@ -282,14 +282,13 @@ def test_pooling_edges(tmp_path, pool, h, w, k, s, p):
     result, _, _ = exported(tmp_path, net)
     assert_parity(result)
     # the pooled values themselves, not only through the InnerProduct: compared on the model's Pooling node
-    g = onnxexport.build(tmp_path / "net.prototxt", tmp_path / "w.caffemodel")
-    caffe_net = g[1]["net"]
+    model, _, read, _ = onnxexport.build(tmp_path / "net.prototxt", tmp_path / "w.caffemodel")
+    caffe_net = read["net"]
     x = np.random.default_rng(3).standard_normal((2, 3, h, w)).astype(np.float32)
     caffe_net.blobs["data"].reshape(*x.shape)
     caffe_net.blobs["data"].data[...] = x
     caffe_net.forward()
     expected = caffe_net.blobs["pool"].data.copy()
-    model = g[0]
     model.graph.output.append(onnx.helper.make_tensor_value_info("pool", onnx.TensorProto.FLOAT, None))
     got = onnxexport.runtime_forward(model, {"data": x})["pool"]
     assert got.shape == expected.shape
@@ -309,3 +308,220 @@ def test_floor_round_mode(tmp_path):
     net = fileio.parse_prototxt(POOL.format(h=8, w=7, k=3, s=2, p=1, pool="AVE", extra="round_mode: FLOOR"),
                                 caffe_pb2().NetParameter())
     assert_parity(exported(tmp_path, net)[0])
+
+
+# ------------------------------------------------------------------------------------------------ real models
+@pytest.fixture(scope="module")
+def deep_compression(tmp_path_factory):
+    from dsd_caffe import deepcompression
+
+    shared_file(DC_NET)
+    folder = tmp_path_factory.mktemp("dc")
+    weights = folder / "decoded.caffemodel"
+    deepcompression.decode_to_caffemodel(DC_NET, DC_DEPLOY, weights)
+    return folder, weights
+
+
+def test_deep_compression_squeezenet_on_real_photos(deep_compression):
+    """The real decoded Deep Compression SqueezeNet: ONNX Runtime gives pycaffe's top-5 on scikit-image's photos
+    (tests/test_classifier.py's), and its per-layer zero counts are the caffemodel's."""
+    skdata = pytest.importorskip("skimage.data")
+    from dsd_caffe import classifier
+
+    folder, weights = deep_compression
+    preprocess, _ = classifier.known_recipe("imagenet")
+    photos = np.stack([preprocess(getattr(skdata, name)()) for name in ("chelsea", "coffee", "camera")])
+    out = folder / "squeezenet.onnx"
+    result = onnxexport.export(DC_DEPLOY, weights, out, inputs={"data": photos})
+    check = result["check"]
+    assert check["batch"] == 3 and check["top5_agreement"] == 1.0
+    assert check["outputs"]["pool_final"]["max_rel"] <= onnxexport.TOLERANCE
+    got = onnxexport.runtime_forward(out.read_bytes(), {"data": photos})["pool_final"].reshape(3, -1)
+    assert [int(np.argmax(p)) for p in got][1:] == [967, 872]  # espresso, the cameraman's tripod
+    assert 281 <= int(np.argmax(got[0])) <= 285  # a domestic cat
+    assert_zeros_equal(result, weights, out)
+    zeros = initializer_zeros(out)
+    assert sum(zeros[f"{n}/weights"] for n in masks.weight_arrays(weights)) == 1_244_448 - 415_921
+    assert "preprocessing" not in result["props"]  # a deploy prototxt carries none
+    assert result["props"]["classes"] == "1000"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from dsd_caffe import demo, fashion_mnist
+
+    if not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
+        pytest.skip("Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
+    out = tmp_path_factory.mktemp("demo") / "run"
+    demo.run_demo(out, seed=0, scale=0.02, tests_per_phase=1)  # 80 dense, 20 sparse, 20 redense iterations
+    return out
+
+
+def caffe_test_top1(model, weights, iterations):
+    """``caffe test``'s printed accuracy_top1 line value, from the real binary."""
+    import re
+    import subprocess
+
+    from dsd_caffe.caffe_env import caffe_binary
+
+    r = subprocess.run([caffe_binary(), "test", f"--model={model}", f"--weights={weights}",
+                        f"--iterations={iterations}"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return re.findall(r"\] accuracy_top1 = (\S+)", r.stderr)[-1]
+
+
+def test_demo_dsd_model_top1_equals_caffe_test(demo_run, tmp_path):
+    """The demo's DSD model: ONNX Runtime's top-1 on the Fashion-MNIST test LMDB, accumulated as `caffe test` does
+    (a float32 mean of per-batch accuracies), is the binary's, digit for digit; the input is preprocessed from the
+    exported model's own metadata."""
+    from dsd_caffe import evaluate, lmdbio, sources
+
+    redense = demo_run / "dsd" / "cycle1-redense"
+    test_lmdb = demo_run / "data" / "test_lmdb"
+    net = netgen.set_data_sources(sources.read_net(redense / "redense_trainval.prototxt"), test=str(test_lmdb))
+    model = tmp_path / "test_trainval.prototxt"
+    fileio.write_prototxt(model, net)
+    weights = redense / "redense.caffemodel"
+    out = tmp_path / "dsd.onnx"
+    result = onnxexport.export(model, weights, out)
+    assert_parity(result)
+    record = fileio.read_json(fileio.sidecar_path(out))
+    assert record["phase"] == "redense" and record["iteration"] == 20 and record["seed"] == 0
+    pre = json.loads(result["props"]["preprocessing"])
+    records = list(lmdbio.read_lmdb(str(test_lmdb)))
+    images = np.stack([img for _, img, _ in records]).astype(np.float32)
+    labels = np.array([label for _, _, label in records])
+    x = ((images - np.float32(pre["mean_value"][0])) * np.float32(pre["scale"])).astype(np.float32)
+    batch = 100
+    score = np.float32(0)
+    for i in range(0, len(x), batch):
+        prob = onnxexport.runtime_forward(out.read_bytes(), {"data": x[i:i + batch]})["prob"]
+        correct = np.sum(np.argmax(prob, axis=1) == labels[i:i + batch])
+        score = np.float32(score + np.float32(np.float32(correct) / np.float32(batch)))
+    ours = evaluate.cfmt(np.float32(score / np.float32(len(x) // batch)))
+    assert ours == caffe_test_top1(model, weights, len(x) // batch)
+    assert len(x) == 10_000 and float(ours) > 0.11  # better than chance: the predictions differ
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def small(tmp_path):
+    prototxt = tmp_path / "deploy.prototxt"
+    fileio.write_prototxt(prototxt, netgen.deploy(netgen.small_squeezenet()))
+    weights = random_caffemodel(fileio.read_net_prototxt(prototxt), tmp_path / "w.caffemodel")
+    return prototxt, weights
+
+
+def one_line_error(r, *expect):
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("export_onnx.py: error: "), r.stderr
+    for e in expect:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
+def nothing_written(folder, before):
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_cli_writes_model_and_record(small, tmp_path):
+    prototxt, weights = small
+    r = tool("export_onnx", "--model", prototxt, "--weights", weights, "--output", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "max abs diff" in r.stdout and "top-5 agreement 100%" in r.stdout
+    assert os.path.isfile(tmp_path / "m.onnx") and os.path.isfile(tmp_path / "m.onnx.json")
+    r = tool("export_onnx", "--model", prototxt, "--weights", weights, "--output", tmp_path / "m.onnx")
+    one_line_error(r, "already exists", "--force")
+    r = tool("export_onnx", "--model", prototxt, "--weights", weights, "--output", tmp_path / "m.onnx", "--force",
+             "--no-check", "--opset", "13")
+    assert r.returncode == 0 and "parity check skipped" in r.stdout, r.stderr
+    assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == 13
+    assert fileio.read_json(tmp_path / "m.onnx.json")["check"] is None
+
+
+def test_unsupported_layer_type(small, tmp_path):
+    prototxt, weights = small
+    net = fileio.read_net_prototxt(prototxt)
+    layer = net.layer.add(name="cut", type="Slice", bottom=["prob"], top=["p1", "p2"])
+    layer.slice_param.slice_point.append(3)
+    fileio.write_prototxt(tmp_path / "slice.prototxt", net)
+    before = sorted(os.listdir(tmp_path))
+    r = tool("export_onnx", "--model", tmp_path / "slice.prototxt", "--weights", weights, "--output",
+             tmp_path / "m.onnx")
+    one_line_error(r, "layer 'cut' has type Slice", "does not support")
+    nothing_written(tmp_path, before)
+
+
+def test_caffemodel_that_does_not_fit(small, tmp_path):
+    prototxt, _ = small
+    other = random_caffemodel(netgen.small_squeezenet(num_classes=7), tmp_path / "other.caffemodel")
+    before = sorted(os.listdir(tmp_path))
+    r = tool("export_onnx", "--model", prototxt, "--weights", other, "--output", tmp_path / "m.onnx")
+    one_line_error(r, "does not fit", "conv_final")
+    nothing_written(tmp_path, before)
+
+
+@pytest.mark.parametrize("which", ["weights", "model", "json"])
+def test_output_that_is_an_input(small, tmp_path, which):
+    prototxt, weights = small
+    target = {"weights": weights, "model": prototxt, "json": str(weights)[:-len(".json")]}[which]
+    if which == "json":  # the record beside the output would overwrite an input
+        os.rename(weights, tmp_path / "w.onnx.json")
+        weights, target = tmp_path / "w.onnx.json", tmp_path / "w.onnx"
+    sums = {p: fileio.file_digest(p) for p in (prototxt, weights)}
+    before = sorted(os.listdir(tmp_path))
+    r = tool("export_onnx", "--model", prototxt, "--weights", weights, "--output", target, "--force")
+    one_line_error(r, "the input")
+    nothing_written(tmp_path, before)
+    assert {p: fileio.file_digest(p) for p in sums} == sums
+
+
+def test_device_output_refused(small, tmp_path):
+    prototxt, weights = small
+    r = tool("export_onnx", "--model", prototxt, "--weights", weights, "--output", "/dev/null", "--force")
+    one_line_error(r, "/dev/null is a character device")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_bad_opset(small, tmp_path):
+    prototxt, weights = small
+    r = tool("export_onnx", "--model", prototxt, "--weights", weights, "--output", tmp_path / "m.onnx",
+             "--opset", "11")
+    one_line_error(r, "--opset must be an integer from 13")
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_parity_failure_refuses_and_writes_nothing(small, tmp_path, monkeypatch):
+    prototxt, weights = small
+    real = onnxexport.runtime_forward
+    monkeypatch.setattr(onnxexport, "runtime_forward",
+                        lambda model, inputs: {k: v * np.float32(1.001) for k, v in real(model, inputs).items()})
+    with pytest.raises(UserError, match="parity check failed: .*'prob'.*tolerance 0.0001.*nothing written"):
+        onnxexport.export(prototxt, weights, tmp_path / "m.onnx")
+    assert not os.path.exists(tmp_path / "m.onnx") and not os.path.exists(tmp_path / "m.onnx.json")
+
+
+def test_full_disk_leaves_nothing(small, tmp_path):
+    """A full disk: one line, exit 2, neither the model nor its record; with --force the old pair is kept whole."""
+    from helpers import in_small_tmpfs
+
+    prototxt, weights = small
+    out = in_small_tmpfs(tmp_path, "300k", f'''
+        "$PY" "$TOOLS/export_onnx.py" --model "{prototxt}" --weights "{weights}" --output "$DISK/old.onnx" \\
+            >/dev/null 2>&1 || exit 98
+        md5sum "$DISK"/old.onnx* > "{tmp_path}/old.sum"
+        cat /dev/zero > "$DISK/filler" 2>/dev/null
+        "$PY" "$TOOLS/export_onnx.py" --model "{prototxt}" --weights "{weights}" --output "$DISK/old.onnx" \\
+            --force >/dev/null 2>"{tmp_path}/force.err"; echo "force $?"
+        "$PY" "$TOOLS/export_onnx.py" --model "{prototxt}" --weights "{weights}" --output "$DISK/new.onnx" \\
+            >/dev/null 2>"{tmp_path}/new.err"; echo "new $?"
+        rm "$DISK/filler"
+        md5sum "$DISK"/old.onnx* | cmp - "{tmp_path}/old.sum" && echo "old kept"
+        echo left $(ls -A "$DISK")
+    ''')
+    assert out.splitlines() == ["force 2", "new 2", "old kept", "left old.onnx old.onnx.json"], out
+    for name in ("force.err", "new.err"):
+        lines = (tmp_path / name).read_text().strip().splitlines()
+        assert len(lines) == 1 and "No space left on device" in lines[0], lines
