@@ -22,7 +22,8 @@ from dsd_caffe import fileio, netgen, onnxexport
 from dsd_caffe.caffe_env import make_net
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOOGLENET = os.path.join(HERE, "..", "..", "shared", "reference", "caffe-models", "bvlc_googlenet", "deploy.prototxt")
+SHARED = os.environ.get("DSD_SHARED", os.path.join(HERE, "..", "..", "shared"))  # as the tests find it
+GOOGLENET = os.path.join(SHARED, "reference", "caffe-models", "bvlc_googlenet", "deploy.prototxt")
 
 
 def random_weights(deploy, path, seed=0):
@@ -76,6 +77,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes per runtime and batch")
     a = p.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start (other jobs make wall times "
+          "noisy)")
     with tempfile.TemporaryDirectory() as folder:
         squeezenet = os.path.join(folder, "squeezenet_deploy.prototxt")
         fileio.write_prototxt(squeezenet, netgen.deploy(netgen.squeezenet_v1_0()))
@@ -85,7 +88,7 @@ def main():
         if os.path.exists(GOOGLENET):
             export_row("GoogLeNet", GOOGLENET, folder)
         else:
-            print(f"GoogLeNet: {os.path.abspath(GOOGLENET)} is not here (../shared/reference); skipped")
+            print(f"GoogLeNet: {os.path.abspath(GOOGLENET)} is not here (../shared, or DSD_SHARED); skipped")
         print(f"\nSqueezeNet v1.0 forward (median of {a.repeats})")
         print(f"{'batch':9s} {'pycaffe':>15s} {'ONNX Runtime':>15s} {'pycaffe / ORT':>14s}")
         for batch in (1, 32):
