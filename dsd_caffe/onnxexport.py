@@ -70,7 +70,10 @@ def deploy_param(net_param, input_shape=None):
         return test
     if input_shape is None:
         input_shape = netcheck.input_shape(test)  # the LMDB's first record and the crop, when it is here
-    return netgen.deploy(test, input_shape=input_shape)
+    try:
+        return netgen.deploy(test, input_shape=input_shape)
+    except UserError as e:  # no LMDB here, no crop_size or no mean per channel: the input's shape is unknown
+        raise UserError(f"{e}, or export the net's deploy prototxt (with an Input layer) instead") from None
 
 
 def _is_under_masks(model_param):

@@ -525,3 +525,26 @@ def test_full_disk_leaves_nothing(small, tmp_path):
     for name in ("force.err", "new.err"):
         lines = (tmp_path / name).read_text().strip().splitlines()
         assert len(lines) == 1 and "No space left on device" in lines[0], lines
+
+
+REFUSED = {  # a layer after conv (8 channels, 6x6) -> (the layer's prototxt, what the one line says)
+    "lrn within": ('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL }', "only LRN across channels"),
+    "batch statistics": ('type: "BatchNorm" batch_norm_param { use_global_stats: false }', "use_global_stats: false"),
+    "concat axis 0": ('type: "Concat" bottom: "conv" concat_param { axis: 0 }', "across the batch axis"),
+    "softmax axis 0": ('type: "Softmax" softmax_param { axis: 0 }', "across the batch axis"),
+    "reshape fixes the batch": ('type: "Reshape" reshape_param { shape { dim: 1 dim: -1 } }',
+                                "fixes the batch axis to 1"),
+    "stochastic": ('type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 2 }', "only MAX and AVE"),
+    "scale by a bottom": ('type: "Scale" bottom: "conv" scale_param { axis: 0 }', "second bottom"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_inexact_layers_are_refused(tmp_path, case):
+    layer, message = REFUSED[case]
+    text = ('name: "r" layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 '
+            'dim: 8 } } } layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { '
+            'num_output: 8 kernel_size: 3 } } layer { name: "odd" bottom: "conv" top: "odd" ' + layer + " }")
+    with pytest.raises(UserError, match=f"layer 'odd' .*: .*{message}"):
+        exported(tmp_path, fileio.parse_prototxt(text, caffe_pb2().NetParameter()))
+    assert not os.path.exists(tmp_path / "model.onnx")
