@@ -484,7 +484,7 @@ def read_model(model, weights, input_shape=None):
             "weights": arrays}
 
 
-def _props(read, g, source):
+def _props(read, source):
     """metadata_props of the model: class count, preprocessing, per-layer density, source."""
     net = read["net"]
     out = net.blobs[net.outputs[0]].data.shape
@@ -591,7 +591,7 @@ def build(model, weights, opset=DEFAULT_OPSET, input_shape=None):
     _check_opset(opset)
     read = read_model(model, weights, input_shape)
     g = build_graph(read["deploy"], read["net"], read["weights"])
-    onnx_model = make_model(g, opset, read["deploy"].name, _props(read, g, os.path.basename(os.fspath(weights))))
+    onnx_model = make_model(g, opset, read["deploy"].name, _props(read, os.path.basename(os.fspath(weights))))
     data = onnx_model.SerializeToString()
     onnx.checker.check_model(data, full_check=True)
     return onnx_model, data, read, g

@@ -29,6 +29,6 @@ def main(argv=None):
     p.add_argument("--opset", type=int, default=onnxexport.DEFAULT_OPSET,
                    help=f"ONNX opset ({onnxexport.MIN_OPSET} or newer)")
     p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the parity check against pycaffe with ONNX Runtime")
+                   help="skip the parity check against pycaffe with ONNX Runtime (default: it runs)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     cli.main(p, run, argv)
