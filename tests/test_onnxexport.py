@@ -344,6 +344,11 @@ def test_deep_compression_squeezenet_on_real_photos(deep_compression):
     assert sum(zeros[f"{n}/weights"] for n in masks.weight_arrays(weights)) == 1_244_448 - 415_921
     assert "preprocessing" not in result["props"]  # a deploy prototxt carries none
     assert result["props"]["classes"] == "1000"
+    cv2 = pytest.importorskip("cv2")  # OpenCV's dnn (4.x here) reads the file too: the same top-5 as pycaffe
+    reader = cv2.dnn.readNetFromONNX(str(out))
+    reader.setInput(photos)
+    opencv = reader.forward().reshape(3, -1)
+    assert onnxexport.top_agreement(got, opencv) == 1.0 and np.abs(opencv - got).max() <= 1e-4 * np.abs(got).max()
 
 
 @pytest.fixture(scope="module")
