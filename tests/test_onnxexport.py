@@ -553,3 +553,16 @@ def test_inexact_layers_are_refused(tmp_path, case):
     with pytest.raises(UserError, match=f"layer 'odd' .*: .*{message}"):
         exported(tmp_path, fileio.parse_prototxt(text, caffe_pb2().NetParameter()))
     assert not os.path.exists(tmp_path / "model.onnx")
+
+
+@pytest.mark.parametrize("case", ["empty prototxt", "weights a folder", "weights not a caffemodel"])
+def test_unreadable_inputs(small, tmp_path, case):
+    prototxt, weights = small
+    (tmp_path / "blank.prototxt").write_text("")
+    (tmp_path / "folder").mkdir()
+    model, weights, expect = {"empty prototxt": (tmp_path / "blank.prototxt", weights, "no layer is included"),
+                              "weights a folder": (prototxt, tmp_path / "folder", "is a folder, not a file"),
+                              "weights not a caffemodel": (prototxt, prototxt, "truncated or corrupted")}[case]
+    r = tool("export_onnx", "--model", model, "--weights", weights, "--output", tmp_path / "m.onnx")
+    one_line_error(r, expect)
+    assert not os.path.exists(tmp_path / "m.onnx")
