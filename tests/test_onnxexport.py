@@ -566,3 +566,15 @@ def test_unreadable_inputs(small, tmp_path, case):
     r = tool("export_onnx", "--model", model, "--weights", weights, "--output", tmp_path / "m.onnx")
     one_line_error(r, expect)
     assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_output_written_in_place_keeps_its_blob_name(tmp_path):
+    """A net ending in an in-place ReLU: the graph's output is the blob's name and holds the value after the ReLU."""
+    text = ('name: "inplace" input: "data" input_shape { dim: 1 dim: 2 dim: 5 dim: 5 } layer { name: "c" '
+            'type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 kernel_size: 3 } } '
+            'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }')
+    result, _, out = exported(tmp_path, fileio.parse_prototxt(text, caffe_pb2().NetParameter()))
+    assert_parity(result)
+    model = onnx.load(os.fspath(out))
+    assert [o.name for o in model.graph.output] == ["c"]
+    assert [(n.op_type, list(n.output)) for n in model.graph.node] == [("Conv", ["c/before"]), ("Relu", ["c"])]
