@@ -143,10 +143,11 @@ def _rank_main(spec, control, max_iter, snapshot_every):  # pragma: no cover - r
         solve(spec, control, max_iter, snapshot_every, caffe)
 
 
-def spawn(specs, control, max_iter, snapshot_every):
-    """Start one process per rank; returns them (``is_alive``, ``exitcode``, ``kill``, ``join``)."""
+def spawn(specs, control, max_iter, snapshot_every, target=_rank_main):
+    """Start one process per rank running ``target`` (a module-level function; tests give a stand-in for Caffe);
+    returns them (``is_alive``, ``exitcode``, ``kill``, ``join``)."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(s, control, max_iter, snapshot_every), name=f"rank{s.rank}",
+    procs = [ctx.Process(target=target, args=(s, control, max_iter, snapshot_every), name=f"rank{s.rank}",
                          daemon=True) for s in specs]
     for p in procs:
         p.start()
