@@ -183,14 +183,13 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
     try:
         fileio.write_prototxt(tmp, s)
         log.info("%s: data-parallel on GPUs %s (one process each, NCCL)", job.desc, ", ".join(map(str, gpus)))
-        procs = start(specs, control, job.solver.max_iter, job.solver.snapshot)
-        with open(logpath, errors="replace") as logf:
-            logf.seek(0, os.SEEK_END)
+        with _Tail(logpath) as tail:
+            procs = start(specs, control, job.solver.max_iter, job.solver.snapshot)
             try:
-                watch(procs, logf, progress)
+                watch(procs, tail, progress)
             except KeyboardInterrupt:
                 control.stop.set()
-                _wait_stopped(procs, logf, progress)
+                _wait_stopped(procs, tail, progress)
                 raise training._interrupted(job, progress) from None
     finally:
         for p in procs:
@@ -200,33 +199,53 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
         os.unlink(tmp)
 
 
-def watch(procs, logf, progress):
+class _Tail:
+    """The lines appended to a log since it was opened, whole lines only (a rank may be writing one)."""
+
+    def __init__(self, path):
+        self.name, self.pending = path, ""
+
+    def __enter__(self):
+        self.f = open(self.name, errors="replace")
+        self.f.seek(0, os.SEEK_END)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def lines(self):
+        *done, self.pending = (self.pending + self.f.read()).split("\n")
+        return [line + "\n" for line in done]
+
+
+def watch(procs, tail, progress):
     """Feed the log's new lines to the progress bar until every rank has ended; a rank that fails ends the others
     and is named in one UserError."""
     while True:
-        for line in logf:
+        alive = [p.is_alive() for p in procs]  # before reading: what an ended rank wrote is in the file then
+        for line in tail.lines():
             progress.feed(line)
-        failed = [(r, p.exitcode) for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)]
+        failed = [(r, p.exitcode) for r, p in enumerate(procs) if not alive[r] and p.exitcode not in (0, None)]
         if failed:
             for p in procs:
                 if p.is_alive():
                     p.kill()
             rank, code = failed[0]
-            tail = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
-            raise UserError(f"rank {rank} of {len(procs)} (a process per GPU) ended with status {code}: {tail} "
-                            f"(full log: {logf.name})")
-        if not any(p.is_alive() for p in procs):
+            why = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
+            raise UserError(f"rank {rank} of {len(procs)} (a process per GPU) ended with status {code}: {why} "
+                            f"(full log: {tail.name})")
+        if not any(alive):
             return
         time.sleep(POLL_S)
 
 
-def _wait_stopped(procs, logf, progress):
+def _wait_stopped(procs, tail, progress):
     """After the stop flag: wait for the ranks to finish their chunk and snapshot; a second interrupt, a moment
     later, kills them (the same interrupt may arrive twice: from the terminal and forwarded by a parent)."""
     started = time.monotonic()
     while True:
         try:
-            watch(procs, logf, progress)
+            watch(procs, tail, progress)
             return
         except KeyboardInterrupt:
             if time.monotonic() - started > 2:

@@ -3,6 +3,7 @@ rank asks of Caffe and in which order, the ranks run as threads through the inje
 layout, chunk protocol, stop, failure and records are checked. The GPU itself is bench/gpu_check.sh's."""
 import dataclasses
 import json
+import re
 import threading
 
 import pytest
@@ -278,6 +279,41 @@ def test_a_failing_rank_is_one_line_and_ends_the_phase(job, tmp_path):
         multigpu.run(job, str(tmp_path), None, progress(), str(tmp_path / "train.log"), (0, 1), caffe=FakeCaffe(),
                      start=start)
     assert "rank" in str(e.value) and "ended with status 1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_ranks_log_feeds_the_progress_bar_and_names_a_failure(job, tmp_path):
+    """Caffe's log lines (rank 0's, appended to train.log, a line possibly written in two pieces) move the bar; a
+    rank's fatal line is the one line the phase fails with."""
+    logpath = str(tmp_path / "train.log")
+
+    def writes(solver):
+        with open(logpath, "a") as f:
+            f.write(f"I1203 solver.cpp:218] Iteration {solver.iter} (1 iter/s), loss = 0.")
+            f.flush()
+            f.write("5\n")
+
+    fakes = {0: FakeCaffe(0, on_step=writes), 1: FakeCaffe(1)}
+    prog = progress()
+    multigpu.run(job, str(tmp_path), None, prog, logpath, (0, 1), caffe=FakeCaffe(), start=thread_starter(fakes))
+    assert (prog.caffe.iteration, prog.caffe.loss) == (7, 0.5)
+
+    def fails(solver):
+        with open(logpath, "a") as f:
+            f.write("F1203 blob.cpp:33] Check failed: a stand-in\n")
+        raise RuntimeError("abort")
+
+    fakes = {0: FakeCaffe(0), 1: FakeCaffe(1, on_step=fails)}
+
+    def start(specs, control, max_iter, snapshot_every):
+        handles = thread_starter(fakes)(specs, control, max_iter, snapshot_every)
+        handles[1].thread.join(30)  # rank 1 failed: rank 0 waits at a barrier, as it would for a dead process
+        control.barrier.abort()
+        return handles
+
+    with pytest.raises(UserError) as e:
+        multigpu.run(job, str(tmp_path), None, progress(), logpath, (0, 1), caffe=FakeCaffe(), start=start)
+    assert re.match(r"rank [01] of 2 \(a process per GPU\) ended with status 1: Check failed: a stand-in \(full log: ",
+                    str(e.value))  # rank 0 failed too here, at the aborted barrier: either is named
 
 
 def test_a_caffe_without_nccl_is_refused_before_any_rank_starts(job, tmp_path):
