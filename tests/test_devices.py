@@ -216,3 +216,30 @@ def test_a_bad_gpu_form_is_one_line_and_exit_2(small, gpu, named):
     r = tool("evaluate", "--model", small["model"], "--weights", small["weights"], "--gpu", gpu)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and named in lines[0], r.stderr
+
+
+def test_the_caffe_binary_is_given_the_device(tmp_path, monkeypatch):
+    """--engine binary with a device: `caffe train ... -gpu N` (after the device is known to exist); without one,
+    no -gpu (the binary's CPU)."""
+    pytest.importorskip("caffe")
+    from dsd_caffe import phases, training
+    from dsd_caffe.solvers import Schedule
+
+    model, weights = small_setup(str(tmp_path))
+    monkeypatch.setattr(devices, "probe", lambda: cuda(2))
+    commands = []
+
+    class Started(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        commands.append(cmd)
+        raise Started
+
+    monkeypatch.setattr(training.subprocess, "Popen", popen)
+    for gpu, out in ((1, "one"), (None, "cpu")):
+        with pytest.raises(Started):
+            phases.train_dense(phases.Inputs(model, weights), str(tmp_path / out),
+                               Schedule(max_iter=2, snapshot=2, base_lr=0.001), "fashion-mnist", gpu=gpu)
+    assert commands[0][-2:] == ["-gpu", "1"] and "-gpu" not in commands[1]
+    assert fileio.read_json(str(tmp_path / "one" / "training.json"))["devices"] == [1]
