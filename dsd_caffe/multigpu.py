@@ -33,7 +33,8 @@ mean is 0 (a sum of exact zeros is exactly zero). The SGD update is then the one
 the step subtracts 0. Rank 0 snapshots these weights; all ranks hold the same ones (bcast at the start, the same
 mean diff after). Caffe's layer-wise reduce (``after_backward``) would start each conv's allreduce before the mask
 layer's backward and refuses nets with shared weights (our mask layer shares each conv's weights), so the ranks'
-solver is written with ``layer_wise_reduce: false``.
+solver is written with ``layer_wise_reduce: false``. A mask layer that recomputes its masks during the phase
+(gradual pruning) computes the same masks on every rank, from the same weights.
 
 Tested without a GPU (tests/test_multigpu.py): the layout, the calls each rank makes and their order, the
 chunk protocol and the stop, a failing rank, and the argument checks; on a device, ``bench/gpu_check.sh``.
