@@ -100,6 +100,23 @@ def test_cuda_count_without_runtime_or_driver_is_no_gpu(tmp_path):
     assert offer.cpu_only is False and offer.count == 0 and offer.how.startswith("no NVIDIA driver")
 
 
+def test_a_real_cuda_runtime_without_a_driver_answers_no_gpu():
+    """The CUDA runtime itself, where one is installed on a machine without a driver (as here: CUDA 13's toolkit,
+    no GPU): an error code, read as no GPU, and no abort."""
+    import glob
+
+    found = sorted(glob.glob("/usr/local/cuda*/lib*/libcudart.so*"))
+    if not found:
+        pytest.skip("no CUDA runtime in /usr/local/cuda*")
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has an NVIDIA driver")
+    except OSError:
+        pass
+    offer = devices.cuda_count(ctypes.CDLL(found[0]))
+    assert offer.cpu_only is False and offer.count == 0 and offer.how.startswith("cudaGetDeviceCount error ")
+
+
 def test_this_build_is_probed_without_aborting():
     caffe_env = pytest.importorskip("dsd_caffe.caffe_env")
     pytest.importorskip("caffe")
