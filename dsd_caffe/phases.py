@@ -88,11 +88,12 @@ def check_inputs(inputs, need_data=True):
 
 def _provenance(job, snap, phase, seed, extra, densities=None):
     """The JSON beside a phase's final model, from the run that trained it (its record names the start weights);
-    ``densities`` when the caller has them already."""
-    start = training.record_of(job.folder)["weights"]
+    ``densities`` when the caller has them already; ``devices``: the GPUs of the last run, null for none."""
+    record = training.record_of(job.folder)
+    start = record["weights"]
     if densities is None:
         densities = masks.layer_densities_of(snap.caffemodel)
-    return dict(source=start["path"], source_sha256=start["sha256"],
+    return dict(source=start["path"], source_sha256=start["sha256"], devices=record.get("devices"),
                 densities=densities, phase=phase, iteration=snap.iteration,
                 seed=seed, net=job.net_name, solver=job.solver_name, settings=training.solver_summary(job.solver),
                 **extra)

@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 
-from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
+from . import caffelog, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -152,9 +152,7 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     is refused unless ``force`` (start over) or ``reuse`` (return it when its settings are the same)."""
     training.check_engine(engine)
     out = os.path.abspath(os.fspath(output_dir))
-    from .caffe_env import set_device
-
-    set_device(gpu)
+    devices.check(gpu)  # before anything is written; Caffe's mode is left to the phases (and the caller)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
                              config.holdout_source))  # --force clears the run folder
     with fileio.output_lock(out):
@@ -216,7 +214,7 @@ class _Run:
 
     def evaluate(self, weights, test_source=None):
         net = _with_test(self.net, test_source) if test_source else self.net
-        return evaluate.evaluate_param(net, weights, self.config.iterations, self.gpu)
+        return evaluate.evaluate_param(net, weights, self.config.iterations, devices.first(self.gpu))
 
     def prune(self, weights, folder):
         path = os.path.join(folder, phases.PRUNED)
@@ -319,7 +317,8 @@ def results_text(state, labels=None):
 # ------------------------------------------------------------------------------------------------ seeds
 def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, force=False):
     """``seeds`` paired runs (DSD and its control; seeds ``config.seed``, +1, ...) in ``output_dir/seed<k>``,
-    ``jobs`` at a time, then the verdict. One seed runs in ``output_dir`` itself. Returns {"runs": {seed:
+    ``jobs`` at a time, then the verdict. One seed runs in ``output_dir`` itself, on all of ``gpu``'s devices
+    (data-parallel); several seeds spread over them, one device each (``devices.of_seed``). Returns {"runs": {seed:
     state}, "verdict": Verdict or None}."""
     solvers.count(seeds, "--seeds", maximum=MAX_SEEDS)
     solvers.count(jobs, "--jobs")
@@ -349,8 +348,8 @@ def _parallel(config, out, seeds, jobs, engine, gpu, force):
     runs, problems = {}, []
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
     try:
-        futures = {pool.submit(_seed_worker, c, os.path.join(out, f"seed{s}"), engine, gpu, force, jobs > 1): s
-                   for s, c in configs.items()}
+        futures = {pool.submit(_seed_worker, c, os.path.join(out, f"seed{s}"), engine,
+                               devices.of_seed(gpu, s - config.seed), force, jobs > 1): s for s, c in configs.items()}
         for fut in concurrent.futures.as_completed(futures):
             kind, value = fut.result()
             if kind == "ok":

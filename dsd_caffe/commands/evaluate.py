@@ -16,7 +16,7 @@ def run(a):
 
     if a.output is not None:
         evaluate.check_confusion_folder(a.output, a.force)
-    results = evaluate.evaluate(a.model, a.weights, iterations=a.iterations, gpu=a.gpu,
+    results = evaluate.evaluate(a.model, a.weights, iterations=a.iterations, gpu=flags.device(a),
                                 confusion=a.output is not None, allow_missing=a.allow_missing,
                                 test_source=a.test_source)
     for line in evaluate.format_results(results):
@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=50, help="forward passes, as caffe test's --iterations")
     p.add_argument("--test-source", help="TEST LMDB instead of the trainval's (e.g. the test split; default: the "
                    "trainval's)")
-    flags.add_device(p, engine=False)
+    flags.add_device(p, engine=False, several=False)
     cli.add_output(p, "folder for confusion.csv, per_class.csv and confusion.png (default: none written)",
                    required=False)
     cli.add_deprecated(p, "--confusion", "--output", "output")

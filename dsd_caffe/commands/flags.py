@@ -72,10 +72,26 @@ def add_engine(p):
                    help="train with the `caffe train` binary or pycaffe's Solver in this process")
 
 
-def add_device(p, engine=True):
+def add_device(p, engine=True, several=True):
+    """--gpu (and --engine): the devices a tool runs on; ``several`` for the tools that train (several devices
+    train each phase data-parallel). Read back with :func:`device`."""
     if engine:
         add_engine(p)
-    p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
+    more = (": 0, or 0,1,... to train each phase data-parallel on several GPUs (--seeds: one GPU per seed, round "
+            "robin)" if several else "")
+    p.add_argument("--gpu", metavar="N,..." if several else "N",
+                   help=f"GPU device number{'s' if several else ''}{more} (CUDA builds only; default: the CPU)")
+
+
+def device(a):
+    """The tool's choice of device: the --gpu devices (a tuple), each checked to exist before Caffe is asked (one
+    line naming a missing one: dsd_caffe.devices), or None: without --gpu, Caffe runs on the CPU."""
+    from dsd_caffe import caffe_env, devices
+
+    gpus = devices.check(a.gpu)
+    if gpus is None:
+        caffe_env.use_cpu()
+    return gpus
 
 
 def add_recipe(p):

@@ -18,7 +18,7 @@ def run(a):
     from dsd_caffe import phases
 
     print(phases.train_sparse(a.folder, flags.schedule(a),
-                              engine=a.engine, gpu=a.gpu, force=a.force))
+                              engine=a.engine, gpu=flags.device(a), force=a.force))
 
 
 def main(argv=None):
