@@ -80,8 +80,8 @@ class Plan:
             if not 0 < final <= 1:
                 raise UserError(f"layer {name!r}: final density {final!r} must be in (0, 1]")
             if final < 1.0 and self.initial < final:
-                raise UserError(f"gradual initial density {self.initial:g} is below layer {name!r}'s final density "
-                                f"{final:.4g}: pruning only removes weights")
+                raise UserError(f"gradual initial density {self.initial:g} is below the final density {final:.4g} "
+                                f"of layer {name!r}: pruning only removes weights")
         if max_iter is not None and self.end > max_iter - 1:
             raise UserError(f"the gradual schedule ends at iteration {self.end} (begin {self.begin} + {self.steps} "
                             f"steps x interval {self.interval}), after the {phase} phase's last iteration "
