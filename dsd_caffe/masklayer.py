@@ -43,7 +43,9 @@ How it works (under the ``caffe train`` binary and under pycaffe's Solver alike)
   ``iter`` in the ``.solverstate`` beside it.
 - Momentum: Caffe's solver keeps a momentum history for a weight pruned during the phase, which no layer can
   reach. Every forward zeroes the weight again, so the net computes with exact zeros; a snapshot, taken after the
-  update, holds the residual ``-history`` until it decays. ``masks.zero_pruned`` writes the phase's final model
+  update, holds the residual ``-history`` until it decays, and so does the TEST net in the tests Caffe runs during
+  the phase (at the start of an iteration, before this layer's forward: the validation curve of a gradual sparse
+  phase is measured with that small residual under the masks). ``masks.zero_pruned`` writes the phase's final model
   with exact zeros (see ``phases.train_sparse``). One-shot pruning has no such residual: its pruned weights' history
   starts and stays at 0.
 - Multi-GPU: Caffe's CLI refuses Python layers with several GPUs. Use pycaffe with NCCL as in Caffe's
