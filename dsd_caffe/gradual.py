@@ -156,3 +156,10 @@ def targets(plan, sizes, finals):
 
     return [(plan.iteration(j), {n: kept_count(sizes[n], plan.density(j, finals[n])) for n in sizes})
             for j in range(plan.steps + 1)]
+
+
+def density_curve(plan, sizes, finals):
+    """[[iteration, overall target density]] at every step of ``plan`` (what the mask layer's lines print, at full
+    precision): the kept counts of :func:`targets` over the total size."""
+    total = sum(sizes.values())
+    return [[t, sum(ks.values()) / total] for t, ks in targets(plan, sizes, finals)]

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from . import caffelog, fileio, gradual, masks, netcheck, netgen, plots, pruning, solvers, sources, training
+from . import fileio, gradual, masks, netcheck, netgen, plots, pruning, solvers, sources, training
 from .errors import UserError
 from .solvers import Schedule
 
@@ -411,8 +411,8 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
 
 def _finish_gradual(job, snap, stored, plan, prov, extra):
     """The final model of a gradual sparse phase: the snapshot with the weights its masks prune at exactly 0.0
-    (:func:`masks.zero_pruned`), after checking that no mask grew; its JSON adds the schedule and the density
-    curve of the training log."""
+    (:func:`masks.zero_pruned`), after checking that no mask grew; its JSON adds the schedule and its density
+    curve (the targets of every step, which the layer's log lines print; a killed run loses the tail of its log)."""
     trained, residual = masks.zero_pruned(fileio.read_caffemodel(snap.caffemodel))
     inside = masks.read_masks(trained)
     grown = next((n for n in stored if np.any(inside[n] & ~stored[n])), None)
@@ -421,8 +421,9 @@ def _finish_gradual(job, snap, stored, plan, prov, extra):
     dens = masks.check_masked(trained, inside, snap.caffemodel)
     log.info("sparse: final density %.4f; the solver's momentum residual zeroed under the masks: largest %.3g",
              sum(m.sum() for m in inside.values()) / sum(m.size for m in inside.values()), residual)
+    sizes = {n: int(m.size) for n, m in inside.items()}
     extra = dict(extra, gradual=dict(plan[0].to_json(), final_densities=plan[1]),
-                 density_curve=caffelog.read_density_curve(os.path.join(job.folder, training.LOG)))
+                 density_curve=gradual.density_curve(plan[0], sizes, plan[1]))
     fileio.write_caffemodel(job.final, trained)
     fileio.write_provenance(job.final, force=True, **_provenance(job, snap, "sparse", prov.get("seed"), extra, dens))
 
