@@ -73,6 +73,8 @@ class RunConfig:
         full = dataclasses.asdict(self)
         d = {k: v for k, v in full.items() if k not in ("prune", "sparse", "redense")}
         d["prune"] = full["prune"]  # JSON makes its skip tuple a list
+        if self.prune.schedule == "oneshot":  # a one-shot run records what it recorded before gradual pruning
+            d["prune"] = {k: v for k, v in d["prune"].items() if k not in ("schedule", "gradual")}
         d["sparse"], d["redense"] = self.sparse.settings(), self.redense.settings()
         return json.loads(json.dumps(d))
 
@@ -277,7 +279,8 @@ def curves(out, state):
                 if name.endswith("-sparse") else None
             if pruned and arm == "dsd":
                 pts = [(at, pruned["accuracy"])] + pts
-                marks.append((at, pruned["accuracy"], "pruned"))
+                gradual = "density_curve" in next(p for p in state["phases"] if p["name"] == name)
+                marks.append((at, pruned["accuracy"], "gradual pruning starts" if gradual else "pruned"))
             points.setdefault(label, dense if label in ("sparse", "control") else [])
             points[label] = points[label] + pts
     return points, marks
@@ -290,12 +293,16 @@ def density_curve(out, state):
     if not any("density_curve" in p for p in state["phases"]):
         return []
     points = []
-    for name, _, at in _offsets(out, state, "dsd"):
+    for name, folder, at in _offsets(out, state, "dsd"):
         entry = next(p for p in state["phases"] if p["name"] == name)
         start = next((p for p in state["phases"] if p["name"] == name[:-len("sparse")] + "pruned"), entry) \
             if name.endswith("-sparse") else entry
         points.append((at, start["density"]))
         points += [(at + i, d) for i, d in entry.get("density_curve", [])]
+        record = training.record_of(folder)
+        if record:  # the phase's end, so the step line runs to it
+            end = at + training.recorded_solver(record, os.path.join(folder, training.RECORD)).max_iter
+            points.append((end, points[-1][1]))
     return points
 
 

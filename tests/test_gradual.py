@@ -315,3 +315,28 @@ def test_a_max_iter_that_ends_the_phase_before_the_schedule_is_refused(folder, t
     r = tool("train_sparse", run, "--max-iter", "7")
     assert r.returncode == 2 and "ends at iteration 7" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_dsd_with_the_gradual_sparse_schedule_and_its_control(dense):
+    """dsd.py --sparse-schedule gradual --control: the default schedule for 9 sparse iterations (final at
+    floor(2/3 * 9) = 6, one step per iteration), the density curve in the model's JSON and the phase record, the
+    control beside it."""
+    base, model, weights, _ = dense
+    out = os.path.join(base, "dsd")
+    r = tool("dsd", "--model", model, "--weights", weights, "--output", out, "--ratio", "3x", "--skip", "conv1",
+             "--sparse-schedule", "gradual", "--sparse-max-iter", 9, "--redense-max-iter", 2, "--snapshot", 3,
+             "--iterations", 1, "--control")
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = fileio.read_json(os.path.join(out, "dsd_state.json"))
+    assert state["config"]["prune"]["schedule"] == "gradual"
+    sparse = next(p for p in state["phases"] if p["name"] == "cycle1-sparse")
+    folder = os.path.join(out, "cycle1-sparse")
+    plan, finals, sizes, _ = expected_counts(folder)
+    assert plan == Plan(0, 1, 6)
+    assert sparse["density_curve"] == gradual.density_curve(plan, sizes, finals)
+    assert sparse["density"] == pytest.approx(sparse["density_curve"][-1][1], abs=1e-12)
+    assert [p["name"] for p in state["phases"]] == ["dense", "cycle1-pruned", "cycle1-sparse", "cycle1-redense",
+                                                    "control1-sparse", "control1-redense"]
+    assert next(p for p in state["phases"] if p["name"] == "cycle1-pruned")["density"] == 1.0
+    with open(os.path.join(out, "accuracy.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
