@@ -16,6 +16,9 @@ import Caffe.
 - :func:`release_masks`: DSD's release step, explicit: from a sparse-phase caffemodel, check that every pruned
   weight is exactly 0.0, and return the caffemodel without the mask layer. Re-dense training starts from it:
   pruned weights restart at exactly 0.0, survivors keep their values.
+
+Past 400 lines: everything that reads or writes the mask layer's blobs and param_str (one-shot and gradual) is
+here, so that the layout has one owner.
 """
 import json
 import os

@@ -15,6 +15,9 @@ A phase folder holds ``<phase>_trainval.prototxt``, ``<phase>_solver.prototxt`` 
 ``cd`` there and ``caffe train --solver=<phase>_solver.prototxt --weights=<start>`` works), ``snapshots/``,
 ``train.log``, ``training.json`` (the record) and, when done, ``<phase>.caffemodel`` with its JSON. A prune folder
 adds ``pruned.caffemodel`` (+ JSON), ``masks.npz`` and ``weights_histogram.png``.
+
+Past 400 lines: the phases share the folder layout, the inputs' checks and the provenance written here; one-shot
+and gradual pruning are one prune phase with one folder.
 """
 import dataclasses
 import logging
@@ -274,26 +277,25 @@ def _plan(inputs, config, sparse, recipe, out):
         raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
     weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
     kept = config.masks(weights)
-    plan, notes = None, []
+    shapes = {n: w.shape for n, w in weights.items()}
+    solver, notes = _sparse_solver(masks.sparse_net(net, shapes), sparse, recipe, config.seed, bool(data_layers))
+    gradual_plan = None
     if config.schedule == "gradual":
-        solver, notes = _sparse_solver(masks.sparse_net(net, {n: w.shape for n, w in weights.items()}), sparse,
-                                       recipe, config.seed, bool(data_layers))
         if solver is None:
             raise UserError(f"--schedule gradual needs the sparse phase's length to place its steps: {notes[0]}")
-        plan = config.plan(weights, solver.max_iter, recipe)
+        gradual_plan = config.plan(weights, solver.max_iter, recipe)
         kept = pruning.make_masks(weights, {n: 1.0 for n in weights})  # the mask layer prunes while training
-        notes = [f"gradual pruning: {plan[0].describe()}, of the sparse phase's {solver.max_iter}; final density "
-                 f"{sum(plan[1][n] * w.size for n, w in weights.items()) / sum(w.size for w in weights.values()):.4f}"]
+        final = sum(gradual_plan[1][n] * w.size for n, w in weights.items()) / sum(w.size for w in weights.values())
+        notes.append(f"gradual pruning: {gradual_plan[0].describe()}, of the sparse phase's {solver.max_iter}; final "
+                     f"density {final:.4f}")
     rows = pruning.summary_rows(weights, kept)
-    sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()}, gradual=plan)
-    solver, more = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
-    notes += more
+    sparse_net = masks.sparse_net(net, shapes, gradual=gradual_plan)  # the solver only names it and reads its data
     relative = sources.relative_sources(sparse_net, out) if data_layers else None
     record = dict(source_sha256=training.file_record(inputs.weights)["sha256"], target_density=config.target,
                   profile=config.profile, skip=list(config.skip), seed=config.seed, recipe=recipe,
                   sparse_schedule=sparse.settings(),
                   trainval_sha256=training.text_digest(relative) if relative is not None else None,
-                  gradual=dict(plan[0].to_json(), final_densities=plan[1]) if plan else None)
+                  gradual=dict(gradual_plan[0].to_json(), final_densities=gradual_plan[1]) if gradual_plan else None)
     return dict(weights=weights, kept=kept, rows=rows, model_param=model_param, sparse_net=sparse_net,
                 relative=relative, solver=solver, notes=notes, record=record)
 

@@ -16,6 +16,9 @@ The run folder (one writer: it is locked for the whole run):
 With several seeds (:func:`run_seeds`), ``seed<k>/`` holds one run per seed and ``verdict.json`` the paired
 comparison. A seed changes the solvers' ``random_seed``: dropout and the random crop and mirror of the data
 layers (Caffe's LMDB reader has a fixed order); the demo, which trains its own dense model, also seeds its init.
+
+Past 400 lines: the run, its state file and the read-outs of that state (tables, curves, the density curve) are
+one format, kept together.
 """
 import concurrent.futures
 import dataclasses
