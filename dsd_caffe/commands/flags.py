@@ -63,11 +63,13 @@ def add_gradual(p, flag="--schedule"):
                    help="oneshot: prune now, as the DSD release; gradual: start the sparse phase from the dense "
                         "weights and let the mask layer prune toward the final densities in steps")
     g.add_argument("--gradual-begin", type=int, metavar="ITER",
-                   help=f"first pruning step t0 (default: {d.gradual_begin:g} of the sparse phase)")
+                   help=f"iteration t0 of the first pruning step (default: {d.gradual_begin:g} x the sparse phase's "
+                        "length, solvers.DEFAULTS)")
     g.add_argument("--gradual-steps", type=int, metavar="N",
                    help=f"pruning steps n after the first (default: {d.gradual_steps}, fewer in a short phase)")
     g.add_argument("--gradual-interval", type=int, metavar="DT",
-                   help=f"iterations between steps (default: the final step at {d.gradual_end:.3g} of the phase)")
+                   help=f"iterations dt between steps (default: the last step at {d.gradual_end:.3g} x the phase's "
+                        "length)")
     g.add_argument("--gradual-initial-density", type=float, metavar="D",
                    help="density s_i of the first step (default: 1, the dense model)")
 
