@@ -37,9 +37,9 @@ How it works (under the ``caffe train`` binary and under pycaffe's Solver alike)
   state blob's included. So a forward that finds the state's diff at 0 is the first pass of an iteration; it sets
   the diff to a marker (1e-30: ``lr_mult: 0`` makes its update zero, and its square, 1e-60, is nothing in a
   clipped gradient's norm) so the iteration's other passes see it. The iteration's number is the count stored in
-  the state blob, and the first backward after that forward adds 1 to the count. A forward with no backward (a display or test pass)
-  therefore never advances the count, and a step already taken is never taken again (the state stores the steps
-  taken). A snapshot after iteration N (Caffe snapshots after the update) holds count N, which is the solver's own
+  the state blob, and the first backward after that forward adds 1 to the count. A forward with no backward (a
+  display or test pass) therefore never advances the count, and a step already taken is never taken again (the
+  state stores the steps taken). A snapshot after iteration N (Caffe snapshots after the update) holds count N, which is the solver's own
   ``iter`` in the ``.solverstate`` beside it.
 - Momentum: Caffe's solver keeps a momentum history for a weight pruned during the phase, which no layer can
   reach. Every forward zeroes the weight again, so the net computes with exact zeros; a snapshot, taken after the
