@@ -39,8 +39,8 @@ How it works (under the ``caffe train`` binary and under pycaffe's Solver alike)
   clipped gradient's norm) so the iteration's other passes see it. The iteration's number is the count stored in
   the state blob, and the first backward after that forward adds 1 to the count. A forward with no backward (a
   display or test pass) therefore never advances the count, and a step already taken is never taken again (the
-  state stores the steps taken). A snapshot after iteration N (Caffe snapshots after the update) holds count N, which is the solver's own
-  ``iter`` in the ``.solverstate`` beside it.
+  state stores the steps taken). A snapshot after iteration N (Caffe snapshots after the update) holds count N,
+  which is the solver's own ``iter`` in the ``.solverstate`` beside it.
 - Momentum: Caffe's solver keeps a momentum history for a weight pruned during the phase, which no layer can
   reach. Every forward zeroes the weight again, so the net computes with exact zeros; a snapshot, taken after the
   update, holds the residual ``-history`` until it decays, and so does the TEST net in the tests Caffe runs during
