@@ -164,7 +164,9 @@ def snapshot_state(path):
 
 def check_run(run, max_iter=10, whole_log=True):
     """Every snapshot: the state's count is the snapshot's iteration; each layer keeps exactly the k of the last
-    step due; masks only shrink; the final model holds exact zeros under its masks."""
+    step due; masks only shrink; under the mask a weight is exactly the solver's momentum residual, which decays
+    by exactly float32(0.9) per iteration (the net computed with 0.0 there: no gradient, no weight decay reached
+    it); the final model holds exact zeros under its masks."""
     plan, finals, sizes, targets = expected_counts(run)
     snaps = sorted(training.snapshots(os.path.join(run, "snapshots"), "sparse"))
     assert [s.iteration for s in snaps] == list(range(1, max_iter + 1))
@@ -177,7 +179,11 @@ def check_run(run, max_iter=10, whole_log=True):
         for name, m in kept.items():
             assert m.sum() == (targets[due][1][name] if due is not None else sizes[name]), (snap, name)
             assert not np.any(m & ~previous[name]), (snap, name)  # no pruned weight comes back
-        previous = kept
+        weights = masks.weight_arrays(snap.caffemodel)
+        if snap.iteration > 1:
+            for name, m in last.items():
+                np.testing.assert_array_equal(weights[name][~m], np.float32(0.9) * last_w[name][~m], err_msg=name)
+        previous, last, last_w = kept, kept, weights
     final = os.path.join(run, phases.SPARSE)
     w, kept = masks.weight_arrays(final), masks.read_masks(final)
     for name, m in kept.items():
