@@ -16,6 +16,9 @@ The run folder (one writer: it is locked for the whole run):
 With several seeds (:func:`run_seeds`), ``seed<k>/`` holds one run per seed and ``verdict.json`` the paired
 comparison. A seed changes the solvers' ``random_seed``: dropout and the random crop and mirror of the data
 layers (Caffe's LMDB reader has a fixed order); the demo, which trains its own dense model, also seeds its init.
+
+Past 400 lines: the run, its state file and the read-outs of that state (tables, curves, the density curve) are
+one format, kept together.
 """
 import concurrent.futures
 import dataclasses
@@ -73,6 +76,8 @@ class RunConfig:
         full = dataclasses.asdict(self)
         d = {k: v for k, v in full.items() if k not in ("prune", "sparse", "redense")}
         d["prune"] = full["prune"]  # JSON makes its skip tuple a list
+        if self.prune.schedule == "oneshot":  # a one-shot run records what it recorded before gradual pruning
+            d["prune"] = {k: v for k, v in d["prune"].items() if k not in ("schedule", "gradual")}
         d["sparse"], d["redense"] = self.sparse.settings(), self.redense.settings()
         return json.loads(json.dumps(d))
 
@@ -137,7 +142,9 @@ def _check_run(config):
     names = netgen.weighted_layers(net)
     config.prune.masks({n: weights[n] for n in names})
     for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
-        phases._solver(phase, net, schedule, config.recipe, config.seed)
+        solver = phases._solver(phase, net, schedule, config.recipe, config.seed)
+        if phase == "sparse":  # a gradual schedule must end within the sparse phase
+            config.prune.plan({n: weights[n] for n in names}, solver.max_iter, config.recipe)
 
 
 def _with_test(net, source):
@@ -176,7 +183,8 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
                     control = run.model(f"control{c}-{phase}")
         points, marks = curves(out, state)
         plots.accuracy_curves(os.path.join(out, PLOT), points, marks=marks, boundaries=boundaries(out, state),
-                              title="DSD" + (" and its control" if config.control else "") + ": validation top-1")
+                              title="DSD" + (" and its control" if config.control else "") + ": validation top-1",
+                              density=density_curve(out, state))
         state["table"] = results_text(state)
         state["finished"] = True
         state["final_model"] = os.path.relpath(dsd, out)
@@ -203,6 +211,10 @@ class _Run:
         path = os.path.abspath(make())
         entry = {"name": name, "arm": arm, "phase": phase, "model": os.path.relpath(path, self.out),
                  "val": self.evaluate(path), "density": masks.sparsity_report(path)["total"]["density"]}
+        sidecar = fileio.sidecar_path(path)
+        curve = fileio.read_json(sidecar).get("density_curve") if os.path.exists(sidecar) else None
+        if curve:  # gradual pruning: [iteration, target density] of each step of the phase
+            entry["density_curve"] = curve
         if self.config.holdout_source:
             entry["holdout"] = self.evaluate(path, self.config.holdout_source)
         top = caffelog.top1(entry["val"])
@@ -268,10 +280,31 @@ def curves(out, state):
                 if name.endswith("-sparse") else None
             if pruned and arm == "dsd":
                 pts = [(at, pruned["accuracy"])] + pts
-                marks.append((at, pruned["accuracy"], "pruned"))
+                gradual = "density_curve" in next(p for p in state["phases"] if p["name"] == name)
+                marks.append((at, pruned["accuracy"], "gradual pruning starts" if gradual else "pruned"))
             points.setdefault(label, dense if label in ("sparse", "control") else [])
             points[label] = points[label] + pts
     return points, marks
+
+
+def density_curve(out, state):
+    """[(cumulative iteration, density)] of the DSD arm: each phase's starting density, and gradual pruning's steps
+    (from the phase records); [] when no phase pruned gradually (the density then changes only at the phase
+    boundaries, as the table says)."""
+    if not any("density_curve" in p for p in state["phases"]):
+        return []
+    points = []
+    for name, folder, at in _offsets(out, state, "dsd"):
+        entry = next(p for p in state["phases"] if p["name"] == name)
+        start = next((p for p in state["phases"] if p["name"] == name[:-len("sparse")] + "pruned"), entry) \
+            if name.endswith("-sparse") else entry
+        points.append((at, start["density"]))
+        points += [(at + i, d) for i, d in entry.get("density_curve", [])]
+        record = training.record_of(folder)
+        if record:  # the phase's end, so the step line runs to it
+            end = at + training.recorded_solver(record, os.path.join(folder, training.RECORD)).max_iter
+            points.append((end, points[-1][1]))
+    return points
 
 
 ROWS = (("dense", "dense"), ("sparse", "sparse"), ("DSD", "redense"), ("control", "control"))

@@ -281,6 +281,20 @@ def magnitude_mask(weights, density, name=None):
     return mask_and_threshold(weights, density, name)[0]
 
 
+def shrink_mask(weights, mask, density, name=None):
+    """The bool mask that keeps exactly ``kept_count(size, density)`` weights among those ``mask`` keeps: the
+    largest ``|w|``, lower flat index first among equal magnitudes (the rule of :func:`magnitude_mask`, which it
+    equals for an all-True ``mask``). A mask never grows: when the count exceeds what ``mask`` keeps, a copy of
+    ``mask`` is returned. Gradual pruning's step (:mod:`dsd_caffe.gradual`)."""
+    w, a = _magnitudes(weights, name)
+    m = as_bool_mask(mask, w.shape, name).ravel()
+    k = kept_count(a.size, _check_density(density, name or "shrink_mask"))
+    if k >= int(np.count_nonzero(m)):
+        return m.reshape(w.shape).copy()
+    kept, _ = _top_k(np.where(m, a, -1.0), k)  # a dropped weight ranks below every kept one
+    return kept.reshape(w.shape)
+
+
 def density(array):
     """Fraction of non-zero entries of ``array``."""
     a = np.asarray(array)

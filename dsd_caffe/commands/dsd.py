@@ -1,6 +1,7 @@
 """Dense-Sparse-Dense from a dense caffemodel: prune -> sparse phase -> redense phase, --cycles N times, and with
 --control the equal-length dense control beside it; --seeds N repeats the pair over seeds and says whether DSD
-helped.
+helped. --sparse-schedule gradual prunes inside each sparse phase (Zhu & Gupta's cubic schedule) instead of at
+once.
 
 Everything lands in --output: cycleK-sparse/ and cycleK-redense/ (each with its prototxts, snapshots, log and
 final model + JSON), with --control also controlK-sparse/ and controlK-redense/ (the dense model trained on for
@@ -39,6 +40,7 @@ def main(argv=None):
     p.add_argument("--weights", required=True, help="dense caffemodel")
     cli.add_output(p, "run folder")
     flags.add_pruning(p)
+    flags.add_gradual(p, "--sparse-schedule")
     p.add_argument("--cycles", type=int, default=1, help="1 = DSD, 2 = DSDSD, ...")
     flags.add_schedule(p, "sparse", prefix="sparse")
     flags.add_schedule(p, "redense", prefix="redense")
