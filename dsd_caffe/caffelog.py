@@ -5,6 +5,7 @@ log file) as they come; :class:`Progress` turns them into a tqdm bar (iteration,
 and a log line per test, rounded to 4 digits; :func:`read_curve` reads a finished log back for the accuracy plots.
 """
 import logging
+import math
 import os
 import re
 
@@ -68,6 +69,12 @@ class CaffeLog:
     def accuracy(self):
         """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
         return top1(self.tests)
+
+    def diverged(self):
+        """Why the training diverged so far (the last training loss or a last test output that is not finite),
+        or None."""
+        values = [("the training loss", self.loss)] + [(f"the test output {k}", v) for k, v in self.tests.items()]
+        return next((f"{name} became {v}" for name, v in values if v is not None and not math.isfinite(v)), None)
 
 
 def _number(text):

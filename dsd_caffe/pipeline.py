@@ -95,6 +95,7 @@ def _open_state(out, config, force, reuse=False):
             checked = True
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
+            _check_start(out, state, config)
             log.info("DSD: reusing the finished run in %s", out)
             return state
         elif state.get("finished"):
@@ -107,6 +108,7 @@ def _open_state(out, config, force, reuse=False):
                             f"{old.get(first)!r} there, {settings.get(first)!r} now); use the same command to "
                             "resume it, another --output, or --force to start over")
         else:
+            _check_start(out, state, config)
             return state
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
@@ -118,6 +120,17 @@ def _open_state(out, config, force, reuse=False):
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
     return state
+
+
+def _check_start(out, state, config):
+    """Refuse to resume a run whose dense model is no longer the one it started from (the file was replaced):
+    both arms must start from the model the state records."""
+    recorded = state.get("dense_model", {}).get("sha256")
+    now = training.file_record(config.weights)["sha256"]
+    if recorded != now:
+        raise UserError(f"{out} holds a DSD run started from {config.weights} with SHA-256 {recorded}, but that file "
+                        f"now has SHA-256 {now} (it was replaced); put the original back to resume, or use another "
+                        "--output, or --force to start over")
 
 
 def _clear(out):
@@ -209,8 +222,11 @@ class _Run:
             entry["holdout"] = self.evaluate(path, self.config.holdout_source)
         top = caffelog.top1(entry["val"])
         entry["accuracy"] = top[1] if top else None
+        entry["diverged"] = entry["val"].diverged or (entry.get("holdout") or entry["val"]).diverged
         self.state["phases"].append(entry)
         fileio.write_json(os.path.join(self.out, STATE), self.state)
+        if entry["diverged"]:
+            log.warning("%s: the model %s; its accuracy is recorded as null", name, entry["diverged"])
         log.info("%s: validation top-1 %s, density %.4f", name,
                  f"{entry['accuracy']:.4f}" if entry["accuracy"] is not None else "-", entry["density"])
 
@@ -290,7 +306,8 @@ def results_table(state, split=None):
         if entries:
             e = entries[-1]
             r = e[split]
-            table[row] = {"top1": _pick(r, 1), "top5": _pick(r, 5), "density": e["density"], "model": e["model"]}
+            table[row] = {"top1": _pick(r, 1), "top5": _pick(r, 5), "density": e["density"], "model": e["model"],
+                          "diverged": e.get("diverged")}
     return table
 
 
@@ -308,7 +325,7 @@ def results_text(state, labels=None):
     labels = labels or {}
     lines = [f"{'model':<10} {'top-1':>8} {'top-5':>8} {'density':>8}"]
     for row, r in table.items():
-        fmt = (lambda v: f"{100 * v:7.2f}%" if v is not None else f"{'-':>8}")
+        fmt = (lambda v: f"{'diverged':>8}" if r["diverged"] else f"{100 * v:7.2f}%" if v is not None else f"{'-':>8}")
         lines.append(f"{labels.get(row, row):<10} {fmt(r['top1'])} {fmt(r['top5'])} {r['density']:8.3f}")
     if "control" in table and table["DSD"]["top1"] is not None and table["control"]["top1"] is not None:
         gain = 100 * (table["DSD"]["top1"] - table["control"]["top1"])
@@ -334,13 +351,24 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
             runs = _parallel(config, out, seeds, jobs, engine, gpu, force)
     result = {"runs": runs, "verdict": None}
     if config.control:
-        tables = [results_table(s) for s in runs.values()]
-        v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables],
-                                   seeds=list(runs))
-        result["verdict"] = v
-        fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v),
-                                                           split="holdout" if config.holdout_source else "val"))
+        result.update(seeds_verdict(runs, out, "holdout" if config.holdout_source else "val"))
     return result
+
+
+def seeds_verdict(runs, out, split):
+    """{"verdict": Verdict or None, "refused": why not or None} of finished runs ({seed: state}), written to
+    ``out/verdict.json``. A seed with a diverged arm is refused: its accuracy means nothing."""
+    tables = {seed: results_table(s) for seed, s in runs.items()}
+    refused = next((f"seed {seed}: the {row} arm's model {t[row]['diverged']}" for seed, t in tables.items()
+                    for row in ("DSD", "control") if t[row]["diverged"]), None)
+    if refused:
+        refused = f"no verdict: {refused} (a diverged arm's accuracy means nothing)"
+        fileio.write_json(os.path.join(out, VERDICT), {"verdict": None, "refused": refused, "split": split})
+        return {"verdict": None, "refused": refused}
+    v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables.values()],
+                               seeds=list(runs))
+    fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v), split=split))
+    return {"verdict": v, "refused": None}
 
 
 def _parallel(config, out, seeds, jobs, engine, gpu, force):
