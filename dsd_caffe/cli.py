@@ -134,6 +134,21 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def catch_early_interrupts():
+    """Ctrl-C before :func:`main` runs the tool (while its modules load, while it parses) ends it with one line,
+    ``<tool>: interrupted``, and exit status 130, not a KeyboardInterrupt traceback. The tools' shims call this
+    first; :func:`main` calls it too (the installed commands), and hands Ctrl-C back to Python when the tool
+    starts."""
+    signal.signal(signal.SIGINT, _early_interrupt)
+
+
+def _early_interrupt(signum, frame):
+    import os
+
+    print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
 def _message(e):
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
         where = f": {e.filename}" if e.filename else ""
@@ -144,6 +159,7 @@ def _message(e):
 
 def main(p, fn, argv=None):
     """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc)."""
+    catch_early_interrupts()
     if not any(a.dest == "debug" for a in p._actions):
         add_common(p)
     args = p.parse_args(argv)
@@ -162,6 +178,7 @@ def main(p, fn, argv=None):
         log.warning("%s", note)
     signal.signal(signal.SIGTERM, _sigterm)  # this process is the tool's own: SIGTERM ends it like Ctrl-C
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is a KeyboardInterrupt
         result = fn(args)
     except Interrupted as e:
         print(f"{p.prog}: {e}", file=sys.stderr)

@@ -170,6 +170,15 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     set_device(gpu)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
                              config.holdout_source))  # --force clears the run folder
+    try:
+        return _run(config, out, engine, gpu, force, reuse)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # between phases (an evaluation): the same hint as inside one
+        raise Interrupted("interrupted; run the same command again to resume") from None
+
+
+def _run(config, out, engine, gpu, force, reuse):
     with fileio.output_lock(out):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):
