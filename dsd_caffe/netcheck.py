@@ -220,6 +220,10 @@ def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=Non
                 log.warning("%s mirrors images at random in the TEST phase (transform_param mirror: true); "
                             "scores then vary from run to run, in `caffe test` too", where)
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
+            try:
+                lmdbio.check_caffe_can_open(resolve_source(dp.source))
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
             _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
             try:  # every record (a sample of a large LMDB): Caffe aborts on any image smaller than the crop
                 checked = lmdbio.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size,

@@ -287,3 +287,39 @@ def test_ctrl_c_in_the_final_evaluation_says_how_to_resume(setup, tmp_path, monk
                                 Schedule(max_iter=2, flag="sparse"), Schedule(max_iter=2, flag="redense"))
     with pytest.raises(Interrupted, match="run the same command again to resume"):
         pipeline.run_dsd(config, tmp_path / "run")
+
+
+def test_an_lmdb_on_a_read_only_mount_is_read(setup, tmp_path):
+    """LMDBs on a read-only bind mount: LMDB (and so Caffe) reads them without a lock; evaluate.py runs (root
+    ignores file modes, not a read-only mount)."""
+    from helpers import in_small_tmpfs
+
+    script = f'''
+        mount --bind "{setup['dir']}" "$DISK" && mount -o remount,ro,bind "$DISK" || exit 97
+        "$PY" "$TOOLS/evaluate.py" --model "$DISK/trainval.prototxt" --weights "$DISK/dense.caffemodel" \\
+            --iterations 1 >/dev/null 2>"{tmp_path}/evaluate.err"; echo "evaluate $?"
+    '''
+    out = in_small_tmpfs(tmp_path, "1m", script)
+    assert out.split() == ["evaluate", "0"], (tmp_path / "evaluate.err").read_text()[-3000:]
+
+
+def test_an_lmdb_whose_lock_file_is_not_writable_is_refused(setup, tmp_path, monkeypatch):
+    """A lock.mdb this user may not write (a shared dataset: Caffe aborts with `mdb_status == 0 (13 vs. 0)`): one
+    UserError naming it before Caffe starts, and dsd leaves no run state. Tests run as root, which file modes do
+    not stop, so the open's EACCES is injected (every other open is the real one)."""
+    real = os.open
+
+    def denied(path, flags, *a, **k):
+        if os.path.basename(os.fspath(path)) == "lock.mdb" and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", denied)
+    config = pipeline.RunConfig(setup["model"], setup["weights"], phases.PruneConfig(ratio="3x"))
+    with pytest.raises(UserError, match=r"Caffe opens its lock file .*/train_lmdb/lock.mdb for writing.*Permission"):
+        pipeline.run_dsd(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    from dsd_caffe import evaluate
+
+    with pytest.raises(UserError, match=r"val_lmdb/lock.mdb"):
+        evaluate.evaluate(setup["model"], setup["weights"], iterations=1)
