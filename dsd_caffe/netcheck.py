@@ -109,17 +109,22 @@ def _check_python_layer(layer, name):
     """Caffe's PythonLayer imports ``python_param.module`` and takes ``python_param.layer`` from it; a failure
     there is a 20-line Boost.Python traceback and a NULL-return SystemError."""
     module, cls = layer.python_param.module, layer.python_param.layer
-    where = f"{name}: Python layer {layer.name!r}"
+    where = f"{name}: Python layer {layer.name!r} (class {cls!r})" if cls else f"{name}: Python layer {layer.name!r}"
     if not module or not cls:
         raise UserError(f"{where} needs python_param {{ module: ... layer: ... }}")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from None
-    except Exception as e:  # the module's own code fails (a syntax error, an exception at import), or a bad name
+    except (Exception, SystemExit) as e:  # its own code fails (a syntax error, an exception, sys.exit at import)
         raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from None
     if not isinstance(getattr(mod, cls, None), type):
         raise UserError(f"{where}: module {module!r} has no class {cls!r}")
+    from .caffe_env import import_caffe
+
+    if not issubclass(getattr(mod, cls), import_caffe().Layer):
+        raise UserError(f"{where}: class {cls!r} of module {module!r} is not a caffe.Layer subclass, which Caffe's "
+                        "Python layer needs")
 
 
 #: layer types that read data (a net without any in a phase reads nothing in it)

@@ -323,3 +323,34 @@ def test_an_lmdb_whose_lock_file_is_not_writable_is_refused(setup, tmp_path, mon
 
     with pytest.raises(UserError, match=r"val_lmdb/lock.mdb"):
         evaluate.evaluate(setup["model"], setup["weights"], iterations=1)
+
+
+# ------------------------------------------------------------------------------------------------ python layers
+PY_NET = """name: "py"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  data_param {{ source: "{source}" batch_size: 2 backend: LMDB }} }}
+layer {{ name: "mine" type: "Python" bottom: "data" top: "out" python_param {{ module: "{module}" layer: "{cls}" }} }}
+"""
+LAYERS = {
+    "setup_raises": "import caffe\nclass Mine(caffe.Layer):\n    def setup(self, bottom, top):\n"
+                    "        raise ValueError('param_str must name a mode')\n"
+                    "    def reshape(self, bottom, top):\n        top[0].reshape(1)\n",
+    "exits_on_import": "import sys\nsys.exit(3)\n",
+}
+
+
+@pytest.mark.parametrize("case", ["not_a_layer", "setup_raises", "exits_on_import"])
+def test_a_python_layer_that_fails_after_importing(setup, tmp_path, case):
+    """A class that is not a caffe.Layer (was a SystemError traceback), a setup() that raises (a traceback, exit
+    1), a module that calls sys.exit(3) on import (exit 3, no output): one line naming the module and class."""
+    module, cls = ("collections", "OrderedDict") if case == "not_a_layer" else (f"layer_{case}", "Mine")
+    if case in LAYERS:
+        (tmp_path / f"{module}.py").write_text(LAYERS[case])
+    model = tmp_path / "net.prototxt"
+    model.write_text(PY_NET.format(source=os.path.join(setup["dir"], "val_lmdb"), module=module, cls=cls))
+    r = tool("evaluate", "--model", model, "--weights", setup["weights"], "--iterations", 1, "--allow-missing",
+             env={"PYTHONPATH": str(tmp_path)})
+    line = one_error_line(r, "evaluate.py")
+    assert f"module {module!r}" in line and repr(cls) in line, line
+    assert {"not_a_layer": "not a caffe.Layer subclass", "setup_raises": "ValueError: param_str must name a mode",
+            "exits_on_import": "SystemExit: 3"}[case] in line, line
