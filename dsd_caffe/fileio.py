@@ -483,10 +483,26 @@ def read_caffemodel(path):
     try:
         net.ParseFromString(data)
     except DecodeError as e:
+        _refuse_solverstate(path, data)
         raise UserError(f"caffemodel {path} is truncated or corrupted ({e})") from None
     if not any(len(l.blobs) for l in net.layer) and not any(len(l.blobs) for l in net.layers):
+        _refuse_solverstate(path, data)
         raise UserError(f"caffemodel {path} holds no weights (is it a caffemodel?)")
     return net
+
+
+def _refuse_solverstate(path, data):
+    """Name a solver state given where a caffemodel belongs (it is neither truncated nor weightless)."""
+    from google.protobuf.message import DecodeError
+
+    state = caffe_pb2().SolverState()
+    try:
+        state.ParseFromString(data)
+    except DecodeError:
+        return
+    if state.learned_net.endswith(".caffemodel") or state.learned_net.endswith(".h5"):
+        raise UserError(f"{path} is a Caffe solver state (iteration {state.iter}), not a caffemodel; give the "
+                        f"weights saved with it, {state.learned_net}")
 
 
 def write_caffemodel(path, net_param, force=True):

@@ -457,8 +457,11 @@ def check_fits(net_param, model_param, weights_name="caffemodel", net_name="net"
     :func:`check_fits_by_name` (logged). Returns the layer names the caffemodel sets."""
     shapes = weight_shapes(net_param)
     if shapes is None:
-        log.info("the net's data is not on this machine: %s is checked against %s by layer names and kernel "
-                 "shapes only (Caffe checks the rest when it loads it)", weights_name, net_name)
+        kinds = [l.type for l in net_param.layer if l.type in DATA_TYPES]
+        why = ("the net's data is not on this machine" if not kinds or "Data" in kinds else
+               f"the net's input shape comes from its {kinds[0]} layer, which only Caffe reads")
+        log.info("%s: %s is checked against %s by layer names and kernel shapes only (Caffe checks the rest when "
+                 "it loads it)", why, weights_name, net_name)
         return check_fits_by_name(net_param, model_param, weights_name, net_name)
     return check_weights_fit(shapes, model_param, weights_name=weights_name, net_name=net_name)
 

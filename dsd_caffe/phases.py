@@ -108,7 +108,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
     source, param = start if isinstance(start, tuple) else (start, None)
-    fileio.check_apart(out, [source])  # --force clears the folder's own outputs
+    fileio.check_apart(out, [source, *sources.data_paths(net)])  # --force clears the folder's own outputs
     start_path = os.path.join(out, RELEASED if source else INIT) if param is not None else source
     extra = dict(extra or {})
     job = training.Job(out, extra.pop("desc", phase), solver_file(phase), solver, net_file(phase),
@@ -212,7 +212,8 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
     recipe = recipe_of(recipe, inputs.weights)
-    fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
+    fileio.check_apart(out, (inputs.model, inputs.weights, *sources.data_paths(inputs.net(require=()))))
+    # (the folder is replaced whole)
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out)

@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 
-from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
+from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources, training, verdict
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -169,7 +169,8 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
 
     set_device(gpu)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
-                             config.holdout_source))  # --force clears the run folder
+                             config.holdout_source, *sources.data_paths(config.inputs().net(require=()))))
+    # (--force clears the run folder)
     try:
         return _run(config, out, engine, gpu, force, reuse)
     except Interrupted:

@@ -354,3 +354,96 @@ def test_a_python_layer_that_fails_after_importing(setup, tmp_path, case):
     assert f"module {module!r}" in line and repr(cls) in line, line
     assert {"not_a_layer": "not a caffe.Layer subclass", "setup_raises": "ValueError: param_str must name a mode",
             "exits_on_import": "SystemExit: 3"}[case] in line, line
+
+
+# ------------------------------------------------------------------------------------------------ reasons, overlap
+V1_NET = """name: "v1"
+layers {{ name: "data" type: DATA top: "data" top: "label" include {{ phase: TEST }}
+  data_param {{ source: "{source}" batch_size: 2 backend: LMDB }} }}
+layers {{ name: "fc" type: INNER_PRODUCT bottom: "data" top: "fc" inner_product_param {{ num_output: 10
+  weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
+layers {{ name: "accuracy" type: ACCURACY bottom: "fc" bottom: "label" top: "accuracy" }}
+layers {{ name: "loss" type: SOFTMAX_LOSS bottom: "fc" bottom: "label" top: "loss" }}
+"""
+
+
+def test_a_v1_net_is_read_as_caffe_upgrades_it(setup, tmp_path):
+    """Caffe's legacy V1 format, which `caffe test` runs: evaluate.py runs it too, with `caffe test`'s numbers
+    (it said "no data layer")."""
+    model = tmp_path / "v1.prototxt"
+    model.write_text(V1_NET.format(source=os.path.join(setup["dir"], "val_lmdb")))
+    caffe.set_random_seed(0)
+    weights = str(tmp_path / "v1.caffemodel")
+    caffe.Net(str(model), caffe.TEST).save(weights)
+    r = tool("evaluate", "--model", model, "--weights", weights, "--iterations", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[1].startswith("accuracy = ") and "legacy V1 format" in r.stderr
+    from dsd_caffe import caffe_env
+
+    binary = subprocess.run([caffe_env.caffe_binary(), "test", "--model", str(model), "--weights", weights,
+                             "--iterations", "2"], capture_output=True, text=True, timeout=300)
+    lines = [l.split("] ", 1)[1] for l in binary.stderr.splitlines() if "caffe.cpp" in l and "] " in l]
+    start = next(i for i, l in enumerate(lines) if l.startswith("Loss: "))
+    assert r.stdout.splitlines() == lines[start:]
+
+
+def test_a_solverstate_given_as_weights_is_named(setup, tmp_path):
+    """A .solverstate as --weights is called a solver state, naming its caffemodel (it said "truncated or
+    corrupted")."""
+    r = tool("retrain_dense", "--model", setup["model"], "--weights", setup["weights"], "--output", tmp_path / "r",
+             "--max-iter", 2, "--snapshot", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = tmp_path / "r" / "snapshots" / "redense_iter_2.solverstate"
+    line = one_error_line(tool("evaluate", "--model", setup["model"], "--weights", state), "evaluate.py")
+    assert "is a Caffe solver state (iteration 2), not a caffemodel" in line and "redense_iter_2.caffemodel" in line
+
+
+def test_no_false_data_note_for_an_image_data_net(setup, tmp_path):
+    """A net whose input comes from an ImageData layer: no "the net's data is not on this machine" note."""
+    from dsd_caffe import fileio as fio, netcheck
+
+    net = fio.read_net_prototxt(setup["model"])
+    for layer in net.layer:
+        if layer.type == "Data":
+            layer.type = "ImageData"
+            layer.image_data_param.source = "/somewhere/list.txt"
+            layer.image_data_param.batch_size = 2
+            layer.ClearField("data_param")
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("dsd_caffe.netcheck").addHandler(handler)
+    logging.getLogger("dsd_caffe.netcheck").setLevel(logging.INFO)
+    try:
+        netcheck.check_fits(net, fio.read_caffemodel(setup["weights"]))
+    finally:
+        logging.getLogger("dsd_caffe.netcheck").removeHandler(handler)
+    text = " ".join(r.getMessage() for r in records)
+    assert "not on this machine" not in text and "ImageData layer" in text, text
+
+
+@pytest.mark.parametrize("which", ["dsd_holds_its_lmdbs", "prune_inside_an_lmdb"])
+def test_an_output_over_the_net_data_is_refused(setup, tmp_path, which):
+    """The net's own data (its LMDBs, named only in the prototxt) counts as an input: an output folder holding
+    them or inside one is refused, also with --force (dsd.py --force cleared the folder of its input LMDBs)."""
+    s = copy_setup(setup, tmp_path)
+    data = os.path.join(s["dir"], "data")
+    os.mkdir(data)
+    for name in ("train_lmdb", "val_lmdb"):
+        os.rename(os.path.join(s["dir"], name), os.path.join(data, name))
+    text = open(s["model"]).read().replace('source: "', 'source: "data/')
+    open(s["model"], "w").write(text)
+    before = sorted(os.path.join(d, n) for d, _, files in os.walk(data) for n in files)
+    if which == "dsd_holds_its_lmdbs":
+        r = tool("dsd", "--model", s["model"], "--weights", s["weights"], "--ratio", "3x", "--output", data,
+                 "--force")
+        line = one_error_line(r, "dsd.py")
+        assert f"output {data} holds the input {data}/" in line and "_lmdb" in line, line
+    else:
+        out = os.path.join(data, "train_lmdb", "p")
+        line = one_error_line(tool("prune", "--model", s["model"], "--weights", s["weights"], "--ratio", "3x",
+                                   "--output", out), "prune.py")
+        assert f"output {out} is inside the input {data}/train_lmdb" in line, line
+    assert sorted(os.path.join(d, n) for d, _, files in os.walk(data) for n in files) == before
