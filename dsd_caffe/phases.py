@@ -188,10 +188,21 @@ class PruneConfig:
         object.__setattr__(self, "profile", profile)
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
 
-    def masks(self, weights):
-        """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing."""
+    def masks(self, weights, shared=()):
+        """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing. ``shared``
+        (:func:`masks.shared_weights`) groups layers that share one weight blob: one setting per blob, so
+        different densities for them (--skip, a profile) are refused, and they get one mask."""
         densities = pruning.layer_densities(weights, self.target, profile=self.profile, skip=self.skip)
+        for group in shared:
+            first, other = group[0], next((n for n in group if densities[n] != densities[group[0]]), None)
+            if other is not None:
+                raise UserError(f"layers {first!r} and {other!r} share one weight blob, but --skip or the profile "
+                                f"gives them densities {densities[first]:g} and {densities[other]:g}; a shared blob "
+                                "takes one setting: give both layers the same")
         kept = pruning.make_masks(weights, densities)
+        for group in shared:
+            for name in group[1:]:
+                kept[name] = kept[group[0]]  # the same blob: one mask (the same weights give the same anyway)
         if all(m.all() for m in kept.values()):
             asked = next((f"--{k} {v}" for k, v in (("ratio", self.ratio), ("density", self.density),
                                                       ("sparsity", self.sparsity)) if v is not None),
@@ -247,8 +258,13 @@ def _plan(inputs, config, sparse, recipe, out):
     if not names:
         raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
     weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
-    kept = config.masks(weights)
+    shared = masks.shared_weights(net)
+    kept = config.masks(weights, shared)
     rows = pruning.summary_rows(weights, kept)
+    for group in shared:  # the table counts a shared blob once
+        for row in rows:
+            if row["name"] in group[1:]:
+                row["shares"] = group[0]
     sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
     solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
     relative = sources.relative_sources(sparse_net, out) if data_layers else None

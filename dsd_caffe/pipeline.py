@@ -148,7 +148,7 @@ def _check_run(config):
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
     names = netgen.weighted_layers(net)
-    config.prune.masks({n: weights[n] for n in names})
+    config.prune.masks({n: weights[n] for n in names}, masks.shared_weights(net))
     for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
         phases._solver(phase, net, schedule, config.recipe, config.seed)
 

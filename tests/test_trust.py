@@ -447,3 +447,68 @@ def test_an_output_over_the_net_data_is_refused(setup, tmp_path, which):
                                    "--output", out), "prune.py")
         assert f"output {out} is inside the input {data}/train_lmdb" in line, line
     assert sorted(os.path.join(d, n) for d, _, files in os.walk(data) for n in files) == before
+
+
+# ------------------------------------------------------------------------------------------------ shared blobs
+SHARED_NET = """name: "shared"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
+  data_param {{ source: "{train}" batch_size: 4 backend: LMDB }} transform_param {{ scale: 0.00390625 }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  data_param {{ source: "{val}" batch_size: 4 backend: LMDB }} transform_param {{ scale: 0.00390625 }} }}
+layer {{ name: "convA" type: "Convolution" bottom: "data" top: "a" param {{ name: "shared_w" }}
+  convolution_param {{ num_output: 6 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "convB" type: "Convolution" bottom: "data" top: "b" param {{ name: "shared_w" }}
+  convolution_param {{ num_output: 6 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "s" }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "s" top: "fc" inner_product_param {{ num_output: 10
+  weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }}
+layer {{ name: "accuracy" type: "Accuracy" bottom: "fc" bottom: "label" top: "accuracy" include {{ phase: TEST }} }}
+"""
+
+
+@pytest.fixture
+def shared(setup, tmp_path):
+    model = tmp_path / "shared.prototxt"
+    model.write_text(SHARED_NET.format(train=os.path.join(setup["dir"], "train_lmdb"),
+                                       val=os.path.join(setup["dir"], "val_lmdb")))
+    caffe.set_random_seed(0)
+    weights = str(tmp_path / "shared.caffemodel")
+    caffe.Net(str(model), caffe.TRAIN).save(weights)
+    return str(model), weights
+
+
+@pytest.mark.parametrize("how", ["skip", "profile"])
+def test_conflicting_settings_for_a_shared_blob_are_refused(shared, tmp_path, how):
+    """--skip convA, or a profile giving convA 0.5 and convB 0.25, while both share one blob: refused naming both
+    (the blob ended at the smaller density, the table said otherwise, the caffemodel held two different copies)."""
+    model, weights = shared
+    if how == "skip":
+        extra = ("--ratio", "3x", "--skip", "convA")
+    else:
+        (tmp_path / "profile.json").write_text(json.dumps({"convA": 0.5, "convB": 0.25, "fc": 0.5}))
+        extra = ("--profile", tmp_path / "profile.json")
+    line = one_error_line(tool("prune", "--model", model, "--weights", weights, "--output", tmp_path / "p", *extra),
+                          "prune.py")
+    assert "layers 'convA' and 'convB' share one weight blob" in line, line
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_shared_blob_is_pruned_once_and_stays_consistent(shared, tmp_path):
+    """One mask for the shared blob: the table marks the sharing and counts the blob once; the pruned and the
+    trained caffemodels hold one consistent copy at the asked density."""
+    model, weights = shared
+    r = tool("prune", "--model", model, "--weights", weights, "--ratio", "3x", "--output", tmp_path / "p",
+             "--max-iter", 4, "--snapshot", 2, "--base-lr", 0.01)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "convB" in r.stdout and "(the weights of convA)" in r.stdout, r.stdout
+    total = next(l for l in r.stdout.splitlines() if l.startswith("total")).split()
+    assert int(total[2]) == 6 * 1 * 3 * 3 + 10 * 6 * 26 * 26  # convA's blob once, and fc
+    r = tool("train_sparse", tmp_path / "p")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in (phases.PRUNED, phases.SPARSE):
+        from dsd_caffe import masks
+
+        w = masks.weight_arrays(str(tmp_path / "p" / name))
+        assert np.array_equal(w["convA"], w["convB"]), name
+        assert np.count_nonzero(w["convA"]) == math.ceil(w["convA"].size / 3), name
