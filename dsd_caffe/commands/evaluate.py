@@ -32,8 +32,9 @@ def run(a):
         print(line, flush=True)
     why = evaluate.diverged(results)
     if why:
-        print(f"{os.path.basename(sys.argv[0])}: warning: the model {why}: its accuracy above means nothing (Caffe counts a NaN score "
-              "as a hit)" + ("" if a.allow_diverged else "; exit status 3 (--allow-diverged: 0)"),
+        print(f"{os.path.basename(sys.argv[0])}: warning: the model {why}: its accuracy above means nothing "
+              "(Caffe counts a NaN score as a hit)" + ("" if a.allow_diverged else
+                                                       "; exit status 3 (--allow-diverged: 0)"),
               file=sys.stderr, flush=True)
     if a.output is not None:
         names = None
