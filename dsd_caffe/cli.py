@@ -4,7 +4,8 @@ and one clear line for bad input.
 - :func:`parser`: ``--help`` shows the tool's docstring and every flag's default.
 - :func:`main`: parses, sets up logging, runs the tool's one library call and exits: 0 on success; 2 with one line
   ``<tool>: error: <message>`` for a :class:`~dsd_caffe.errors.UserError` or an OS error (a missing, unwritable or
-  full path); 130 with one line on Ctrl-C or SIGTERM. Anything else is a bug and shows its traceback.
+  full path); 130 with one line on Ctrl-C or SIGTERM; :data:`DIVERGED` (3) when a tool reports a diverged model
+  (a loss or output that is not finite). Anything else is a bug and shows its traceback.
 - The vocabulary (a test checks it across every tool's ``--help``): ``--output`` for every output; ``--max-iter``,
   ``--epochs``, ``--base-lr`` for one phase, prefixed with the phase (``--sparse-max-iter``,
   ``--redense-base-lr``) where a tool drives several; ``--iterations`` for evaluation batches; lists are
@@ -24,6 +25,8 @@ log = logging.getLogger("dsd_caffe.cli")
 #: OS errors reported in one line: missing, unwritable, in-the-way or full paths. Other OSErrors are bugs too rare
 #: to guess about, but still environmental: they are reported in one line as well.
 USER_ERRORS = (UserError, OSError)
+#: the exit status of a tool that reports a diverged model (evaluate.py unless --allow-diverged, dsd.py)
+DIVERGED = 3
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

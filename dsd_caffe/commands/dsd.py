@@ -18,8 +18,6 @@ tool exits with status 3.
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
 
-DIVERGED = 3  # the exit status of a run with a diverged model in its table
-
 
 def run(a):
     from dsd_caffe import pipeline
@@ -39,7 +37,7 @@ def run(a):
     if result.get("refused"):
         print(result["refused"])
     diverged = [s for s in result["runs"].values() if any(r["diverged"] for r in pipeline.results_table(s).values())]
-    return DIVERGED if diverged else 0
+    return cli.DIVERGED if diverged else 0
 
 
 def main(argv=None):

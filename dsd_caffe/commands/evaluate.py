@@ -17,8 +17,6 @@ import sys
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
 
-DIVERGED = 3  # the exit status of a diverged model's report
-
 
 def run(a):
     from dsd_caffe import evaluate
@@ -46,7 +44,7 @@ def run(a):
             names = evaluate.lmdb_class_names(source) if source else None
         paths = evaluate.write_confusion(results.confusion, a.output, names, force=a.force)
         print(f"wrote {', '.join(paths.values())}", flush=True)
-    return DIVERGED if why and not a.allow_diverged else 0
+    return cli.DIVERGED if why and not a.allow_diverged else 0
 
 
 def main(argv=None):
