@@ -245,10 +245,13 @@ class _Run:
         return evaluate.evaluate_param(net, weights, self.config.iterations, self.gpu)
 
     def prune(self, weights, folder):
+        """Prune ``weights`` into ``folder``; a folder pruned already (a resume) is reused only when it was pruned
+        from these very weights with these settings (phases.prune compares its record), else refused."""
         path = os.path.join(folder, phases.PRUNED)
-        if not training.finished(path):
-            res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
-                               self.config.recipe, force=True)
+        done = training.finished(path)
+        res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
+                           self.config.recipe, force=not done)
+        if not done:
             log.info("%s pruning:\n%s", os.path.basename(folder), res["table"])
         return path
 
