@@ -206,10 +206,16 @@ def output_lock(output):
             if _same_file(f, path):
                 break
             f.close()  # its holder removed it on leaving (see below): lock the lock file there now
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError:  # a full disk: the lock file goes as on leaving
+            _unmake(path, made)
+            with contextlib.suppress(OSError):
+                f.close()  # its buffered pid cannot be written either
+            raise
         with _held_guard:
             entry = _held[path] = [f, 1]
         try:
