@@ -13,6 +13,8 @@ Rules every tool follows through this module:
   with ``--force`` (:func:`check_output`), and so is an output that is, holds or lies inside an input
   (:func:`check_apart`). ``--force`` replaces a folder only when it holds nothing but what the tool itself writes
   (:func:`check_replaceable`).
+- Inputs are regular files (:func:`require_file`): a device, FIFO or socket given as an input (``/dev/zero``
+  never ends) is refused.
 - One writer per output (:func:`output_lock`): a second process writing the same output, or anything inside it,
   is refused with one line naming the live pid; the lock goes with the process, however it ends.
 """
