@@ -224,7 +224,6 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     out = os.path.abspath(os.fspath(output_dir))
     recipe = recipe_of(recipe, inputs.weights)
     fileio.check_apart(out, (inputs.model, inputs.weights, *sources.data_paths(inputs.net(require=()))))
-    # (the folder is replaced whole)
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out)

@@ -1,5 +1,6 @@
 """The DSD run: (prune -> sparse -> redense) x cycles from a dense caffemodel, resumable after any interruption,
-optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`).
+optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`). (Past 400
+lines: the run, its resume checks and its read-outs, table, curves and verdict, all read one state format.)
 
 The run folder (one writer: it is locked for the whole run):
 
@@ -170,7 +171,6 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     set_device(gpu)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
                              config.holdout_source, *sources.data_paths(config.inputs().net(require=()))))
-    # (--force clears the run folder)
     try:
         return _run(config, out, engine, gpu, force, reuse)
     except Interrupted:
