@@ -207,11 +207,32 @@ def make_net(net_param, phase="TEST", weights=None):
         with os.fdopen(fd, "w") as f:
             f.write(text_format.MessageToString(net_param))
         net = caffe.Net(path, phase_value)
+    except (Exception, SystemExit) as e:  # only a Python layer's own code raises here (Caffe's checks abort)
+        layer = _python_layer_in(net_param, e)
+        if layer is None:
+            raise
+        from .errors import UserError
+
+        p = layer.python_param
+        raise UserError(f"Python layer {layer.name!r} (module {p.module!r}, class {p.layer!r}) failed while Caffe set "
+                        f"it up: {type(e).__name__}: {e}") from None
     finally:
         os.unlink(path)
     if weights is not None:
         net.copy_from(os.fspath(weights))
     return net
+
+
+def _python_layer_in(net_param, error):
+    """The Python layer of ``net_param`` whose module raised ``error`` (the innermost such frame of its
+    traceback), or None."""
+    layers = [l for l in net_param.layer if l.type == "Python"]
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__")
+        found = next((l for l in layers if l.python_param.module == name), found)
+        tb = tb.tb_next
+    return found
 
 
 def caffe_binary():

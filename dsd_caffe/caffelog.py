@@ -8,6 +8,7 @@ density d ...``): the bar shows the current target density, each step is logged,
 reads them back.
 """
 import logging
+import math
 import os
 import re
 
@@ -76,6 +77,12 @@ class CaffeLog:
     def accuracy(self):
         """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
         return top1(self.tests)
+
+    def diverged(self):
+        """Why the training diverged so far (the last training loss or a last test output that is not finite),
+        or None."""
+        values = [("the training loss", self.loss)] + [(f"the test output {k}", v) for k, v in self.tests.items()]
+        return next((f"{name} became {v}" for name, v in values if v is not None and not math.isfinite(v)), None)
 
 
 def _number(text):

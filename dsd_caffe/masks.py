@@ -143,6 +143,16 @@ def param_name(layer):
     return f"{layer.name}_w"
 
 
+def shared_weights(net_param):
+    """[[layer, layer, ...], ...]: the weighted layers that share one weight blob (the same ``param { name }``),
+    each group in net order; a blob used by one layer only is in none."""
+    groups = {}
+    for layer in net_param.layer:
+        if layer.type in WEIGHTED and len(layer.param) and layer.param[0].name and not is_mask_layer(layer):
+            groups.setdefault(layer.param[0].name, []).append(layer.name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def is_mask_layer(layer):
     return layer.type == "Python" and layer.python_param.layer == LAYER and layer.python_param.module == MODULE
 

@@ -114,7 +114,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
     source, param = start if isinstance(start, tuple) else (start, None)
-    fileio.check_apart(out, [source])  # --force clears the folder's own outputs
+    fileio.check_apart(out, [source, *sources.data_paths(net)])  # --force clears the folder's own outputs
     start_path = os.path.join(out, RELEASED if source else INIT) if param is not None else source
     extra = dict(extra or {})
     job = training.Job(out, extra.pop("desc", phase), solver_file(phase), solver, net_file(phase),
@@ -203,10 +203,22 @@ class PruneConfig:
         if self.schedule == "gradual" and self.gradual is None:
             object.__setattr__(self, "gradual", gradual.Gradual())
 
-    def masks(self, weights):
+    def masks(self, weights, shared=()):
         """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing (gradual
-        pruning: the final masks the schedule heads for from these weights)."""
-        kept = pruning.make_masks(weights, self.densities(weights))
+        pruning: the final masks the schedule heads for from these weights). ``shared`` (:func:`masks.shared_weights`)
+        groups layers that share one weight blob: one setting per blob, so different densities for them (--skip, a
+        profile) are refused, and they get one mask."""
+        densities = self.densities(weights)
+        for group in shared:
+            first, other = group[0], next((n for n in group if densities[n] != densities[group[0]]), None)
+            if other is not None:
+                raise UserError(f"layers {first!r} and {other!r} share one weight blob, but --skip or the profile "
+                                f"gives them densities {densities[first]:g} and {densities[other]:g}; a shared blob "
+                                "takes one setting: give both layers the same")
+        kept = pruning.make_masks(weights, densities)
+        for group in shared:
+            for name in group[1:]:
+                kept[name] = kept[group[0]]  # the same blob: one mask (the same weights give the same anyway)
         if all(m.all() for m in kept.values()):
             asked = next((f"--{k} {v}" for k, v in (("ratio", self.ratio), ("density", self.density),
                                                       ("sparsity", self.sparsity)) if v is not None),
@@ -243,7 +255,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
     recipe = recipe_of(recipe, inputs.weights)
-    fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
+    fileio.check_apart(out, (inputs.model, inputs.weights, *sources.data_paths(inputs.net(require=()))))
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out)
@@ -277,7 +289,8 @@ def _plan(inputs, config, sparse, recipe, out):
     if not names:
         raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
     weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
-    kept = config.masks(weights)
+    shared = masks.shared_weights(net)
+    kept = config.masks(weights, shared)
     shapes = {n: w.shape for n, w in weights.items()}
     solver, notes = _sparse_solver(masks.sparse_net(net, shapes), sparse, recipe, config.seed, bool(data_layers))
     gradual_plan = None
@@ -290,6 +303,10 @@ def _plan(inputs, config, sparse, recipe, out):
         notes.append(f"gradual pruning: {gradual_plan[0].describe()}, of the sparse phase's {solver.max_iter}; final "
                      f"density {final:.4f}")
     rows = pruning.summary_rows(weights, kept)
+    for group in shared:  # the table counts a shared blob once
+        for row in rows:
+            if row["name"] in group[1:]:
+                row["shares"] = group[0]
     sparse_net = masks.sparse_net(net, shapes, gradual=gradual_plan)  # the solver only names it and reads its data
     relative = sources.relative_sources(sparse_net, out) if data_layers else None
     record = dict(source_sha256=training.file_record(inputs.weights)["sha256"], target_density=config.target,

@@ -1,5 +1,6 @@
 """The DSD run: (prune -> sparse -> redense) x cycles from a dense caffemodel, resumable after any interruption,
-optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`).
+optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`). (Past 400
+lines: the run, its resume checks and its read-outs, table, curves and verdict, all read one state format.)
 
 The run folder (one writer: it is locked for the whole run):
 
@@ -29,7 +30,8 @@ import os
 import shutil
 import signal
 
-from . import caffelog, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
+from . import (caffelog, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
+               training, verdict)
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -100,6 +102,7 @@ def _open_state(out, config, force, reuse=False):
             checked = True
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
+            _check_start(out, state, config)
             log.info("DSD: reusing the finished run in %s", out)
             return state
         elif state.get("finished"):
@@ -112,6 +115,7 @@ def _open_state(out, config, force, reuse=False):
                             f"{old.get(first)!r} there, {settings.get(first)!r} now); use the same command to "
                             "resume it, another --output, or --force to start over")
         else:
+            _check_start(out, state, config)
             return state
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
@@ -123,6 +127,17 @@ def _open_state(out, config, force, reuse=False):
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
     return state
+
+
+def _check_start(out, state, config):
+    """Refuse to resume a run whose dense model is no longer the one it started from (the file was replaced):
+    both arms must start from the model the state records."""
+    recorded = state.get("dense_model", {}).get("sha256")
+    now = training.file_record(config.weights)["sha256"]
+    if recorded != now:
+        raise UserError(f"{out} holds a DSD run started from {config.weights} with SHA-256 {recorded}, but that file "
+                        f"now has SHA-256 {now} (it was replaced); put the original back to resume, or use another "
+                        "--output, or --force to start over")
 
 
 def _clear(out):
@@ -140,7 +155,7 @@ def _check_run(config):
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
     names = netgen.weighted_layers(net)
-    config.prune.masks({n: weights[n] for n in names})
+    config.prune.masks({n: weights[n] for n in names}, masks.shared_weights(net))
     for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
         solver = phases._solver(phase, net, schedule, config.recipe, config.seed)
         if phase == "sparse":  # a gradual schedule must end within the sparse phase
@@ -161,7 +176,16 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     out = os.path.abspath(os.fspath(output_dir))
     devices.check(gpu)  # before anything is written; Caffe's mode is left to the phases (and the caller)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
-                             config.holdout_source))  # --force clears the run folder
+                             config.holdout_source, *sources.data_paths(config.inputs().net(require=()))))
+    try:
+        return _run(config, out, engine, gpu, force, reuse)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # between phases (an evaluation): the same hint as inside one
+        raise Interrupted("interrupted; run the same command again to resume") from None
+
+
+def _run(config, out, engine, gpu, force, reuse):
     with fileio.output_lock(out):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):
@@ -219,8 +243,11 @@ class _Run:
             entry["holdout"] = self.evaluate(path, self.config.holdout_source)
         top = caffelog.top1(entry["val"])
         entry["accuracy"] = top[1] if top else None
+        entry["diverged"] = entry["val"].diverged or (entry.get("holdout") or entry["val"]).diverged
         self.state["phases"].append(entry)
         fileio.write_json(os.path.join(self.out, STATE), self.state)
+        if entry["diverged"]:
+            log.warning("%s: the model %s; its accuracy is recorded as null", name, entry["diverged"])
         log.info("%s: validation top-1 %s, density %.4f", name,
                  f"{entry['accuracy']:.4f}" if entry["accuracy"] is not None else "-", entry["density"])
 
@@ -229,10 +256,13 @@ class _Run:
         return evaluate.evaluate_param(net, weights, self.config.iterations, devices.first(self.gpu))
 
     def prune(self, weights, folder):
+        """Prune ``weights`` into ``folder``; a folder pruned already (a resume) is reused only when it was pruned
+        from these very weights with these settings (phases.prune compares its record), else refused."""
         path = os.path.join(folder, phases.PRUNED)
-        if not training.finished(path):
-            res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
-                               self.config.recipe, force=True)
+        done = training.finished(path)
+        res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
+                           self.config.recipe, force=not done)
+        if not done:
             log.info("%s pruning:\n%s", os.path.basename(folder), res["table"])
         return path
 
@@ -321,7 +351,8 @@ def results_table(state, split=None):
         if entries:
             e = entries[-1]
             r = e[split]
-            table[row] = {"top1": _pick(r, 1), "top5": _pick(r, 5), "density": e["density"], "model": e["model"]}
+            table[row] = {"top1": _pick(r, 1), "top5": _pick(r, 5), "density": e["density"], "model": e["model"],
+                          "diverged": e.get("diverged")}
     return table
 
 
@@ -339,7 +370,7 @@ def results_text(state, labels=None):
     labels = labels or {}
     lines = [f"{'model':<10} {'top-1':>8} {'top-5':>8} {'density':>8}"]
     for row, r in table.items():
-        fmt = (lambda v: f"{100 * v:7.2f}%" if v is not None else f"{'-':>8}")
+        fmt = (lambda v: f"{'diverged':>8}" if r["diverged"] else f"{100 * v:7.2f}%" if v is not None else f"{'-':>8}")
         lines.append(f"{labels.get(row, row):<10} {fmt(r['top1'])} {fmt(r['top5'])} {r['density']:8.3f}")
     if "control" in table and table["DSD"]["top1"] is not None and table["control"]["top1"] is not None:
         gain = 100 * (table["DSD"]["top1"] - table["control"]["top1"])
@@ -366,13 +397,24 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
             runs = _parallel(config, out, seeds, jobs, engine, gpu, force)
     result = {"runs": runs, "verdict": None}
     if config.control:
-        tables = [results_table(s) for s in runs.values()]
-        v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables],
-                                   seeds=list(runs))
-        result["verdict"] = v
-        fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v),
-                                                           split="holdout" if config.holdout_source else "val"))
+        result.update(seeds_verdict(runs, out, "holdout" if config.holdout_source else "val"))
     return result
+
+
+def seeds_verdict(runs, out, split):
+    """{"verdict": Verdict or None, "refused": why not or None} of finished runs ({seed: state}), written to
+    ``out/verdict.json``. A seed with a diverged arm is refused: its accuracy means nothing."""
+    tables = {seed: results_table(s) for seed, s in runs.items()}
+    refused = next((f"seed {seed}: the {row} arm's model {t[row]['diverged']}" for seed, t in tables.items()
+                    for row in ("DSD", "control") if t[row]["diverged"]), None)
+    if refused:
+        refused = f"no verdict: {refused} (a diverged arm's accuracy means nothing)"
+        fileio.write_json(os.path.join(out, VERDICT), {"verdict": None, "refused": refused, "split": split})
+        return {"verdict": None, "refused": refused}
+    v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables.values()],
+                               seeds=list(runs))
+    fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v), split=split))
+    return {"verdict": v, "refused": None}
 
 
 def _parallel(config, out, seeds, jobs, engine, gpu, force):

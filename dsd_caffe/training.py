@@ -189,9 +189,10 @@ def check_record(folder, record, what):
         return
     hint = (f"use the same settings to resume or reuse it, --force to redo {what} from scratch, or another "
             "--output")
-    if old.get("weights", {}).get("sha256") != record["weights"]["sha256"]:
-        raise UserError(f"{folder} holds {what} started from other weights ({old.get('weights', {}).get('path')}, "
-                        f"not {record['weights']['path']}); {hint}")
+    was, now = old.get("weights", {}), record["weights"]
+    if was.get("sha256") != now["sha256"]:
+        raise UserError(f"{folder} holds {what} started from other weights: {was.get('path')} with SHA-256 "
+                        f"{was.get('sha256')} there, {now['path']} with SHA-256 {now['sha256']} now; {hint}")
     for key in ("solver", "net"):
         if old.get(key) != record[key]:
             was, now = _first_difference(old.get(key, ""), record[key], solver=key == "solver")
@@ -352,6 +353,9 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
             raise
     if rc != 0:
         tail = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
+        why = progress.caffe.diverged()
+        if why:  # a NaN net can make Caffe itself crash (max pooling's backward writes out of bounds)
+            tail = f"the training diverged: {why} (try a lower base_lr); Caffe then: {tail}"
         raise UserError(f"{job.desc}: `caffe train` failed with status {rc} in {folder}: {tail} (full log: "
                         f"{logpath})")
 

@@ -88,6 +88,7 @@ def test_caffemodel_is_deterministic_and_has_provenance(tmp_path, caffemodel):
     prov = fileio.read_json(fileio.sidecar_path(again))
     assert prov["nonzero"] == 415_921 and prov["weights"] == 1_244_448 and prov["format"] == "net"
     assert not os.path.isabs(prov["source"]) and len(prov["density"]) == 26
+    assert prov["source_sha256"] == fileio.file_digest(DC_NET)  # which .net was decoded, not only where it was
 
 
 def test_existing_output_refused_unless_force(caffemodel):

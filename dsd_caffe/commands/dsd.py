@@ -11,7 +11,10 @@ Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, 
 the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
 Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
 snapshot of the current phase. A finished run is refused unless --force (start over). One run per --output: a
-second one is refused while the first is alive.
+second one is refused while the first is alive, and so is any tool writing inside it.
+A model whose loss or outputs are not finite (training diverged: try a lower learning rate) is marked "diverged"
+in the table and recorded as null with the reason in dsd_state.json; the verdict refuses such a seed, and the
+tool exits with status 3.
 """
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
@@ -32,6 +35,10 @@ def run(a):
         print(pipeline.results_text(state))
     if result["verdict"] is not None:
         print(result["verdict"].format())
+    if result.get("refused"):
+        print(result["refused"])
+    diverged = [s for s in result["runs"].values() if any(r["diverged"] for r in pipeline.results_table(s).values())]
+    return cli.DIVERGED if diverged else 0
 
 
 def main(argv=None):
