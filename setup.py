@@ -6,6 +6,7 @@ COMMANDS = {
     "dsd-run": "dsd", "dsd-evaluate": "evaluate", "dsd-sensitivity": "sensitivity",
     "dsd-make-lmdb": "make_lmdb", "dsd-import-fashion-mnist": "import_fashion_mnist", "dsd-generate": "generate",
     "dsd-compress": "compress", "dsd-decode-compressed": "decode_compressed", "dsd-demo": "demo",
+    "dsd-export-onnx": "export_onnx",
 }
 
 setup(

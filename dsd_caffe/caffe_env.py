@@ -1,4 +1,5 @@
-"""Importing pycaffe: quiet glog, a clear message when Caffe is missing, and CPU/GPU selection.
+"""Importing pycaffe: quiet glog, a clear message when Caffe is missing, and CPU/GPU selection (which devices
+exist and the ``--gpu`` forms: :mod:`dsd_caffe.devices`).
 
 Nothing here runs at ``import dsd_caffe`` time, so the pure-numpy parts of the toolkit work without Caffe.
 
@@ -188,21 +189,27 @@ def has_gpu_support():
 
 
 def set_device(gpu=None):
-    """Select CPU (``gpu is None``) or GPU ``gpu``; a GPU on a CPU-only build is refused with ValueError."""
+    """Run Caffe in this process on GPU ``gpu`` (one device number, checked first by :func:`dsd_caffe.devices.check`:
+    a missing device is one UserError, never a glog abort), or, for ``gpu=None``, leave Caffe's mode and device as
+    they are: no library function changes them behind its caller; the tools choose (:func:`use_cpu` unless
+    ``--gpu``). Returns the ``caffe`` module."""
+    from . import devices
+
     caffe = import_caffe()
-    if gpu is None:
-        caffe.set_mode_cpu()
+    gpus = devices.check(gpu)
+    if gpus is None:
         return caffe
-    if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
-        raise UserError(f"--gpu must be a device number >= 0, got {gpu!r}")
-    if not has_gpu_support():
-        raise UserError(
-            f"--gpu {gpu} was asked for, but this Caffe is a CPU-only build; rebuild with "
-            "`python3 -m dsd_caffe.build --gpu` on a machine with CUDA, or drop --gpu"
-        )
+    if len(gpus) != 1:
+        raise UserError(f"--gpu {','.join(map(str, gpus))}: this runs on one device; give one (e.g. --gpu "
+                        f"{gpus[0]})")
     caffe.set_mode_gpu()
-    caffe.set_device(gpu)
+    caffe.set_device(gpus[0])
     return caffe
+
+
+def use_cpu():
+    """Run Caffe in this process on the CPU: what a tool chooses when no ``--gpu`` is given."""
+    import_caffe().set_mode_cpu()
 
 
 def make_net(net_param, phase="TEST", weights=None):
@@ -221,11 +228,32 @@ def make_net(net_param, phase="TEST", weights=None):
         with os.fdopen(fd, "w") as f:
             f.write(text_format.MessageToString(net_param))
         net = caffe.Net(path, phase_value)
+    except (Exception, SystemExit) as e:  # only a Python layer's own code raises here (Caffe's checks abort)
+        layer = _python_layer_in(net_param, e)
+        if layer is None:
+            raise
+        from .errors import UserError
+
+        p = layer.python_param
+        raise UserError(f"Python layer {layer.name!r} (module {p.module!r}, class {p.layer!r}) failed while Caffe set "
+                        f"it up: {type(e).__name__}: {e}") from None
     finally:
         os.unlink(path)
     if weights is not None:
         net.copy_from(os.fspath(weights))
     return net
+
+
+def _python_layer_in(net_param, error):
+    """The Python layer of ``net_param`` whose module raised ``error`` (the innermost such frame of its
+    traceback), or None."""
+    layers = [l for l in net_param.layer if l.type == "Python"]
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__")
+        found = next((l for l in layers if l.python_param.module == name), found)
+        tb = tb.tb_next
+    return found
 
 
 def caffe_binary():

@@ -3,8 +3,12 @@
 :class:`CaffeLog` parses ``caffe train``'s glog lines (the binary's stderr, or pycaffe's glog captured into the
 log file) as they come; :class:`Progress` turns them into a tqdm bar (iteration, loss, last test accuracy, ETA)
 and a log line per test, rounded to 4 digits; :func:`read_curve` reads a finished log back for the accuracy plots.
+Gradual pruning's mask layer prints one line per pruning step (``dsd_masks: pruning step j/n at iteration t: target
+density d ...``): the bar shows the current target density, each step is logged, and :func:`read_density_curve`
+reads them back.
 """
 import logging
+import math
 import os
 import re
 
@@ -19,12 +23,14 @@ class CaffeLog:
     _TEST = re.compile(r"Iteration (\d+), Testing net")
     _OUT = re.compile(r"Test net output #\d+: (\S+) = (\S+)")
     _LR = re.compile(r"Iteration (\d+), lr = (\S+)")
+    _PRUNE = re.compile(r"dsd_masks: pruning step (\d+)/(\d+) at iteration (\d+): target density (\S+)")
 
     def __init__(self):
         self.iteration, self.loss, self.loss_iteration, self.lr = 0, None, None, None
         self.tests = {}  # {output: value} of the last test
         self.curve = []  # [(iteration, {output: value})]
         self.failure = []  # Caffe's error lines, "Check failed" first
+        self.density = None  # the last pruning step's (step, steps, iteration, target density), gradual pruning
         self._in_test, self._pending = False, None
 
     def feed(self, line):
@@ -44,6 +50,9 @@ class CaffeLog:
         m = self._LR.search(line)
         if m:
             self.lr = _number(m.group(2))
+        m = self._PRUNE.search(line)
+        if m:
+            self.density = (int(m.group(1)), int(m.group(2)), int(m.group(3)), _number(m.group(4)))
         started = self._TEST.search(line)
         if started:
             self.curve.append((int(started.group(1)), {}))
@@ -68,6 +77,12 @@ class CaffeLog:
     def accuracy(self):
         """(name, value) of the top-1 accuracy among the last test's outputs, or None."""
         return top1(self.tests)
+
+    def diverged(self):
+        """Why the training diverged so far (the last training loss or a last test output that is not finite),
+        or None."""
+        values = [("the training loss", self.loss)] + [(f"the test output {k}", v) for k, v in self.tests.items()]
+        return next((f"{name} became {v}" for name, v in values if v is not None and not math.isfinite(v)), None)
 
 
 def _number(text):
@@ -101,6 +116,20 @@ def read_curve(log_path, key=None):
     return sorted(points.items())
 
 
+def read_density_curve(log_path):
+    """[[iteration, target density]] of the pruning steps in a training log (gradual pruning; resumed runs
+    appended: the last line per iteration wins); [] when there are none."""
+    if not os.path.exists(log_path):
+        return []
+    points = {}
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = CaffeLog._PRUNE.search(line)
+            if m:
+                points[int(m.group(3))] = _number(m.group(4))
+    return [[it, d] for it, d in sorted(points.items())]
+
+
 class Progress:
     """The tqdm bar of one training run, fed by CaffeLog; test results are logged too (bars are off without a
     terminal)."""
@@ -114,13 +143,19 @@ class Progress:
 
     def feed(self, line):
         """Read one line of Caffe's log (``""`` at its end): move the bar, and log each finished test."""
+        step = self.caffe.density
         done = self.caffe.feed(line)
         c = self.caffe
+        if c.density is not None and c.density is not step:
+            j, n, it, d = c.density
+            log.info("%s: iteration %d/%d: pruning step %d/%d, target density %.4f", self.desc, it, self.total, j, n,
+                     d)
         if c.iteration > self.bar.n:
             self.bar.update(min(c.iteration, self.total) - self.bar.n)
         acc = c.accuracy()
         post = [f"loss {c.loss:.4g}" if c.loss is not None else "", f"lr {c.lr:.3g}" if c.lr is not None else "",
-                f"{acc[0]} {acc[1]:.4f}" if acc else ""]
+                f"{acc[0]} {acc[1]:.4f}" if acc else "",
+                f"density {c.density[3]:.4f}" if c.density is not None else ""]
         self.bar.set_postfix_str(", ".join(p for p in post if p), refresh=False)
         if done is not None:
             it, outputs, loss = done

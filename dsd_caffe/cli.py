@@ -4,7 +4,8 @@ and one clear line for bad input.
 - :func:`parser`: ``--help`` shows the tool's docstring and every flag's default.
 - :func:`main`: parses, sets up logging, runs the tool's one library call and exits: 0 on success; 2 with one line
   ``<tool>: error: <message>`` for a :class:`~dsd_caffe.errors.UserError` or an OS error (a missing, unwritable or
-  full path); 130 with one line on Ctrl-C or SIGTERM. Anything else is a bug and shows its traceback.
+  full path); 130 with one line on Ctrl-C or SIGTERM; :data:`DIVERGED` (3) when a tool reports a diverged model
+  (a loss or output that is not finite). Anything else is a bug and shows its traceback.
 - The vocabulary (a test checks it across every tool's ``--help``): ``--output`` for every output; ``--max-iter``,
   ``--epochs``, ``--base-lr`` for one phase, prefixed with the phase (``--sparse-max-iter``,
   ``--redense-base-lr``) where a tool drives several; ``--iterations`` for evaluation batches; lists are
@@ -24,6 +25,8 @@ log = logging.getLogger("dsd_caffe.cli")
 #: OS errors reported in one line: missing, unwritable, in-the-way or full paths. Other OSErrors are bugs too rare
 #: to guess about, but still environmental: they are reported in one line as well.
 USER_ERRORS = (UserError, OSError)
+#: the exit status of a tool that reports a diverged model (evaluate.py unless --allow-diverged, dsd.py)
+DIVERGED = 3
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -134,6 +137,21 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def catch_early_interrupts():
+    """Ctrl-C before :func:`main` runs the tool (while its modules load, while it parses) ends it with one line,
+    ``<tool>: interrupted``, and exit status 130, not a KeyboardInterrupt traceback. The tools' shims call this
+    first; :func:`main` calls it too (the installed commands), and hands Ctrl-C back to Python when the tool
+    starts."""
+    signal.signal(signal.SIGINT, _early_interrupt)
+
+
+def _early_interrupt(signum, frame):
+    import os
+
+    print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
 def _message(e):
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
         where = f": {e.filename}" if e.filename else ""
@@ -144,6 +162,7 @@ def _message(e):
 
 def main(p, fn, argv=None):
     """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc)."""
+    catch_early_interrupts()
     if not any(a.dest == "debug" for a in p._actions):
         add_common(p)
     args = p.parse_args(argv)
@@ -162,6 +181,7 @@ def main(p, fn, argv=None):
         log.warning("%s", note)
     signal.signal(signal.SIGTERM, _sigterm)  # this process is the tool's own: SIGTERM ends it like Ctrl-C
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is a KeyboardInterrupt
         result = fn(args)
     except Interrupted as e:
         print(f"{p.prog}: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ most significant bit first. Trailing positions after the last entry are zeros (m
 Decoding either format gives ``{layer: (weights float32 shaped like the blob, bias float32)}``.
 """
 import collections
+import hashlib
 import heapq
 import logging
 import os
@@ -193,11 +194,7 @@ def parse_net(data, specs, name="<bytes>"):
 
 
 def _read(net_file):
-    path = os.fspath(net_file)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"compressed file {path} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"compressed file {path} is a folder, not a file")
+    path = fileio.require_file(net_file, "compressed file")
     with open(path, "rb") as f:
         data = f.read()
     if not data:
@@ -283,6 +280,7 @@ def decode_to_caffemodel(net_file, prototxt, output, force=False):
         phase="sparse", made_by="decode_compressed", iteration=0, seed=None, force=force,
         prototxt=os.path.relpath(os.path.abspath(prototxt), folder),
         format="huffman" if data[:4] == MAGIC else "net", source_bytes=len(data),
+        source_sha256=hashlib.sha256(data).hexdigest(),
         nonzero=int(sum(np.count_nonzero(w) for w, _ in layers.values())),
         weights=int(sum(w.size for w, _ in layers.values())))
     log.info("wrote %s (%d layers)", output, len(layers))

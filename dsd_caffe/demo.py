@@ -97,9 +97,10 @@ def _open(out, cfg, force):
     fileio.write_json(cfg_path, cfg)  # makes the folder (a file in the way is named)
 
 
-def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binary", force=False, **overrides):
+def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binary", force=False, gpu=None, **overrides):
     """Run (or resume) the whole demo in ``output_dir``; returns the results dict (also in results.json):
-    {"table", "test": {row: {"top1", "top5", "density"}}, "val": {...}, "config", "models", "gain"}."""
+    {"table", "test": {row: {"top1", "top5", "density"}}, "val": {...}, "config", "models", "gain"}.
+    ``gpu``: the devices every phase trains on (``dsd_caffe.devices``; None: Caffe's current mode)."""
     cfg = config_for(seed=seed, scale=scale, **overrides)
     out = os.path.abspath(os.fspath(output_dir))
     with fileio.output_lock(out):
@@ -111,7 +112,7 @@ def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binar
             width=cfg["width"]), None)
         log.info("2/5 dense: %d iterations at lr %g", cfg["dense_max_iter"], cfg["dense_base_lr"])
         dense = phases.train_dense(Inputs(net_param=net), os.path.join(out, "dense"), _schedule(cfg, "dense"),
-                                   RECIPE, engine, seed=seed)
+                                   RECIPE, engine, gpu, seed=seed)
         _warn_if_untrained(os.path.join(out, "dense", training.LOG), classes=10)
         log.info("3/5 DSD and its control: prune to %.3f, sparse %d iterations at lr %g, redense %d at lr %g; the "
                  "control trains the dense model on for as long at the same rates", cfg["density"],
@@ -121,7 +122,7 @@ def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binar
             prune=PruneConfig(density=cfg["density"], profile=cfg["profile"], skip=tuple(cfg["skip"]), seed=seed),
             sparse=_schedule(cfg, "sparse"), redense=_schedule(cfg, "redense"), recipe=RECIPE,
             holdout_source=lmdbs["test"], control=True, seed=seed)
-        state = pipeline.run_dsd(run, os.path.join(out, "dsd"), engine, reuse=True)
+        state = pipeline.run_dsd(run, os.path.join(out, "dsd"), engine, gpu, reuse=True)
         log.info("4/5 results on the test split (%s)", lmdbs["test"])
         results = _results(out, cfg, state)
         log.info("5/5 plots")

@@ -192,9 +192,28 @@ def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_mis
     return res
 
 
+def diverged(results):
+    """Why ``results`` (:class:`Results`, or {name: value}) come from a diverged model, or None: a loss or an
+    output that is not finite. Such a model's accuracy means nothing (Caffe's Accuracy layer counts a NaN score
+    as a hit: a NaN model scores 100%)."""
+    values = [("loss", getattr(results, "loss", 0))] + list(results.items())
+    for name, value in values:
+        v = np.asarray(value, dtype=np.float64)
+        if v.size and not np.isfinite(v).all():
+            return f"diverged: {name} is {cfmt(v.ravel()[~np.isfinite(v.ravel())][0])}"
+    return None
+
+
+class Scores(dict):
+    """{output name: float} with ``diverged``: the reason (see :func:`diverged`), or None; a diverged model's
+    values are all None (its accuracy would read 100%)."""
+
+    diverged = None
+
+
 def evaluate_param(net_param, weights, iterations=None, gpu=None):
-    """Test-phase outputs {name: float} of ``weights`` on ``net_param`` (absolute sources, mask layer ignored);
-    ``iterations`` defaults to covering the TEST LMDB once."""
+    """Test-phase outputs (:class:`Scores`) of ``weights`` on ``net_param`` (absolute sources, mask layer
+    ignored); ``iterations`` defaults to covering the TEST LMDB once."""
     from . import masks, solvers
 
     net = masks.remove_mask_layer(net_param)
@@ -202,7 +221,11 @@ def evaluate_param(net_param, weights, iterations=None, gpu=None):
         _, (test_src, test_batch) = sources.data_sources(net)
         iterations = solvers.test_iters(sources.lmdb_count(test_src), test_batch)
     res = evaluate(None, os.fspath(weights), iterations=iterations, gpu=gpu, net_param=net)
-    return {k: float(np.asarray(v).ravel()[0]) for k, v in res.items() if np.asarray(v).size == 1}
+    values = {k: float(np.asarray(v).ravel()[0]) for k, v in res.items() if np.asarray(v).size == 1}
+    why = diverged(res)
+    scores = Scores({k: v if math.isfinite(v) and not why else None for k, v in values.items()})
+    scores.diverged = why
+    return scores
 
 
 def lmdb_class_names(lmdb_path):

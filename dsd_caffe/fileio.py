@@ -13,8 +13,10 @@ Rules every tool follows through this module:
   with ``--force`` (:func:`check_output`), and so is an output that is, holds or lies inside an input
   (:func:`check_apart`). ``--force`` replaces a folder only when it holds nothing but what the tool itself writes
   (:func:`check_replaceable`).
-- One writer per output (:func:`output_lock`): a second process writing the same output is refused with one line
-  naming the live pid; the lock goes with the process, however it ends.
+- Inputs are regular files (:func:`require_file`): a device, FIFO or socket given as an input (``/dev/zero``
+  never ends) is refused.
+- One writer per output (:func:`output_lock`): a second process writing the same output, or anything inside it,
+  is refused with one line naming the live pid; the lock goes with the process, however it ends.
 """
 import contextlib
 import errno
@@ -40,10 +42,13 @@ def _check_kind(path):
     except (FileNotFoundError, NotADirectoryError):
         return  # nothing there, a dangling link, or a file where a folder should be (check_output says so)
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
-        raise UserError(f"output {path} is {kind}; only regular files and folders are written or replaced, "
+        raise UserError(f"output {path} is {_kind(mode)}; only regular files and folders are written or replaced, "
                         "also with --force")
+
+
+def _kind(mode):
+    return ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
 
 
 def check_output(path, force=False):
@@ -109,9 +114,11 @@ def atomic_path(path, force=True, directory=False):
         _fsync_dir(folder)
         if aside:
             _remove(aside)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
         _rmdirs(made)  # the folders made for it, when empty
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+            raise OSError(e.errno, e.strerror, path) from None  # a write's error names no file: name it
         raise
 
 
@@ -166,10 +173,12 @@ def lock_path(output):
 @contextlib.contextmanager
 def output_lock(output):
     """Hold the exclusive lock of ``output`` (a file or folder) while the block runs. A second process is refused
-    with a UserError naming the pid that holds it. The lock is an ``flock``: it goes with the process, also on
-    SIGKILL, and the small lock file stays (harmless); but when the lock had to make the folders it sits in and the
-    output never appeared (a refused input), the lock file and those folders go, so a refusal leaves no folder
-    behind. A device, FIFO or socket at ``output`` is refused before a lock file is made beside it."""
+    with a UserError naming the pid that holds it, and so is an ``output`` inside the output another live process
+    holds (a run holds its whole tree). The lock is an ``flock``: it goes with the process, also on SIGKILL (then
+    the small lock file stays until the next holder leaves). On leaving, the lock file goes, and when the lock had
+    to make the folders it sits in and the output never appeared (a refused input), those folders go too, so a
+    refusal leaves no folder behind. A device, FIFO or socket at ``output`` is refused before a lock file is made
+    beside it."""
     import fcntl
 
     _check_kind(output)
@@ -192,32 +201,95 @@ def output_lock(output):
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                f.seek(0)
-                pid = f.read().strip() or "unknown"
+                pid = _holder(f)
                 f.close()
                 raise UserError(f"{os.path.abspath(os.fspath(output))} is in use by another dsd-caffe process "
                                 f"(pid {pid}); wait for it to end, or use another --output") from None
             if _same_file(f, path):
                 break
             f.close()  # its holder removed it on leaving (see below): lock the lock file there now
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError:  # a full disk: the lock file goes as on leaving
+            _unmake(path, made)
+            with contextlib.suppress(OSError):
+                f.close()  # its buffered pid cannot be written either
+            raise
         with _held_guard:
             entry = _held[path] = [f, 1]
+        try:
+            _check_enclosing(output)
+        except BaseException:
+            _release(path, entry, made, output)
+            raise
     else:
         made = []
     try:
         yield path
     finally:
+        _release(path, entry, made, output)
+
+
+def _release(path, entry, made, output):
+    """Leave one level of a held lock; the last one removes the lock file (still holding the lock: a process
+    waiting on the old file sees it gone and locks a new one) and the folders made for it when the output never
+    appeared."""
+    with _held_guard:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[path]
+            if _same_file(entry[0], path):
+                _unmake(path, made if not os.path.lexists(output) else [])
+            entry[0].close()
+
+
+def _holder(f):
+    """The pid written in a lock file whose lock another process holds. It writes its pid just after it takes
+    the lock: an empty file is read again for a moment before the pid is called unknown."""
+    import time
+
+    for _ in range(50):
+        f.seek(0)
+        pid = f.read().strip()
+        if pid:
+            return pid
+        time.sleep(0.02)
+    return "unknown"
+
+
+def _check_enclosing(output):
+    """Refuse ``output`` when it lies inside the output of another live process (a DSD run holds its whole
+    tree: a tool writing into one of its phase folders would change the run behind its record). The locks of this
+    process and of its parent (a run's seed worker) are its own."""
+    import fcntl
+
+    output = os.path.abspath(os.fspath(output))
+    folders, folder = [], os.path.dirname(output)
+    for start in {folder, os.path.realpath(folder)}:
+        while os.path.dirname(start) != start:
+            folders.append(start)
+            start = os.path.dirname(start)
+    for folder in dict.fromkeys(folders):
+        lock = lock_path(folder)
         with _held_guard:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del _held[path]
-                if made and not os.path.lexists(output):
-                    _unmake(path, made)
-                entry[0].close()
+            if lock in _held:
+                continue
+        try:
+            f = open(lock)
+        except OSError:
+            continue  # no lock there (or none this process may read)
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                continue
+            except OSError:
+                pid = _holder(f)
+        if pid != str(os.getppid()):
+            raise UserError(f"{output} lies inside {folder}, the output of a live dsd-caffe process (pid {pid}); "
+                            "a run holds its whole folder: wait for it to end, or use another --output")
 
 
 def _missing_folders(folder):
@@ -311,7 +383,9 @@ def csv_text(rows):
 
 
 def write_json(path, obj, force=True):
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", force=force)
+    """Write ``obj`` as strict JSON: a NaN or infinity is a bug here (record ``None`` and a reason instead), so
+    it raises ValueError rather than writing a file most JSON readers refuse."""
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", force=force)
 
 
 def read_json(path):
@@ -358,11 +432,16 @@ def file_digest(path, algorithm="sha256", prefix=b""):
 
 
 def require_file(path, what):
+    """``path`` when it is a readable regular file; a missing path, a folder, or a device, FIFO or socket (an
+    input that may never end, such as /dev/zero) is refused naming it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} is {_kind(os.stat(path).st_mode)}, not a regular file; inputs are read "
+                        "from regular files only")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{what} {path} is not readable")
     return path
@@ -414,10 +493,26 @@ def read_caffemodel(path):
     try:
         net.ParseFromString(data)
     except DecodeError as e:
+        _refuse_solverstate(path, data)
         raise UserError(f"caffemodel {path} is truncated or corrupted ({e})") from None
     if not any(len(l.blobs) for l in net.layer) and not any(len(l.blobs) for l in net.layers):
+        _refuse_solverstate(path, data)
         raise UserError(f"caffemodel {path} holds no weights (is it a caffemodel?)")
     return net
+
+
+def _refuse_solverstate(path, data):
+    """Name a solver state given where a caffemodel belongs (it is neither truncated nor weightless)."""
+    from google.protobuf.message import DecodeError
+
+    state = caffe_pb2().SolverState()
+    try:
+        state.ParseFromString(data)
+    except DecodeError:
+        return
+    if state.learned_net.endswith(".caffemodel") or state.learned_net.endswith(".h5"):
+        raise UserError(f"{path} is a Caffe solver state (iteration {state.iter}), not a caffemodel; give the "
+                        f"weights saved with it, {state.learned_net}")
 
 
 def write_caffemodel(path, net_param, force=True):

@@ -186,6 +186,28 @@ def _open_readonly(path):
         raise UserError(f"LMDB {path} is unreadable ({e})") from None
 
 
+def check_caffe_can_open(path):
+    """Caffe opens an LMDB read-only but with its lock file, which it opens for writing (creating it when absent;
+    this module's readers open none): an LMDB whose ``lock.mdb`` this user cannot write, such as a shared dataset,
+    is refused here, before Caffe aborts on it (``mdb_status == 0 (13 vs. 0) Permission denied``). On a read-only
+    file system LMDB reads without a lock, and so does Caffe: that passes."""
+    import errno
+
+    path = os.fspath(path)
+    lock = os.path.join(path, "lock.mdb")
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        return
+    try:
+        if os.path.exists(lock):
+            os.close(os.open(lock, os.O_RDWR))  # as mdb_env_open does (nothing written)
+        elif not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    except OSError as e:
+        raise UserError(f"LMDB {path}: Caffe opens its lock file {lock} for writing (creating it when absent), even "
+                        f"to read, and cannot here ({e.strerror}); copy the LMDB to a folder you can write, or get "
+                        "write access to it") from None
+
+
 def decode(data):
     """An encoded image as Caffe's Data layer decodes it by default (natively: OpenCV's IMREAD_UNCHANGED)."""
     import cv2

@@ -10,9 +10,15 @@ import Caffe.
   sparse form, and a generated ``sparse_trainval.prototxt`` fits every pruned caffemodel of that net.
 - :func:`add_masks_to_caffemodel`: the pruned caffemodel: weights zeroed where the mask is False, plus the mask
   layer's blobs (shared weights, packed masks).
+- Gradual pruning (:mod:`dsd_caffe.gradual`): the layer's param_str also holds the schedule and each layer's final
+  density, and the layer gets one more blob, its state (:func:`pack_state`: the iterations it has run and the steps
+  it has taken), saved in every snapshot like the masks.
 - :func:`release_masks`: DSD's release step, explicit: from a sparse-phase caffemodel, check that every pruned
   weight is exactly 0.0, and return the caffemodel without the mask layer. Redense training starts from it:
   pruned weights restart at exactly 0.0, survivors keep their values.
+
+Past 400 lines: everything that reads or writes the mask layer's blobs and param_str (one-shot and gradual) is
+here, so that the layout has one owner.
 """
 import json
 import os
@@ -66,12 +72,56 @@ def unpack_mask(packed, shape, what="mask"):
     return bits.astype(bool).reshape(shape)
 
 
-def parse_param_str(text):
-    """The mask layer's param_str: [(masked layer name, weight shape)], checked."""
+#: the state blob of a gradual mask layer: header, iterations run (high and low 16 bits, exact in float32), steps
+#: taken
+STATE_LENGTH = 4
+
+
+def pack_state(iterations, steps_done):
+    """The gradual mask layer's state blob: [1.0, iterations // 65536, iterations % 65536, steps taken]."""
+    hi, lo = divmod(int(iterations), 65536)
+    return np.array([HEADER, hi, lo, steps_done], np.float32)
+
+
+def unpack_state(blob, what="mask layer state"):
+    """(iterations run, steps taken) from :func:`pack_state`'s blob; UserError when unset or not a state."""
+    b = np.asarray(blob, dtype=np.float32).ravel()
+    if b.size != STATE_LENGTH or b[0] != HEADER:
+        raise UserError(f"{what} is not set ({b.tolist()!r}); load the pruned caffemodel written by tools/prune.py "
+                        "--schedule gradual (or a sparse-phase snapshot) as weights")
+    if not np.all((b[1:] >= 0) & (b[1:] == np.round(b[1:])) & (b[1:] <= 65535)):
+        raise UserError(f"{what} holds {b.tolist()!r}, not iteration and step counts; corrupted caffemodel?")
+    return int(b[1]) * 65536 + int(b[2]), int(b[3])
+
+
+def _spec(text):
     try:
         spec = json.loads(text or "")
     except json.JSONDecodeError as e:
         raise UserError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None
+    return spec
+
+
+def parse_gradual(text):
+    """(gradual.Plan, {layer: final density}) of a gradual mask layer's param_str, checked; None for one-shot."""
+    from .gradual import Plan
+
+    spec = _spec(text)
+    if not isinstance(spec, dict) or "gradual" not in spec:
+        return None
+    plan = Plan.from_json(spec["gradual"], "MaskLayer param_str: gradual")
+    finals = {}
+    for entry in spec.get("layers") or []:
+        final = entry.get("final") if isinstance(entry, dict) else None
+        if isinstance(final, bool) or not isinstance(final, (int, float)):
+            raise UserError(f"MaskLayer param_str: layer entry {entry!r} has no final density")
+        finals[entry.get("name")] = float(final)
+    return plan.check(finals), finals
+
+
+def parse_param_str(text):
+    """The mask layer's param_str: [(masked layer name, weight shape)], checked."""
+    spec = _spec(text)
     layers = spec.get("layers") if isinstance(spec, dict) else None
     if not isinstance(layers, list) or not layers:
         raise UserError(f'MaskLayer param_str must be {{"layers": [{{"name": ..., "shape": [...]}}, ...]}}, '
@@ -93,6 +143,16 @@ def param_name(layer):
     return f"{layer.name}_w"
 
 
+def shared_weights(net_param):
+    """[[layer, layer, ...], ...]: the weighted layers that share one weight blob (the same ``param { name }``),
+    each group in net order; a blob used by one layer only is in none."""
+    groups = {}
+    for layer in net_param.layer:
+        if layer.type in WEIGHTED and len(layer.param) and layer.param[0].name and not is_mask_layer(layer):
+            groups.setdefault(layer.param[0].name, []).append(layer.name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def is_mask_layer(layer):
     return layer.type == "Python" and layer.python_param.layer == LAYER and layer.python_param.module == MODULE
 
@@ -105,9 +165,10 @@ def _data_end(net):
     return i
 
 
-def add_mask_layer(net_param, shapes, name=NAME):
+def add_mask_layer(net_param, shapes, name=NAME, gradual=None):
     """Return a copy of ``net_param`` with the mask layer for ``shapes`` ({layer: weight shape}, in net order)
-    inserted after the data layers, and each masked layer's weight param named for sharing."""
+    inserted after the data layers, and each masked layer's weight param named for sharing. ``gradual``: (Plan,
+    {layer: final density}) for gradual pruning (the schedule goes into param_str, and a state blob is added)."""
     pb2 = caffe_pb2()
     net = pb2.NetParameter()
     net.CopyFrom(net_param)
@@ -130,13 +191,18 @@ def add_mask_layer(net_param, shapes, name=NAME):
         params.append(pb2.ParamSpec(name=spec.name, lr_mult=spec.lr_mult if spec.HasField("lr_mult") else 1.0,
                                     decay_mult=spec.decay_mult if spec.HasField("decay_mult") else 1.0))
         entries.append({"name": lname, "shape": [int(d) for d in shape]})
+        if gradual is not None:
+            entries[-1]["final"] = gradual[1][lname]
     mask = pb2.LayerParameter(name=name, type="Python", top=[TOP], loss_weight=[1.0])
     mask.include.add(phase=pb2.TRAIN)
     mask.python_param.module = MODULE
     mask.python_param.layer = LAYER
-    mask.python_param.param_str = json.dumps({"layers": entries})
+    spec = {"layers": entries}
+    if gradual is not None:
+        spec["gradual"] = gradual[0].to_json()
+    mask.python_param.param_str = json.dumps(spec)
     mask.param.extend(params)
-    for _ in entries:
+    for _ in range(len(entries) + (gradual is not None)):  # the masks, and a gradual layer's state
         mask.param.add(lr_mult=0.0, decay_mult=0.0)
     layers = list(net.layer)
     at = _data_end(net)
@@ -168,9 +234,17 @@ def mask_layer_spec(net_param):
     return None
 
 
-def sparse_net(net_param, shapes):
-    """The sparse form of a dense net: the mask layer over every weighted layer (``shapes``: {layer: shape})."""
-    return add_mask_layer(remove_mask_layer(net_param), shapes)
+def gradual_spec(net_param):
+    """(gradual.Plan, {layer: final density}) of the gradual mask layer in a net or caffemodel NetParameter, or
+    None (no mask layer, or a one-shot one)."""
+    layer = next((l for l in net_param.layer if is_mask_layer(l)), None)
+    return parse_gradual(layer.python_param.param_str) if layer is not None else None
+
+
+def sparse_net(net_param, shapes, gradual=None):
+    """The sparse form of a dense net: the mask layer over every weighted layer (``shapes``: {layer: shape});
+    ``gradual`` as :func:`add_mask_layer`."""
+    return add_mask_layer(remove_mask_layer(net_param), shapes, gradual=gradual)
 
 
 # ---------------------------------------------------------------------------------------------- caffemodels
@@ -234,6 +308,8 @@ def add_masks_to_caffemodel(model_param, masks, net_with_mask_layer):
         b.shape.dim.extend(shape)
         b.data.extend(w.ravel().tolist())
         packed.append(pack_mask(m))
+    if parse_gradual(layer.python_param.param_str) is not None:
+        packed.append(pack_state(0, 0))
     for p in packed:
         b = layer.blobs.add()
         b.shape.dim.append(p.size)
@@ -254,6 +330,7 @@ def read_masks(source):
         name, entries = spec
         layer = next(l for l in param.layer if l.name == name)
         blobs = [l.data for l in layer.blobs]
+        extra = parse_gradual(layer.python_param.param_str) is not None
     else:
         from .masklayer import MaskLayer
 
@@ -265,11 +342,35 @@ def read_masks(source):
                                if hint else "a TEST net has none; pass the caffemodel path to read_masks instead"))
         entries = layer.layers
         blobs = [b.data for b in layer.blobs]
+        extra = layer.plan is not None
     n = len(entries)
-    if len(blobs) != 2 * n:
-        raise UserError(f"mask layer holds {len(blobs)} blobs, expected {2 * n}")
+    if len(blobs) != 2 * n + extra:
+        raise UserError(f"mask layer holds {len(blobs)} blobs, expected {2 * n + extra}")
     return {lname: unpack_mask(blobs[n + i], shape, what=f"mask of layer {lname}")
             for i, (lname, shape) in enumerate(entries)}
+
+
+def zero_pruned(param):
+    """A copy of caffemodel NetParameter ``param`` (of the sparse phase) with every weight its own masks prune set
+    to exactly 0.0 (in the masked layers and in the mask layer's shared copies); returns (copy, the largest
+    ``|w|`` so zeroed). Gradual pruning's final model: Caffe's solver keeps a momentum history for a weight pruned
+    during the phase, which the mask layer cannot reach, so until it decays a snapshot holds that residual where
+    the mask is 0 (every forward pass zeroes it again)."""
+    out = caffe_pb2().NetParameter()
+    out.CopyFrom(param)
+    kept = read_masks(out)
+    name, entries = mask_layer_spec(out)
+    mask_layer = next(l for l in out.layer if l.name == name)
+    blobs = {lname: mask_layer.blobs[i] for i, (lname, _) in enumerate(entries)}
+    residual = 0.0
+    for layer in out.layer:
+        if layer.name in kept and len(layer.blobs):
+            for blob in (layer.blobs[0], blobs[layer.name]):
+                w = blob_array(blob)
+                residual = max(residual, float(np.abs(w[~kept[layer.name]]).max(initial=0.0)))
+                del blob.data[:]
+                blob.data.extend(np.where(kept[layer.name], w, np.float32(0.0)).ravel().tolist())
+    return out, residual
 
 
 def check_masked(model, masks, name=None):

@@ -109,17 +109,22 @@ def _check_python_layer(layer, name):
     """Caffe's PythonLayer imports ``python_param.module`` and takes ``python_param.layer`` from it; a failure
     there is a 20-line Boost.Python traceback and a NULL-return SystemError."""
     module, cls = layer.python_param.module, layer.python_param.layer
-    where = f"{name}: Python layer {layer.name!r}"
+    where = f"{name}: Python layer {layer.name!r} (class {cls!r})" if cls else f"{name}: Python layer {layer.name!r}"
     if not module or not cls:
         raise UserError(f"{where} needs python_param {{ module: ... layer: ... }}")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from None
-    except Exception as e:  # the module's own code fails (a syntax error, an exception at import), or a bad name
+    except (Exception, SystemExit) as e:  # its own code fails (a syntax error, an exception, sys.exit at import)
         raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from None
     if not isinstance(getattr(mod, cls, None), type):
         raise UserError(f"{where}: module {module!r} has no class {cls!r}")
+    from .caffe_env import import_caffe
+
+    if not issubclass(getattr(mod, cls), import_caffe().Layer):
+        raise UserError(f"{where}: class {cls!r} of module {module!r} is not a caffe.Layer subclass, which Caffe's "
+                        "Python layer needs")
 
 
 #: layer types that read data (a net without any in a phase reads nothing in it)
@@ -221,6 +226,10 @@ def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=Non
                 log.warning("%s mirrors images at random in the TEST phase (transform_param mirror: true); "
                             "scores then vary from run to run, in `caffe test` too", where)
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
+            try:
+                lmdbio.check_caffe_can_open(resolve_source(dp.source))
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
             _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
             try:  # every record (a sample of a large LMDB): Caffe aborts on any image smaller than the crop
                 checked = lmdbio.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size,
@@ -437,8 +446,11 @@ def check_fits(net_param, model_param, weights_name="caffemodel", net_name="net"
     :func:`check_fits_by_name` (logged). Returns the layer names the caffemodel sets."""
     shapes = weight_shapes(net_param)
     if shapes is None:
-        log.info("the net's data is not on this machine: %s is checked against %s by layer names and kernel "
-                 "shapes only (Caffe checks the rest when it loads it)", weights_name, net_name)
+        kinds = [l.type for l in net_param.layer if l.type in DATA_TYPES]
+        why = ("the net's data is not on this machine" if not kinds or "Data" in kinds else
+               f"the net's input shape comes from its {kinds[0]} layer, which only Caffe reads")
+        log.info("%s: %s is checked against %s by layer names and kernel shapes only (Caffe checks the rest when "
+                 "it loads it)", why, weights_name, net_name)
         return check_fits_by_name(net_param, model_param, weights_name, net_name)
     return check_weights_fit(shapes, model_param, weights_name=weights_name, net_name=net_name)
 

@@ -15,12 +15,17 @@ A phase folder holds ``<phase>_trainval.prototxt``, ``<phase>_solver.prototxt`` 
 ``cd`` there and ``caffe train --solver=<phase>_solver.prototxt --weights=<start>`` works), ``snapshots/``,
 ``train.log``, ``training.json`` (the record) and, when done, ``<phase>.caffemodel`` with its JSON. A prune folder
 adds ``pruned.caffemodel`` (+ JSON), ``masks.npz`` and ``weights_histogram.png``.
+
+Past 400 lines: the phases share the folder layout, the inputs' checks and the provenance written here; one-shot
+and gradual pruning are one prune phase with one folder.
 """
 import dataclasses
 import logging
 import os
 
-from . import fileio, masks, netcheck, netgen, plots, pruning, solvers, sources, training
+import numpy as np
+
+from . import fileio, gradual, masks, netcheck, netgen, plots, pruning, solvers, sources, training
 from .caffe_env import caffe_pb2
 from .errors import UserError
 from .solvers import Schedule
@@ -89,11 +94,12 @@ def check_inputs(inputs, need_data=True):
 
 def _provenance(job, snap, phase, seed, extra, densities=None):
     """The JSON beside a phase's final model, from the run that trained it (its record names the start weights);
-    ``densities`` when the caller has them already."""
-    start = training.record_of(job.folder)["weights"]
+    ``densities`` when the caller has them already; ``devices``: the GPUs of the last run, null for none."""
+    record = training.record_of(job.folder)
+    start = record["weights"]
     if densities is None:
         densities = masks.layer_densities_of(snap.caffemodel)
-    return dict(source=start["path"], source_sha256=start["sha256"],
+    return dict(source=start["path"], source_sha256=start["sha256"], devices=record.get("devices"),
                 densities=densities, phase=phase, iteration=snap.iteration,
                 seed=seed, net=job.net_name, solver=job.solver_name, settings=training.solver_summary(job.solver),
                 **extra)
@@ -109,7 +115,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
     source, param = start if isinstance(start, tuple) else (start, None)
-    fileio.check_apart(out, [source])  # --force clears the folder's own outputs
+    fileio.check_apart(out, [source, *sources.data_paths(net)])  # --force clears the folder's own outputs
     start_path = os.path.join(out, RELEASED if source else INIT) if param is not None else source
     extra = dict(extra or {})
     job = training.Job(out, extra.pop("desc", phase), solver_file(phase), solver, net_file(phase),
@@ -185,13 +191,17 @@ def _solver(phase, net, schedule, recipe, seed):
 class PruneConfig:
     """How to prune: one of ``ratio`` ("3x"), ``density`` or ``sparsity`` (see ``pruning.parse_ratio``), a
     ``profile`` (uniform, global, squeezenet-3x or a JSON file), layers to ``skip`` (kept dense) and the seed the
-    sparse solver gets. Validated at construction; ``target`` is the density asked for (None: the profile's)."""
+    sparse solver gets. Validated at construction; ``target`` is the density asked for (None: the profile's).
+    ``schedule`` "oneshot" prunes now; "gradual" leaves the weights dense and lets the mask layer prune in the
+    sparse phase (:mod:`dsd_caffe.gradual`), with ``gradual`` (a ``gradual.Gradual``) over its defaults."""
     ratio: str = None
     density: object = None
     sparsity: object = None
     profile: str = "uniform"
     skip: tuple = ()
     seed: int = solvers.SEED
+    schedule: str = "oneshot"
+    gradual: object = None
     target: float = dataclasses.field(init=False, default=None)
 
     def __post_init__(self):
@@ -204,11 +214,28 @@ class PruneConfig:
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "profile", profile)
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
+        gradual.check_schedule(self.schedule)
+        if self.schedule != "gradual" and self.gradual is not None and self.gradual.settings():
+            raise UserError(f"--gradual-* settings ({self.gradual.settings()}) need --schedule gradual")
+        if self.schedule == "gradual" and self.gradual is None:
+            object.__setattr__(self, "gradual", gradual.Gradual())
 
-    def masks(self, weights):
-        """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing."""
-        densities = pruning.layer_densities(weights, self.target, profile=self.profile, skip=self.skip)
+    def masks(self, weights, shared=()):
+        """The kept masks for ``weights`` ({weighted layer: array}), refused when they prune nothing (gradual
+        pruning: the final masks the schedule heads for from these weights). ``shared`` (:func:`masks.shared_weights`)
+        groups layers that share one weight blob: one setting per blob, so different densities for them (--skip, a
+        profile) are refused, and they get one mask."""
+        densities = self.densities(weights)
+        for group in shared:
+            first, other = group[0], next((n for n in group if densities[n] != densities[group[0]]), None)
+            if other is not None:
+                raise UserError(f"layers {first!r} and {other!r} share one weight blob, but --skip or the profile "
+                                f"gives them densities {densities[first]:g} and {densities[other]:g}; a shared blob "
+                                "takes one setting: give both layers the same")
         kept = pruning.make_masks(weights, densities)
+        for group in shared:
+            for name in group[1:]:
+                kept[name] = kept[group[0]]  # the same blob: one mask (the same weights give the same anyway)
         if all(m.all() for m in kept.values()):
             asked = next((f"--{k} {v}" for k, v in (("ratio", self.ratio), ("density", self.density),
                                                       ("sparsity", self.sparsity)) if v is not None),
@@ -217,10 +244,26 @@ class PruneConfig:
                             "of it); nothing to prune")
         return kept
 
+    def densities(self, weights):
+        """{layer: density} of the profile for ``weights`` (1.0 for a skipped layer)."""
+        return pruning.layer_densities(weights, self.target, profile=self.profile, skip=self.skip)
+
+    def plan(self, weights, max_iter, recipe="imagenet"):
+        """Gradual pruning's (gradual.Plan, {layer: final density}) for a sparse phase of ``max_iter`` iterations,
+        its defaults from ``solvers.DEFAULTS[recipe]["sparse"]``, checked (the schedule ends within the phase, no
+        final density above the initial one); None for one-shot. The final densities are the profile's (those
+        one-shot pruning would reach at once: the same kept counts)."""
+        if self.schedule != "gradual":
+            return None
+        self.masks(weights)  # refuses what one-shot pruning refuses (nothing pruned, a density above a layer's)
+        finals = self.densities(weights)
+        row = solvers.defaults("sparse", recipe)
+        return self.gradual.resolve(max_iter, row).check(finals, max_iter), finals
+
 
 #: what a prune folder's JSON records of the command that made it: the folder is reused only when they match
 PRUNE_SETTINGS = ("source_sha256", "target_density", "profile", "skip", "seed", "recipe", "sparse_schedule",
-                  "trainval_sha256")
+                  "trainval_sha256", "gradual")
 
 
 def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=False):
@@ -229,7 +272,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
     recipe = recipe_of(recipe, inputs.weights)
-    fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
+    fileio.check_apart(out, (inputs.model, inputs.weights, *sources.data_paths(inputs.net(require=()))))
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out)
@@ -263,15 +306,31 @@ def _plan(inputs, config, sparse, recipe, out):
     if not names:
         raise UserError(f"net {net.name!r} has no Convolution/InnerProduct layer to prune")
     weights = {n: w for n, w in masks.weight_arrays(model_param).items() if n in names}
-    kept = config.masks(weights)
+    shared = masks.shared_weights(net)
+    kept = config.masks(weights, shared)
+    shapes = {n: w.shape for n, w in weights.items()}
+    solver, notes = _sparse_solver(masks.sparse_net(net, shapes), sparse, recipe, config.seed, bool(data_layers))
+    gradual_plan = None
+    if config.schedule == "gradual":
+        if solver is None:
+            raise UserError(f"--schedule gradual needs the sparse phase's length to place its steps: {notes[0]}")
+        gradual_plan = config.plan(weights, solver.max_iter, recipe)
+        kept = pruning.make_masks(weights, {n: 1.0 for n in weights})  # the mask layer prunes while training
+        final = sum(gradual_plan[1][n] * w.size for n, w in weights.items()) / sum(w.size for w in weights.values())
+        notes.append(f"gradual pruning: {gradual_plan[0].describe()}, of the sparse phase's {solver.max_iter}; final "
+                     f"density {final:.4f}")
     rows = pruning.summary_rows(weights, kept)
-    sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
-    solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
+    for group in shared:  # the table counts a shared blob once
+        for row in rows:
+            if row["name"] in group[1:]:
+                row["shares"] = group[0]
+    sparse_net = masks.sparse_net(net, shapes, gradual=gradual_plan)  # the solver only names it and reads its data
     relative = sources.relative_sources(sparse_net, out) if data_layers else None
     record = dict(source_sha256=training.file_record(inputs.weights)["sha256"], target_density=config.target,
                   profile=config.profile, skip=list(config.skip), seed=config.seed, recipe=recipe,
                   sparse_schedule=sparse.settings(),
-                  trainval_sha256=training.text_digest(relative) if relative is not None else None)
+                  trainval_sha256=training.text_digest(relative) if relative is not None else None,
+                  gradual=dict(gradual_plan[0].to_json(), final_densities=gradual_plan[1]) if gradual_plan else None)
     return dict(weights=weights, kept=kept, rows=rows, model_param=model_param, sparse_net=sparse_net,
                 relative=relative, solver=solver, notes=notes, record=record)
 
@@ -367,19 +426,43 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
                              prov.get("seed", 0))
         else:
             solver = fileio.read_solver_prototxt(solver_path)
+        plan = masks.gradual_spec(net_rel)
+        if plan is not None:
+            plan[0].check({}, solver.max_iter)  # a --max-iter given now may end the phase before the schedule
         job = training.Job(out, "sparse", SPARSE_SOLVER, solver, SPARSE_NET, net_rel, os.path.join(out, PRUNED),
                            final=os.path.join(out, SPARSE))
         snap = training.train(job, engine, gpu, force)
         if snap is None:
             return job.final
-        trained = fileio.read_caffemodel(snap.caffemodel)
-        dens = masks.check_masked(trained, stored, snap.caffemodel)
-        if masks.same_masks(masks.read_masks(trained), stored) is not None:
-            raise UserError(f"{snap.caffemodel}: the masks in the snapshot differ from {MASKS}")
-        training.finish(snap, job.final, _provenance(job, snap, "sparse", prov.get("seed"),
-                                                     dict(engine=engine, masked_layers=sorted(stored),
-                                                          recipe=prov.get("recipe", "imagenet")), dens))
+        extra = dict(engine=engine, masked_layers=sorted(stored), recipe=prov.get("recipe", "imagenet"))
+        if plan is None:
+            trained = fileio.read_caffemodel(snap.caffemodel)
+            dens = masks.check_masked(trained, stored, snap.caffemodel)
+            if masks.same_masks(masks.read_masks(trained), stored) is not None:
+                raise UserError(f"{snap.caffemodel}: the masks in the snapshot differ from {MASKS}")
+            training.finish(snap, job.final, _provenance(job, snap, "sparse", prov.get("seed"), extra, dens))
+        else:
+            _finish_gradual(job, snap, stored, plan, prov, extra)
     return job.final
+
+
+def _finish_gradual(job, snap, stored, plan, prov, extra):
+    """The final model of a gradual sparse phase: the snapshot with the weights its masks prune at exactly 0.0
+    (:func:`masks.zero_pruned`), after checking that no mask grew; its JSON adds the schedule and its density
+    curve (the targets of every step, which the layer's log lines print; a killed run loses the tail of its log)."""
+    trained, residual = masks.zero_pruned(fileio.read_caffemodel(snap.caffemodel))
+    inside = masks.read_masks(trained)
+    grown = next((n for n in stored if np.any(inside[n] & ~stored[n])), None)
+    if grown is not None:
+        raise UserError(f"{snap.caffemodel}: the mask of layer {grown!r} keeps weights that {MASKS} prunes")
+    dens = masks.check_masked(trained, inside, snap.caffemodel)
+    log.info("sparse: final density %.4f; the solver's momentum residual zeroed under the masks: largest %.3g",
+             sum(m.sum() for m in inside.values()) / sum(m.size for m in inside.values()), residual)
+    sizes = {n: int(m.size) for n, m in inside.items()}
+    extra = dict(extra, gradual=dict(plan[0].to_json(), final_densities=plan[1]),
+                 density_curve=gradual.density_curve(plan[0], sizes, plan[1]))
+    fileio.write_caffemodel(job.final, trained)
+    fileio.write_provenance(job.final, force=True, **_provenance(job, snap, "sparse", prov.get("seed"), extra, dens))
 
 
 # ------------------------------------------------------------------------------------------------ redense

@@ -1,5 +1,6 @@
 """The DSD run: (prune -> sparse -> redense) x cycles from a dense caffemodel, resumable after any interruption,
-optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`).
+optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`). (Past 400
+lines: the run, its resume checks and its read-outs, table, curves and verdict, all read one state format.)
 
 The run folder (one writer: it is locked for the whole run):
 
@@ -16,6 +17,9 @@ The run folder (one writer: it is locked for the whole run):
 With several seeds (:func:`run_seeds`), ``seed<k>/`` holds one run per seed and ``verdict.json`` the paired
 comparison. A seed changes the solvers' ``random_seed``: dropout and the random crop and mirror of the data
 layers (Caffe's LMDB reader has a fixed order); the demo, which trains its own dense model, also seeds its init.
+
+Past 400 lines: the run, its state file and the read-outs of that state (tables, curves, the density curve) are
+one format, kept together.
 """
 import concurrent.futures
 import dataclasses
@@ -26,7 +30,8 @@ import os
 import shutil
 import signal
 
-from . import caffelog, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, training, verdict
+from . import (caffelog, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
+               training, verdict)
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -73,6 +78,8 @@ class RunConfig:
         full = dataclasses.asdict(self)
         d = {k: v for k, v in full.items() if k not in ("prune", "sparse", "redense")}
         d["prune"] = full["prune"]  # JSON makes its skip tuple a list
+        if self.prune.schedule == "oneshot":  # a one-shot run records what it recorded before gradual pruning
+            d["prune"] = {k: v for k, v in d["prune"].items() if k not in ("schedule", "gradual")}
         d["sparse"], d["redense"] = self.sparse.settings(), self.redense.settings()
         return json.loads(json.dumps(d))
 
@@ -95,6 +102,7 @@ def _open_state(out, config, force, reuse=False):
             checked = True
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
+            _check_start(out, state, config)
             log.info("DSD: reusing the finished run in %s", out)
             return state
         elif state.get("finished"):
@@ -107,6 +115,7 @@ def _open_state(out, config, force, reuse=False):
                             f"{old.get(first)!r} there, {settings.get(first)!r} now); use the same command to "
                             "resume it, another --output, or --force to start over")
         else:
+            _check_start(out, state, config)
             return state
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
@@ -118,6 +127,17 @@ def _open_state(out, config, force, reuse=False):
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
     return state
+
+
+def _check_start(out, state, config):
+    """Refuse to resume a run whose dense model is no longer the one it started from (the file was replaced):
+    both arms must start from the model the state records."""
+    recorded = state.get("dense_model", {}).get("sha256")
+    now = training.file_record(config.weights)["sha256"]
+    if recorded != now:
+        raise UserError(f"{out} holds a DSD run started from {config.weights} with SHA-256 {recorded}, but that file "
+                        f"now has SHA-256 {now} (it was replaced); put the original back to resume, or use another "
+                        "--output, or --force to start over")
 
 
 def _clear(out):
@@ -135,9 +155,11 @@ def _check_run(config):
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
     names = netgen.weighted_layers(net)
-    config.prune.masks({n: weights[n] for n in names})
+    config.prune.masks({n: weights[n] for n in names}, masks.shared_weights(net))
     for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
-        phases._solver(phase, net, schedule, config.recipe, config.seed)
+        solver = phases._solver(phase, net, schedule, config.recipe, config.seed)
+        if phase == "sparse":  # a gradual schedule must end within the sparse phase
+            config.prune.plan({n: weights[n] for n in names}, solver.max_iter, config.recipe)
 
 
 def _with_test(net, source):
@@ -152,11 +174,18 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     is refused unless ``force`` (start over) or ``reuse`` (return it when its settings are the same)."""
     training.check_engine(engine)
     out = os.path.abspath(os.fspath(output_dir))
-    from .caffe_env import set_device
-
-    set_device(gpu)
+    devices.check(gpu)  # before anything is written; Caffe's mode is left to the phases (and the caller)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
-                             config.holdout_source))  # --force clears the run folder
+                             config.holdout_source, *sources.data_paths(config.inputs().net(require=()))))
+    try:
+        return _run(config, out, engine, gpu, force, reuse)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # between phases (an evaluation): the same hint as inside one
+        raise Interrupted("interrupted; run the same command again to resume") from None
+
+
+def _run(config, out, engine, gpu, force, reuse):
     with fileio.output_lock(out):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):
@@ -178,7 +207,8 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
                     control = run.model(f"control{c}-{phase}")
         points, marks = curves(out, state)
         plots.accuracy_curves(os.path.join(out, PLOT), points, marks=marks, boundaries=boundaries(out, state),
-                              title="DSD" + (" and its control" if config.control else "") + ": validation top-1")
+                              title="DSD" + (" and its control" if config.control else "") + ": validation top-1",
+                              density=density_curve(out, state))
         state["table"] = results_text(state)
         state["finished"] = True
         state["final_model"] = os.path.relpath(dsd, out)
@@ -205,24 +235,34 @@ class _Run:
         path = os.path.abspath(make())
         entry = {"name": name, "arm": arm, "phase": phase, "model": os.path.relpath(path, self.out),
                  "val": self.evaluate(path), "density": masks.sparsity_report(path)["total"]["density"]}
+        sidecar = fileio.sidecar_path(path)
+        curve = fileio.read_json(sidecar).get("density_curve") if os.path.exists(sidecar) else None
+        if curve:  # gradual pruning: [iteration, target density] of each step of the phase
+            entry["density_curve"] = curve
         if self.config.holdout_source:
             entry["holdout"] = self.evaluate(path, self.config.holdout_source)
         top = caffelog.top1(entry["val"])
         entry["accuracy"] = top[1] if top else None
+        entry["diverged"] = entry["val"].diverged or (entry.get("holdout") or entry["val"]).diverged
         self.state["phases"].append(entry)
         fileio.write_json(os.path.join(self.out, STATE), self.state)
+        if entry["diverged"]:
+            log.warning("%s: the model %s; its accuracy is recorded as null", name, entry["diverged"])
         log.info("%s: validation top-1 %s, density %.4f", name,
                  f"{entry['accuracy']:.4f}" if entry["accuracy"] is not None else "-", entry["density"])
 
     def evaluate(self, weights, test_source=None):
         net = _with_test(self.net, test_source) if test_source else self.net
-        return evaluate.evaluate_param(net, weights, self.config.iterations, self.gpu)
+        return evaluate.evaluate_param(net, weights, self.config.iterations, devices.first(self.gpu))
 
     def prune(self, weights, folder):
+        """Prune ``weights`` into ``folder``; a folder pruned already (a resume) is reused only when it was pruned
+        from these very weights with these settings (phases.prune compares its record), else refused."""
         path = os.path.join(folder, phases.PRUNED)
-        if not training.finished(path):
-            res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
-                               self.config.recipe, force=True)
+        done = training.finished(path)
+        res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
+                           self.config.recipe, force=not done)
+        if not done:
             log.info("%s pruning:\n%s", os.path.basename(folder), res["table"])
         return path
 
@@ -270,10 +310,31 @@ def curves(out, state):
                 if name.endswith("-sparse") else None
             if pruned and arm == "dsd":
                 pts = [(at, pruned["accuracy"])] + pts
-                marks.append((at, pruned["accuracy"], "pruned"))
+                gradual = "density_curve" in next(p for p in state["phases"] if p["name"] == name)
+                marks.append((at, pruned["accuracy"], "gradual pruning starts" if gradual else "pruned"))
             points.setdefault(label, dense if label in ("sparse", "control") else [])
             points[label] = points[label] + pts
     return points, marks
+
+
+def density_curve(out, state):
+    """[(cumulative iteration, density)] of the DSD arm: each phase's starting density, and gradual pruning's steps
+    (from the phase records); [] when no phase pruned gradually (the density then changes only at the phase
+    boundaries, as the table says)."""
+    if not any("density_curve" in p for p in state["phases"]):
+        return []
+    points = []
+    for name, folder, at in _offsets(out, state, "dsd"):
+        entry = next(p for p in state["phases"] if p["name"] == name)
+        start = next((p for p in state["phases"] if p["name"] == name[:-len("sparse")] + "pruned"), entry) \
+            if name.endswith("-sparse") else entry
+        points.append((at, start["density"]))
+        points += [(at + i, d) for i, d in entry.get("density_curve", [])]
+        record = training.record_of(folder)
+        if record:  # the phase's end, so the step line runs to it
+            end = at + training.recorded_solver(record, os.path.join(folder, training.RECORD)).max_iter
+            points.append((end, points[-1][1]))
+    return points
 
 
 ROWS = (("dense", "dense"), ("sparse", "sparse"), ("DSD", "redense"), ("control", "control"))
@@ -290,7 +351,8 @@ def results_table(state, split=None):
         if entries:
             e = entries[-1]
             r = e[split]
-            table[row] = {"top1": _pick(r, 1), "top5": _pick(r, 5), "density": e["density"], "model": e["model"]}
+            table[row] = {"top1": _pick(r, 1), "top5": _pick(r, 5), "density": e["density"], "model": e["model"],
+                          "diverged": e.get("diverged")}
     return table
 
 
@@ -308,7 +370,7 @@ def results_text(state, labels=None):
     labels = labels or {}
     lines = [f"{'model':<10} {'top-1':>8} {'top-5':>8} {'density':>8}"]
     for row, r in table.items():
-        fmt = (lambda v: f"{100 * v:7.2f}%" if v is not None else f"{'-':>8}")
+        fmt = (lambda v: f"{'diverged':>8}" if r["diverged"] else f"{100 * v:7.2f}%" if v is not None else f"{'-':>8}")
         lines.append(f"{labels.get(row, row):<10} {fmt(r['top1'])} {fmt(r['top5'])} {r['density']:8.3f}")
     if "control" in table and table["DSD"]["top1"] is not None and table["control"]["top1"] is not None:
         gain = 100 * (table["DSD"]["top1"] - table["control"]["top1"])
@@ -319,7 +381,8 @@ def results_text(state, labels=None):
 # ------------------------------------------------------------------------------------------------ seeds
 def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, force=False):
     """``seeds`` paired runs (DSD and its control; seeds ``config.seed``, +1, ...) in ``output_dir/seed<k>``,
-    ``jobs`` at a time, then the verdict. One seed runs in ``output_dir`` itself. Returns {"runs": {seed:
+    ``jobs`` at a time, then the verdict. One seed runs in ``output_dir`` itself, on all of ``gpu``'s devices
+    (data-parallel); several seeds spread over them, one device each (``devices.of_seed``). Returns {"runs": {seed:
     state}, "verdict": Verdict or None}."""
     solvers.count(seeds, "--seeds", maximum=MAX_SEEDS)
     solvers.count(jobs, "--jobs")
@@ -334,13 +397,24 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
             runs = _parallel(config, out, seeds, jobs, engine, gpu, force)
     result = {"runs": runs, "verdict": None}
     if config.control:
-        tables = [results_table(s) for s in runs.values()]
-        v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables],
-                                   seeds=list(runs))
-        result["verdict"] = v
-        fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v),
-                                                           split="holdout" if config.holdout_source else "val"))
+        result.update(seeds_verdict(runs, out, "holdout" if config.holdout_source else "val"))
     return result
+
+
+def seeds_verdict(runs, out, split):
+    """{"verdict": Verdict or None, "refused": why not or None} of finished runs ({seed: state}), written to
+    ``out/verdict.json``. A seed with a diverged arm is refused: its accuracy means nothing."""
+    tables = {seed: results_table(s) for seed, s in runs.items()}
+    refused = next((f"seed {seed}: the {row} arm's model {t[row]['diverged']}" for seed, t in tables.items()
+                    for row in ("DSD", "control") if t[row]["diverged"]), None)
+    if refused:
+        refused = f"no verdict: {refused} (a diverged arm's accuracy means nothing)"
+        fileio.write_json(os.path.join(out, VERDICT), {"verdict": None, "refused": refused, "split": split})
+        return {"verdict": None, "refused": refused}
+    v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables.values()],
+                               seeds=list(runs))
+    fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v), split=split))
+    return {"verdict": v, "refused": None}
 
 
 def _parallel(config, out, seeds, jobs, engine, gpu, force):
@@ -349,8 +423,8 @@ def _parallel(config, out, seeds, jobs, engine, gpu, force):
     runs, problems = {}, []
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
     try:
-        futures = {pool.submit(_seed_worker, c, os.path.join(out, f"seed{s}"), engine, gpu, force, jobs > 1): s
-                   for s, c in configs.items()}
+        futures = {pool.submit(_seed_worker, c, os.path.join(out, f"seed{s}"), engine,
+                               devices.of_seed(gpu, s - config.seed), force, jobs > 1): s for s, c in configs.items()}
         for fut in concurrent.futures.as_completed(futures):
             kind, value = fut.result()
             if kind == "ok":

@@ -53,10 +53,11 @@ def weight_histograms(path, arrays, title, zeros="drawn"):
 
 
 def accuracy_curves(path, curves, boundaries=(), marks=(), title="validation accuracy", ylabel="top-1 (%)",
-                    zoom_from=None):
+                    zoom_from=None, density=()):
     """``curves``: {label: [(iteration, accuracy in 0..1)]}, labels styled by STYLES (by their first word);
     ``boundaries``: iterations where a phase starts; ``marks``: [(iteration, accuracy, text)] annotated points
-    (the pruning dip). One panel shows everything; with ``zoom_from`` a second one shows the iterations from there
+    (the pruning dip); ``density``: [(iteration, density)] drawn as a step line on a right-hand axis (gradual
+    pruning's curve). One panel shows everything; with ``zoom_from`` a second one shows the iterations from there
     on (the phases after a long dense one)."""
     fig = _figure(figsize=(11, 4) if zoom_from is not None else (7.5, 4))
     axes = np.atleast_1d(fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]}) if zoom_from is not None
@@ -82,6 +83,12 @@ def accuracy_curves(path, curves, boundaries=(), marks=(), title="validation acc
             low, high = min(ys), max(ys)
             pad = max(0.5, 0.08 * (high - low))
             ax.set_ylim(low - 3 * pad, high + pad)
+        pts = [(i, d) for i, d in density if k == 0 or i >= start]
+        if pts:
+            twin = ax.twinx()
+            twin.step(*zip(*pts), where="post", color="tab:purple", lw=1, alpha=0.7)
+            twin.set_ylim(0, 1.05)
+            twin.set_ylabel("density (DSD arm)", color="tab:purple", fontsize=8)
         ax.set_xlabel("iteration (cumulative)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

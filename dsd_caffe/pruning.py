@@ -257,6 +257,20 @@ def magnitude_mask(weights, density, name=None):
     return mask_and_threshold(weights, density, name)[0]
 
 
+def shrink_mask(weights, mask, density, name=None):
+    """The bool mask that keeps exactly ``kept_count(size, density)`` weights among those ``mask`` keeps: the
+    largest ``|w|``, lower flat index first among equal magnitudes (the rule of :func:`magnitude_mask`, which it
+    equals for an all-True ``mask``). A mask never grows: when the count exceeds what ``mask`` keeps, a copy of
+    ``mask`` is returned. Gradual pruning's step (:mod:`dsd_caffe.gradual`)."""
+    w, a = _magnitudes(weights, name)
+    m = as_bool_mask(mask, w.shape, name).ravel()
+    k = kept_count(a.size, _check_density(density, name or "shrink_mask"))
+    if k >= int(np.count_nonzero(m)):
+        return m.reshape(w.shape).copy()
+    kept, _ = _top_k(np.where(m, a, -1.0), k)  # a dropped weight ranks below every kept one
+    return kept.reshape(w.shape)
+
+
 def density(array):
     """Fraction of non-zero entries of ``array``."""
     a = np.asarray(array)
@@ -345,14 +359,15 @@ def summary_rows(weights, masks):
 
 
 def format_table(rows):
-    """The per-layer table as text, with a total line."""
+    """The per-layer table as text, with a total line. A row with ``shares`` (a layer using another's weight
+    blob) is marked, and its blob counted once in the total."""
     lines = [f"{'layer':<24} {'shape':<20} {'kept':>10} {'size':>10} {'density':>8} {'threshold':>11}"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
         lines.append(f"{r['name']:<24} {shape:<20} {r['kept']:>10} {r['size']:>10} {r['density']:>8.4f} "
-                     f"{r['threshold']:>11.4g}")
-    kept = sum(r["kept"] for r in rows)
-    size = sum(r["size"] for r in rows)
+                     f"{r['threshold']:>11.4g}" + (f"  (the weights of {r['shares']})" if r.get("shares") else ""))
+    kept = sum(r["kept"] for r in rows if not r.get("shares"))
+    size = sum(r["size"] for r in rows if not r.get("shares"))
     if size:
         lines.append(f"{'total':<24} {'':<20} {kept:>10} {size:>10} {kept / size:>8.4f}")
     return "\n".join(lines)

@@ -51,6 +51,11 @@ class PhaseDefaults:
     snapshots: int = 10
     tests: int = None
     display: int = 40
+    #: gradual pruning (sparse phase, ``--schedule gradual``; dsd_caffe.gradual): from the phase's start, from the
+    #: dense model, to the final densities at 2/3 of the phase, in 15 steps (Zhu & Gupta's cubic schedule)
+    gradual_begin: float = 0.0
+    gradual_end: float = 2 / 3
+    gradual_steps: int = 15
 
 
 #: The one table of per-phase defaults: DEFAULTS[recipe][phase].

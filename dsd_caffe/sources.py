@@ -17,6 +17,12 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+def data_paths(net):
+    """The sources ``net``'s data layers read (as written in it: absolute in a net from :func:`read_net`), for the
+    overlap rule (``fileio.check_apart``)."""
+    return [p.source for _, p in source_fields(net) if p.source]
+
+
 def copy_message(message):
     out = type(message)()
     out.CopyFrom(message)
@@ -127,9 +133,33 @@ def known_count(path):
 
 
 def read_net(path, train=None, test=None, require=("TRAIN", "TEST", "BOTH")):
-    """Read a trainval prototxt with its sources made absolute (see :func:`absolute_sources`)."""
+    """Read a trainval prototxt with its sources made absolute (see :func:`absolute_sources`); a net in Caffe's
+    legacy V1 format (``layers { type: CONVOLUTION }``) is upgraded first, as ``caffe`` upgrades it."""
     from . import fileio
 
     path = os.fspath(path)
-    return absolute_sources(fileio.read_net_prototxt(path), os.path.dirname(os.path.abspath(path)), train, test,
-                            require)
+    net = fileio.read_net_prototxt(path)
+    if len(net.layers) and not len(net.layer):
+        net = upgrade_v1(path)
+    return absolute_sources(net, os.path.dirname(os.path.abspath(path)), train, test, require)
+
+
+def upgrade_v1(path):
+    """The net of the V1-format prototxt ``path`` upgraded by Caffe's own rules (its ``upgrade_net_proto_text``
+    tool, the code ``caffe`` runs on such a net), as a NetParameter."""
+    import subprocess
+    import tempfile
+
+    from . import fileio
+    from .caffe_env import caffe_tool
+
+    with tempfile.TemporaryDirectory(prefix="dsd-upgrade-") as tmp:
+        out = os.path.join(tmp, "net.prototxt")
+        r = subprocess.run([caffe_tool("upgrade_net_proto_text"), os.fspath(path), out], capture_output=True,
+                           text=True, errors="replace", env=dict(os.environ, GLOG_minloglevel="1"))
+        if r.returncode != 0 or not os.path.isfile(out):
+            last = (r.stderr.strip().splitlines() or ["no message"])[-1].split("] ", 1)[-1]
+            raise UserError(f"{path} is in Caffe's legacy V1 format and Caffe's upgrade_net_proto_text cannot "
+                            f"upgrade it: {last}")
+        log.info("%s is in Caffe's legacy V1 format: read as Caffe upgrades it", path)
+        return fileio.read_net_prototxt(out)

@@ -189,9 +189,10 @@ def check_record(folder, record, what):
         return
     hint = (f"use the same settings to resume or reuse it, --force to redo {what} from scratch, or another "
             "--output")
-    if old.get("weights", {}).get("sha256") != record["weights"]["sha256"]:
-        raise UserError(f"{folder} holds {what} started from other weights ({old.get('weights', {}).get('path')}, "
-                        f"not {record['weights']['path']}); {hint}")
+    was, now = old.get("weights", {}), record["weights"]
+    if was.get("sha256") != now["sha256"]:
+        raise UserError(f"{folder} holds {what} started from other weights: {was.get('path')} with SHA-256 "
+                        f"{was.get('sha256')} there, {now['path']} with SHA-256 {now['sha256']} now; {hint}")
     for key in ("solver", "net"):
         if old.get(key) != record[key]:
             was, now = _first_difference(old.get(key, ""), record[key], solver=key == "solver")
@@ -254,11 +255,13 @@ def _snapshots(job, clean=False):
 def train(job, engine="binary", gpu=None, force=False):
     """Train ``job``, or resume it, and return its final :class:`Snapshot`; None when the phase's final model
     already exists from the same record (nothing is written then). The caller holds the folder's lock
-    (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch."""
-    from .caffe_env import set_device
+    (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch. ``gpu``:
+    None (the binary on the CPU, pycaffe in Caffe's current mode), a device, or several (data-parallel through
+    :mod:`dsd_caffe.multigpu`); ``training.json`` records them."""
+    from . import devices
 
     check_engine(engine)
-    set_device(gpu)
+    gpus = devices.check(gpu)  # before Caffe is asked: a missing device is one line, not a glog abort
     folder = os.path.abspath(job.folder)
     fileio.check_output(os.path.join(folder, RECORD), force=True)  # a file or a dangling link in the way: named
     record = job.record()
@@ -274,7 +277,7 @@ def train(job, engine="binary", gpu=None, force=False):
         fileio.write_caffemodel(job.start, job.start_param)
     fileio.write_prototxt(os.path.join(folder, job.net_name), job.net)
     fileio.write_prototxt(os.path.join(folder, job.solver_name), job.solver)
-    fileio.write_json(os.path.join(folder, RECORD), record)
+    fileio.write_json(os.path.join(folder, RECORD), dict(record, devices=devices.record(gpus)))
     snaps = _snapshots(job, clean=True)
     max_iter = job.solver.max_iter
     if snaps and snaps[0].iteration >= max_iter:
@@ -287,8 +290,10 @@ def train(job, engine="binary", gpu=None, force=False):
     state = portable_state(resume.solverstate, folder) if resume else None
     progress = caffelog.Progress(job.desc, max_iter, resume.iteration if resume else 0)
     try:
-        run = _run_binary if engine == "binary" else _run_pycaffe
-        run(job, folder, state, progress, logpath, gpu)
+        from . import multigpu
+
+        run = multigpu.run if gpus and len(gpus) > 1 else _run_binary if engine == "binary" else _run_pycaffe
+        run(job, folder, state, progress, logpath, gpus[0] if gpus and len(gpus) == 1 else gpus)
         progress.feed("")  # the end of the log: its last test is finished
     except BaseException:
         # Caffe does not check its snapshot writes: on a full disk it leaves truncated ones under their names
@@ -348,6 +353,9 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
             raise
     if rc != 0:
         tail = progress.caffe.failure[0] if progress.caffe.failure else "no error line in the log"
+        why = progress.caffe.diverged()
+        if why:  # a NaN net can make Caffe itself crash (max pooling's backward writes out of bounds)
+            tail = f"the training diverged: {why} (try a lower base_lr); Caffe then: {tail}"
         raise UserError(f"{job.desc}: `caffe train` failed with status {rc} in {folder}: {tail} (full log: "
                         f"{logpath})")
 
@@ -378,14 +386,21 @@ def _stop(proc, logf, progress):
                 return
 
 
-def _run_pycaffe(job, folder, state, progress, logpath, gpu):
+def pycaffe_solver(job, folder):
+    """The SolverParameter pycaffe runs for ``job``: its paths absolute, its net inline with absolute sources."""
     from . import solvers, sources
-    from .caffe_env import import_caffe
 
-    caffe = import_caffe()
     s = solvers.resolve_paths(job.solver, folder)
     s.ClearField("net")
     s.net_param.CopyFrom(sources.absolute_sources(job.net, folder))
+    return s
+
+
+def _run_pycaffe(job, folder, state, progress, logpath, gpu):
+    from .caffe_env import set_device
+
+    caffe = set_device(gpu)
+    s = pycaffe_solver(job, folder)
     fd, tmp = tempfile.mkstemp(prefix=".pycaffe-", suffix=".prototxt", dir=folder)
     os.close(fd)
     capture = _GlogCapture(logpath, progress)

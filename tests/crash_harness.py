@@ -270,7 +270,7 @@ def check_run(out, reference_out, dense_weights):
         for f in files:
             path = os.path.join(root, f)
             if f.startswith("."):
-                counts["leftover_tmp"] += not f.endswith(".lock")  # lock files stay (see fileio.output_lock)
+                counts["leftover_tmp"] += not f.endswith(".lock")  # a killed holder's lock file stays
                 continue
             ext = f.rsplit(".", 1)[-1]
             if ext == "caffemodel":

@@ -646,7 +646,7 @@ def writers(net, pruned):
 
 WRITERS = ["prune", "train_sparse", "retrain_dense", "dsd", "evaluate", "sensitivity", "make_lmdb",
            "make_lmdb --mean-file", "import_fashion_mnist", "decode_compressed", "compress", "generate", "demo",
-           "dsd_caffe.zoo"]
+           "dsd_caffe.zoo", "export_onnx"]
 
 
 def writer_args(which, out, net, w, elsewhere):
@@ -666,7 +666,8 @@ def writer_args(which, out, net, w, elsewhere):
             "compress": ("--model", w["deploy"], "--weights", w["sparse"], "--output", out),
             "generate": ("--output", out),
             "demo": ("--output", out, "--quick"),
-            "dsd_caffe.zoo": ("fetch", "squeezenet-v1.0", "--output", out, "--from-file", net["weights"])}[which]
+            "dsd_caffe.zoo": ("fetch", "squeezenet-v1.0", "--output", out, "--from-file", net["weights"]),
+            "export_onnx": common + ("--output", out)}[which]
     return which.split()[0], args
 
 

@@ -240,7 +240,7 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
             imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     finally:
         timer.cancel()
-    assert sorted(os.listdir(tmp_path)) == [".out.lock", "img"]  # the lock file stays (fileio.output_lock)
+    assert sorted(os.listdir(tmp_path)) == ["img"]  # the lock file goes too (fileio.output_lock)
 
 
 def test_killed_build_leaves_no_lmdb_under_real_name(tmp_path):
@@ -279,8 +279,7 @@ def test_killed_at_every_rename_the_lmdb_is_absent_or_whole(tmp_path):
         k += 1
     assert lmdbio.lmdb_info(out)["count"] == 200  # the run that had no k-th rename finished
     assert subprocess.run(tool_cmd("make_lmdb", *args), capture_output=True).returncode == 0
-    assert sorted(n for n in os.listdir(tmp_path) if n != "img") == [".out.lock", "mean.binaryproto", "out",
-                                                                     "out.json"]
+    assert sorted(n for n in os.listdir(tmp_path) if n != "img") == ["mean.binaryproto", "out", "out.json"]
 
 
 def test_two_builds_of_one_lmdb(tmp_path):
@@ -846,7 +845,7 @@ def test_full_disk_make_lmdb_is_one_line_and_keeps_the_old_output(tmp_path):
         "command again")
     full = one_error_line(tmp_path / "full.err", "make_lmdb")
     assert full.startswith("make_lmdb.py: error: No space left on device") and "free some space" in full
-    assert sorted(out.split("\n")[2].split()[1:]) == [".other.lock", ".out.lock", "out", "out.json"]
+    assert sorted(out.split("\n")[2].split()[1:]) == ["out", "out.json"]
     assert "count 8" in out
 
 
@@ -867,7 +866,7 @@ def test_full_disk_import_fashion_mnist_is_one_line_and_keeps_the_old_import(tmp
     assert lines[:2] == ["force 2", "new 2"], out
     assert "No space left on device" in one_error_line(tmp_path / "force.err", "import_fashion_mnist")
     assert "No space left on device" in one_error_line(tmp_path / "new.err", "import_fashion_mnist")
-    assert lines[2].split() == ["left", ".fm.lock", ".new.lock", "fm", "|", "test_lmdb", "test_lmdb.json",
+    assert lines[2].split() == ["left", "fm", "|", "test_lmdb", "test_lmdb.json",
                                 "train_lmdb", "train_lmdb.json", "val_lmdb", "val_lmdb.json"]
     assert lines[3] == "old 55000 0"
 
@@ -934,7 +933,7 @@ def test_no_decodable_image_leaves_no_lmdb_and_no_json(tmp_path):
     r = tool("make_lmdb", tmp_path / "junk", "--output", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"make_lmdb.py: error: none of the 1 files in {tmp_path / 'junk'} could be decoded as an image")
-    assert sorted(os.listdir(tmp_path)) == [".out.lock", "junk"]
+    assert sorted(os.listdir(tmp_path)) == ["junk"]
 
 
 def test_lmdb_options_are_validated_once_and_name_the_bad_value():

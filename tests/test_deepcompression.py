@@ -89,6 +89,7 @@ def test_caffemodel_is_deterministic_and_has_provenance(tmp_path, caffemodel):
     assert prov["nonzero"] == 415_921 and prov["weights"] == 1_244_448 and prov["format"] == "net"
     assert not os.path.isabs(prov["source"]) and len(prov["density"]) == 26
     assert (prov["phase"], prov["made_by"]) == ("sparse", "decode_compressed")  # the phase field holds a phase
+    assert prov["source_sha256"] == fileio.file_digest(DC_NET)  # which .net was decoded, not only where it was
 
 
 def test_existing_output_refused_unless_force(caffemodel):

@@ -3,6 +3,7 @@
 helped.
 
 The code and the full --help are in dsd_caffe/commands/dsd.py (installed as dsd-run)."""
+from dsd_caffe.cli import catch_early_interrupts; catch_early_interrupts()  # Ctrl-C while loading
 from dsd_caffe.commands.dsd import main
 
 if __name__ == "__main__":

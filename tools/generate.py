@@ -3,6 +3,7 @@
 models/small_squeezenet/, and dense / sparse / redense solvers under solvers/<net>/ from solvers.DEFAULTS.
 
 The code and the full --help are in dsd_caffe/commands/generate.py (installed as dsd-generate)."""
+from dsd_caffe.cli import catch_early_interrupts; catch_early_interrupts()  # Ctrl-C while loading
 from dsd_caffe.commands.generate import main
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ set for final numbers.
 
 The code and the full --help are in dsd_caffe/commands/import_fashion_mnist.py
 (installed as dsd-import-fashion-mnist)."""
+from dsd_caffe.cli import catch_early_interrupts; catch_early_interrupts()  # Ctrl-C while loading
 from dsd_caffe.commands.import_fashion_mnist import main
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def run(a):
 
     knobs = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
     res = demo.run_demo(a.output, seed=a.seed, scale=0.1 if a.quick else a.scale, engine=a.engine, force=a.force,
-                        **knobs)
+                        gpu=flags.device(a), **knobs)
     print(res["table"])
     print(f"plots: {a.output}/accuracy.png, {a.output}/weights_histogram.png; numbers: {a.output}/results.json")
 
@@ -23,7 +23,7 @@ def main(argv=None):
     length = p.add_mutually_exclusive_group()  # --quick is a scale: both at once, one would be ignored
     length.add_argument("--scale", type=float, default=1.0, help="multiply every phase's iteration count")
     length.add_argument("--quick", action="store_true", help="a short run: --scale 0.1")
-    flags.add_engine(p)
+    flags.add_device(p)
     p.add_argument("--width", type=float, help="width multiplier of the small net (default: 1)")
     p.add_argument("--profile", help="pruning profile: uniform, global or a JSON file of densities (default: "
                    "uniform)")

@@ -1,6 +1,7 @@
 """Dense-Sparse-Dense from a dense caffemodel: prune -> sparse phase -> redense phase, --cycles N times, and with
 --control the equal-length dense control beside it; --seeds N repeats the pair over seeds and says whether DSD
-helped.
+helped. --sparse-schedule gradual prunes inside each sparse phase (Zhu & Gupta's cubic schedule) instead of at
+once.
 
 Everything lands in --output: cycleK-sparse/ and cycleK-redense/ (each with its prototxts, snapshots, log and
 final model + JSON), with --control also controlK-sparse/ and controlK-redense/ (the dense model trained on for
@@ -10,7 +11,10 @@ Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, 
 the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
 Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
 snapshot of the current phase. A finished run is refused unless --force (start over). One run per --output: a
-second one is refused while the first is alive.
+second one is refused while the first is alive, and so is any tool writing inside it.
+A model whose loss or outputs are not finite (training diverged: try a lower learning rate) is marked "diverged"
+in the table and recorded as null with the reason in dsd_state.json; the verdict refuses such a seed, and the
+tool exits with status 3.
 """
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
@@ -24,13 +28,17 @@ def run(a):
         sparse=flags.schedule(a, "sparse"), redense=flags.schedule(a, "redense"),
         cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
         test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed)
-    result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, a.gpu, a.force)
+    result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, flags.device(a), a.force)
     for seed, state in result["runs"].items():
         if len(result["runs"]) > 1:
             print(f"seed {seed}:")
         print(pipeline.results_text(state))
     if result["verdict"] is not None:
         print(result["verdict"].format())
+    if result.get("refused"):
+        print(result["refused"])
+    diverged = [s for s in result["runs"].values() if any(r["diverged"] for r in pipeline.results_table(s).values())]
+    return cli.DIVERGED if diverged else 0
 
 
 def main(argv=None):
@@ -39,6 +47,7 @@ def main(argv=None):
     p.add_argument("--weights", required=True, help="dense caffemodel")
     cli.add_output(p, "run folder")
     flags.add_pruning(p)
+    flags.add_gradual(p, "--sparse-schedule")
     p.add_argument("--cycles", type=int, default=1, help="1 = DSD, 2 = DSDSD, ...")
     flags.add_schedule(p, "sparse", prefix="sparse")
     flags.add_schedule(p, "redense", prefix="redense")

@@ -59,11 +59,39 @@ def seed_default():
     return solvers.SEED
 
 
+def add_gradual(p, flag="--schedule"):
+    """One-shot or gradual pruning (``flag``: ``--schedule``, or ``--sparse-schedule`` where a tool drives several
+    phases) and the gradual schedule's settings; defaults in solvers.DEFAULTS (the sparse row)."""
+    from dsd_caffe import gradual, solvers
+
+    d = solvers.DEFAULTS["imagenet"]["sparse"]
+    g = p.add_argument_group("when to prune (gradual: Zhu & Gupta's cubic schedule, inside the sparse phase)")
+    g.add_argument(flag, dest="pruning_schedule", choices=gradual.SCHEDULES, default="oneshot",
+                   help="oneshot: prune now, as the DSD release; gradual: start the sparse phase from the dense "
+                        "weights and let the mask layer prune toward the final densities in steps")
+    g.add_argument("--gradual-begin", type=int, metavar="ITER",
+                   help=f"iteration t0 of the first pruning step (default: {d.gradual_begin:g} x the sparse phase's "
+                        "length, solvers.DEFAULTS)")
+    g.add_argument("--gradual-steps", type=int, metavar="N",
+                   help=f"pruning steps n after the first (default: {d.gradual_steps}, fewer in a short phase)")
+    g.add_argument("--gradual-interval", type=int, metavar="DT",
+                   help=f"iterations dt between steps (default: the last step at {d.gradual_end:.3g} x the phase's "
+                        "length)")
+    g.add_argument("--gradual-initial-density", type=float, metavar="D",
+                   help="density s_i of the first step (default: 1, the dense model)")
+
+
 def prune_config(args, seed=None):
+    from dsd_caffe.gradual import Gradual
     from dsd_caffe.phases import PruneConfig
 
+    schedule = getattr(args, "pruning_schedule", "oneshot")
+    settings = Gradual(begin=getattr(args, "gradual_begin", None), steps=getattr(args, "gradual_steps", None),
+                       interval=getattr(args, "gradual_interval", None),
+                       initial=getattr(args, "gradual_initial_density", None))
     return PruneConfig(ratio=args.ratio, density=args.density, sparsity=args.sparsity, profile=args.profile,
-                       skip=tuple(args.skip), seed=seed_default() if seed is None else seed)
+                       skip=tuple(args.skip), seed=seed_default() if seed is None else seed, schedule=schedule,
+                       gradual=settings)
 
 
 def add_sources(p):
@@ -79,10 +107,26 @@ def add_engine(p):
                    help="train with the `caffe train` binary or pycaffe's Solver in this process")
 
 
-def add_device(p, engine=True):
+def add_device(p, engine=True, several=True):
+    """--gpu (and --engine): the devices a tool runs on; ``several`` for the tools that train (several devices
+    train each phase data-parallel). Read back with :func:`device`."""
     if engine:
         add_engine(p)
-    p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
+    more = (": 0, or 0,1,... to train each phase data-parallel on several GPUs (--seeds: one GPU per seed, round "
+            "robin)" if several else "")
+    p.add_argument("--gpu", metavar="N,..." if several else "N",
+                   help=f"GPU device number{'s' if several else ''}{more} (CUDA builds only; default: the CPU)")
+
+
+def device(a):
+    """The tool's choice of device: the --gpu devices (a tuple), each checked to exist before Caffe is asked (one
+    line naming a missing one: dsd_caffe.devices), or None: without --gpu, Caffe runs on the CPU."""
+    from dsd_caffe import caffe_env, devices
+
+    gpus = devices.check(a.gpu)
+    if gpus is None:
+        caffe_env.use_cpu()
+    return gpus
 
 
 def add_recipe(p):

@@ -11,6 +11,10 @@ and masks (and the sparse trainval for a trainval); the solver is written when t
 train_sparse.py writes it where they are. Re-pruning a pruned model: a weight that is already 0 counts as pruned,
 so it can only be pruned further; a density above a layer's current one is refused, naming both.
 
+--schedule gradual prunes inside the sparse phase instead (Zhu & Gupta's cubic schedule): pruned.caffemodel then
+holds the dense weights, and sparse_trainval.prototxt's mask layer holds the schedule and each layer's final
+density; it prunes every --gradual-interval iterations from --gradual-begin, in --gradual-steps steps.
+
 Then: train_sparse.py FOLDER (or, from the folder, caffe train --solver=sparse_solver.prototxt
 --weights=pruned.caffemodel).
 """
@@ -33,6 +37,7 @@ def main(argv=None):
     p.add_argument("--weights", required=True, help="dense caffemodel")
     cli.add_output(p, "output folder")
     flags.add_pruning(p)
+    flags.add_gradual(p)
     flags.add_sources(p)
     flags.add_schedule(p, "sparse")
     flags.add_run_settings(p)

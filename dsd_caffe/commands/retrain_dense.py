@@ -15,7 +15,7 @@ def run(a):
     from dsd_caffe import phases
 
     print(phases.retrain_dense(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
-                               flags.schedule(a), a.recipe, a.engine, a.gpu, a.force, a.seed))
+                               flags.schedule(a), a.recipe, a.engine, flags.device(a), a.force, a.seed))
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ def run(a):
 
     config = sensitivity.ScanConfig(densities=tuple(a.densities), layers=tuple(a.layers) if a.layers else None,
                                     iterations=a.iterations)
-    rows = sensitivity.sensitivity_scan(a.model, a.weights, a.output, config, a.test_source, a.force, a.gpu)
+    rows = sensitivity.sensitivity_scan(a.model, a.weights, a.output, config, a.test_source, a.force, flags.device(a))
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         print(f"{r['layer']:<24} {r['density']:.2f} {acc}")
@@ -34,6 +34,6 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=10, help="TEST batches per evaluation")
     p.add_argument("--test-source", help="validation LMDB instead of the trainval's TEST source (default: the "
                    "trainval's)")
-    flags.add_device(p, engine=False)
+    flags.add_device(p, engine=False, several=False)
     p.add_argument("--force", action="store_true", help="replace an existing sensitivity folder")
     cli.main(p, run, argv)

@@ -6,6 +6,9 @@ sparse.caffemodel with its JSON. A progress bar shows the iteration, loss, last 
 full log is FOLDER/train.log. Ctrl-C stops at a snapshot: run the same command again to resume. A finished phase
 is reused when the settings are the same and refused when they differ (--force redoes it from scratch).
 
+A folder pruned with --schedule gradual trains the same way: its mask layer prunes at the iterations its schedule
+names (each step logged with its target density), and sparse.caffemodel's JSON records the density curve.
+
 --max-iter/--epochs/--base-lr/--snapshot/--iter-size change the solver recorded at pruning (without them the
 folder's sparse_solver.prototxt is used as it is, also when edited by hand before training). --engine binary runs
 the `caffe train` binary; --engine pycaffe runs pycaffe's Solver in this process. Then run tools/retrain_dense.py.
@@ -18,7 +21,7 @@ def run(a):
     from dsd_caffe import phases
 
     print(phases.train_sparse(a.folder, flags.schedule(a),
-                              engine=a.engine, gpu=a.gpu, force=a.force))
+                              engine=a.engine, gpu=flags.device(a), force=a.force))
 
 
 def main(argv=None):
