@@ -59,6 +59,8 @@ def test_every_tool_command_in_the_readme_is_accepted_by_its_parser(capsys):
                 module, argv = "dsd_caffe.zoo", cmd[3:]
             else:
                 continue
+            if "..." in argv:  # a sketch with a placeholder, not a command to run
+                continue
             assert _parser(module, argv) is None, (cmd, capsys.readouterr().err)
             seen += 1
     assert seen >= 12
