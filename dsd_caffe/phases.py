@@ -21,6 +21,7 @@ import logging
 import os
 
 from . import fileio, masks, netcheck, netgen, plots, pruning, solvers, sources, training
+from .caffe_env import caffe_pb2
 from .errors import UserError
 from .solvers import Schedule
 
@@ -135,32 +136,57 @@ def initial_weights(net, seed):
         return fileio.read_caffemodel(os.path.join(tmp, INIT))
 
 
-def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False, seed=0):
+def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False, seed=0,
+                solver=None):
     """The dense phase: ``inputs.weights``, or the net's fillers seeded with ``seed`` when None, trained into
-    ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS."""
-    recipe = recipe_of(recipe, inputs.weights)
+    ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS;
+    ``solver`` (a solver prototxt path) is the template of the phase's solver (solvers.build)."""
+    recipe = recipe_of(recipe, inputs.weights, solver)
     net, _ = check_inputs(inputs)
-    solver = _solver("dense", net, dense, recipe, seed)
+    solver = _solver("dense", net, dense, recipe, seed, solvers.read_template(solver))
     start = os.fspath(inputs.weights) if inputs.weights is not None else (None, initial_weights(net, seed))
     return train_plain("dense", net, output_dir, solver, start, engine, gpu, force,
                        extra={"engine": engine, "recipe": recipe})
 
 
-def recipe_of(recipe, weights):
+def recipe_of(recipe, weights, template=None):
     """``recipe`` when given; else the one recorded in the JSON beside ``weights`` (a model this toolkit made
-    records the recipe it was trained with, so the next phase takes the same defaults); else "imagenet"."""
+    records the recipe it was trained with, so the next phase takes the same defaults); else "imagenet", with a
+    warning when no solver ``template`` is given either (a user's own model trains by a recipe made for another
+    net)."""
     if recipe is not None:
         solvers.defaults("sparse", recipe)  # refuses an unknown recipe
         return recipe
     sidecar = fileio.sidecar_path(weights) if weights is not None else None
     recorded = fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
-    return recorded if recorded in solvers.RECIPES else "imagenet"
+    if recorded in solvers.RECIPES:
+        return recorded
+    if template is None and weights is not None:
+        d = solvers.DEFAULTS["imagenet"]
+        log.warning("%s records no recipe and no --solver was given: the phases take the imagenet recipe "
+                    "(solvers.DEFAULTS: sparse base_lr %g for %g epochs, redense %g for %g epochs, lr_policy poly, "
+                    "momentum 0.9, weight_decay 0.0002); pass --solver your_solver.prototxt to train with your "
+                    "own solver's settings", weights, d["sparse"].base_lr, d["sparse"].epochs, d["redense"].base_lr,
+                    d["redense"].epochs)
+    return "imagenet"
 
 
-def _solver(phase, net, schedule, recipe, seed):
+def _solver(phase, net, schedule, recipe, seed, template=None):
     (train_src, batch), (test_src, test_batch) = sources.data_sources(net)
     sizes = solvers.DataSizes(sources.lmdb_count(train_src), sources.lmdb_count(test_src), batch, test_batch)
-    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, f"snapshots/{phase}", seed)
+    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, f"snapshots/{phase}", seed, template)
+
+
+def describe(phase, solver, train_size, batch):
+    """One line for people: a phase's length in iterations and epochs and the solver settings it trains with."""
+    s = solver
+    epochs = s.max_iter * batch * s.iter_size / train_size
+    policy = s.lr_policy + "".join(f" {k} {getattr(s, k):g}" for k in ("gamma", "power", "stepsize")
+                                   if s.HasField(k))
+    return (f"{phase}: {s.max_iter} iterations ({epochs:.3g} epochs of {train_size} images at batch {batch} x "
+            f"iter_size {s.iter_size}), base_lr {s.base_lr:g}, lr_policy {policy}, momentum {s.momentum:g}, "
+            f"weight_decay {s.weight_decay:g}, type {s.type or 'SGD'}, test_iter {list(s.test_iter)} every "
+            f"{s.test_interval}")
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -203,19 +229,21 @@ class PruneConfig:
 
 #: what a prune folder's JSON records of the command that made it: the folder is reused only when they match
 PRUNE_SETTINGS = ("source_sha256", "target_density", "profile", "skip", "seed", "recipe", "sparse_schedule",
-                  "trainval_sha256")
+                  "trainval_sha256", "solver_template")
 
 
-def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=False):
+def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=False, solver=None):
     """Prune ``inputs.weights`` into ``output_dir`` (written whole or not at all: staged in a temporary folder).
     A folder pruned by the same command is reused; other settings are refused, naming the first that differs;
-    ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
+    ``force`` prunes again from scratch. ``solver`` (a solver prototxt path) is the sparse solver's template; its
+    text is recorded for :func:`train_sparse`. Returns {"table", "rows", "densities", "model", "output_dir",
+    "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
-    recipe = recipe_of(recipe, inputs.weights)
+    recipe = recipe_of(recipe, inputs.weights, solver)
     fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
-        plan = _plan(inputs, config, sparse, recipe, out)
+        plan = _plan(inputs, config, sparse, recipe, out, solvers.read_template(solver))
         pruned = os.path.join(out, PRUNED)
         if training.finished(pruned) and not force:
             old = fileio.read_json(fileio.sidecar_path(pruned))
@@ -236,7 +264,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
             "model": pruned, "output_dir": out, "notes": plan["notes"]}
 
 
-def _plan(inputs, config, sparse, recipe, out):
+def _plan(inputs, config, sparse, recipe, out, template):
     """Everything prune writes, computed in memory first (so a refusal writes nothing)."""
     net = inputs.net(require=())
     data_layers = [p.source for _, p in sources.source_fields(net)]
@@ -249,12 +277,13 @@ def _plan(inputs, config, sparse, recipe, out):
     kept = config.masks(weights)
     rows = pruning.summary_rows(weights, kept)
     sparse_net = masks.sparse_net(net, {n: w.shape for n, w in weights.items()})
-    solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers))
+    solver, notes = _sparse_solver(sparse_net, sparse, recipe, config.seed, bool(data_layers), template)
     relative = sources.relative_sources(sparse_net, out) if data_layers else None
     record = dict(source_sha256=training.file_record(inputs.weights)["sha256"], target_density=config.target,
                   profile=config.profile, skip=list(config.skip), seed=config.seed, recipe=recipe,
                   sparse_schedule=sparse.settings(),
-                  trainval_sha256=training.text_digest(relative) if relative is not None else None)
+                  trainval_sha256=training.text_digest(relative) if relative is not None else None,
+                  solver_template=training.text_of(template) if template is not None else None)
     return dict(weights=weights, kept=kept, rows=rows, model_param=model_param, sparse_net=sparse_net,
                 relative=relative, solver=solver, notes=notes, record=record)
 
@@ -281,7 +310,7 @@ def _write_prune_folder(out, plan, inputs):
                                 solver=SPARSE_SOLVER if plan["solver"] is not None else None, **plan["record"])
 
 
-def _sparse_solver(net, schedule, recipe, seed, trainable):
+def _sparse_solver(net, schedule, recipe, seed, trainable, template):
     """(the sparse solver or None, notes saying why not)."""
     if not trainable:
         return None, ["the model is a deploy net (no data layers): wrote the pruned caffemodel and masks; prune "
@@ -294,7 +323,7 @@ def _sparse_solver(net, schedule, recipe, seed, trainable):
                       f"tools/train_sparse.py writes it where the data is, from the settings recorded in "
                       f"{PRUNED}.json"]
     sizes = solvers.DataSizes(train_n, test_n, batch, test_batch)
-    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, "snapshots/sparse", seed), []
+    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, "snapshots/sparse", seed, template), []
 
 
 # ------------------------------------------------------------------------------------------------ sparse
@@ -328,11 +357,12 @@ def _sparse_folder(out):
     return stored, net
 
 
-def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force=False):
+def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force=False, solver=None):
     """The sparse phase in a folder written by :func:`prune`: train from pruned.caffemodel (or resume, or reuse a
     finished phase of the same settings), check that every pruned weight is still 0.0, write sparse.caffemodel and
-    its JSON. ``sparse`` overrides the solver's settings (the solver is rebuilt from those recorded at pruning);
-    without overrides the folder's own sparse_solver.prototxt is used as it is. Returns the final model's path."""
+    its JSON. ``sparse`` overrides the solver's settings (the solver is rebuilt from those recorded at pruning), as
+    does ``solver`` (a solver prototxt path: the template, instead of the one recorded); without either the
+    folder's own sparse_solver.prototxt is used as it is. Returns the final model's path."""
     out = os.path.abspath(os.fspath(output_dir))
     with fileio.output_lock(out):
         stored, net_rel = _sparse_folder(out)
@@ -340,14 +370,17 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         dense_net = masks.remove_mask_layer(sources.absolute_sources(net_rel, out))
         netcheck.check_data(dense_net, name=os.path.join(out, SPARSE_NET))
         solver_path = os.path.join(out, SPARSE_SOLVER)
-        if sparse.settings() or not os.path.exists(solver_path):
+        if sparse.settings() or solver is not None or not os.path.exists(solver_path):
             recorded = dict(prov.get("sparse_schedule", {}))
             if {"epochs", "max_iter"} & set(sparse.settings()):  # a length given now replaces the recorded one
                 recorded.pop("epochs", None)
                 recorded.pop("max_iter", None)
             schedule = dataclasses.replace(Schedule(**recorded), **sparse.settings())
-            solver = _solver("sparse", dense_net, schedule, prov.get("recipe", "imagenet"),
-                             prov.get("seed", 0))
+            recorded = prov.get("solver_template")
+            template = solvers.read_template(solver) if solver is not None else fileio.parse_prototxt(
+                recorded, caffe_pb2().SolverParameter(), PRUNED + ".json") if recorded is not None else None
+            solver = _solver("sparse", dense_net, schedule, prov.get("recipe", "imagenet"), prov.get("seed", 0),
+                             template)
         else:
             solver = fileio.read_solver_prototxt(solver_path)
         job = training.Job(out, "sparse", SPARSE_SOLVER, solver, SPARSE_NET, net_rel, os.path.join(out, PRUNED),
@@ -367,11 +400,11 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
 
 # ------------------------------------------------------------------------------------------------ redense
 def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,
-                  seed=0):
+                  seed=0, solver=None):
     """The redense phase: release the masks of ``inputs.weights`` (a sparse-phase caffemodel; a caffemodel with no
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
-    ``output_dir/redense.caffemodel``. Returns its path."""
-    recipe = recipe_of(recipe, inputs.weights)
+    ``output_dir/redense.caffemodel``; ``solver`` (a solver prototxt path) is its template. Returns its path."""
+    recipe = recipe_of(recipe, inputs.weights, solver)
     net, model_param = check_inputs(inputs)
     if masks.mask_layer_spec(model_param) is not None:
         released = masks.release_masks(model_param, os.fspath(inputs.weights))[0]
@@ -379,6 +412,6 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="b
                  masks.sparsity_report(released)["total"]["density"])
     else:
         released = model_param
-    solver = _solver("redense", net, redense, recipe, seed)
+    solver = _solver("redense", net, redense, recipe, seed, solvers.read_template(solver))
     return train_plain("redense", net, output_dir, solver, (os.fspath(inputs.weights), released), engine, gpu,
                        force, extra={"engine": engine, "recipe": recipe})

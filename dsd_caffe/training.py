@@ -139,7 +139,8 @@ def file_record(path):
     return {"path": path, "sha256": fileio.file_digest(path)}
 
 
-def _text(message):
+def text_of(message):
+    """A protobuf message as prototxt text (what records hold)."""
     from google.protobuf import text_format
 
     return text_format.MessageToString(message)
@@ -147,7 +148,7 @@ def _text(message):
 
 def text_digest(message):
     """The SHA-256 of a protobuf message's prototxt text (what a record compares)."""
-    return hashlib.sha256(_text(message).encode()).hexdigest()
+    return hashlib.sha256(text_of(message).encode()).hexdigest()
 
 
 #: solver fields a person sets, compared first so a message names the cause (max_iter), not a consequence
@@ -235,7 +236,7 @@ class Job:
             digest = hashlib.sha256(self.start_param.SerializeToString()).hexdigest()
         else:
             digest = fileio.file_digest(self.start)
-        return {"solver": _text(self.solver), "net": _text(self.net),
+        return {"solver": text_of(self.solver), "net": text_of(self.net),
                 "weights": {"path": os.path.abspath(self.source or self.start), "sha256": digest}}
 
 

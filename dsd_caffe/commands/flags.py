@@ -78,6 +78,13 @@ def add_device(p, engine=True):
     p.add_argument("--gpu", type=int, help="GPU device number (CUDA builds only; default: the CPU)")
 
 
+def add_solver(p):
+    p.add_argument("--solver", metavar="PROTOTXT",
+                   help="your solver prototxt: every phase's solver takes its settings (momentum, weight decay, lr "
+                        "policy, test_iter, test_interval, iter_size, solver_mode, type, ...) but for DSD's own: "
+                        "the phase's base_lr and length (the recipe's or the flags'), snapshots and seed")
+
+
 def add_recipe(p):
     from dsd_caffe import solvers
 
