@@ -36,6 +36,8 @@ import shutil
 import signal
 import time
 
+import numpy as np
+
 from . import (caffelog, dataorder, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training, verdict)
 from .errors import Interrupted, UserError
@@ -70,6 +72,7 @@ class RunConfig:
     control: bool = False
     seed: int = 0
     data_order: str = None  # "fixed" (None: over several seeds "shuffled") or "shuffled": the seed's TRAIN order
+    dense_per_seed: bool = False  # each seed trains its own dense model from the net's fillers seeded with it
 
     def __post_init__(self):
         if self.data_order is not None:
@@ -143,7 +146,7 @@ def _open_state(out, config, force, reuse=False):
 
 def _clear(out):
     for name in os.listdir(out):
-        if name in (STATE, PLOT, VERDICT) or name.startswith(("cycle", "control", "seed", SHUFFLED)):
+        if name in (STATE, PLOT, VERDICT, "dense") or name.startswith(("cycle", "control", "seed", SHUFFLED)):
             p = os.path.join(out, name)
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
@@ -158,7 +161,8 @@ def _check_run(config):
     names = netgen.weighted_layers(net)
     config.prune.masks({n: weights[n] for n in names})
     (train, batch), _ = sources.data_sources(net)
-    for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
+    extra = (("dense", Schedule()),) if config.dense_per_seed else ()
+    for phase, schedule in extra + (("sparse", config.sparse), ("redense", config.redense)):
         solver = phases._solver(phase, net, schedule, config.recipe, config.seed, config.template())
         log.info("%s (%s)", phases.describe(phase, solver, sources.lmdb_count(train), batch),
                  f"your solver {config.solver} with DSD's base_lr and length" if config.solver else
@@ -191,8 +195,8 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
             config = dataclasses.replace(config, train_source=dataorder.shuffled_copy(
                 train, os.path.join(out, SHUFFLED), config.seed))
         run = _Run(config, out, state, engine, gpu)
-        run.step("dense", "both", "dense", lambda: config.weights)
-        dsd = control = config.weights
+        run.step("dense", "both", "dense", run.dense)
+        dsd = control = run.model("dense")
         for c in range(1, config.cycles + 1):
             sdir, rdir = os.path.join(out, f"cycle{c}-sparse"), os.path.join(out, f"cycle{c}-redense")
             run.step(f"cycle{c}-pruned", "dsd", "sparse", lambda: run.prune(dsd, sdir))
@@ -242,6 +246,16 @@ class _Run:
         fileio.write_json(os.path.join(self.out, STATE), self.state)
         log.info("%s: validation top-1 %s, density %.4f", name,
                  f"{entry['accuracy']:.4f}" if entry["accuracy"] is not None else "-", entry["density"])
+
+    def dense(self):
+        """The dense model both arms start from: the given one, or with ``dense_per_seed`` one trained from the
+        net's fillers seeded with the run's seed (the --solver's base_lr and max_iter, else the recipe's)."""
+        c = self.config
+        if not c.dense_per_seed:
+            return c.weights
+        return phases.train_dense(Inputs(c.model, None, c.train_source, c.test_source, net_param=self.net),
+                                  os.path.join(self.out, "dense"), recipe=c.recipe, engine=self.engine, gpu=self.gpu,
+                                  seed=c.seed, solver=c.solver)
 
     def evaluate(self, weights, test_source=None):
         net = _with_test(self.net, test_source) if test_source else self.net
@@ -392,6 +406,8 @@ def varied(config):
     out = [f"solver random_seed: {', '.join(used)}"] if used else []
     if config.data_order == "shuffled":
         out.append("the TRAIN data order (a copy of the TRAIN LMDB in each seed's order)")
+    if config.dense_per_seed:
+        out.append("the dense model (trained per seed from the net's fillers)")
     return tuple(out)
 
 
@@ -404,13 +420,26 @@ def _larger_than(source, crop):
 
 
 def _identical_models(out, runs):
-    """True when every seed's DSD model, and every seed's control, are the same bytes (the seeds varied nothing)."""
+    """True when every seed's DSD model, and every seed's control, hold bit-identical weights (the seeds varied
+    nothing)."""
     digests = set()
     for seed, state in runs.items():
         table = results_table(state)
-        digests.add(tuple(fileio.file_digest(os.path.join(out, f"seed{seed}", table[row]["model"]))
+        digests.add(tuple(weights_digest(os.path.join(out, f"seed{seed}", table[row]["model"]))
                           for row in ("DSD", "control")))
     return len(digests) == 1
+
+
+def weights_digest(path):
+    """The SHA-256 of a caffemodel's blobs alone (its bytes also hold the net's text, sources included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for layer in fileio.read_caffemodel(path).layer:
+        for blob in layer.blobs:
+            h.update(layer.name.encode() + b"\0" + json.dumps(list(blob.shape.dim)).encode())
+            h.update(np.asarray(blob.data, np.float32).tobytes())
+    return h.hexdigest()
 
 
 def _parallel(configs, out, jobs, engine, gpu, force):

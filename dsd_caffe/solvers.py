@@ -22,6 +22,7 @@ phase's solver from a copy of the user's: its momentum, weight decay, lr policy 
 ``test_interval``, ``iter_size``, ``solver_mode``/``device_id``, type and every other field, but for
 :data:`OWN_FIELDS`: what DSD defines for a phase (its base_lr and length, from the recipe or the flags), its files,
 snapshots and seed. Flags given explicitly still win. A GPU solver on a CPU-only build of Caffe trains on the CPU.
+The dense phase (``--dense-per-seed``) is the user's own training: it takes the template's base_lr and max_iter too.
 
 Paths. Caffe resolves a solver's ``net`` and ``snapshot_prefix`` against the working folder of the ``caffe``
 process. The toolkit writes them relative to the solver file's own folder and runs ``caffe train`` *from that
@@ -236,6 +237,9 @@ def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_pr
                                                           if k in _DEFAULT_FIELDS})
     if template is not None:
         row = dataclasses.replace(row, iter_size=schedule.iter_size or template.iter_size or 1)
+        if phase == "dense" and template.max_iter:  # the user's solver is their dense training: its rate, length
+            row = dataclasses.replace(row, base_lr=schedule.base_lr or template.base_lr,
+                                      max_iter=template.max_iter, epochs=schedule.epochs)
     max_iter = schedule.max_iter
     if max_iter is None:
         epochs = row.epochs  # the schedule's epochs, when given, are already in the row

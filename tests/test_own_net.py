@@ -127,7 +127,8 @@ def _seeds(setup, out, order):
 def test_seeds_that_vary_nothing_give_no_verdict(nodropout, tmp_path):
     result = _seeds(nodropout, tmp_path / "fixed", "fixed")
     v = result["verdict"]
-    digests = {fileio.file_digest(tmp_path / "fixed" / f"seed{s}" / "cycle1-redense" / phases.REDENSE) for s in (0, 1)}
+    digests = {pipeline.weights_digest(tmp_path / "fixed" / f"seed{s}" / "cycle1-redense" / phases.REDENSE)
+               for s in (0, 1)}
     assert len(digests) == 1  # the seeds changed only the solvers' random_seed, which this net never draws from
     assert (v.low, v.high, v.varied) == (None, None, ())
     assert v.sentence.startswith("No verdict: the 2 seeds varied nothing (their models are bit-identical)")
@@ -139,7 +140,7 @@ def test_a_seeded_run_reads_the_data_in_its_own_order(nodropout, tmp_path):
 
     out = tmp_path / "shuffled"
     v = _seeds(nodropout, out, None)["verdict"]  # over several seeds the order is shuffled by default
-    digests = {fileio.file_digest(out / f"seed{s}" / "cycle1-redense" / phases.REDENSE) for s in (0, 1)}
+    digests = {pipeline.weights_digest(out / f"seed{s}" / "cycle1-redense" / phases.REDENSE) for s in (0, 1)}
     assert len(digests) == 2
     assert v.varied == ("the TRAIN data order (a copy of the TRAIN LMDB in each seed's order)",) and v.low is not None
     original = [(img.tobytes(), label) for _, img, label in lmdbio.read_lmdb(os.path.join(nodropout[0], "train_lmdb"))]
@@ -154,3 +155,31 @@ def test_a_seeded_run_reads_the_data_in_its_own_order(nodropout, tmp_path):
         trainval = fileio.read_net_prototxt(out / f"seed{s}" / "cycle1-sparse" / phases.SPARSE_NET)
         assert trainval.layer[0].data_param.source == os.path.join("..", pipeline.SHUFFLED)
     assert orders[0] != orders[1] != original
+
+
+def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodropout, tmp_path):
+    folder, model, weights = nodropout
+    solver = tmp_path / "my_solver.prototxt"
+    solver.write_text('net: "elsewhere.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmomentum: 0.8\nmax_iter: 6\n'
+                      'test_iter: 1\ntest_interval: 3\nsnapshot: 100\nsnapshot_prefix: "x"\n')
+    config = pipeline.RunConfig(model, weights, phases.PruneConfig(ratio="3x"),
+                                Schedule(max_iter=4, flag="sparse"), Schedule(max_iter=4, flag="redense"),
+                                iterations=2, control=True, data_order="fixed", dense_per_seed=True,
+                                solver=str(solver))
+    out = tmp_path / "run"
+    v = pipeline.run_seeds(config, out, seeds=2, jobs=1)["verdict"]
+    assert v.varied == ("the dense model (trained per seed from the net's fillers)",)
+    digests = set()
+    for s in (0, 1):
+        dense = out / f"seed{s}" / "dense" / phases.DENSE
+        prov = fileio.read_json(fileio.sidecar_path(dense))
+        assert (prov["seed"], prov["iteration"], prov["phase"]) == (s, 6, "dense")
+        written = fileio.read_solver_prototxt(out / f"seed{s}" / "dense" / phases.solver_file("dense"))
+        assert (written.max_iter, written.base_lr, written.lr_policy, written.momentum, written.random_seed) == (
+            6, pytest.approx(0.01), "fixed", pytest.approx(0.8), s)
+        pruned = fileio.read_json(fileio.sidecar_path(out / f"seed{s}" / "cycle1-sparse" / phases.PRUNED))
+        assert pruned["source"] == str(dense)  # DSD and its control start from the seed's own dense model
+        state = fileio.read_json(out / f"seed{s}" / pipeline.STATE)
+        assert state["phases"][0]["model"] == os.path.join("dense", phases.DENSE)
+        digests.add(pipeline.weights_digest(dense))
+    assert len(digests) == 2

@@ -26,7 +26,7 @@ def run(a):
         sparse=flags.schedule(a, "sparse"), redense=flags.schedule(a, "redense"),
         cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
         test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed, solver=a.solver,
-        data_order=a.data_order)
+        data_order=a.data_order, dense_per_seed=a.dense_per_seed)
     result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, a.gpu, a.force)
     for seed, state in result["runs"].items():
         if len(result["runs"]) > 1:
@@ -60,6 +60,10 @@ def main(argv=None):
                    help="the order each seed reads the TRAIN data in: shuffled writes a copy of the TRAIN LMDB per "
                         "seed in the seed's order (costs its disk space per seed); fixed reads the LMDB's own order "
                         "(default: shuffled with --seeds 2 or more, else fixed)")
+    p.add_argument("--dense-per-seed", action="store_true",
+                   help="each seed first trains its own dense model from the net's fillers (seeded), with --solver's "
+                        "base_lr and max_iter (else the recipe's dense row), and prunes that: the seeds then vary the "
+                        "dense model too; costs one whole dense training per seed (--weights only checks the net)")
     flags.add_device(p)
     p.add_argument("--seed", type=int, default=0, help="random_seed of every solver (dropout, crops, mirrors)")
     p.add_argument("--force", action="store_true", help="start a finished or different run over")
