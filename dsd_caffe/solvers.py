@@ -22,7 +22,8 @@ phase's solver from a copy of the user's: its momentum, weight decay, lr policy 
 ``test_interval``, ``iter_size``, ``solver_mode``/``device_id``, type and every other field, but for
 :data:`OWN_FIELDS`: what DSD defines for a phase (its base_lr and length, from the recipe or the flags), its files,
 snapshots and seed. Flags given explicitly still win. A GPU solver on a CPU-only build of Caffe trains on the CPU.
-The dense phase (``--dense-per-seed``) is the user's own training: it takes the template's base_lr and max_iter too.
+The dense phase (``--train-dense-per-seed``) is the user's own training: it takes the template's base_lr and
+max_iter too.
 
 Paths. Caffe resolves a solver's ``net`` and ``snapshot_prefix`` against the working folder of the ``caffe``
 process. The toolkit writes them relative to the solver file's own folder and runs ``caffe train`` *from that

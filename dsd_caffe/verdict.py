@@ -83,7 +83,8 @@ def paired_verdict(gains, seeds=None, varied=None, identical=False, split=None):
                if varied == () else "every seed gave the same gain")
         return Verdict(gains, mean, std, None, None,
                        f"No verdict: the {n} seeds varied nothing ({why}), so their spread measures nothing; "
-                       "vary the data order (--data-order shuffled) or the dense model (--dense-per-seed).",
+                       "vary the data order (--data-order shuffled) or the dense model "
+                       "(--train-dense-per-seed).",
                        **known)
     half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * std / math.sqrt(n)
     low, high = mean - half, mean + half

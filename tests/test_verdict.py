@@ -39,7 +39,7 @@ def test_seeds_that_varied_nothing_give_no_interval(gains, varied, identical, wh
     assert (v.low, v.high) == (None, None)
     assert v.sentence == (f"No verdict: the {len(gains)} seeds varied nothing ({why}), so their spread measures "
                           "nothing; vary the data order (--data-order shuffled) or the dense model "
-                          "(--dense-per-seed).")
+                          "(--train-dense-per-seed).")
     text = v.format()
     assert "interval" not in text and "beat" not in text and text.splitlines()[-1] == v.sentence
     assert f"the seeds varied: {'; '.join(varied) if varied else 'nothing'}" in text

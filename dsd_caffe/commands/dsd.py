@@ -5,8 +5,9 @@ helped.
 Everything lands in --output: cycleK-sparse/ and cycleK-redense/ (each with its prototxts, snapshots, log and
 final model + JSON), with --control also controlK-sparse/ and controlK-redense/ (the dense model trained on for
 the same iterations, with the very solvers the DSD phases ran), dsd_state.json (settings, per-step results and
-densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/ folders and verdict.json (what the seeds varied, the standard deviation of the gains,
-the split; no interval when the seeds varied nothing).
+densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/ folders and verdict.json
+(what the seeds varied, the standard deviation of the gains, the split; no interval when the seeds varied
+nothing). --solver my_solver.prototxt: every phase's solver is yours but for DSD's base_lr and length.
 Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, top-5, density) is printed at
 the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
 Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
@@ -60,7 +61,7 @@ def main(argv=None):
                    help="the order each seed reads the TRAIN data in: shuffled writes a copy of the TRAIN LMDB per "
                         "seed in the seed's order (costs its disk space per seed); fixed reads the LMDB's own order "
                         "(default: shuffled with --seeds 2 or more, else fixed)")
-    p.add_argument("--dense-per-seed", action="store_true",
+    p.add_argument("--train-dense-per-seed", action="store_true",
                    help="each seed first trains its own dense model from the net's fillers (seeded), with --solver's "
                         "base_lr and max_iter (else the recipe's dense row), and prunes that: the seeds then vary the "
                         "dense model too; costs one whole dense training per seed (--weights only checks the net)")
