@@ -1,5 +1,7 @@
 """The DSD run: (prune -> sparse -> redense) x cycles from a dense caffemodel, resumable after any interruption,
-optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`).
+optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`). (Past 400
+lines: the run, its read-outs and its seeds' worker processes share the run folder's layout and state; the seeds'
+part could move to a module of its own once the per-seed device work on it has landed.)
 
 The run folder (one writer: it is locked for the whole run):
 
