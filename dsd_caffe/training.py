@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from . import caffelog, fileio
 from .caffe_env import caffe_pb2
 from .errors import Interrupted, UserError
@@ -466,10 +468,12 @@ def finished(path):
 
 
 def solver_summary(solver):
-    """The solver settings a provenance JSON records."""
+    """The solver settings a provenance JSON records, float fields as written (0.004, not the float32 Caffe stores,
+    0.004000000189989805)."""
     keys = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "max_iter", "iter_size", "momentum",
             "weight_decay", "snapshot", "random_seed", "type")
-    return {k: getattr(solver, k) for k in keys if solver.HasField(k)}
+    as_written = (lambda v: float(str(np.float32(v))) if isinstance(v, float) else v)
+    return {k: as_written(getattr(solver, k)) for k in keys if solver.HasField(k)}
 
 
 def record_of(folder):

@@ -183,3 +183,34 @@ def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodro
         assert state["phases"][0]["model"] == os.path.join("dense", phases.DENSE)
         digests.add(pipeline.weights_digest(dense))
     assert len(digests) == 2
+
+
+def test_recorded_settings_are_the_values_given_not_float32_noise():
+    from dsd_caffe import training
+
+    s = solvers.build("sparse", "n.prototxt", solvers.DataSizes(100, 10, 10, 10),
+                      Schedule(base_lr=0.004, momentum=0.95, weight_decay=0.0005))
+    assert s.base_lr != 0.004  # Caffe's float32 holds 0.004000000189989805
+    assert training.solver_summary(s) == {"base_lr": 0.004, "lr_policy": "poly", "power": 1.0, "max_iter": 200,
+                                          "iter_size": 1, "momentum": 0.95, "weight_decay": 0.0005, "snapshot": 20,
+                                          "random_seed": 42, "type": "SGD"}
+
+
+@pytest.mark.parametrize("code, logs", [
+    ("import caffe, dsd_caffe; dsd_caffe.load(DEPLOY)", False),
+    ("import dsd_caffe, caffe; dsd_caffe.load(DEPLOY)", False),
+    ("import caffe, dsd_caffe; caffe.Net(DEPLOY, caffe.TEST)", True),  # Caffe's own call logs, as the README says
+    ("import caffe, dsd_caffe; dsd_caffe.set_glog_level('WARNING'); caffe.Net(DEPLOY, caffe.TEST)", False),
+])
+def test_the_readme_glog_claim(code, logs):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    deploy = repr(os.path.join(ROOT, "models", "small_squeezenet", "deploy.prototxt"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLOG_")}
+    r = subprocess.run([sys.executable, "-c", code.replace("DEPLOY", deploy)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("] Initializing net from parameters" in r.stderr) == logs, r.stderr[-500:]

@@ -27,7 +27,7 @@ def run(a):
         sparse=flags.schedule(a, "sparse"), redense=flags.schedule(a, "redense"),
         cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
         test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed, solver=a.solver,
-        data_order=a.data_order, dense_per_seed=a.dense_per_seed)
+        data_order=a.data_order, dense_per_seed=a.train_dense_per_seed)
     result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, a.gpu, a.force)
     for seed, state in result["runs"].items():
         if len(result["runs"]) > 1:

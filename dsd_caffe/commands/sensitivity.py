@@ -17,9 +17,10 @@ def run(a):
     config = sensitivity.ScanConfig(densities=tuple(a.densities), layers=tuple(a.layers) if a.layers else None,
                                     iterations=a.iterations)
     rows = sensitivity.sensitivity_scan(a.model, a.weights, a.output, config, a.test_source, a.force, a.gpu)
+    print(f"{'layer':<24} {'density':>7} accuracy")
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        print(f"{r['layer']:<24} {r['density']:.2f} {acc}")
+        print(f"{r['layer']:<24} {r['density']:7.2f} {acc}")
 
 
 def main(argv=None):
