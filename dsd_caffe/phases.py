@@ -141,34 +141,42 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binar
     """The dense phase: ``inputs.weights``, or the net's fillers seeded with ``seed`` when None, trained into
     ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS;
     ``solver`` (a solver prototxt path) is the template of the phase's solver (solvers.build)."""
-    recipe = recipe_of(recipe, inputs.weights, solver)
     net, _ = check_inputs(inputs)
+    warn_fallback(recipe, inputs.weights, solver)
+    recipe = recipe_of(recipe, inputs.weights)
     solver = _solver("dense", net, dense, recipe, seed, solvers.read_template(solver))
     start = os.fspath(inputs.weights) if inputs.weights is not None else (None, initial_weights(net, seed))
     return train_plain("dense", net, output_dir, solver, start, engine, gpu, force,
                        extra={"engine": engine, "recipe": recipe})
 
 
-def recipe_of(recipe, weights, template=None):
+def recipe_of(recipe, weights):
     """``recipe`` when given; else the one recorded in the JSON beside ``weights`` (a model this toolkit made
-    records the recipe it was trained with, so the next phase takes the same defaults); else "imagenet", with a
-    warning when no solver ``template`` is given either (a user's own model trains by a recipe made for another
-    net)."""
+    records the recipe it was trained with, so the next phase takes the same defaults); else "imagenet"."""
     if recipe is not None:
         solvers.defaults("sparse", recipe)  # refuses an unknown recipe
         return recipe
+    recorded = _recorded_recipe(weights)
+    return recorded if recorded in solvers.RECIPES else "imagenet"
+
+
+def _recorded_recipe(weights):
     sidecar = fileio.sidecar_path(weights) if weights is not None else None
-    recorded = fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
-    if recorded in solvers.RECIPES:
-        return recorded
-    if template is None and weights is not None:
+    return fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
+
+
+def warn_fallback(recipe, weights, template):
+    """Warn, before anything trains, when the phases fall back to the imagenet recipe: no ``recipe`` and no
+    ``template`` given, none recorded beside ``weights`` (a user's own model would train by another net's
+    recipe)."""
+    if recipe is None and template is None and weights is not None and \
+            _recorded_recipe(weights) not in solvers.RECIPES:
         d = solvers.DEFAULTS["imagenet"]
         log.warning("%s records no recipe and no --solver was given: the phases take the imagenet recipe "
                     "(solvers.DEFAULTS: sparse base_lr %g for %g epochs, redense %g for %g epochs, lr_policy poly, "
                     "momentum 0.9, weight_decay 0.0002); pass --solver your_solver.prototxt to train with your "
                     "own solver's settings", weights, d["sparse"].base_lr, d["sparse"].epochs, d["redense"].base_lr,
                     d["redense"].epochs)
-    return "imagenet"
 
 
 def _solver(phase, net, schedule, recipe, seed, template=None):
@@ -239,11 +247,12 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     text is recorded for :func:`train_sparse`. Returns {"table", "rows", "densities", "model", "output_dir",
     "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
-    recipe = recipe_of(recipe, inputs.weights, solver)
+    given, recipe = recipe, recipe_of(recipe, inputs.weights)
     fileio.check_apart(out, (inputs.model, inputs.weights))  # the folder is replaced whole
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out, solvers.read_template(solver))
+        warn_fallback(given, inputs.weights, solver)
         pruned = os.path.join(out, PRUNED)
         if training.finished(pruned) and not force:
             old = fileio.read_json(fileio.sidecar_path(pruned))
@@ -404,8 +413,9 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="b
     """The redense phase: release the masks of ``inputs.weights`` (a sparse-phase caffemodel; a caffemodel with no
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
     ``output_dir/redense.caffemodel``; ``solver`` (a solver prototxt path) is its template. Returns its path."""
-    recipe = recipe_of(recipe, inputs.weights, solver)
     net, model_param = check_inputs(inputs)
+    warn_fallback(recipe, inputs.weights, solver)
+    recipe = recipe_of(recipe, inputs.weights)
     if masks.mask_layer_spec(model_param) is not None:
         released = masks.release_masks(model_param, os.fspath(inputs.weights))[0]
         log.info("redense: masks released; training starts at density %.4f",

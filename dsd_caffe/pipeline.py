@@ -83,7 +83,7 @@ class RunConfig:
         solvers.count(self.seed, "--seed", 0)
         if self.iterations is not None:
             solvers.count(self.iterations, "--iterations")
-        object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights, self.solver))
+        object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
         for field in ("model", "weights", "train_source", "test_source", "holdout_source", "solver"):
             value = getattr(self, field)
@@ -169,6 +169,7 @@ def _check_run(config):
         log.info("%s (%s)", phases.describe(phase, solver, sources.lmdb_count(train), batch),
                  f"your solver {config.solver} with DSD's base_lr and length" if config.solver else
                  f"the {config.recipe} recipe")
+    phases.warn_fallback(None if config.recipe == "imagenet" else config.recipe, config.weights, config.solver)
 
 
 def _with_test(net, source):
