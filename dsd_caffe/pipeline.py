@@ -449,7 +449,7 @@ def _parallel(configs, out, jobs, engine, gpu, force):
     """Run each seed's :func:`run_dsd` in its own worker process, ``jobs`` at a time (finished seeds are reused,
     unfinished ones resumed); {seed: state}. An interrupt stops every worker (:func:`_stop_workers`)."""
     ctx = multiprocessing.get_context("spawn")  # Caffe's state is per process; fork would copy a live one
-    todo, running, runs, problems = list(configs.items()), {}, {}, []
+    todo, running, runs, problems, alone = list(configs.items()), {}, {}, [], []
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -466,14 +466,14 @@ def _parallel(configs, out, jobs, engine, gpu, force):
                     runs[seed] = value
                     log.info("seed %d: finished", seed)
                 elif kind == "interrupted":  # a worker stopped alone (a signal to it): the run stops
-                    problems.append(value)
+                    alone.append(value)
                     raise KeyboardInterrupt
                 else:
                     problems.append(value)
                     log.error("%s", value)
     except KeyboardInterrupt:
         stopped = _stop_workers(running)
-        where = [m for m in problems if m.startswith("seed")] + stopped
+        where = alone + stopped
         raise Interrupted(f"interrupted{' at ' + ', '.join(where) if where else ''}; run the same command again "
                           "to resume") from None
     if problems:
