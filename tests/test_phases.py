@@ -336,3 +336,13 @@ def test_sensitivity_warns_when_it_reads_the_lmdb_around_again(setup, tmp_path, 
     assert (f"the TEST LMDB {os.path.join(folder, 'val_lmdb')} holds 8 images, fewer than the 12 the scan reads "
             "(3 batches of 4)") in caplog.text
     assert fileio.read_json(tmp_path / "s" / "sensitivity.json")["inputs"]["images"] == 12
+
+
+def test_sensitivity_tool_scans_the_densities_given_and_prints_a_header(setup, tmp_path):
+    folder, model, weights = setup
+    r = tool("sensitivity", "--model", model, "--weights", weights, "--output", tmp_path / "s", "--layers",
+             "conv1", "--densities", "0.5", "--iterations", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["layer", "density", "accuracy"]
+    assert [l.split()[:2] for l in lines[1:]] == [["(none)", "1.00"], ["conv1", "0.50"]]  # not the defaults too
