@@ -214,3 +214,15 @@ def test_the_readme_glog_claim(code, logs):
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("] Initializing net from parameters" in r.stderr) == logs, r.stderr[-500:]
+
+
+def test_dsd_zoo_names_itself_in_its_usage():
+    import subprocess
+    import sys
+
+    installed = os.path.join(os.path.dirname(sys.executable), "dsd-zoo")
+    if not os.path.exists(installed):
+        pytest.skip("dsd-zoo is not installed in this environment")
+    for cmd, prog in (([installed], "dsd-zoo"), ([sys.executable, "-m", "dsd_caffe.zoo"], "python -m dsd_caffe.zoo")):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith(f"usage: {prog} "), r.stderr
