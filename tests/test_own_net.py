@@ -157,7 +157,7 @@ def test_a_seeded_run_reads_the_data_in_its_own_order(nodropout, tmp_path):
     assert orders[0] != orders[1] != original
 
 
-def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodropout, tmp_path):
+def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodropout, tmp_path, capfd):
     folder, model, weights = nodropout
     solver = tmp_path / "my_solver.prototxt"
     solver.write_text('net: "elsewhere.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmomentum: 0.8\nmax_iter: 6\n'
@@ -183,6 +183,11 @@ def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodro
         assert state["phases"][0]["model"] == os.path.join("dense", phases.DENSE)
         digests.add(pipeline.weights_digest(dense))
     assert len(digests) == 2
+    # --jobs 1: one worker process per seed, and each log line carries the seed it is about
+    err = capfd.readouterr().err
+    for s in (0, 1):
+        lines = [l for l in err.splitlines() if f" seed {s} dsd_caffe.training: dense: training" in l]
+        assert len(lines) == 1 and f"seed{s}" in lines[0], err[-3000:]
 
 
 def test_recorded_settings_are_the_values_given_not_float32_noise():
