@@ -12,17 +12,34 @@
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _size(folder):
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+def _tiny(folder, n=16, batch=4):
+    """The small net without dropout (absolute sources) on random-pixel LMDBs, and its seeded filler weights."""
+    from dsd_caffe import lmdbio, netgen
+    from dsd_caffe.caffe_env import import_caffe, make_net
+
+    rng = np.random.default_rng(0)
+    for name in ("train_lmdb", "val_lmdb"):
+        lmdbio.write_array_lmdb(os.path.join(folder, name), rng.integers(0, 256, (n, 1, 28, 28), np.uint8),
+                                rng.integers(0, 10, n))
+    net = netgen.small_squeezenet(os.path.join(folder, "train_lmdb"), os.path.join(folder, "val_lmdb"),
+                                  train_batch=batch, test_batch=batch)
+    keep = [l for l in net.layer if l.type != "Dropout"]
+    del net.layer[:]
+    net.layer.extend(keep)
+    import_caffe().set_random_seed(0)
+    weights = os.path.join(folder, "dense.caffemodel")
+    make_net(net, "TRAIN").save(weights)
+    return net, weights
 
 
 def _train(folder, name, net, weights, iters=6):
@@ -40,18 +57,10 @@ def main(argv=None):
     p.add_argument("--rand-skip", type=int, default=8)
     a = p.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    sys.path.insert(0, os.path.join(ROOT, "tests"))  # a bench script, not library code: the tests' tiny set-up
-    from helpers import small_setup
-
     from dsd_caffe import dataorder, fileio, sources
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, weights = small_setup(tmp)
-        net = fileio.read_net_prototxt(model)
-        keep = [l for l in net.layer if l.type != "Dropout"]
-        del net.layer[:]
-        net.layer.extend(keep)
-        net = sources.absolute_sources(net, tmp)
+        net, weights = _tiny(tmp)
         skipped = sources.copy_message(net)
         skipped.layer[0].data_param.rand_skip = a.rand_skip
         plain, skip = _train(tmp, "plain", net, weights), _train(tmp, "skip", skipped, weights)
