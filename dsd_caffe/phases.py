@@ -100,11 +100,12 @@ def _provenance(job, snap, phase, seed, extra, densities=None):
 
 
 # ------------------------------------------------------------------------------------------------ dense
-def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force=False, extra=None):
+def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force=False, extra=None, notes=()):
     """Train the mask-free ``net`` (absolute sources) in ``out`` with ``solver`` (its net and snapshot prefix set
     here) from ``start`` (a caffemodel path, or a (source path, NetParameter) pair written into the folder as
     ``released.caffemodel``/``init.caffemodel``). Files are named after ``phase``; ``extra`` goes into the
-    provenance (arm, ...), but for its "desc" (the progress bar's name). Returns the final model's path."""
+    provenance (arm, ...), but for its "desc" (the progress bar's name); ``notes`` are warned once the folder is
+    ours. Returns the final model's path."""
     out = os.path.abspath(os.fspath(out))
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
@@ -116,6 +117,8 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
                        sources.relative_sources(net, out), start_path, param, source,
                        os.path.join(out, model_file(phase)))
     with fileio.output_lock(out):
+        for note in notes:
+            log.warning("%s", note)
         snap = training.train(job, engine, gpu, force)
         if snap is not None:
             training.finish(snap, job.final, _provenance(job, snap, phase, solver.random_seed, extra))
@@ -142,12 +145,12 @@ def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binar
     ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS;
     ``solver`` (a solver prototxt path) is the template of the phase's solver (solvers.build)."""
     net, _ = check_inputs(inputs)
-    warn_fallback(recipe, inputs.weights, solver)
+    note = fallback_note(recipe, inputs.weights, solver)
     recipe = recipe_of(recipe, inputs.weights)
     solver = _solver("dense", net, dense, recipe, seed, solvers.read_template(solver))
     start = os.fspath(inputs.weights) if inputs.weights is not None else (None, initial_weights(net, seed))
     return train_plain("dense", net, output_dir, solver, start, engine, gpu, force,
-                       extra={"engine": engine, "recipe": recipe})
+                       extra={"engine": engine, "recipe": recipe}, notes=[note] if note else ())
 
 
 def recipe_of(recipe, weights):
@@ -165,18 +168,19 @@ def _recorded_recipe(weights):
     return fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
 
 
-def warn_fallback(recipe, weights, template):
-    """Warn, before anything trains, when the phases fall back to the imagenet recipe: no ``recipe`` and no
-    ``template`` given, none recorded beside ``weights`` (a user's own model would train by another net's
-    recipe)."""
+def fallback_note(recipe, weights, template):
+    """The warning to give, once the inputs are checked and before anything trains, when the phases fall back to
+    the imagenet recipe: no ``recipe`` and no ``template`` given, none recorded beside ``weights`` (a user's own
+    model would train by another net's recipe); else None."""
     if recipe is None and template is None and weights is not None and \
             _recorded_recipe(weights) not in solvers.RECIPES:
         d = solvers.DEFAULTS["imagenet"]
-        log.warning("%s records no recipe and no --solver was given: the phases take the imagenet recipe "
-                    "(solvers.DEFAULTS: sparse base_lr %g for %g epochs, redense %g for %g epochs, lr_policy poly, "
-                    "momentum 0.9, weight_decay 0.0002); pass --solver your_solver.prototxt to train with your "
-                    "own solver's settings", weights, d["sparse"].base_lr, d["sparse"].epochs, d["redense"].base_lr,
-                    d["redense"].epochs)
+        return (f"{weights} records no recipe and no --solver was given: the phases take the imagenet recipe "
+                f"(solvers.DEFAULTS: sparse base_lr {d['sparse'].base_lr:g} for {d['sparse'].epochs:g} epochs, "
+                f"redense {d['redense'].base_lr:g} for {d['redense'].epochs:g} epochs, lr_policy poly, momentum "
+                "0.9, weight_decay 0.0002); pass --solver your_solver.prototxt to train with your own solver's "
+                "settings")
+    return None
 
 
 def _solver(phase, net, schedule, recipe, seed, template=None):
@@ -252,7 +256,9 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out, solvers.read_template(solver))
-        warn_fallback(given, inputs.weights, solver)
+        note = fallback_note(given, inputs.weights, solver)
+        if note:
+            log.warning("%s", note)
         pruned = os.path.join(out, PRUNED)
         if training.finished(pruned) and not force:
             old = fileio.read_json(fileio.sidecar_path(pruned))
@@ -414,7 +420,7 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="b
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
     ``output_dir/redense.caffemodel``; ``solver`` (a solver prototxt path) is its template. Returns its path."""
     net, model_param = check_inputs(inputs)
-    warn_fallback(recipe, inputs.weights, solver)
+    note = fallback_note(recipe, inputs.weights, solver)
     recipe = recipe_of(recipe, inputs.weights)
     if masks.mask_layer_spec(model_param) is not None:
         released = masks.release_masks(model_param, os.fspath(inputs.weights))[0]
@@ -424,4 +430,4 @@ def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="b
         released = model_param
     solver = _solver("redense", net, redense, recipe, seed, solvers.read_template(solver))
     return train_plain("redense", net, output_dir, solver, (os.fspath(inputs.weights), released), engine, gpu,
-                       force, extra={"engine": engine, "recipe": recipe})
+                       force, extra={"engine": engine, "recipe": recipe}, notes=[note] if note else ())

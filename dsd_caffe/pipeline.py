@@ -169,7 +169,10 @@ def _check_run(config):
         log.info("%s (%s)", phases.describe(phase, solver, sources.lmdb_count(train), batch),
                  f"your solver {config.solver} with DSD's base_lr and length" if config.solver else
                  f"the {config.recipe} recipe")
-    phases.warn_fallback(None if config.recipe == "imagenet" else config.recipe, config.weights, config.solver)
+    note = phases.fallback_note(None if config.recipe == "imagenet" else config.recipe, config.weights,
+                                config.solver)
+    if note:
+        log.warning("%s", note)
 
 
 def _with_test(net, source):
