@@ -104,8 +104,8 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     """Train the mask-free ``net`` (absolute sources) in ``out`` with ``solver`` (its net and snapshot prefix set
     here) from ``start`` (a caffemodel path, or a (source path, NetParameter) pair written into the folder as
     ``released.caffemodel``/``init.caffemodel``). Files are named after ``phase``; ``extra`` goes into the
-    provenance (arm, ...), but for its "desc" (the progress bar's name); ``notes`` are warned once the folder is
-    ours. Returns the final model's path."""
+    provenance (arm, ...), but for its "desc" (the progress bar's name); ``notes`` are warned before training
+    starts (see training.train). Returns the final model's path."""
     out = os.path.abspath(os.fspath(out))
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
@@ -117,9 +117,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
                        sources.relative_sources(net, out), start_path, param, source,
                        os.path.join(out, model_file(phase)))
     with fileio.output_lock(out):
-        for note in notes:
-            log.warning("%s", note)
-        snap = training.train(job, engine, gpu, force)
+        snap = training.train(job, engine, gpu, force, notes)
         if snap is not None:
             training.finish(snap, job.final, _provenance(job, snap, phase, solver.random_seed, extra))
     return job.final
@@ -256,9 +254,7 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
         plan = _plan(inputs, config, sparse, recipe, out, solvers.read_template(solver))
-        note = fallback_note(given, inputs.weights, solver)
-        if note:
-            log.warning("%s", note)
+
         pruned = os.path.join(out, PRUNED)
         if training.finished(pruned) and not force:
             old = fileio.read_json(fileio.sidecar_path(pruned))
@@ -274,6 +270,9 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
             log.info("pruned %s -> %s", inputs.weights, pruned)
     for note in plan["notes"]:
         log.info("%s", note)
+    fallback = fallback_note(given, inputs.weights, solver)
+    if fallback:
+        log.warning("%s", fallback)
     rows = plan["rows"]
     return {"table": pruning.format_table(rows), "rows": rows, "densities": {r["name"]: r["density"] for r in rows},
             "model": pruned, "output_dir": out, "notes": plan["notes"]}

@@ -113,12 +113,11 @@ def _open_state(out, config, force, reuse=False):
     state exists."""
     path = os.path.join(out, STATE)
     settings = config.settings()
-    checked = False
+    plan = None
     if os.path.exists(path):
         state = fileio.read_json(path)
         if force:
-            _check_run(config)  # before anything goes: a refused input leaves the old run as it was
-            checked = True
+            plan = _check_run(config)  # before anything goes: a refused input leaves the old run as it was
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
             log.info("DSD: reusing the finished run in %s", out)
@@ -137,12 +136,13 @@ def _open_state(out, config, force, reuse=False):
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
                               "--force")
-    if not checked:
-        _check_run(config)
+    plan = plan if plan is not None else _check_run(config)
     fileio.check_output(path, force=True)  # a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
+    for level, line in plan:  # the run's plan, once nothing can refuse it any more
+        log.log(level, "%s", line)
     return state
 
 
@@ -155,7 +155,8 @@ def _clear(out):
 
 def _check_run(config):
     """Everything that can be checked before the run state names its inputs: net, data, weights, profile, and the
-    phases' solvers (a length in epochs that Caffe's max_iter cannot hold)."""
+    phases' solvers (a length in epochs that Caffe's max_iter cannot hold). Returns the run's plan for people:
+    [(logging level, line)]: each phase's solver, and a warning when the imagenet recipe is a fallback."""
     net, model_param = phases.check_inputs(config.inputs())
     if config.holdout_source is not None:
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
@@ -164,15 +165,15 @@ def _check_run(config):
     config.prune.masks({n: weights[n] for n in names})
     (train, batch), _ = sources.data_sources(net)
     extra = (("dense", Schedule()),) if config.dense_per_seed else ()
+    where = f"your solver {config.solver} with DSD's base_lr and length" if config.solver else \
+        f"the {config.recipe} recipe"
+    plan = []
     for phase, schedule in extra + (("sparse", config.sparse), ("redense", config.redense)):
         solver = phases._solver(phase, net, schedule, config.recipe, config.seed, config.template())
-        log.info("%s (%s)", phases.describe(phase, solver, sources.lmdb_count(train), batch),
-                 f"your solver {config.solver} with DSD's base_lr and length" if config.solver else
-                 f"the {config.recipe} recipe")
+        plan.append((logging.INFO, f"{phases.describe(phase, solver, sources.lmdb_count(train), batch)} ({where})"))
     note = phases.fallback_note(None if config.recipe == "imagenet" else config.recipe, config.weights,
                                 config.solver)
-    if note:
-        log.warning("%s", note)
+    return plan + ([(logging.WARNING, note)] if note else [])
 
 
 def _with_test(net, source):

@@ -60,8 +60,8 @@ def sensitivity_scan(model, weights, output_dir, config=ScanConfig(), test_sourc
         model_param = fileio.read_caffemodel(weights)
         netcheck.check_fits(net_param, model_param, os.fspath(weights), os.fspath(model))
         names = _layers(netgen.weighted_layers(net_param), config.layers)
-        inputs = _inputs(net_param, model, weights, config)
         net = _test_net(net_param, weights, gpu)
+        inputs = _inputs(net_param, model, weights, config)
         rows = _scan(net, names, config)
         with fileio.atomic_path(out, force=True, directory=True) as tmp:
             _write(tmp, rows, list(net.outputs), names, config.densities, inputs)

@@ -254,10 +254,11 @@ def _snapshots(job, clean=False):
     return snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=clean)
 
 
-def train(job, engine="binary", gpu=None, force=False):
+def train(job, engine="binary", gpu=None, force=False, notes=()):
     """Train ``job``, or resume it, and return its final :class:`Snapshot`; None when the phase's final model
     already exists from the same record (nothing is written then). The caller holds the folder's lock
-    (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch."""
+    (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch. ``notes``
+    are warned once every check has passed, before training starts."""
     from .caffe_env import set_device
 
     check_engine(engine)
@@ -284,6 +285,8 @@ def train(job, engine="binary", gpu=None, force=False):
         log.info("%s: already trained to iteration %d in %s", job.desc, snaps[0].iteration, folder)
         return snaps[0]
     resume = snaps[0] if snaps else None
+    for note in notes:
+        log.warning("%s", note)
     logpath = os.path.join(folder, LOG)
     log.info("%s: %s %d iterations%s; Caffe's log: %s", job.desc, "resuming," if resume else "training",
              max_iter, f" from iteration {resume.iteration}" if resume else "", logpath)
