@@ -89,6 +89,7 @@ _EXPORTS = {
     "classify": "classifier",
     "Classifier": "classifier",
     "Preprocess": "classifier",
+    "known_recipe": "classifier",
     "imagenet_classes": "classifier",
     "decode": "deepcompression",
     "decode_to_caffemodel": "deepcompression",

@@ -20,7 +20,11 @@ Where the recipe comes from:
   ImageNet is Caffe's SqueezeNet recipe: stored at 256x256, TEST crop 227, mean values 104/117/123 (BGR), scale 1,
   as netgen's SqueezeNet v1.0 trainval (and the DSD release's) says; the 1,000 class names ship with the package
   (``resources/imagenet_classes.txt``, see the README beside it).
-- a **deploy prototxt or any caffe.Net**: no transform_param to read, so ``preprocess=`` is required.
+- a **deploy prototxt or any caffe.Net**: no transform_param to read, so ``preprocess=`` is required: a
+  :class:`Preprocess`, or the name of a known recipe (``preprocess="imagenet"``, :data:`DATASETS`), which brings
+  its class names too.
+- a trainval whose LMDB is not on this machine: the stored size comes from a mean file or ``resize=``, else the
+  images are resized to the net's input (no crop); a warning names the recipe it fell back to.
 
 Images are file paths (read as ``make_lmdb`` reads them) or numpy arrays: HxWx3 RGB or HxW grey, ``uint8`` in
 0-255, or floating point in [0, 1] as ``caffe.io.load_image`` and scikit-image give them.
@@ -157,6 +161,7 @@ def from_net_param(net_param, resize=None, base=None):
         raise UserError(f"{where} has no Data layer in the TEST phase: no transform_param to read")
     tp = layer.transform_param
     facts = _lmdb_facts(layer, base)
+    given_resize = resize is not None
     mean = imagedb.read_mean_file(tp.mean_file) if tp.HasField("mean_file") else tuple(tp.mean_value) or None
     image_mean = isinstance(mean, np.ndarray)
     if resize is None:
@@ -174,11 +179,17 @@ def from_net_param(net_param, resize=None, base=None):
     if not (tp.crop_size or resize):
         raise UserError(f"{where}: no crop_size and its LMDB {layer.data_param.source} is not here; give resize=")
     h, w = (tp.crop_size, tp.crop_size) if tp.crop_size else resize
-    return Preprocess((channels, h, w), resize, mean, tp.scale), facts.get("classes")
+    recipe = Preprocess((channels, h, w), resize, mean, tp.scale)
+    if not facts:
+        log.warning("%s: its LMDB %s is not on this machine: preprocessing with %s (stored size %s) and no class "
+                    "names; give resize= (the size the LMDB stored its images at) and classes= for the net's own",
+                    where, layer.data_param.source, recipe, "given" if given_resize else
+                    "from the mean file" if image_mean else "unknown: the net's input size, no crop")
+    return recipe, facts.get("classes")
 
 
 def known_recipe(dataset):
-    """(Preprocess, class names) of a zoo data set (:data:`DATASETS`)."""
+    """(Preprocess, class names) of a known data set (:data:`DATASETS`: "imagenet")."""
     from . import netgen
 
     if dataset not in DATASETS:
@@ -199,6 +210,9 @@ class Classifier:
     def __init__(self, net, preprocess=None, classes=None):
         from . import zoo
 
+        if isinstance(preprocess, str):  # a known recipe by name: its preprocessing and class names
+            preprocess, names = known_recipe(preprocess)
+            classes = names if classes is None else classes
         model = zoo.loaded_model(net)
         if model is not None:
             recipe, names = known_recipe(model.dataset)
@@ -206,8 +220,8 @@ class Classifier:
             classes = names if classes is None else classes
         if preprocess is None:
             raise UserError("this net carries no preprocessing (it has no transform_param to read); give "
-                            "preprocess=Preprocess(...), or load it with dsd_caffe.load(zoo name) or "
-                            "Classifier.load(trainval prototxt)")
+                            f"preprocess= a known recipe ({', '.join(DATASETS)}) or Preprocess(...), or load it "
+                            "with dsd_caffe.load(zoo name) or Classifier.load(trainval prototxt)")
         if not net.inputs:
             raise UserError("the net has no input blob (it reads a Data layer): classify with its deploy form, "
                             "e.g. Classifier.load(trainval prototxt, weights=...)")
@@ -223,7 +237,8 @@ class Classifier:
     def load(cls, model, weights=None, preprocess=None, classes=None, resize=None, gpu=None, **zoo_args):
         """A Classifier for a zoo model name (weights fetched or verified as ``dsd_caffe.load`` does,
         ``zoo_args``: ``url``, ``cache``, ``prototxt``) or a prototxt path with ``weights`` (a caffemodel).
-        ``preprocess``, when given, replaces the recipe read from a trainval or known for a zoo model."""
+        ``preprocess``, when given, replaces the recipe read from a trainval or known for a zoo model: a
+        :class:`Preprocess` or a known recipe's name ("imagenet")."""
         from . import masks, netgen, zoo
 
         if isinstance(model, str) and model in zoo.ZOO:
@@ -231,8 +246,12 @@ class Classifier:
         param = sources.read_net(model, require=())
         if _data_layer(param) is None:  # a deploy prototxt
             return cls(zoo.load(model, weights=weights, gpu=gpu), preprocess, classes)
+        if isinstance(preprocess, str):
+            preprocess, names = known_recipe(preprocess)
+            classes = names if classes is None else classes
         if preprocess is None:
-            preprocess, lmdb_classes = from_net_param(param, resize)
+            base = os.path.dirname(os.path.abspath(model)) if isinstance(model, (str, os.PathLike)) else None
+            preprocess, lmdb_classes = from_net_param(param, resize, base)
             classes = lmdb_classes if classes is None else classes
         deploy = netgen.deploy(masks.remove_mask_layer(param), input_shape=(1, *preprocess.input_size))
         return cls(zoo.load(deploy, weights=weights, gpu=gpu), preprocess, classes)

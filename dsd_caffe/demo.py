@@ -137,7 +137,7 @@ def _results(out, cfg, state):
             "gain": test["DSD"]["top1"] - test["control"]["top1"],
             "val_gain": val["DSD"]["top1"] - val["control"]["top1"],
             "models": {k: os.path.normpath(os.path.join("dsd", v["model"])) for k, v in test.items()},
-            "dsd_phases": state["phases"]}
+            "dsd_phases": [dict(p, model=os.path.normpath(os.path.join("dsd", p["model"]))) for p in state["phases"]]}
 
 
 def _plots(out, cfg, state, models):

@@ -186,7 +186,7 @@ def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_mis
             if layer.accuracy_param.HasField("ignore_label"):
                 ignore = layer.accuracy_param.ignore_label
             break
-    log.info("Running for %d iterations.", iterations)
+    log.info("Running for %d iterations: %s on %s.", iterations, weights, sources.test_source(net_param))
     res = run(net, iterations, confusion=confusion, ignore_label=ignore)
     res.test_source = sources.test_source(net_param)
     return res

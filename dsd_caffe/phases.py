@@ -106,11 +106,12 @@ def _provenance(job, snap, phase, seed, extra, densities=None):
 
 
 # ------------------------------------------------------------------------------------------------ dense
-def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force=False, extra=None):
+def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force=False, extra=None, notes=()):
     """Train the mask-free ``net`` (absolute sources) in ``out`` with ``solver`` (its net and snapshot prefix set
     here) from ``start`` (a caffemodel path, or a (source path, NetParameter) pair written into the folder as
     ``released.caffemodel``/``init.caffemodel``). Files are named after ``phase``; ``extra`` goes into the
-    provenance (arm, ...), but for its "desc" (the progress bar's name). Returns the final model's path."""
+    provenance (arm, ...), but for its "desc" (the progress bar's name); ``notes`` are warned before training
+    starts (see training.train). Returns the final model's path."""
     out = os.path.abspath(os.fspath(out))
     solver = sources.copy_message(solver)
     solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
@@ -122,7 +123,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
                        sources.relative_sources(net, out), start_path, param, source,
                        os.path.join(out, model_file(phase)))
     with fileio.output_lock(out):
-        snap = training.train(job, engine, gpu, force)
+        snap = training.train(job, engine, gpu, force, notes)
         if snap is not None:
             training.finish(snap, job.final, _provenance(job, snap, phase, solver.random_seed, extra))
     return job.final
@@ -158,15 +159,17 @@ def _filled(net_bytes, seed):
 
 
 def train_dense(inputs, output_dir, dense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,
-                seed=solvers.SEED):
+                seed=solvers.SEED, solver=None):
     """The dense phase: ``inputs.weights``, or the net's fillers seeded with ``seed`` when None, trained into
-    ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS."""
-    recipe = recipe_of(recipe, inputs.weights)
+    ``output_dir/dense.caffemodel``. ``recipe`` (see :func:`recipe_of`) picks the defaults of solvers.DEFAULTS;
+    ``solver`` (a solver prototxt path) is the template of the phase's solver (solvers.build)."""
     net, _ = check_inputs(inputs)
-    solver = _solver("dense", net, dense, recipe, seed)
+    note = fallback_note(recipe, inputs.weights, solver)
+    recipe = recipe_of(recipe, inputs.weights)
+    solver = _solver("dense", net, dense, recipe, seed, solvers.read_template(solver))
     start = os.fspath(inputs.weights) if inputs.weights is not None else (None, initial_weights(net, seed))
     return train_plain("dense", net, output_dir, solver, start, engine, gpu, force,
-                       extra={"engine": engine, "recipe": recipe})
+                       extra={"engine": engine, "recipe": recipe}, notes=[note] if note else ())
 
 
 def recipe_of(recipe, weights):
@@ -175,15 +178,46 @@ def recipe_of(recipe, weights):
     if recipe is not None:
         solvers.defaults("sparse", recipe)  # refuses an unknown recipe
         return recipe
-    sidecar = fileio.sidecar_path(weights) if weights is not None else None
-    recorded = fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
+    recorded = _recorded_recipe(weights)
     return recorded if recorded in solvers.RECIPES else "imagenet"
 
 
-def _solver(phase, net, schedule, recipe, seed):
+def _recorded_recipe(weights):
+    sidecar = fileio.sidecar_path(weights) if weights is not None else None
+    return fileio.read_json(sidecar).get("recipe") if sidecar and os.path.isfile(sidecar) else None
+
+
+def fallback_note(recipe, weights, template):
+    """The warning to give, once the inputs are checked and before anything trains, when the phases fall back to
+    the imagenet recipe: no ``recipe`` and no ``template`` given, none recorded beside ``weights`` (a user's own
+    model would train by another net's recipe); else None."""
+    if recipe is None and template is None and weights is not None and \
+            _recorded_recipe(weights) not in solvers.RECIPES:
+        d = solvers.DEFAULTS["imagenet"]
+        return (f"{weights} records no recipe and no --solver was given: the phases take the imagenet recipe "
+                f"(solvers.DEFAULTS: sparse base_lr {d['sparse'].base_lr:g} for {d['sparse'].epochs:g} epochs, "
+                f"redense {d['redense'].base_lr:g} for {d['redense'].epochs:g} epochs, lr_policy poly, momentum "
+                "0.9, weight_decay 0.0002); pass --solver your_solver.prototxt to train with your own solver's "
+                "settings")
+    return None
+
+
+def _solver(phase, net, schedule, recipe, seed, template=None):
     (train_src, batch), (test_src, test_batch) = sources.data_sources(net)
     sizes = solvers.DataSizes(sources.lmdb_count(train_src), sources.lmdb_count(test_src), batch, test_batch)
-    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, f"snapshots/{phase}", seed)
+    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, f"snapshots/{phase}", seed, template)
+
+
+def describe(phase, solver, train_size, batch):
+    """One line for people: a phase's length in iterations and epochs and the solver settings it trains with."""
+    s = solver
+    epochs = s.max_iter * batch * s.iter_size / train_size
+    policy = s.lr_policy + "".join(f" {k} {getattr(s, k):g}" for k in ("gamma", "power", "stepsize")
+                                   if s.HasField(k))
+    return (f"{phase}: {s.max_iter} iterations ({epochs:.3g} epochs of {train_size} images at batch {batch} x "
+            f"iter_size {s.iter_size}), base_lr {s.base_lr:g}, lr_policy {policy}, momentum {s.momentum:g}, "
+            f"weight_decay {s.weight_decay:g}, type {s.type or 'SGD'}, test_iter {list(s.test_iter)} every "
+            f"{s.test_interval}")
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -263,19 +297,22 @@ class PruneConfig:
 
 #: what a prune folder's JSON records of the command that made it: the folder is reused only when they match
 PRUNE_SETTINGS = ("source_sha256", "target_density", "profile", "skip", "seed", "recipe", "sparse_schedule",
-                  "trainval_sha256", "gradual")
+                  "trainval_sha256", "gradual", "solver_template")
 
 
-def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=False):
+def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=False, solver=None):
     """Prune ``inputs.weights`` into ``output_dir`` (written whole or not at all: staged in a temporary folder).
     A folder pruned by the same command is reused; other settings are refused, naming the first that differs;
-    ``force`` prunes again from scratch. Returns {"table", "rows", "densities", "model", "output_dir", "notes"}."""
+    ``force`` prunes again from scratch. ``solver`` (a solver prototxt path) is the sparse solver's template; its
+    text is recorded for :func:`train_sparse`. Returns {"table", "rows", "densities", "model", "output_dir",
+    "notes"}."""
     out = os.path.abspath(os.fspath(output_dir))
-    recipe = recipe_of(recipe, inputs.weights)
+    given, recipe = recipe, recipe_of(recipe, inputs.weights)
     fileio.check_apart(out, (inputs.model, inputs.weights, *sources.data_paths(inputs.net(require=()))))
     with fileio.output_lock(out):
         fileio.check_replaceable(out, SPARSE_FOLDER, True, "prune.py")  # never a folder of other files
-        plan = _plan(inputs, config, sparse, recipe, out)
+        plan = _plan(inputs, config, sparse, recipe, out, solvers.read_template(solver))
+
         pruned = os.path.join(out, PRUNED)
         if training.finished(pruned) and not force:
             old = fileio.read_json(fileio.sidecar_path(pruned))
@@ -291,12 +328,15 @@ def prune(inputs, output_dir, config, sparse=Schedule(), recipe=None, force=Fals
             log.info("pruned %s -> %s", inputs.weights, pruned)
     for note in plan["notes"]:
         log.info("%s", note)
+    fallback = fallback_note(given, inputs.weights, solver)
+    if fallback:
+        log.warning("%s", fallback)
     rows = plan["rows"]
     return {"table": pruning.format_table(rows), "rows": rows, "densities": {r["name"]: r["density"] for r in rows},
             "model": pruned, "output_dir": out, "notes": plan["notes"]}
 
 
-def _plan(inputs, config, sparse, recipe, out):
+def _plan(inputs, config, sparse, recipe, out, template):
     """Everything prune writes, computed in memory first (so a refusal writes nothing)."""
     net = inputs.net(require=())
     data_layers = [p.source for _, p in sources.source_fields(net)]
@@ -309,7 +349,8 @@ def _plan(inputs, config, sparse, recipe, out):
     shared = masks.shared_weights(net)
     kept = config.masks(weights, shared)
     shapes = {n: w.shape for n, w in weights.items()}
-    solver, notes = _sparse_solver(masks.sparse_net(net, shapes), sparse, recipe, config.seed, bool(data_layers))
+    solver, notes = _sparse_solver(masks.sparse_net(net, shapes), sparse, recipe, config.seed, bool(data_layers),
+                                   template)
     gradual_plan = None
     if config.schedule == "gradual":
         if solver is None:
@@ -330,7 +371,8 @@ def _plan(inputs, config, sparse, recipe, out):
                   profile=config.profile, skip=list(config.skip), seed=config.seed, recipe=recipe,
                   sparse_schedule=sparse.settings(),
                   trainval_sha256=training.text_digest(relative) if relative is not None else None,
-                  gradual=dict(gradual_plan[0].to_json(), final_densities=gradual_plan[1]) if gradual_plan else None)
+                  gradual=dict(gradual_plan[0].to_json(), final_densities=gradual_plan[1]) if gradual_plan else None,
+                  solver_template=training.text_of(template) if template is not None else None)
     return dict(weights=weights, kept=kept, rows=rows, model_param=model_param, sparse_net=sparse_net,
                 relative=relative, solver=solver, notes=notes, record=record)
 
@@ -357,7 +399,7 @@ def _write_prune_folder(out, plan, inputs):
                                 solver=SPARSE_SOLVER if plan["solver"] is not None else None, **plan["record"])
 
 
-def _sparse_solver(net, schedule, recipe, seed, trainable):
+def _sparse_solver(net, schedule, recipe, seed, trainable, template):
     """(the sparse solver or None, notes saying why not)."""
     if not trainable:
         return None, ["the model is a deploy net (no data layers): wrote the pruned caffemodel and masks; prune "
@@ -370,7 +412,7 @@ def _sparse_solver(net, schedule, recipe, seed, trainable):
                       f"tools/train_sparse.py writes it where the data is, from the settings recorded in "
                       f"{PRUNED}.json"]
     sizes = solvers.DataSizes(train_n, test_n, batch, test_batch)
-    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, "snapshots/sparse", seed), []
+    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, "snapshots/sparse", seed, template), []
 
 
 # ------------------------------------------------------------------------------------------------ sparse
@@ -404,11 +446,12 @@ def _sparse_folder(out):
     return stored, net
 
 
-def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force=False):
+def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force=False, solver=None):
     """The sparse phase in a folder written by :func:`prune`: train from pruned.caffemodel (or resume, or reuse a
     finished phase of the same settings), check that every pruned weight is still 0.0, write sparse.caffemodel and
-    its JSON. ``sparse`` overrides the solver's settings (the solver is rebuilt from those recorded at pruning);
-    without overrides the folder's own sparse_solver.prototxt is used as it is. Returns the final model's path."""
+    its JSON. ``sparse`` overrides the solver's settings (the solver is rebuilt from those recorded at pruning), as
+    does ``solver`` (a solver prototxt path: the template, instead of the one recorded); without either the
+    folder's own sparse_solver.prototxt is used as it is. Returns the final model's path."""
     out = os.path.abspath(os.fspath(output_dir))
     with fileio.output_lock(out):
         stored, net_rel = _sparse_folder(out)
@@ -416,14 +459,17 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
         dense_net = masks.remove_mask_layer(sources.absolute_sources(net_rel, out))
         netcheck.check_data(dense_net, name=os.path.join(out, SPARSE_NET))
         solver_path = os.path.join(out, SPARSE_SOLVER)
-        if sparse.settings() or not os.path.exists(solver_path):
+        if sparse.settings() or solver is not None or not os.path.exists(solver_path):
             recorded = dict(prov.get("sparse_schedule", {}))
             if {"epochs", "max_iter"} & set(sparse.settings()):  # a length given now replaces the recorded one
                 recorded.pop("epochs", None)
                 recorded.pop("max_iter", None)
             schedule = dataclasses.replace(Schedule(**recorded), **sparse.settings())
-            solver = _solver("sparse", dense_net, schedule, prov.get("recipe", "imagenet"),
-                             prov.get("seed", 0))
+            recorded = prov.get("solver_template")
+            template = solvers.read_template(solver) if solver is not None else fileio.parse_prototxt(
+                recorded, caffe_pb2().SolverParameter(), PRUNED + ".json") if recorded is not None else None
+            solver = _solver("sparse", dense_net, schedule, prov.get("recipe", "imagenet"), prov.get("seed", 0),
+                             template)
         else:
             solver = fileio.read_solver_prototxt(solver_path)
         plan = masks.gradual_spec(net_rel)
@@ -467,18 +513,19 @@ def _finish_gradual(job, snap, stored, plan, prov, extra):
 
 # ------------------------------------------------------------------------------------------------ redense
 def retrain_dense(inputs, output_dir, redense=Schedule(), recipe=None, engine="binary", gpu=None, force=False,
-                  seed=solvers.SEED):
+                  seed=solvers.SEED, solver=None):
     """The redense phase: release the masks of ``inputs.weights`` (a sparse-phase caffemodel; a caffemodel with no
     mask layer is taken as it is) and train the dense net from it with a fresh solver into
-    ``output_dir/redense.caffemodel``. Returns its path."""
-    recipe = recipe_of(recipe, inputs.weights)
+    ``output_dir/redense.caffemodel``; ``solver`` (a solver prototxt path) is its template. Returns its path."""
     net, model_param = check_inputs(inputs)
+    note = fallback_note(recipe, inputs.weights, solver)
+    recipe = recipe_of(recipe, inputs.weights)
     if masks.mask_layer_spec(model_param) is not None:
         released = masks.release_masks(model_param, os.fspath(inputs.weights))[0]
         log.info("redense: masks released; training starts at density %.4f",
                  masks.sparsity_report(released)["total"]["density"])
     else:
         released = model_param
-    solver = _solver("redense", net, redense, recipe, seed)
+    solver = _solver("redense", net, redense, recipe, seed, solvers.read_template(solver))
     return train_plain("redense", net, output_dir, solver, (os.fspath(inputs.weights), released), engine, gpu,
-                       force, extra={"engine": engine, "recipe": recipe})
+                       force, extra={"engine": engine, "recipe": recipe}, notes=[note] if note else ())

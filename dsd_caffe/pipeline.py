@@ -1,6 +1,7 @@
 """The DSD run: (prune -> sparse -> redense) x cycles from a dense caffemodel, resumable after any interruption,
 optionally beside its control arm, and over several seeds with a verdict (:mod:`dsd_caffe.verdict`). (Past 400
-lines: the run, its resume checks and its read-outs, table, curves and verdict, all read one state format.)
+lines: the run, its resume checks, its read-outs and its seeds' worker processes share the run folder's layout and state; the seeds'
+part could move to a module of its own once the per-seed device work on it has landed.)
 
 The run folder (one writer: it is locked for the whole run):
 
@@ -15,22 +16,31 @@ The run folder (one writer: it is locked for the whole run):
 - ``accuracy.png``: validation accuracy of both arms across the phases, the pruning dip marked.
 
 With several seeds (:func:`run_seeds`), ``seed<k>/`` holds one run per seed and ``verdict.json`` the paired
-comparison. A seed changes the solvers' ``random_seed``: dropout and the random crop and mirror of the data
-layers (Caffe's LMDB reader has a fixed order); the demo, which trains its own dense model, also seeds its init.
+comparison. A seed changes the solvers' ``random_seed`` (dropout and the random crop and mirror of the data
+layers) and, with ``data_order="shuffled"`` (the default over several seeds), the order the TRAIN data is read in
+(``train_lmdb-shuffled/``, a copy of the TRAIN LMDB in the seed's order: :mod:`dsd_caffe.dataorder`). The
+verdict names what the seeds varied, and gives no interval when they varied nothing (:func:`varied`).
 
-Past 400 lines: the run, its state file and the read-outs of that state (tables, curves, the density curve) are
-one format, kept together.
+Several seeds run in worker processes, ``jobs`` at a time, each in its own process (its log lines carry its seed).
+Ctrl-C or SIGTERM (to the process group or to the parent alone) stops every worker at a snapshot, and the parent
+exits with :class:`~dsd_caffe.errors.Interrupted`; a worker whose parent dies (even by SIGKILL) gets SIGTERM from
+the kernel (``PR_SET_PDEATHSIG``) and stops the same way. A re-run resumes every unfinished seed and reuses the
+finished ones.
 """
-import concurrent.futures
 import dataclasses
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import re
 import shutil
 import signal
+import time
 
-from . import (caffelog, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
+import numpy as np
+
+from . import (caffelog, dataorder, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training, verdict)
 from .errors import Interrupted, UserError
 from .phases import Inputs, PruneConfig
@@ -39,6 +49,8 @@ from .solvers import Schedule
 log = logging.getLogger(__name__)
 
 STATE = "dsd_state.json"
+SHUFFLED = "train_lmdb-shuffled"  # the run's TRAIN data in its seed's order (data_order="shuffled")
+STOP_WAIT = 60  # seconds the workers get to stop at a snapshot after an interrupt, before SIGKILL
 MAX_SEEDS = 1000  # a verdict needs a few dozen seeds at most; each seed is a whole run
 VERDICT = "verdict.json"
 PLOT = "accuracy.png"
@@ -54,21 +66,26 @@ class RunConfig:
     redense: Schedule = Schedule(flag="redense")
     cycles: int = 1
     recipe: str = None  # None: the one recorded beside the weights (see phases.recipe_of), else imagenet
+    solver: str = None  # the user's solver prototxt: the template of every phase's solver (solvers.build)
     iterations: int = None  # evaluation batches (None: the whole TEST LMDB)
     train_source: str = None
     test_source: str = None
     holdout_source: str = None  # evaluated once per finished model, never used to choose anything
     control: bool = False
     seed: int = solvers.SEED
+    data_order: str = None  # "fixed" (None: over several seeds "shuffled") or "shuffled": the seed's TRAIN order
+    dense_per_seed: bool = False  # each seed trains its own dense model from the net's fillers seeded with it
 
     def __post_init__(self):
+        if self.data_order is not None:
+            dataorder.check_order(self.data_order)
         solvers.count(self.cycles, "--cycles")
         solvers.count(self.seed, "--seed", 0)
         if self.iterations is not None:
             solvers.count(self.iterations, "--iterations")
         object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
-        for field in ("model", "weights", "train_source", "test_source", "holdout_source"):
+        for field in ("model", "weights", "train_source", "test_source", "holdout_source", "solver"):
             value = getattr(self, field)
             if value is not None:
                 object.__setattr__(self, field, os.path.abspath(os.fspath(value)))
@@ -83,6 +100,10 @@ class RunConfig:
         d["sparse"], d["redense"] = self.sparse.settings(), self.redense.settings()
         return json.loads(json.dumps(d))
 
+    def template(self):
+        """The user's solver (a SolverParameter), or None."""
+        return solvers.read_template(self.solver)
+
     def inputs(self, weights=None, net=None):
         return Inputs(self.model, weights or self.weights, self.train_source, self.test_source, net_param=net)
 
@@ -94,12 +115,11 @@ def _open_state(out, config, force, reuse=False):
     state exists."""
     path = os.path.join(out, STATE)
     settings = config.settings()
-    checked = False
+    plan = None
     if os.path.exists(path):
         state = fileio.read_json(path)
         if force:
-            _check_run(config)  # before anything goes: a refused input leaves the old run as it was
-            checked = True
+            plan = _check_run(config)  # before anything goes: a refused input leaves the old run as it was
             _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
             _check_start(out, state, config)
@@ -120,12 +140,13 @@ def _open_state(out, config, force, reuse=False):
     elif os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
                               "--force")
-    if not checked:
-        _check_run(config)
+    plan = plan if plan is not None else _check_run(config)
     fileio.check_output(path, force=True)  # a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
              "dense_model": training.file_record(config.weights)}
     fileio.write_json(path, state)
+    for level, line in plan:  # the run's plan, once nothing can refuse it any more
+        log.log(level, "%s", line)
     return state
 
 
@@ -142,24 +163,34 @@ def _check_start(out, state, config):
 
 def _clear(out):
     for name in os.listdir(out):
-        if name in (STATE, PLOT, VERDICT) or name.startswith(("cycle", "control", "seed")):
+        if name in (STATE, PLOT, VERDICT, "dense") or name.startswith(("cycle", "control", "seed", SHUFFLED)):
             p = os.path.join(out, name)
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
 
 def _check_run(config):
     """Everything that can be checked before the run state names its inputs: net, data, weights, profile, and the
-    phases' solvers (a length in epochs that Caffe's max_iter cannot hold)."""
+    phases' solvers (a length in epochs that Caffe's max_iter cannot hold). Returns the run's plan for people:
+    [(logging level, line)]: each phase's solver, and a warning when the imagenet recipe is a fallback."""
     net, model_param = phases.check_inputs(config.inputs())
     if config.holdout_source is not None:
         netcheck.check_data_layers(_with_test(net, config.holdout_source), "TEST")
     weights = masks.weight_arrays(model_param)
     names = netgen.weighted_layers(net)
     config.prune.masks({n: weights[n] for n in names}, masks.shared_weights(net))
-    for phase, schedule in (("sparse", config.sparse), ("redense", config.redense)):
-        solver = phases._solver(phase, net, schedule, config.recipe, config.seed)
+    (train, batch), _ = sources.data_sources(net)
+    extra = (("dense", Schedule()),) if config.dense_per_seed else ()
+    where = f"your solver {config.solver} with DSD's base_lr and length" if config.solver else \
+        f"the {config.recipe} recipe"
+    plan = []
+    for phase, schedule in extra + (("sparse", config.sparse), ("redense", config.redense)):
+        solver = phases._solver(phase, net, schedule, config.recipe, config.seed, config.template())
         if phase == "sparse":  # a gradual schedule must end within the sparse phase
             config.prune.plan({n: weights[n] for n in names}, solver.max_iter, config.recipe)
+        plan.append((logging.INFO, f"{phases.describe(phase, solver, sources.lmdb_count(train), batch)} ({where})"))
+    note = phases.fallback_note(None if config.recipe == "imagenet" else config.recipe, config.weights,
+                                config.solver)
+    return plan + ([(logging.WARNING, note)] if note else [])
 
 
 def _with_test(net, source):
@@ -176,7 +207,7 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     out = os.path.abspath(os.fspath(output_dir))
     devices.check(gpu)  # before anything is written; Caffe's mode is left to the phases (and the caller)
     fileio.check_apart(out, (config.model, config.weights, config.train_source, config.test_source,
-                             config.holdout_source, *sources.data_paths(config.inputs().net(require=()))))
+                             config.holdout_source, config.solver, *sources.data_paths(config.inputs().net(require=()))))
     try:
         return _run(config, out, engine, gpu, force, reuse)
     except Interrupted:
@@ -190,16 +221,20 @@ def _run(config, out, engine, gpu, force, reuse):
         state = _open_state(out, config, force, reuse)
         if state.get("finished"):
             return state
+        if config.data_order == "shuffled":
+            train = sources.data_sources(config.inputs().net())[0][0]
+            config = dataclasses.replace(config, train_source=dataorder.shuffled_copy(
+                train, os.path.join(out, SHUFFLED), config.seed))
         run = _Run(config, out, state, engine, gpu)
-        run.step("dense", "both", "dense", lambda: config.weights)
-        dsd = control = config.weights
+        run.step("dense", "both", "dense", run.dense)
+        dsd = control = run.model("dense")
         for c in range(1, config.cycles + 1):
             sdir, rdir = os.path.join(out, f"cycle{c}-sparse"), os.path.join(out, f"cycle{c}-redense")
             run.step(f"cycle{c}-pruned", "dsd", "sparse", lambda: run.prune(dsd, sdir))
             run.step(f"cycle{c}-sparse", "dsd", "sparse", lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
             run.step(f"cycle{c}-redense", "dsd", "redense", lambda: phases.retrain_dense(
                 config.inputs(os.path.join(sdir, phases.SPARSE), run.net), rdir, config.redense, config.recipe,
-                engine, gpu, seed=config.seed))
+                engine, gpu, seed=config.seed, solver=config.solver))
             dsd = run.model(f"cycle{c}-redense")
             if config.control:
                 for phase, folder in (("sparse", sdir), ("redense", rdir)):
@@ -251,6 +286,16 @@ class _Run:
         log.info("%s: validation top-1 %s, density %.4f", name,
                  f"{entry['accuracy']:.4f}" if entry["accuracy"] is not None else "-", entry["density"])
 
+    def dense(self):
+        """The dense model both arms start from: the given one, or with ``dense_per_seed`` one trained from the
+        net's fillers seeded with the run's seed (the --solver's base_lr and max_iter, else the recipe's)."""
+        c = self.config
+        if not c.dense_per_seed:
+            return c.weights
+        return phases.train_dense(Inputs(c.model, None, c.train_source, c.test_source, net_param=self.net),
+                                  os.path.join(self.out, "dense"), recipe=c.recipe, engine=self.engine, gpu=self.gpu,
+                                  seed=c.seed, solver=c.solver)
+
     def evaluate(self, weights, test_source=None):
         net = _with_test(self.net, test_source) if test_source else self.net
         return evaluate.evaluate_param(net, weights, self.config.iterations, devices.first(self.gpu))
@@ -261,7 +306,7 @@ class _Run:
         path = os.path.join(folder, phases.PRUNED)
         done = training.finished(path)
         res = phases.prune(self.config.inputs(weights, self.net), folder, self.config.prune, self.config.sparse,
-                           self.config.recipe, force=not done)
+                           self.config.recipe, force=not done, solver=self.config.solver)
         if not done:
             log.info("%s pruning:\n%s", os.path.basename(folder), res["table"])
         return path
@@ -382,28 +427,32 @@ def results_text(state, labels=None):
 def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, force=False):
     """``seeds`` paired runs (DSD and its control; seeds ``config.seed``, +1, ...) in ``output_dir/seed<k>``,
     ``jobs`` at a time, then the verdict. One seed runs in ``output_dir`` itself, on all of ``gpu``'s devices
-    (data-parallel); several seeds spread over them, one device each (``devices.of_seed``). Returns {"runs": {seed:
-    state}, "verdict": Verdict or None}."""
+    (data-parallel); several seeds spread over them, one device each (``devices.of_seed``). ``config.data_order``
+    None: "shuffled" over several seeds, else "fixed". Returns {"runs": {seed: state}, "verdict": Verdict or None,
+    "refused": why there is no verdict, or None}."""
     solvers.count(seeds, "--seeds", maximum=MAX_SEEDS)
     solvers.count(jobs, "--jobs")
     if seeds > 1 and not config.control:
         raise UserError("--seeds compares DSD with its control over seeds: add --control")
+    config = dataclasses.replace(config, data_order=config.data_order or ("shuffled" if seeds > 1 else "fixed"))
     out = os.path.abspath(os.fspath(output_dir))
     if seeds == 1:
         state = run_dsd(config, out, engine, gpu, force)
         runs = {config.seed: state}
     else:
         with fileio.output_lock(out):
-            runs = _parallel(config, out, seeds, jobs, engine, gpu, force)
+            configs = {config.seed + k: dataclasses.replace(config, seed=config.seed + k) for k in range(seeds)}
+            runs = _parallel(configs, out, jobs, engine, gpu, force)
     result = {"runs": runs, "verdict": None}
     if config.control:
-        result.update(seeds_verdict(runs, out, "holdout" if config.holdout_source else "val"))
+        result.update(seeds_verdict(runs, out, "holdout" if config.holdout_source else "val", config))
     return result
 
 
-def seeds_verdict(runs, out, split):
+def seeds_verdict(runs, out, split, config):
     """{"verdict": Verdict or None, "refused": why not or None} of finished runs ({seed: state}), written to
-    ``out/verdict.json``. A seed with a diverged arm is refused: its accuracy means nothing."""
+    ``out/verdict.json``. A seed with a diverged arm is refused: its accuracy means nothing. The verdict names
+    what the seeds varied (:func:`varied`) and gives no interval when their models are bit-identical."""
     tables = {seed: results_table(s) for seed, s in runs.items()}
     refused = next((f"seed {seed}: the {row} arm's model {t[row]['diverged']}" for seed, t in tables.items()
                     for row in ("DSD", "control") if t[row]["diverged"]), None)
@@ -411,51 +460,191 @@ def seeds_verdict(runs, out, split):
         refused = f"no verdict: {refused} (a diverged arm's accuracy means nothing)"
         fileio.write_json(os.path.join(out, VERDICT), {"verdict": None, "refused": refused, "split": split})
         return {"verdict": None, "refused": refused}
+    several = len(runs) > 1
     v = verdict.paired_verdict([100 * (t["DSD"]["top1"] - t["control"]["top1"]) for t in tables.values()],
-                               seeds=list(runs))
-    fileio.write_json(os.path.join(out, VERDICT), dict(dataclasses.asdict(v), split=split))
+                               seeds=list(runs), varied=varied(config) if several else (),
+                               identical=several and _identical_models(out, runs), split=split)
+    fileio.write_json(os.path.join(out, VERDICT), v.as_json())
     return {"verdict": v, "refused": None}
 
 
-def _parallel(config, out, seeds, jobs, engine, gpu, force):
+def varied(config):
+    """What the seeds of ``config``'s runs vary, in words, for the verdict: only what the net uses (a net with no
+    dropout, crop or mirror gains nothing from a solver's random_seed)."""
+    net = config.inputs().net()
+    used = [f"dropout ({', '.join(l.name for l in net.layer if l.type == 'Dropout')})"] \
+        if any(l.type == "Dropout" for l in net.layer) else []
+    for layer, param in sources.source_fields(net):
+        tp = layer.transform_param
+        if sources.phase_of(layer) == "TEST":
+            continue
+        crop = tp.crop_size and (layer.type != "Data" or _larger_than(param.source, tp.crop_size))
+        kinds = [w for w, on in (("crop", crop), ("mirror", tp.mirror)) if on]
+        if kinds:
+            used.append(f"the random {' and '.join(kinds)} of {layer.name}")
+    out = [f"solver random_seed: {', '.join(used)}"] if used else []
+    if config.data_order == "shuffled":
+        out.append("the TRAIN data order (a copy of the TRAIN LMDB in each seed's order)")
+    if config.dense_per_seed:
+        out.append("the dense model (trained per seed from the net's fillers)")
+    return tuple(out)
+
+
+def _larger_than(source, crop):
+    """True when the LMDB's images are larger than ``crop`` (a crop of the full size is no random choice)."""
+    from .lmdbio import lmdb_info
+
+    info = lmdb_info(source)
+    return info["height"] > crop or info["width"] > crop
+
+
+def _identical_models(out, runs):
+    """True when every seed's DSD model, and every seed's control, hold bit-identical weights (the seeds varied
+    nothing)."""
+    digests = set()
+    for seed, state in runs.items():
+        table = results_table(state)
+        digests.add(tuple(weights_digest(os.path.join(out, f"seed{seed}", table[row]["model"]))
+                          for row in ("DSD", "control")))
+    return len(digests) == 1
+
+
+def weights_digest(path):
+    """The SHA-256 of a caffemodel's blobs alone (its bytes also hold the net's text, sources included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for layer in fileio.read_caffemodel(path).layer:
+        for blob in layer.blobs:
+            h.update(layer.name.encode() + b"\0" + json.dumps(list(blob.shape.dim)).encode())
+            h.update(np.asarray(blob.data, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _parallel(configs, out, jobs, engine, gpu, force):
+    """Run each seed's :func:`run_dsd` in its own worker process, ``jobs`` at a time (finished seeds are reused,
+    unfinished ones resumed); {seed: state}. An interrupt stops every worker (:func:`_stop_workers`)."""
     ctx = multiprocessing.get_context("spawn")  # Caffe's state is per process; fork would copy a live one
-    configs = {config.seed + k: dataclasses.replace(config, seed=config.seed + k) for k in range(seeds)}
-    runs, problems = {}, []
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    todo, running, runs, problems, alone = list(configs.items()), {}, {}, [], []
+    first = min(configs)  # seed k of the run is the (k - first)-th: its device, round robin (devices.of_seed)
     try:
-        futures = {pool.submit(_seed_worker, c, os.path.join(out, f"seed{s}"), engine,
-                               devices.of_seed(gpu, s - config.seed), force, jobs > 1): s for s, c in configs.items()}
-        for fut in concurrent.futures.as_completed(futures):
-            kind, value = fut.result()
-            if kind == "ok":
-                runs[futures[fut]] = value
-                log.info("seed %d done", futures[fut])
-            else:
-                problems.append((kind, value))
+        while todo or running:
+            while todo and len(running) < jobs:
+                seed, config = todo.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_seed_worker, name=f"seed{seed}", args=(
+                    send, os.getpid(), config, os.path.join(out, f"seed{seed}"), engine,
+                    devices.of_seed(gpu, seed - first), force, jobs > 1))
+                proc.start()
+                send.close()
+                running[seed] = (proc, receive)
+            multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
+            for seed, (kind, value) in _reap(running).items():
+                if kind == "ok":
+                    runs[seed] = value
+                    log.info("seed %d: finished", seed)
+                elif kind == "interrupted":  # a worker stopped alone (a signal to it): the run stops
+                    alone.append(value)
+                    raise KeyboardInterrupt
+                else:
+                    problems.append(value)
+                    log.error("%s", value)
     except KeyboardInterrupt:
-        for proc in list(getattr(pool, "_processes", {}).values()):  # a SIGTERM may have reached only this process
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGINT)
-        raise Interrupted("interrupted; run the same command again to resume") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stopped = _stop_workers(running)
+        where = alone + stopped
+        raise Interrupted(f"interrupted{' at ' + ', '.join(where) if where else ''}; run the same command again "
+                          "to resume") from None
     if problems:
-        kind, message = problems[0]
-        raise (Interrupted(message) if kind == "interrupted" else UserError(message))
+        raise UserError(problems[0])
     return dict(sorted(runs.items()))
 
 
-def _seed_worker(config, out, engine, gpu, force, quiet):
-    """One seed's run in a child process; returns ("ok", state), ("error", message) or ("interrupted", ...)."""
+def _reap(running):
+    """{seed: (kind, value)} of the workers of ``running`` ({seed: (process, pipe)}) that ended; removed from it."""
+    ended = {}
+    for seed, (proc, receive) in list(running.items()):
+        if proc.is_alive():
+            continue
+        proc.join()
+        ended[seed] = receive.recv() if receive.poll() else (
+            "error", f"seed {seed}: its worker process ended with status {proc.exitcode} and no result")
+        receive.close()
+        del running[seed]
+    return ended
+
+
+def _stop_workers(running):
+    """Stop every live worker: SIGINT (a worker ignores a repeat within 2 s, so the terminal's Ctrl-C and ours
+    count once), wait up to STOP_WAIT seconds for them to snapshot, then SIGKILL (their Caffe children die with
+    them). A second interrupt, more than 2 s after the first, kills them at once. Returns where each stopped."""
+    for proc, _ in running.values():
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGINT)
+    started = time.monotonic()
+    while running and time.monotonic() - started < STOP_WAIT:
+        try:
+            multiprocessing.connection.wait([p.sentinel for p, _ in running.values()], timeout=1)
+        except KeyboardInterrupt:
+            if time.monotonic() - started > 2:
+                break
+        if all(not p.is_alive() for p, _ in running.values()):
+            break
+    for proc, _ in running.values():
+        if proc.is_alive():
+            proc.kill()
+    where = []
+    for seed, (kind, value) in sorted(_reap(running).items()):
+        if kind == "interrupted":
+            where.append(value)
+        elif kind == "ok":
+            where.append(f"seed {seed} (finished)")
+    return where
+
+
+def _seed_worker(conn, parent, config, out, engine, gpu, force, quiet):
+    """One seed's run in its own process; sends ("ok", state), ("error", message) or ("interrupted", where) to
+    ``conn``. It dies with its ``parent`` (SIGTERM when the parent ends, however it ends)."""
+    _follow_parent(parent)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # this child process is ours: parallel bars would interleave
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed{config.seed} %(name)s: %(message)s",
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {config.seed} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        return "ok", run_dsd(config, out, engine, gpu, force)
+        result = "ok", run_dsd(config, out, engine, gpu, force, reuse=True)
     except Interrupted as e:
-        return "interrupted", str(e)
+        m = re.match(r"(.*): interrupted at iteration (\d+)", str(e))
+        result = "interrupted", (f"seed {config.seed} {m.group(1)} iteration {m.group(2)}" if m else
+                                 f"seed {config.seed}")
     except KeyboardInterrupt:
-        return "interrupted", f"seed {config.seed}: interrupted; run the same command again to resume"
+        result = "interrupted", f"seed {config.seed} (between phases)"
     except (UserError, OSError) as e:
-        return "error", f"seed {config.seed}: {e}"
+        result = "error", f"seed {config.seed}: {e}"
+    conn.send(result)
+    conn.close()
+
+
+_first_interrupt = [-10.0]
+
+
+def _interrupt_once(signum, frame):
+    """SIGINT/SIGTERM in a worker: KeyboardInterrupt, but a repeat within 2 s is the same interrupt (the terminal's
+    Ctrl-C and the parent's forwarded one)."""
+    now = time.monotonic()
+    if now - _first_interrupt[0] > 2:
+        _first_interrupt[0] = now
+        raise KeyboardInterrupt
+
+
+def _follow_parent(parent):
+    """This worker gets SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG; elsewhere it polls nothing and
+    relies on the parent's stop), and ends now when the parent is gone already."""
+    signal.signal(signal.SIGINT, _interrupt_once)
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        raise SystemExit(130)

@@ -359,13 +359,14 @@ def summary_rows(weights, masks):
 
 
 def format_table(rows):
-    """The per-layer table as text, with a total line. A row with ``shares`` (a layer using another's weight
-    blob) is marked, and its blob counted once in the total."""
+    """The per-layer table as text, with a total line. A layer not pruned (every weight kept) has no threshold; a
+    row with ``shares`` (a layer using another's weight blob) is marked, and its blob counted once in the total."""
     lines = [f"{'layer':<24} {'shape':<20} {'kept':>10} {'size':>10} {'density':>8} {'threshold':>11}"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
+        threshold = f"{r['threshold']:>11.4g}" if r["kept"] < r["size"] else f"{'':>11}"
         lines.append(f"{r['name']:<24} {shape:<20} {r['kept']:>10} {r['size']:>10} {r['density']:>8.4f} "
-                     f"{r['threshold']:>11.4g}" + (f"  (the weights of {r['shares']})" if r.get("shares") else ""))
+                     (f"{threshold}" + (f"  (the weights of {r['shares']})" if r.get("shares") else "")).rstrip())
     kept = sum(r["kept"] for r in rows if not r.get("shares"))
     size = sum(r["size"] for r in rows if not r.get("shares"))
     if size:

@@ -5,7 +5,9 @@ Only the TEST phase is read: no TRAIN LMDB is needed (``test_source`` replaces t
 sees the same batches: they are read once from the data layer and fed to the net again for each (layer, density).
 Outputs, staged in a temporary folder and renamed into place: ``sensitivity.csv`` (layer, density, accuracy and
 every net output, 4 decimals; the first row is the unpruned net), ``sensitivity.json`` (the same, full
-precision) and ``sensitivity.png`` (a heat map, readable with SqueezeNet's 26 layers).
+precision, and its inputs: model, weights with their SHA-256, the TEST LMDB, iterations, images) and
+``sensitivity.png`` (a heat map, readable with SqueezeNet's 26 layers). An LMDB holding fewer images than the
+batches read is read around again (Caffe wraps around): a warning says how often each image counts.
 """
 import dataclasses
 import logging
@@ -59,10 +61,26 @@ def sensitivity_scan(model, weights, output_dir, config=ScanConfig(), test_sourc
         netcheck.check_fits(net_param, model_param, os.fspath(weights), os.fspath(model))
         names = _layers(netgen.weighted_layers(net_param), config.layers)
         net = _test_net(net_param, weights, gpu)
+        inputs = _inputs(net_param, model, weights, config)
         rows = _scan(net, names, config)
         with fileio.atomic_path(out, force=True, directory=True) as tmp:
-            _write(tmp, rows, list(net.outputs), names, config.densities)
+            _write(tmp, rows, list(net.outputs), names, config.densities, inputs)
     return rows
+
+
+def _inputs(net_param, model, weights, config):
+    """What the scan reads, for sensitivity.json; warns when the TEST LMDB holds fewer images than it reads."""
+    from .training import file_record
+
+    (_, _), (source, batch) = sources.data_sources(net_param)
+    images, count = config.iterations * batch, sources.lmdb_count(source)
+    if count < images:
+        log.warning("the TEST LMDB %s holds %d images, fewer than the %d the scan reads (%d batches of %d): Caffe "
+                    "reads it around again, so images count more than once", source, count, images,
+                    config.iterations, batch)
+    return {"model": os.path.abspath(os.fspath(model)), "weights": file_record(weights), "test_source": source,
+            "iterations": config.iterations, "batch": batch, "images": images, "lmdb_images": count,
+            "densities": list(config.densities), "layers": list(config.layers) if config.layers else None}
 
 
 def _layers(names, wanted):
@@ -117,12 +135,12 @@ def _scan(net, names, config):
     return rows
 
 
-def _write(folder, rows, outputs, names, densities):
+def _write(folder, rows, outputs, names, densities, inputs):
     header = ["layer", "density", "accuracy"] + outputs
     fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else v)
     fileio.atomic_write(os.path.join(folder, FILES[0]),
                         fileio.csv_text([header] + [[fmt(r.get(k)) for k in header] for r in rows]))
-    fileio.write_json(os.path.join(folder, FILES[1]), {"rows": rows})
+    fileio.write_json(os.path.join(folder, FILES[1]), {"inputs": inputs, "rows": rows})
     base = rows[0]["accuracy"]
     if base is None:
         log.warning("the net has no accuracy output: no %s", FILES[2])

@@ -17,17 +17,28 @@ the committed files against it. A :class:`Schedule` holds what a user overrides 
 Epochs become ``max_iter`` = ceil(epochs * train_size / (batch_size * iter_size)); ``test_iter`` =
 ceil(test_size / test_batch) covers the whole test set; snapshots are taken every ceil(max_iter / snapshots).
 
+Your solver as the template. ``build(..., template=)`` (the tools' ``--solver my_solver.prototxt``) starts the
+phase's solver from a copy of the user's: its momentum, weight decay, lr policy and its parameters, ``test_iter``,
+``test_interval``, ``iter_size``, ``solver_mode``/``device_id``, type and every other field, but for
+:data:`OWN_FIELDS`: what DSD defines for a phase (its base_lr and length, from the recipe or the flags), its files,
+snapshots and seed. Flags given explicitly still win. A GPU solver on a CPU-only build of Caffe trains on the CPU.
+The dense phase (``--train-dense-per-seed``) is the user's own training: it takes the template's base_lr and
+max_iter too.
+
 Paths. Caffe resolves a solver's ``net`` and ``snapshot_prefix`` against the working folder of the ``caffe``
 process. The toolkit writes them relative to the solver file's own folder and runs ``caffe train`` *from that
 folder*; :func:`resolve_paths` gives a copy with absolute paths, for running from anywhere else.
 """
 import dataclasses
+import logging
 import math
 import os
 
 from .caffe_env import caffe_pb2
 from .checks import INT_MAX, count, positive  # noqa: F401 (read here by other modules)
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 PHASES = ("dense", "sparse", "redense")
 RECIPES = ("imagenet", "fashion-mnist")
@@ -178,16 +189,37 @@ EXTRA = {"gamma": 0.1, "stepsize": None, "power": None, "average_loss": 40, "tes
          "solver_type": "SGD"}
 
 
+#: solver fields a phase never takes from a template: DSD's (the phase's base_lr and length), the files the
+#: toolkit writes and reads (net, snapshots in its format) the seed and the device
+OWN_FIELDS = ("net", "net_param", "train_net", "test_net", "train_net_param", "test_net_param", "train_state",
+              "test_state", "base_lr", "max_iter", "snapshot", "snapshot_prefix", "snapshot_format", "snapshot_diff",
+              "random_seed",
+              "solver_mode", "device_id")  # the device is the tools' choice (--gpu), never a template's
+
+
+def read_template(path):
+    """The SolverParameter of a user's solver prototxt (``--solver``), or None for None."""
+    from .fileio import read_solver_prototxt
+
+    return None if path is None else read_solver_prototxt(path)
+
+
 def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_prefix=None, random_seed=SEED,
-          **extra):
+          template=None, **extra):
     """The SolverParameter of ``phase`` for ``net`` (a prototxt path, written into the solver): the table's row for
-    ``recipe`` with ``schedule``'s settings over it; ``sizes`` (:class:`DataSizes`) turn epochs and the test set into
-    iterations. ``extra`` holds the rarer solver fields of :data:`EXTRA`."""
+    ``recipe`` with ``schedule``'s settings over it, or with a ``template`` (a SolverParameter: the user's solver)
+    that row's base_lr and length over the template (see the module doc); ``sizes`` (:class:`DataSizes`) turn
+    epochs and the test set into iterations. ``extra`` holds the rarer solver fields of :data:`EXTRA`."""
     unknown = set(extra) - set(EXTRA)
     if unknown:
         raise TypeError(f"unknown solver argument(s): {', '.join(sorted(unknown))}")
     row = dataclasses.replace(defaults(phase, recipe), **{k: v for k, v in schedule.settings().items()
                                                           if k in _DEFAULT_FIELDS})
+    if template is not None:
+        row = dataclasses.replace(row, iter_size=schedule.iter_size or template.iter_size or 1)
+        if phase == "dense" and template.max_iter:  # the user's solver is their dense training: its rate, length
+            row = dataclasses.replace(row, base_lr=schedule.base_lr or template.base_lr,
+                                      max_iter=template.max_iter, epochs=schedule.epochs)
     max_iter = schedule.max_iter
     if max_iter is None:
         epochs = row.epochs  # the schedule's epochs, when given, are already in the row
@@ -203,8 +235,14 @@ def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_pr
                                 f"Caffe's max_iter holds ({INT_MAX}); give fewer epochs")
     test_interval = schedule.test_interval or (math.ceil(max_iter / row.tests) if row.tests else
                                                max(1, min(1000, max_iter)))
-    s = _solver(net, row, dict(EXTRA, **extra))
-    s.test_iter.append(test_iters(sizes.test, sizes.test_batch or row.test_batch))
+    if template is not None:
+        s = _inherited(template, net, row, schedule)
+        test_interval = s.test_interval if s.HasField("test_interval") and not schedule.test_interval else \
+            test_interval
+    else:
+        s = _solver(net, row, dict(EXTRA, **extra))
+    if not s.test_iter:
+        s.test_iter.append(test_iters(sizes.test, sizes.test_batch or row.test_batch))
     s.max_iter, s.test_interval = count(max_iter, "max_iter"), test_interval
     s.snapshot = schedule.snapshot or snapshot_interval(max_iter, row.snapshots)
     s.snapshot_prefix = os.fspath(snapshot_prefix or phase)
@@ -230,6 +268,28 @@ def _solver(net, row, extra):
         s.gamma = float(extra["gamma"])
     if row.lr_policy in ("step", "sigmoid"):
         s.stepsize = count(extra["stepsize"], "stepsize")
+    return s
+
+
+def _inherited(template, net, row, schedule):
+    """The template's fields but :data:`OWN_FIELDS`, with the row's base_lr and iter_size and the flags the user
+    gave (``schedule``) over them."""
+    from .caffe_env import has_gpu_support
+
+    pb2 = caffe_pb2()
+    s = pb2.SolverParameter()
+    s.CopyFrom(template)
+    for field in OWN_FIELDS:
+        s.ClearField(field)
+    s.net = os.fspath(net)
+    s.base_lr = positive(row.base_lr, "base_lr", float32=True)
+    s.iter_size = count(row.iter_size, "iter_size")
+    for field in ("lr_policy", "momentum", "weight_decay", "display"):
+        if getattr(schedule, field) is not None:
+            setattr(s, field, getattr(schedule, field))
+    if s.solver_mode == pb2.SolverParameter.GPU and not has_gpu_support():
+        log.info("your solver says solver_mode GPU; this Caffe is a CPU-only build: the phases train on the CPU")
+        s.solver_mode = pb2.SolverParameter.CPU
     return s
 
 

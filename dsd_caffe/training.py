@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from . import caffelog, fileio
 from .caffe_env import caffe_pb2
 from .errors import Interrupted, UserError
@@ -139,7 +141,8 @@ def file_record(path):
     return {"path": path, "sha256": fileio.file_digest(path)}
 
 
-def _text(message):
+def text_of(message):
+    """A protobuf message as prototxt text (what records hold)."""
     from google.protobuf import text_format
 
     return text_format.MessageToString(message)
@@ -147,7 +150,7 @@ def _text(message):
 
 def text_digest(message):
     """The SHA-256 of a protobuf message's prototxt text (what a record compares)."""
-    return hashlib.sha256(_text(message).encode()).hexdigest()
+    return hashlib.sha256(text_of(message).encode()).hexdigest()
 
 
 #: solver fields a person sets, compared first so a message names the cause (max_iter), not a consequence
@@ -236,7 +239,7 @@ class Job:
             digest = hashlib.sha256(self.start_param.SerializeToString()).hexdigest()
         else:
             digest = fileio.file_digest(self.start)
-        return {"solver": _text(self.solver), "net": _text(self.net),
+        return {"solver": text_of(self.solver), "net": text_of(self.net),
                 "weights": {"path": os.path.abspath(self.source or self.start), "sha256": digest}}
 
 
@@ -252,12 +255,13 @@ def _snapshots(job, clean=False):
     return snapshots(os.path.dirname(prefix), os.path.basename(prefix), clean=clean)
 
 
-def train(job, engine="binary", gpu=None, force=False):
+def train(job, engine="binary", gpu=None, force=False, notes=()):
     """Train ``job``, or resume it, and return its final :class:`Snapshot`; None when the phase's final model
     already exists from the same record (nothing is written then). The caller holds the folder's lock
     (``fileio.output_lock``). ``force`` clears earlier training outputs first and starts from scratch. ``gpu``:
     None (the binary on the CPU, pycaffe in Caffe's current mode), a device, or several (data-parallel through
-    :mod:`dsd_caffe.multigpu`); ``training.json`` records them."""
+    :mod:`dsd_caffe.multigpu`); ``training.json`` records them. ``notes`` are warned once every check has passed,
+    before training starts."""
     from . import devices
 
     check_engine(engine)
@@ -284,6 +288,8 @@ def train(job, engine="binary", gpu=None, force=False):
         log.info("%s: already trained to iteration %d in %s", job.desc, snaps[0].iteration, folder)
         return snaps[0]
     resume = snaps[0] if snaps else None
+    for note in notes:
+        log.warning("%s", note)
     logpath = os.path.join(folder, LOG)
     log.info("%s: %s %d iterations%s; Caffe's log: %s", job.desc, "resuming," if resume else "training",
              max_iter, f" from iteration {resume.iteration}" if resume else "", logpath)
@@ -480,10 +486,12 @@ def finished(path):
 
 
 def solver_summary(solver):
-    """The solver settings a provenance JSON records."""
+    """The solver settings a provenance JSON records, float fields as written (0.004, not the float32 Caffe stores,
+    0.004000000189989805)."""
     keys = ("base_lr", "lr_policy", "power", "gamma", "stepsize", "max_iter", "iter_size", "momentum",
             "weight_decay", "snapshot", "random_seed", "type")
-    return {k: getattr(solver, k) for k in keys if solver.HasField(k)}
+    as_written = (lambda v: float(str(np.float32(v))) if isinstance(v, float) else v)
+    return {k: as_written(getattr(solver, k)) for k in keys if solver.HasField(k)}
 
 
 def record_of(folder):

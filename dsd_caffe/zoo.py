@@ -277,13 +277,34 @@ def _copy_weights(net, weights_param, weights, net_name):
     _copy_param(net, weights_param)
 
 
+def _caffemodel_instead(weights, model):
+    """True when ``weights`` is not the release of ``model`` but a caffemodel (warned); the release, or a file
+    that is neither, gives False (verify names its mismatch)."""
+    try:
+        verify(weights, model.name)
+        return False
+    except UserError as e:
+        mismatch = e
+    if model.format == "caffemodel" or not os.path.isfile(weights):
+        return False
+    try:
+        fileio.read_caffemodel(weights)
+    except UserError:
+        return False
+    log.warning("%s is not the verified release of %s (%s), but a caffemodel: using it as the weights of that net, "
+                "checked to fit it", weights, model.name, mismatch)
+    return True
+
+
 def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, url=None, cache=None):
     """A ready ``caffe.Net`` for a zoo model name, a prototxt (+ caffemodel) path or a NetParameter in memory.
 
     - Zoo name: ``weights`` is a local copy (verified), else the file is fetched into ``cache`` (default
       ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. The net is the
       model's deploy net generated in memory by netgen, or ``prototxt`` when given. A Deep Compression ``.net``
-      is decoded on the fly. The weights are checked to fit the net before they are copied.
+      is decoded on the fly. The weights are checked to fit the net before they are copied. ``weights`` that are
+      not the release but a caffemodel (one decoded from it, or trained on from it) are taken when they fit the
+      net, with a warning that they are not the verified release.
     - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks
       (``evaluate.load_net``).
     - NetParameter: built in ``phase`` (``caffe_env.make_net``), ``weights`` (a caffemodel) checked and copied.
@@ -300,6 +321,11 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
             raise UserError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
         return evaluate.load_net(name_or_prototxt, weights, phase, gpu=gpu)
     model = get(name_or_prototxt)
+    if weights is not None and _caffemodel_instead(weights, model):
+        net, net_name = _bare_net(model, prototxt, phase, gpu)
+        _copy_weights(net, fileio.read_caffemodel(weights), weights, net_name)
+        _LOADED[net] = model
+        return net
     if weights is not None:
         verify(weights, model.name)
     else:
@@ -313,12 +339,21 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
     return net
 
 
+def _prog(module):
+    """How the user started this command, for its usage line: ``dsd-zoo`` (the installed command), else ``python
+    -m <module>``."""
+    import sys
+
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("dsd-") else f"python -m {module}"
+
+
 def parser():
     """The command line's ArgumentParser (``python -m dsd_caffe.zoo``)."""
     from . import cli
 
     p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).",
-                   prog="python -m dsd_caffe.zoo")
+                   prog=_prog("dsd_caffe.zoo"))
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the known models, their files, checksums and URLs")
     f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")

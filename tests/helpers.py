@@ -22,6 +22,8 @@ DSD_TRAINVAL = os.path.join(REFERENCE, "squeezenet-dsd", "trainval.prototxt")
 DC_NET = os.path.join(REFERENCE, "squeezenet-deep-compression", "compressed_SqueezeNet.net")
 DC_DEPLOY = os.path.join(REFERENCE, "squeezenet-deep-compression", "SqueezeNet_deploy.prototxt")
 IMAGENET_CLASSES = os.path.join(REFERENCE, "imagenet", "classes.txt")
+LENET = os.path.join(REFERENCE, "caffe-models", "mnist", "lenet_train_test.prototxt")
+LENET_SOLVER = os.path.join(REFERENCE, "caffe-models", "mnist", "lenet_solver.prototxt")
 FASHION = FASHION_MNIST_DIR
 #: where each reference file comes from (for skip reasons)
 ORIGIN = {
@@ -29,6 +31,8 @@ ORIGIN = {
     DC_NET: "github.com/songhan/SqueezeNet-Deep-Compression (compressed_SqueezeNet.net)",
     DC_DEPLOY: "github.com/songhan/SqueezeNet-Deep-Compression (SqueezeNet_deploy.prototxt)",
     IMAGENET_CLASSES: "Caffe's data/ilsvrc12/synset_words.txt (class names in Caffe's order)",
+    LENET: "github.com/BVLC/caffe examples/mnist/lenet_train_test.prototxt",
+    LENET_SOLVER: "github.com/BVLC/caffe examples/mnist/lenet_solver.prototxt",
 }
 
 

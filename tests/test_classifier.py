@@ -199,3 +199,43 @@ def test_paths_floats_and_loaded_nets_agree(squeezenet, tmp_path):
     assert np.array_equal(np.argsort(-p[0])[:5], np.argsort(-p[2])[:5]) and np.allclose(p[0], p[2], atol=0.01)
     net = zoo.load("deep-compression-squeezenet", weights=DC_NET)  # a net from dsd_caffe.load knows its recipe
     assert classify(net, cat, top=1) == classify(squeezenet, cat, top=1)
+
+
+# ------------------------------------------------------------------------------------------ any deploy net
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory):
+    """The released Deep Compression SqueezeNet decoded to a caffemodel (as tools/decode_compressed.py does)."""
+    from helpers import DC_DEPLOY, shared_file
+    from dsd_caffe import deepcompression
+
+    deploy, net = shared_file(DC_DEPLOY), shared_file(DC_NET)
+    out = tmp_path_factory.mktemp("decoded") / "squeezenet.caffemodel"
+    deepcompression.decode_to_caffemodel(net, deploy, out)
+    return deploy, str(out)
+
+
+def test_a_deploy_net_with_its_caffemodel_classifies_by_a_named_recipe(decoded, caplog):
+    skdata = pytest.importorskip("skimage.data")
+    deploy, weights = decoded
+    images = [skdata.chelsea(), skdata.coffee()]
+    top = classify(deploy, images, top=3, weights=weights, preprocess="imagenet")
+    assert top[0][0].index in PHOTOS["chelsea"] and top[0][0].name == classifier.imagenet_classes()[top[0][0].index]
+    assert top[1][0].name == "espresso"
+    import dsd_caffe
+
+    assert dsd_caffe.known_recipe("imagenet") == classifier.known_recipe("imagenet")
+    # the zoo name takes the decoded caffemodel too, saying it is not the verified release
+    by_name = classify("deep-compression-squeezenet", images, top=3, weights=weights)
+    # (netgen's deploy net and the release's prototxt compute the same net in another float order)
+    assert [[(p.index, p.name) for p in t] for t in by_name] == [[(p.index, p.name) for p in t] for t in top]
+    assert [p.probability for t in by_name for p in t] == pytest.approx([p.probability for t in top for p in t],
+                                                                          rel=1e-4)
+    assert "is not the verified release of deep-compression-squeezenet" in caplog.text
+
+
+def test_a_trainval_without_its_lmdb_names_the_recipe_it_fell_back_to(tiny, caplog):
+    path, weights, w, b = tiny()
+    recipe, names = classifier.from_net_param(__import__("dsd_caffe").fileio.read_net_prototxt(path))
+    assert recipe == Preprocess((3, 4, 4), None, MEAN, 0.5) and names is None
+    assert "absent_lmdb is not on this machine: preprocessing with Preprocess(input_size=(3, 4, 4)" in caplog.text
+    assert "no class names" in caplog.text

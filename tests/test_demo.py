@@ -72,6 +72,11 @@ def test_table_structure_and_densities(run):
     assert t["sparse"]["density"] < t["DSD"]["density"] <= 1.0
     assert res["gain"] == pytest.approx(t["DSD"]["top1"] - t["control"]["top1"])
     assert fileio.read_json(os.path.join(out, "results.json"))["table"] == res["table"]
+    # every path in results.json is relative to the demo's folder
+    assert [p["model"] for p in res["dsd_phases"]][:2] == [os.path.join("dense", "dense.caffemodel"),
+                                                           os.path.join("dsd", "cycle1-sparse", "pruned.caffemodel")]
+    assert all(os.path.exists(os.path.join(out, p["model"])) for p in res["dsd_phases"])
+    assert all(os.path.exists(os.path.join(out, m)) for m in res["models"].values())
     for png in ("accuracy.png", "weights_histogram.png"):
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

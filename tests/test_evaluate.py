@@ -91,6 +91,8 @@ def test_tool_prints_binary_lines_with_relative_source(tiny_lmdb, tmp_path):
             cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == expected
+    # the log line names the model evaluated and the LMDB it reads
+    assert f"Running for 4 iterations: net.caffemodel on {tmp_path / 'val_lmdb'}." in p.stderr
 
 
 def test_float_accumulation_matches_caffe(tmp_path):

@@ -316,7 +316,33 @@ def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
     header, first = open(tmp_path / "s" / "sensitivity.csv").read().splitlines()[:2]
     assert header.startswith("layer,density,accuracy") and all(
         len(v.split(".")[1]) == 4 for v in first.split(",")[1:])  # 4 decimals for people; the JSON keeps all
-    assert fileio.read_json(tmp_path / "s" / "sensitivity.json")["rows"][0]["loss"] == base["loss"]
+    scan = fileio.read_json(tmp_path / "s" / "sensitivity.json")
+    assert scan["rows"][0]["loss"] == base["loss"]
+    assert scan["inputs"] == {"model": str(away / "trainval.prototxt"), "weights": training.file_record(weights),
+                              "test_source": os.path.join(folder, "val_lmdb"), "iterations": 2, "batch": 4,
+                              "images": 8, "lmdb_images": 8, "densities": [0.2, 1.0],
+                              "layers": ["conv1", "conv_final"]}
     with pytest.raises(ValueError, match="unknown layer"):
         sensitivity.sensitivity_scan(model, weights, tmp_path / "t", sensitivity.ScanConfig(layers=("nope",)))
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_sensitivity_warns_when_it_reads_the_lmdb_around_again(setup, tmp_path, caplog):
+    from dsd_caffe import sensitivity
+
+    folder, model, weights = setup
+    sensitivity.sensitivity_scan(model, weights, tmp_path / "s", sensitivity.ScanConfig(
+        densities=(0.5,), layers=("conv1",), iterations=3))
+    assert (f"the TEST LMDB {os.path.join(folder, 'val_lmdb')} holds 8 images, fewer than the 12 the scan reads "
+            "(3 batches of 4)") in caplog.text
+    assert fileio.read_json(tmp_path / "s" / "sensitivity.json")["inputs"]["images"] == 12
+
+
+def test_sensitivity_tool_scans_the_densities_given_and_prints_a_header(setup, tmp_path):
+    folder, model, weights = setup
+    r = tool("sensitivity", "--model", model, "--weights", weights, "--output", tmp_path / "s", "--layers",
+             "conv1", "--densities", "0.5", "--iterations", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["layer", "density", "accuracy"]
+    assert [l.split()[:2] for l in lines[1:]] == [["(none)", "1.00"], ["conv1", "0.50"]]  # not the defaults too

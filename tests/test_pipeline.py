@@ -198,28 +198,70 @@ def test_training_tools_show_progress_and_stop_cleanly(setup, tmp_path, engine):
     assert re.search(r"redense: interrupted at iteration \d+; run the same command again to resume$", err.strip())
 
 
-def test_seeds_in_parallel_stop_on_sigterm_and_resume(setup, tmp_path):
-    """SIGTERM to dsd.py alone (its seed workers get no signal from a terminal): it forwards the interrupt, each
-    seed stops at a snapshot, exit status 130 at once, and the same command finishes every seed."""
+def _group(pgid):
+    """Pids of the live (not zombie) processes of process group ``pgid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def _gone(pgid, timeout=30):
+    t0 = time.monotonic()
+    while _group(pgid) and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+    return _group(pgid) == []
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_seeds_in_parallel_stop_and_resume(setup, tmp_path, how):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM to dsd.py alone under --seeds 2 --jobs 2: every worker stops
+    at a snapshot, exit status 130 with one line naming where each seed stopped, and no process of the group is
+    left. SIGKILL of dsd.py: its workers stop too (they follow their parent). The same command resumes every seed;
+    run again once finished, it reuses them and writes the same verdict."""
     out = tmp_path / "seeds"
     args = dsd_args(setup, out, "--control", "--seeds", 2, "--jobs", 2, sparse=6000)
     proc = _start(args)
     try:
         _wait_for(lambda: all(_iteration(out / f"seed{s}" / "cycle1-sparse" / training.LOG) > 20 for s in (0, 1)),
                   proc)
-        proc.send_signal(signal.SIGTERM)
+        signals = {"ctrl-c": lambda: os.killpg(proc.pid, signal.SIGINT), "sigterm": lambda: proc.send_signal(
+            signal.SIGTERM), "sigkill": lambda: proc.send_signal(signal.SIGKILL)}
+        signals[how]()
         _, err = proc.communicate(timeout=120)
+        assert _gone(proc.pid), [open(f"/proc/{p}/cmdline").read() for p in _group(proc.pid)]
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None or _group(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and err.strip().endswith("dsd.py: interrupted; run the same command again to "
-                                                             "resume"), err[-2000:]
+    if how == "sigkill":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130, err[-2000:]
+        m = re.fullmatch(r"dsd\.py: interrupted at seed 0 sparse iteration (\d+), seed 1 sparse iteration (\d+); run "
+                         r"the same command again to resume", err.strip().splitlines()[-1])
+        assert m, err[-2000:]
     for s in (0, 1):
         snaps = training.snapshots(str(out / f"seed{s}" / "cycle1-sparse" / "snapshots"), "sparse")
         assert snaps and snaps[0].iteration < 6000
+        if how != "sigkill":
+            assert snaps[0].iteration == int(m.group(s + 1))  # each stopped at a snapshot
     r = run(args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert fileio.read_json(out / pipeline.VERDICT)["seeds"] == [0, 1]
+    assert "seed 0 dsd_caffe.training: sparse: resuming" in r.stderr and \
+        "seed 1 dsd_caffe.training: sparse: resuming" in r.stderr
+    verdict = fileio.read_json(out / pipeline.VERDICT)
+    assert verdict["seeds"] == [0, 1]
+    if how == "ctrl-c":
+        again = run(args)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "seed 0 dsd_caffe.pipeline: DSD: reusing the finished run" in again.stderr
+        assert fileio.read_json(out / pipeline.VERDICT) == verdict and again.stdout == r.stdout
 
 
 # ------------------------------------------------------------------------------------------- the phase tools

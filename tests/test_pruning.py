@@ -231,6 +231,11 @@ def test_density_and_summary():
     assert density(pruned["c1"]) == 0.25 and density(pruned["fc"]) == 0.5
     table = pruning.format_table(rows)
     assert "c1" in table and "3x4" in table and "total" in table and "0.3636" in table
+    # a layer kept whole (skipped, or at density 1) has no threshold: nothing was cut at one
+    whole = pruning.format_table([{"name": "conv1", "shape": (2,), "size": 2, "kept": 2, "density": 1.0,
+                                   "threshold": 0.5}] + rows).splitlines()
+    assert whole[1].split() == ["conv1", "2", "2", "2", "1.0000"]
+    assert whole[2].split() == ["c1", "3x4", "3", "12", "0.2500", "10"]
 
 
 def test_make_masks_needs_every_density():

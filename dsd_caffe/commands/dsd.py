@@ -6,12 +6,15 @@ once.
 Everything lands in --output: cycleK-sparse/ and cycleK-redense/ (each with its prototxts, snapshots, log and
 final model + JSON), with --control also controlK-sparse/ and controlK-redense/ (the dense model trained on for
 the same iterations, with the very solvers the DSD phases ran), dsd_state.json (settings, per-step results and
-densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/ folders and verdict.json.
+densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/ folders and verdict.json
+(what the seeds varied, the standard deviation of the gains, the split; no interval when the seeds varied
+nothing). --solver my_solver.prototxt: every phase's solver is yours but for DSD's base_lr and length.
 Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, top-5, density) is printed at
 the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
 Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
-snapshot of the current phase. A finished run is refused unless --force (start over). One run per --output: a
-second one is refused while the first is alive, and so is any tool writing inside it.
+snapshot of the current phase; with --seeds, every unfinished seed resumes and finished seeds are reused. A
+finished single run is refused unless --force (start over). One run per --output: a second one is refused while
+the first is alive, and so is any tool writing inside it.
 A model whose loss or outputs are not finite (training diverged: try a lower learning rate) is marked "diverged"
 in the table and recorded as null with the reason in dsd_state.json; the verdict refuses such a seed, and the
 tool exits with status 3.
@@ -27,7 +30,8 @@ def run(a):
         model=a.model, weights=a.weights, prune=flags.prune_config(a, a.seed),
         sparse=flags.schedule(a, "sparse"), redense=flags.schedule(a, "redense"),
         cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
-        test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed)
+        test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed, solver=a.solver,
+        data_order=a.data_order, dense_per_seed=a.train_dense_per_seed)
     result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, flags.device(a), a.force)
     for seed, state in result["runs"].items():
         if len(result["runs"]) > 1:
@@ -53,6 +57,7 @@ def main(argv=None):
     flags.add_schedule(p, "redense", prefix="redense")
     flags.add_run_settings(p)
     flags.add_recipe(p)
+    flags.add_solver(p)
     p.add_argument("--iterations", type=int, help="evaluation batches per model (default: the whole TEST LMDB)")
     flags.add_sources(p)
     p.add_argument("--holdout-source", help="an LMDB used for nothing else (e.g. the test split): every finished "
@@ -61,6 +66,14 @@ def main(argv=None):
                    help="also train the equal-length dense control from the same model, and compare")
     p.add_argument("--seeds", type=int, default=1, help="paired runs (with --control) over seeds --seed, +1, ...")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time, in separate processes")
+    p.add_argument("--data-order", choices=("fixed", "shuffled"),
+                   help="the order each seed reads the TRAIN data in: shuffled writes a copy of the TRAIN LMDB per "
+                        "seed in the seed's order (costs its disk space per seed); fixed reads the LMDB's own order "
+                        "(default: shuffled with --seeds 2 or more, else fixed)")
+    p.add_argument("--train-dense-per-seed", action="store_true",
+                   help="each seed first trains its own dense model from the net's fillers (seeded), with --solver's "
+                        "base_lr and max_iter (else the recipe's dense row), and prunes that: the seeds then vary the "
+                        "dense model too; costs one whole dense training per seed (--weights only checks the net)")
     flags.add_device(p)
     p.add_argument("--seed", type=int, default=flags.seed_default(),
                    help="random_seed of every solver (dropout, crops, mirrors)")

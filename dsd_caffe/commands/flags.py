@@ -129,6 +129,13 @@ def device(a):
     return gpus
 
 
+def add_solver(p):
+    p.add_argument("--solver", metavar="PROTOTXT",
+                   help="your solver prototxt: every phase's solver takes its settings (momentum, weight decay, lr "
+                        "policy, test_iter, test_interval, iter_size, solver_mode, type, ...) but for DSD's own: "
+                        "the phase's base_lr and length (the recipe's or the flags'), snapshots and seed")
+
+
 def add_recipe(p):
     from dsd_caffe import solvers
 

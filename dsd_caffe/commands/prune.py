@@ -26,7 +26,8 @@ def run(a):
     from dsd_caffe import phases
 
     res = phases.prune(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
-                       flags.prune_config(a, a.seed), flags.schedule(a), a.recipe, force=a.force)
+                       flags.prune_config(a, a.seed), flags.schedule(a), a.recipe, force=a.force,
+                       solver=a.solver)
     print(res["table"])
     print(f"wrote {res['output_dir']}")
 
@@ -42,6 +43,7 @@ def main(argv=None):
     flags.add_schedule(p, "sparse")
     flags.add_run_settings(p)
     flags.add_recipe(p)
+    flags.add_solver(p)
     p.add_argument("--seed", type=int, default=flags.seed_default(), help="random_seed of the sparse solver")
     p.add_argument("--force", action="store_true", help="replace an existing prune folder")
     cli.main(p, run, argv)

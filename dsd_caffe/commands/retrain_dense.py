@@ -15,7 +15,8 @@ def run(a):
     from dsd_caffe import phases
 
     print(phases.retrain_dense(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
-                               flags.schedule(a), a.recipe, a.engine, flags.device(a), a.force, a.seed))
+                               flags.schedule(a), a.recipe, a.engine, flags.device(a), a.force, a.seed,
+                               solver=a.solver))
 
 
 def main(argv=None):
@@ -27,6 +28,7 @@ def main(argv=None):
     flags.add_run_settings(p)
     flags.add_sources(p)
     flags.add_recipe(p)
+    flags.add_solver(p)
     flags.add_device(p)
     p.add_argument("--seed", type=int, default=flags.seed_default(), help="random_seed of the solver")
     p.add_argument("--force", action="store_true", help="redo a finished redense phase from scratch")

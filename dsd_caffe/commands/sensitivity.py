@@ -14,12 +14,14 @@ from dsd_caffe.commands import flags
 def run(a):
     from dsd_caffe import sensitivity
 
-    config = sensitivity.ScanConfig(densities=tuple(a.densities), layers=tuple(a.layers) if a.layers else None,
+    config = sensitivity.ScanConfig(densities=tuple(a.densities or sensitivity.DEFAULT_DENSITIES),
+                                    layers=tuple(a.layers) if a.layers else None,
                                     iterations=a.iterations)
     rows = sensitivity.sensitivity_scan(a.model, a.weights, a.output, config, a.test_source, a.force, flags.device(a))
+    print(f"{'layer':<24} {'density':>7} accuracy")
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        print(f"{r['layer']:<24} {r['density']:.2f} {acc}")
+        print(f"{r['layer']:<24} {r['density']:7.2f} {acc}")
 
 
 def main(argv=None):
@@ -29,7 +31,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="trainval prototxt (its TEST Data layer is used)")
     p.add_argument("--weights", required=True, help="caffemodel")
     cli.add_output(p, "output folder")
-    cli.add_list(p, "--densities", help="densities kept", default=[str(d) for d in DEFAULT_DENSITIES])
+    cli.add_list(p, "--densities", help="densities kept (default: "
+                 f"{','.join(str(d) for d in DEFAULT_DENSITIES)})")
     cli.add_list(p, "--layers", help="layer names (default: every Convolution/InnerProduct)")
     p.add_argument("--iterations", type=int, default=10, help="TEST batches per evaluation")
     p.add_argument("--test-source", help="validation LMDB instead of the trainval's TEST source (default: the "

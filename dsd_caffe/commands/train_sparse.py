@@ -21,7 +21,7 @@ def run(a):
     from dsd_caffe import phases
 
     print(phases.train_sparse(a.folder, flags.schedule(a),
-                              engine=a.engine, gpu=flags.device(a), force=a.force))
+                              engine=a.engine, gpu=flags.device(a), force=a.force, solver=a.solver))
 
 
 def main(argv=None):
@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("folder", help="folder written by tools/prune.py (the outputs go there too)")
     flags.add_schedule(p, "sparse", default="as recorded at pruning")
     flags.add_run_settings(p)
+    flags.add_solver(p)
     flags.add_device(p)
     p.add_argument("--force", action="store_true", help="redo the sparse phase from scratch")
     cli.main(p, run, argv)
