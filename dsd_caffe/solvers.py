@@ -19,9 +19,9 @@ ceil(test_size / test_batch) covers the whole test set; snapshots are taken ever
 
 Your solver as the template. ``build(..., template=)`` (the tools' ``--solver my_solver.prototxt``) starts the
 phase's solver from a copy of the user's: its momentum, weight decay, lr policy and its parameters, ``test_iter``,
-``test_interval``, ``iter_size``, ``solver_mode``/``device_id``, type and every other field, but for
-:data:`OWN_FIELDS`: what DSD defines for a phase (its base_lr and length, from the recipe or the flags), its files,
-snapshots and seed. Flags given explicitly still win. A GPU solver on a CPU-only build of Caffe trains on the CPU.
+``test_interval``, ``iter_size``, type and every other field, but for :data:`OWN_FIELDS`: what DSD defines for a
+phase (its base_lr and length, from the recipe or the flags), its files, snapshots and seed, and the device
+(``solver_mode``/``device_id``: the tools' ``--gpu`` decides, as everywhere). Flags given explicitly still win.
 The dense phase (``--train-dense-per-seed``) is the user's own training: it takes the template's base_lr and
 max_iter too.
 
@@ -274,9 +274,8 @@ def _solver(net, row, extra):
 def _inherited(template, net, row, schedule):
     """The template's fields but :data:`OWN_FIELDS`, with the row's base_lr and iter_size and the flags the user
     gave (``schedule``) over them."""
-    from .caffe_env import has_gpu_support
-
     pb2 = caffe_pb2()
+    asked_gpu = template.HasField("solver_mode") and template.solver_mode == pb2.SolverParameter.GPU
     s = pb2.SolverParameter()
     s.CopyFrom(template)
     for field in OWN_FIELDS:
@@ -287,9 +286,9 @@ def _inherited(template, net, row, schedule):
     for field in ("lr_policy", "momentum", "weight_decay", "display"):
         if getattr(schedule, field) is not None:
             setattr(s, field, getattr(schedule, field))
-    if s.solver_mode == pb2.SolverParameter.GPU and not has_gpu_support():
-        log.info("your solver says solver_mode GPU; this Caffe is a CPU-only build: the phases train on the CPU")
-        s.solver_mode = pb2.SolverParameter.CPU
+    s.solver_mode = pb2.SolverParameter.CPU  # as a recipe's solver: the device is the tools' --gpu (caffe -gpu N)
+    if asked_gpu:
+        log.info("your solver says solver_mode GPU: the device is chosen by --gpu (without it, the CPU)")
     return s
 
 

@@ -132,8 +132,9 @@ def device(a):
 def add_solver(p):
     p.add_argument("--solver", metavar="PROTOTXT",
                    help="your solver prototxt: every phase's solver takes its settings (momentum, weight decay, lr "
-                        "policy, test_iter, test_interval, iter_size, solver_mode, type, ...) but for DSD's own: "
-                        "the phase's base_lr and length (the recipe's or the flags'), snapshots and seed")
+                        "policy, test_iter, test_interval, iter_size, type, ...) but for DSD's own: the phase's "
+                        "base_lr and length (the recipe's or the flags'), snapshots and seed; the device is --gpu's "
+                        "(solver_mode and device_id are not taken)")
 
 
 def add_recipe(p):
