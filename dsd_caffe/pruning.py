@@ -366,7 +366,7 @@ def format_table(rows):
         shape = "x".join(str(s) for s in r["shape"])
         threshold = f"{r['threshold']:>11.4g}" if r["kept"] < r["size"] else f"{'':>11}"
         lines.append(f"{r['name']:<24} {shape:<20} {r['kept']:>10} {r['size']:>10} {r['density']:>8.4f} "
-                     (f"{threshold}" + (f"  (the weights of {r['shares']})" if r.get("shares") else "")).rstrip())
+                     + (f"{threshold}" + (f"  (the weights of {r['shares']})" if r.get("shares") else "")).rstrip())
     kept = sum(r["kept"] for r in rows if not r.get("shares"))
     size = sum(r["size"] for r in rows if not r.get("shares"))
     if size:
