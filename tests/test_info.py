@@ -25,11 +25,19 @@ def test_reports_the_real_build(report):
     assert report["python_layer"] is True and "Python" in layers
     for t in ("Data", "ImageData", "HDF5Data"):
         assert report["data_layers"][t] is True
-    assert report["gpu_support"] is caffe_env.has_gpu_support() is False
-    assert report["mode"] == "CPU only"
+    gpu = caffe_env.has_gpu_support()  # the CPU build, or the GPU one under DSD_CAFFE_BUILD=gpu (docs/gpu.md)
+    assert report["gpu_support"] is gpu
+    assert report["mode"] == ("GPU (CUDA)" if gpu else "CPU only")
     libs = report["libraries"]
     assert libs["OpenCV"]["linked"] and libs["LMDB"]["linked"] and libs["HDF5"]["linked"]
-    assert not libs["CUDA"]["linked"]
+    for label in ("CUDA", "cuBLAS", "cuRAND", "NCCL"):
+        assert libs[label]["linked"] is gpu, label
+    assert not libs["cuDNN"]["linked"]
+    if gpu:
+        assert report["cuda"] == caffe_env.build_info()["cuda"]
+        assert libs["cuBLAS"]["version"] == report["cuda"]["libraries"]["cublas"]["version"].split(".")[0]
+    else:
+        assert report["cuda"] is None and report["gpu_devices"] is None
 
 
 def test_reports_the_blas_in_use(report):
@@ -48,7 +56,10 @@ def test_text_output():
     out = subprocess.run([sys.executable, "-m", "dsd_caffe.info"], capture_output=True, text=True, timeout=300,
                          check=True).stdout
     assert "Python layer   yes" in out
-    assert "CPU only" in out
+    if caffe_env.has_gpu_support():
+        assert "GPU (CUDA)" in out and "\nCUDA build     13." in out and "\nGPU devices    " in out
+    else:
+        assert "CPU only" in out and "CUDA build" not in out
     assert "kernel" in out and "OpenCV         yes" in out
 
 
