@@ -80,8 +80,10 @@ CUDA_ARCH = "sm_80 sm_90 compute_90"
 #: the CUDA libraries a GPU build links, as PyPI wheels pinned here and installed into the cache (never into the
 #: system or a venv): cuBLAS and cuRAND of CUDA 13.0, NCCL for pycaffe's multi-GPU route (``caffe.NCCL``).
 CUDA_WHEELS = {"nvidia-cublas": "13.0.2.14", "nvidia-curand": "10.4.0.35", "nvidia-nccl-cu13": "2.28.9"}
-#: CUDA's compiler as a wheel, used only where no ``nvcc`` is on PATH (with its runtime and C++ headers).
-NVCC_WHEELS = {"nvidia-cuda-nvcc": "13.0.88", "nvidia-cuda-runtime": "13.0.96", "nvidia-cuda-cccl": "13.0.85"}
+#: CUDA's compiler as wheels, used only where no ``nvcc`` is on PATH: nvcc, its back end (nvvm) and headers (crt),
+#: the runtime and the C++ library headers (CCCL).
+NVCC_WHEELS = {"nvidia-cuda-nvcc": "13.0.88", "nvidia-nvvm": "13.0.88", "nvidia-cuda-crt": "13.0.88",
+               "nvidia-cuda-runtime": "13.0.96", "nvidia-cuda-cccl": "13.0.85"}
 CUDA_MARK = "-cuda-"  # in the name of a patch that only a GPU build applies (the CPU build's key ignores it)
 CUDA_STAMP = "dsd-cuda-wheels.json"
 
@@ -378,8 +380,9 @@ def cuda_cmake_args(cuda):
             f"-DNCCL_INCLUDE_DIR={cuda['include_dirs'][1]}", f"-DNCCL_LIBRARIES={libs['nccl']}",
             "-DCUDA_NVCC_FLAGS=" + ";".join(f"-I{d}" for d in cuda["include_dirs"]), f"-DCMAKE_CXX_FLAGS={includes}",
             f"-DCMAKE_EXE_LINKER_FLAGS={rpath_link}", f"-DCMAKE_SHARED_LINKER_FLAGS={rpath_link}"]
-    if cuda["toolkit"]:
-        args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda['toolkit']}")
+    if cuda["toolkit"]:  # PyPI's compiler: its runtime has only the versioned libcudart, which CMake cannot find
+        args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda['toolkit']}",
+                 f"-DCUDA_CUDART_LIBRARY={_one('cuda', cuda['toolkit'], 'lib/libcudart.so.*')}"]
     return args
 
 
@@ -585,17 +588,18 @@ def cuda_compile_flags(nvcc=None):
     return includes, link
 
 
-def caffe_gtest(jobs=None, gpu=False, keep=None):
+def caffe_gtest(jobs=None, gpu=False, keep=None, cases=None):
     """Compile Caffe's gtest cases against the set-up's cached build, the CPU one (the cases of the patched layers,
     :data:`GTEST_CASES`, run with OpenMP on every core) or with ``gpu`` the GPU one (:data:`GTEST_GPU_CASES`);
     return the test binary's exit code. With ``keep`` (a path) only compile and copy the binary there (for a GPU
-    machine: ``bench/gpu_bundle.py``). Works in a temporary folder."""
+    machine: ``bench/gpu_bundle.py``); ``cases`` ({source: filter}) replaces the default set. Works in a temporary
+    folder."""
     prefix = cached_prefix(gpu=gpu)
     jobs = jobs or os.cpu_count() or 2
     if prefix is None:
         raise SetupError("gtest", "no cached build for the current patches: run `make setup` first"
                          + (" with DSD_CAFFE_BUILD=gpu" if gpu else ""))
-    cases = GTEST_GPU_CASES if gpu else GTEST_CASES
+    cases = cases or (GTEST_GPU_CASES if gpu else GTEST_CASES)
     with tempfile.TemporaryDirectory(prefix="dsd-caffe-gtest-") as work:
         logfile = os.path.join(work, "gtest.log")
         src = os.path.join(work, "src")

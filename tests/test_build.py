@@ -1,6 +1,7 @@
 """Issue 2: real Caffe built by the set-up: pycaffe works, the binary runs Python layers, the cache is sound."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -299,8 +300,12 @@ def test_cuda_cmake_args_point_at_the_wheels(tmp_path):
         f"-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,{t}/nvidia/cu13/lib -Wl,-rpath-link,{t}/nvidia/nccl/lib",
         f"-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath-link,{t}/nvidia/cu13/lib -Wl,-rpath-link,{t}/nvidia/nccl/lib",
     ]
+    cudart = tmp_path / "nvidia" / "cu13" / "lib" / "libcudart.so.13"
+    cudart.parent.mkdir(parents=True)
+    cudart.write_text("")
     wheel_nvcc = {**_fake_cuda(tmp_path), "toolkit": f"{t}/nvidia/cu13"}
-    assert build.cuda_cmake_args(wheel_nvcc)[-1] == f"-DCUDA_TOOLKIT_ROOT_DIR={t}/nvidia/cu13"
+    assert build.cuda_cmake_args(wheel_nvcc)[-2:] == [f"-DCUDA_TOOLKIT_ROOT_DIR={t}/nvidia/cu13",
+                                                      f"-DCUDA_CUDART_LIBRARY={cudart}"]
 
 
 def test_cuda_record_lists_version_targets_and_libraries(tmp_path):
@@ -362,3 +367,83 @@ def test_make_spells_the_gpu_build():
     assert "python3 -m dsd_caffe.build --gpu --venv .venv-gpu\n" in dry("setup-gpu")[1]
     rc, out = dry("test", DSD_CAFFE_BUILD="cuda")
     assert rc == 2 and "DSD_CAFFE_BUILD must be cpu or gpu, not 'cuda'" in out
+
+
+def _gpu_build():
+    prefixes = build.cached_gpu_prefixes()
+    if not prefixes:
+        pytest.skip("no GPU build in the cache (make setup-gpu, docs/gpu.md)")
+    return prefixes[0]
+
+
+def test_gpu_build_runs_in_cpu_mode_without_a_device(tmp_path):
+    """A GPU build from the cache, used from this venv's Python: its record names CUDA, the targets and the wheels;
+    its libraries find the wheels' cuBLAS, cuRAND and NCCL through their RUNPATH; pycaffe imports (with
+    ``caffe.NCCL``) and trains the tiny net in CPU mode; and `caffe device_query` becomes one line where no GPU is."""
+    prefix = _gpu_build()
+    record = json.loads(open(os.path.join(prefix, build.STAMP)).read())
+    cuda = record["cuda"]
+    assert record["cpu_only"] is False and record["options"] == build.build_options(True, cuda["archs"])
+    assert cuda["cudnn"] is False and cuda["version"].startswith("13.")
+    assert set(cuda["libraries"]) == {"cublas", "curand", "nccl"}
+    lib = os.path.join(prefix, "lib", "libcaffe.so")
+    resolved = dict(line.split(" => ") for line in subprocess.run(["ldd", lib], capture_output=True, text=True,
+                                                                   check=True).stdout.replace("\t", "").splitlines()
+                    if " => " in line)
+    for name, entry in cuda["libraries"].items():
+        soname = os.path.basename(entry["file"])
+        assert resolved[soname].split(" (")[0] == entry["file"], (soname, resolved[soname])
+        assert entry["file"].startswith(build.cache_root() + os.sep)
+    pydir = os.path.join(prefix, "lib", "python3", "dist-packages")
+    (tmp_path / "tiny.prototxt").write_text(TINY_NET)
+    code = textwrap.dedent(f"""
+        import json, numpy as np, caffe
+        caffe.set_mode_cpu()
+        net = caffe.Net({str(tmp_path / "tiny.prototxt")!r}, caffe.TRAIN)
+        net.blobs["data"].data[...] = np.random.default_rng(0).standard_normal(net.blobs["data"].data.shape)
+        net.blobs["label"].data[...] = [0, 1, 2, 3]
+        loss = float(net.forward()["loss"])
+        net.backward()
+        print(json.dumps({{"file": caffe.__file__, "loss": loss, "nccl": hasattr(caffe, "NCCL"),
+                          "diff": float(np.abs(net.params["conv"][0].diff).sum())}}))
+    """)
+    env = dict(os.environ, PYTHONPATH=pydir, GLOG_minloglevel="2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["file"].startswith(pydir) and out["nccl"] is True
+    assert np.isfinite(out["loss"]) and out["loss"] > 0 and out["diff"] > 0
+    from dsd_caffe import info
+    from dsd_caffe.errors import UserError
+
+    try:
+        devices = info.device_query(0, binary=os.path.join(prefix, "bin", "caffe"))
+    except UserError as e:
+        assert str(e).startswith("GPU 0 cannot be used: ") and "\n" not in str(e)
+    else:  # a machine with a GPU
+        assert devices[0]["Device id"] == "0" and devices[0]["Name"]
+
+
+def test_gpu_gtest_cases_are_the_gpu_instances_of_squeezenets_layers():
+    """Caffe's typed layer tests run CPUDevice<float>, CPUDevice<double>, GPUDevice<float>, GPUDevice<double> as
+    /0../3: the GPU check runs /2 and /3 of every layer type SqueezeNet has (Accuracy included)."""
+    suites = set()
+    for filt in build.GTEST_GPU_CASES.values():
+        for pattern in filt.split(":"):
+            suite, _, rest = pattern.partition("/")
+            assert rest[:2] in ("2.", "3."), pattern
+            suites.add(suite)
+    assert suites == {"ConvolutionLayerTest", "Im2colLayerTest", "PoolingLayerTest", "ConcatLayerTest",
+                      "NeuronLayerTest", "SoftmaxLayerTest", "SoftmaxWithLossLayerTest", "AccuracyLayerTest"}
+    types = set()
+    for name in ("trainval_han.prototxt", "trainval_deepscale.prototxt"):
+        types |= set(re.findall(r'^  type: "(\w+)"', open(os.path.join(build.REPO, "models", "squeezenet_v1.0",
+                                                                           name)).read(), re.M))
+    tested = {"Convolution", "Pooling", "Concat", "ReLU", "Dropout", "Softmax", "SoftmaxWithLoss", "Accuracy"}
+    assert types - {"Data"} <= tested, types - tested
+
+
+def test_gpu_check_script_parses():
+    r = subprocess.run(["bash", "-n", os.path.join(build.REPO, "bench", "gpu_check.sh")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
