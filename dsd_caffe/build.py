@@ -32,6 +32,8 @@ Over 400 lines because it is the whole set-up in one file of standard library on
 before any venv exists (a second module would be imported as a second copy under ``python3 -m``).
 """
 import argparse
+import contextlib
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -72,6 +74,7 @@ APT_PACKAGES = [
     "dataset-fashion-mnist",
 ]
 STAMP = "dsd-caffe-build.json"
+CONFIGURED = ".dsd-configured"  # in a build folder whose configure step finished (its compile can resume)
 VENV_STAMP = ".dsd-setup.json"
 
 #: CUDA targets of a GPU build: machine code for Ampere (sm_80) and Hopper (sm_90), PTX (compute_90) that later GPUs
@@ -494,32 +497,54 @@ def unpack_source(sources, src, patches, logfile):
         _run("patch", ["patch", "-p1", "--forward", "-d", src, "-i", p], logfile=logfile)
 
 
+@contextlib.contextmanager
+def _build_lock(root, key):
+    """Only one set-up builds ``key`` at a time (a second one would share its work folder)."""
+    path = os.path.join(root, f".build-{key}.lock")
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SetupError("caffe", f"another set-up is building this Caffe now ({path}); wait for it") from None
+        yield
+
+
+def _work_folder(root, key):
+    """``(folder, resumed)``: the work folder of a build of ``key``. A build that failed or was stopped after its
+    configure step leaves its folder, and the next one resumes the compile there (a CUDA build compiles for an hour
+    on 2 cores); any other leftover is removed."""
+    for old in sorted(glob.glob(os.path.join(root, f".build-{key}-*"))):
+        if os.path.exists(os.path.join(old, "build", CONFIGURED)):
+            return old, True
+        shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(dir=root, prefix=f".build-{key}-"), False
+
+
 def build_caffe(key, options, linkage, patches, jobs, cuda=None):
     """Unpack, patch, configure, compile and install into ``cache/caffe-<key>`` (renamed at the end); with CUDA
-    (``cuda``, :func:`cuda_setup`) for a GPU build."""
+    (``cuda``, :func:`cuda_setup`) for a GPU build. A build stopped after configuring resumes (:func:`_work_folder`)."""
     sources = fetch_sources()
     root = cache_root()
-    work = tempfile.mkdtemp(dir=root, prefix=f".build-{key}-")
+    with _build_lock(root, key):
+        work, resumed = _work_folder(root, key)
+        return _build_in(work, resumed, key, options, linkage, patches, jobs, cuda, sources)
+
+
+def _build_in(work, resumed, key, options, linkage, patches, jobs, cuda, sources):
+    root = cache_root()
     logfile = os.path.join(root, "logs", f"build-{key}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     final = os.path.join(root, f"caffe-{key}")
     # Configured for its final path (RUNPATH points there), installed under DESTDIR, renamed at the end.
     src, build, destdir = (os.path.join(work, d) for d in ("src", "build", "dest"))
     prefix = destdir + final
+    done = False
     try:
-        unpack_source(sources, src, patches, logfile)
-        os.makedirs(build)
-        cmake = ["cmake", src, f"-DCMAKE_INSTALL_PREFIX={final}",
-                 f"-DPYTHON_EXECUTABLE={linkage['executable']}",
-                 f"-DPYTHON_LIBRARY={linkage['library']}",
-                 f"-DPYTHON_INCLUDE_DIR={linkage['include']}"]
-        cmake += [f"-D{k}={v}" for k, v in sorted(options.items())]
-        if cuda:
-            cmake += cuda_cmake_args(cuda)
-        log.info("configure: cmake (log: %s)", logfile)
-        _run("configure", cmake, logfile=logfile, cwd=build)
-        if cuda:  # FindCUDA drops the given CUDA_cublas_LIBRARY on its first pass; the second keeps it
-            _run("configure", cmake, logfile=logfile, cwd=build)
+        if resumed:
+            log.info("compile: resuming the build left in %s", work)
+            shutil.rmtree(destdir, ignore_errors=True)
+        else:
+            _configure(src, build, final, options, linkage, patches, cuda, sources, logfile)
         log.info("compile: make -j%d (%s; log: %s)", jobs, "long: CUDA" if cuda else "a few minutes", logfile)
         t0 = time.time()
         _run("compile", ["nice", "-n", "10", "make", f"-j{jobs}"] if cuda else ["make", f"-j{jobs}"],
@@ -536,13 +561,34 @@ def build_caffe(key, options, linkage, patches, jobs, cuda=None):
             "key": key,
             "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "compile_seconds": round(time.time() - t0, 1),
+            "resumed": resumed,
         }
         with open(os.path.join(prefix, STAMP), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
         os.replace(prefix, final)
+        done = True
         return final
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if done or not os.path.exists(os.path.join(build, CONFIGURED)):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.warning("caffe: kept %s; the next set-up resumes its compile", work)
+
+
+def _configure(src, build, final, options, linkage, patches, cuda, sources, logfile):
+    """Unpack and patch the source into ``src``, and configure it in ``build`` for the prefix ``final``."""
+    unpack_source(sources, src, patches, logfile)
+    os.makedirs(build)
+    cmake = ["cmake", src, f"-DCMAKE_INSTALL_PREFIX={final}", f"-DPYTHON_EXECUTABLE={linkage['executable']}",
+             f"-DPYTHON_LIBRARY={linkage['library']}", f"-DPYTHON_INCLUDE_DIR={linkage['include']}"]
+    cmake += [f"-D{k}={v}" for k, v in sorted(options.items())]
+    if cuda:
+        cmake += cuda_cmake_args(cuda)
+    log.info("configure: cmake (log: %s)", logfile)
+    _run("configure", cmake, logfile=logfile, cwd=build)
+    if cuda:  # FindCUDA drops the given CUDA_cublas_LIBRARY on its first pass; the second keeps it
+        _run("configure", cmake, logfile=logfile, cwd=build)
+    open(os.path.join(build, CONFIGURED), "w").close()
 
 
 # ---------------------------------------------------------------- Caffe's own tests of the patched layers

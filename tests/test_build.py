@@ -447,3 +447,48 @@ def test_gpu_check_script_parses():
     r = subprocess.run(["bash", "-n", os.path.join(build.REPO, "bench", "gpu_check.sh")], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_stopped_build_resumes_its_compile(tmp_path, monkeypatch):
+    """A build that fails (or is stopped) after configuring keeps its folder; the next one compiles on there without
+    unpacking or configuring again, and removes it when done. Any other leftover is removed."""
+    monkeypatch.setenv("DSD_CAFFE_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "fetch_sources", lambda: str(tmp_path / "sources"))
+    steps, fail = [], {"compile"}
+    monkeypatch.setattr(build, "unpack_source", lambda sources, src, patches, logfile: steps.append("unpack"))
+
+    def run(step, cmd, logfile=None, env=None, cwd=None):
+        steps.append(step)
+        if step in fail:
+            raise build.SetupError(step, "boom")
+        if step == "install":
+            os.makedirs(cmd[-1].split("=", 1)[1] + str(tmp_path / "caffe-k"))
+
+    monkeypatch.setattr(build, "_run", run)
+    stale = tmp_path / ".build-k-stale"
+    stale.mkdir()
+    args = ("k", build.build_options(), build.python_linkage(), [], 2)
+    with pytest.raises(build.SetupError, match="step 'compile'"):
+        build.build_caffe(*args)
+    assert steps == ["unpack", "configure", "compile"] and not stale.exists()
+    [kept] = [p for p in tmp_path.iterdir() if p.name.startswith(".build-k-")]
+    assert (kept / "build" / build.CONFIGURED).exists()
+    steps.clear()
+    fail.clear()
+    assert build.build_caffe(*args) == str(tmp_path / "caffe-k")
+    assert steps == ["compile", "install"] and not kept.exists()
+    record = json.loads((tmp_path / "caffe-k" / build.STAMP).read_text())
+    assert record["resumed"] is True and record["key"] == "k"
+
+
+def test_one_build_of_a_key_at_a_time(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setenv("DSD_CAFFE_CACHE", str(tmp_path))
+    with open(tmp_path / ".build-k.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(build.SetupError, match="another set-up is building this Caffe now"):
+            with build._build_lock(str(tmp_path), "k"):
+                pass
+    with build._build_lock(str(tmp_path), "k"):
+        pass
