@@ -12,7 +12,8 @@
 #      decay, and its share of a step (bench/mask_overhead.py --gpu 0)
 #   7. the libraries each program loaded from outside the bundle (they must be the machine's glibc and CUDA)
 # --cpu: the same with a bundle of the CPU build (gpu_bundle.py --cpu), without a GPU: a dry run on any machine.
-# Environment: DSD_GPU_CHECK_ITERS (default 500) training iterations; DSD_GPU_CHECK_DIR (default /tmp/dsd-gpu-check).
+# Environment: DSD_GPU_CHECK_ITERS (default 500) training iterations, DSD_GPU_CHECK_MASK_ITERS (default 100) mask
+# layer steps, DSD_GPU_CHECK_DIR (default /tmp/dsd-gpu-check) its work folder; a dry run on 2 cores wants small ones.
 set -uo pipefail
 MODE=gpu
 [ "${1:-}" = "--cpu" ] && MODE=cpu
@@ -20,6 +21,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 ARCHIVE=$REPO/.gpu-bundle/dsd-gpu.tar.xz
 WORK=${DSD_GPU_CHECK_DIR:-/tmp/dsd-gpu-check}
 ITERS=${DSD_GPU_CHECK_ITERS:-500}
+MASK_ITERS=${DSD_GPU_CHECK_MASK_ITERS:-100}
 NPROC=$(nproc)
 FAILED=0
 step() { printf '\n== %s\n' "$*"; }
@@ -75,35 +77,37 @@ echo "gtest: $(secs "$t" "$(now)") s"
 
 step "3. $ITERS iterations of the small net's dense phase: caffe train ${GPU[*]:-} against the CPU"
 mkdir -p "$WORK/tree/solvers/check" && ln -sfn "$REPO/models" "$WORK/tree/models" && ln -sfn "$B/data" "$WORK/tree/data"
-train() {  # $1: gpu|cpu -> seconds per iteration on stdout, log in $WORK/train-$1.log
+train() {  # $1: gpu|cpu -> SPI: seconds per iteration, start-up included; log in $WORK/train-$1.log
   sed -e "s/^max_iter: .*/max_iter: $ITERS/" -e "s/^snapshot: .*/snapshot: $ITERS/" \
       -e "s/^snapshot_prefix: .*/snapshot_prefix: \"$1\"/" -e "s/^test_interval: .*/test_interval: 1000000/" \
-      -e "s/^display: .*/display: 100/" "$REPO/solvers/small_squeezenet/dense_solver.prototxt" \
+      -e "s/^display: .*/display: $ITERS/" "$REPO/solvers/small_squeezenet/dense_solver.prototxt" \
       > "$WORK/tree/solvers/check/$1_solver.prototxt"
   local args=(); [ "$1" = gpu ] && args=(-gpu 0)
   local t; t=$(now)
   (cd "$WORK/tree/solvers/check" && timeout 240 "$CAFFE" train --solver="$1_solver.prototxt" "${args[@]}") \
-    > "$WORK/train-$1.log" 2>&1 || { fail "caffe train ($1), log: $WORK/train-$1.log"; tail -5 "$WORK/train-$1.log"; }
-  awk -v a="$t" -v b="$(now)" -v n="$ITERS" 'BEGIN { printf "%.5f", (b - a) / n }'
+    > "$WORK/train-$1.log" 2>&1 || { fail "caffe train ($1), log: $WORK/train-$1.log"; tail -3 "$WORK/train-$1.log"; }
+  SPI=$(awk -v a="$t" -v b="$(now)" -v n="$ITERS" 'BEGIN { printf "%.5f", (b - a) / n }')
 }
-TRAIN_DEV=$(train "$MODE"); TRAIN_CPU=$(train cpu)
+train "$MODE"; TRAIN_DEV=$SPI; train cpu; TRAIN_CPU=$SPI
 echo "s/iteration (start-up included): $MODE $TRAIN_DEV, CPU ($NPROC threads) $TRAIN_CPU," \
-     "CPU/$MODE $(awk -v a="$TRAIN_CPU" -v b="$TRAIN_DEV" 'BEGIN { printf "%.1f", a / b }')x"
+     "CPU/$MODE $(awk -v a="$TRAIN_CPU" -v b="$TRAIN_DEV" 'BEGIN { printf "%.2f", a / b }')x"
 grep -h "Iteration $ITERS, loss" "$WORK"/train-*.log
 
 step "4. caffe test ${GPU[*]:-} of the small net against the CPU, the same weights (${MODE}_iter_$ITERS)"
-ctest() {  # $1: gpu|cpu -> "accuracy seconds"
+ctest() {  # $1: gpu|cpu -> ACC and SECS
   local args=(); [ "$1" = gpu ] && args=(-gpu 0)
   local t; t=$(now)
   (cd "$WORK/tree/solvers/check" && timeout 120 "$CAFFE" test --model=../../models/small_squeezenet/trainval.prototxt \
      --weights="${MODE}_iter_$ITERS.caffemodel" --iterations=50 "${args[@]}") > "$WORK/test-$1.log" 2>&1 \
-     || fail "caffe test ($1), log: $WORK/test-$1.log"
-  echo "$(grep -o 'accuracy = [0-9.e-]*' "$WORK/test-$1.log" | tail -1 | cut -d' ' -f3) $(secs "$t" "$(now)")"
+     || { fail "caffe test ($1), log: $WORK/test-$1.log"; tail -3 "$WORK/test-$1.log"; }
+  ACC=$(grep -o 'accuracy_top1 = [0-9.e-]*' "$WORK/test-$1.log" | tail -1 | cut -d' ' -f3)
+  SECS=$(secs "$t" "$(now)")
 }
-read -r ACC_DEV T_DEV < <(ctest "$MODE"); read -r ACC_CPU T_CPU < <(ctest cpu)
-echo "accuracy $MODE $ACC_DEV ($T_DEV s), CPU $ACC_CPU ($T_CPU s), 5,000 images"
-awk -v a="$ACC_DEV" -v b="$ACC_CPU" 'BEGIN { d = a - b; if (d < 0) d = -d; printf "|difference| %.2g: %s\n", d,
-  (a != "" && d <= 1e-4) ? "equal to 1e-4" : "NOT EQUAL"; exit !(a != "" && d <= 1e-4) }' || fail "accuracies differ"
+ctest "$MODE"; ACC_DEV=$ACC; T_DEV=$SECS; ctest cpu; ACC_CPU=$ACC; T_CPU=$SECS
+echo "top-1 accuracy $MODE ${ACC_DEV:-none} ($T_DEV s), CPU ${ACC_CPU:-none} ($T_CPU s), 5,000 images"
+awk -v a="$ACC_DEV" -v b="$ACC_CPU" 'BEGIN { ok = a != "" && b != ""; d = a - b; if (d < 0) d = -d;
+  printf "|difference| %.2g: %s\n", d, (ok && d <= 1e-4) ? "equal to 1e-4" : "NOT EQUAL"; exit !(ok && d <= 1e-4) }' \
+  || fail "accuracies differ"
 
 step "5. caffe time: SqueezeNet v1.0 at batch 50, random weights, ${GPU[*]:-} against the CPU"
 sed '0,/dim: 1$/s//dim: 50/' "$REPO/models/squeezenet_v1.0/deploy_han.prototxt" > "$WORK/squeezenet50.prototxt"
@@ -112,18 +116,19 @@ ctime() {  # $1: gpu|cpu, $2: iterations
   timeout 180 "$CAFFE" time --model="$WORK/squeezenet50.prototxt" --iterations="$2" "${args[@]}" 2>&1 \
     | grep -E "Average (Forward|Backward|Forward-Backward)" | sed -e 's/^.*\] /  /' -e "s/^/$1 /"
 }
-ctime "$MODE" 20; ctime cpu 2
+[ "$MODE" = gpu ] && ctime gpu 20; ctime cpu 2
 
-step "6. pycaffe: the mask layer on the $MODE, 100 steps with momentum and weight decay, and its share of a step"
-(cd "$WORK" && timeout 240 "$PY" "$REPO/bench/mask_overhead.py" --iters 100 --batch 32 "${GPU[@]/-gpu/--gpu}") \
+step "6. pycaffe: the mask layer on the $MODE, $MASK_ITERS steps with momentum and weight decay, and its share of a step"
+(cd "$WORK" && timeout 240 "$PY" "$REPO/bench/mask_overhead.py" --iters "$MASK_ITERS" --batch 32 "${GPU[@]/-gpu/--gpu}") \
   || fail "mask layer"
 
 step "7. libraries loaded from outside the bundle (must be the machine's glibc and CUDA only)"
 outside() {  # the libraries a command loads from outside $B
-  LD_DEBUG=libs "$@" 2>&1 >/dev/null | sed -n 's/.*calling init: //p' | grep -v "^$B/" | sort -u
+  { LD_DEBUG=libs "$@" > /dev/null 2> "$WORK/ld-debug.txt"; } 2> /dev/null
+  sed -n 's/.*calling init: //p' "$WORK/ld-debug.txt" | grep -v "^$B/" | sort -u
 }
 { outside "$CAFFE" device_query -gpu 0; outside "$PY" -c "import caffe, numpy"; } | sort -u | tee "$WORK/outside.txt"
-grep -v -E '/(ld-linux[^/]*|lib(c|m|dl|rt|pthread|util|resolv|stdc\+\+|gcc_s|cuda|cudart|cublas|cublasLt|curand|nccl)\.so[^/]*)$' \
+grep -v -E '/(ld-linux[^/]*|libnvidia-[^/]*|lib(c|m|dl|rt|pthread|util|resolv|stdc\+\+|gcc_s|cuda|cudart|cublas|cublasLt|curand|nccl)\.so[^/]*)$' \
   "$WORK/outside.txt" && fail "the libraries above came from outside the bundle"
 
 printf '\n== gpu_check (%s): %s in %s s\n' "$MODE" "$([ $FAILED = 0 ] && echo "all passed" || echo "SOME FAILED")" \
