@@ -256,7 +256,8 @@ def test_cuda_patches_only_in_the_gpu_build():
     names = lambda ps: [os.path.basename(p) for p in ps]  # noqa: E731
     cpu, gpu = names(build.our_patches()), names(build.our_patches(gpu=True))
     cuda = [n for n in gpu if build.CUDA_MARK in n]
-    assert cuda == ["0101-cuda-13-device-query.patch", "0102-cuda-13-archs-cxx17.patch"]
+    assert cuda == ["0101-cuda-13-device-query.patch", "0102-cuda-13-archs-cxx17.patch",
+                    "0103-cuda-cpu-mode-threads.patch", "0104-cuda-no-gpu-is-a-warning.patch"]
     assert not any(build.CUDA_MARK in n for n in cpu)
     assert gpu == sorted(cpu + cuda)
     assert names(build.our_patches(perf=False, gpu=True)) == sorted(
