@@ -18,17 +18,29 @@ the virtual environment exists. Steps, each named in the one-line error if it fa
    with those settings and ``.venv/bin`` first on PATH, so that Python layers under ``caffe train`` import the
    venv's numpy and ``dsd_caffe``.
 
-``--gpu`` builds with CUDA (CPU_ONLY off) where ``nvcc`` exists. ``--unpatched`` only builds (or finds) the Caffe
+``--gpu`` builds the same patched Caffe with CUDA (CPU_ONLY off, NCCL on, plus the ``patches/*-cuda-*.patch``
+that only a GPU build applies) on a machine with or without a GPU, under its own cache key: ``nvcc`` from PATH (else
+PyPI's, :data:`NVCC_WHEELS`), cuBLAS, cuRAND and NCCL from the PyPI wheels pinned in :data:`CUDA_WHEELS`, installed
+into the cache (``cuda-<digest>``) and found at run time through the libraries' RUNPATH; targets
+:data:`CUDA_ARCH` unless ``--cuda-arch``/``$DSD_CUDA_ARCH`` say otherwise. Use it in its own venv
+(``make setup-gpu``: ``.venv-gpu``), beside the CPU one; docs/gpu.md. ``--unpatched`` only builds (or finds) the Caffe
 without the performance patches (``patches/*-perf-*.patch``), under its own cache key, and prints its prefix: the
 reference that ``bench/caffe_layers.py`` compares against; the venv is left alone. The cache lives in ``$DSD_CAFFE_CACHE`` or
 ``~/.cache/dsd-caffe``.
+
+Over 400 lines because it is the whole set-up in one file of standard library only, read top to bottom and run
+before any venv exists (a second module would be imported as a second copy under ``python3 -m``).
 """
 import argparse
+import contextlib
+import fcntl
+import glob
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +74,21 @@ APT_PACKAGES = [
     "dataset-fashion-mnist",
 ]
 STAMP = "dsd-caffe-build.json"
+CONFIGURED = ".dsd-configured"  # in a build folder whose configure step finished (its compile can resume)
 VENV_STAMP = ".dsd-setup.json"
+
+#: CUDA targets of a GPU build: machine code for Ampere (sm_80) and Hopper (sm_90), PTX (compute_90) that later GPUs
+#: compile when they load it. ``--cuda-arch`` or ``$DSD_CUDA_ARCH`` overrides it, in the same words.
+CUDA_ARCH = "sm_80 sm_90 compute_90"
+#: the CUDA libraries a GPU build links, as PyPI wheels pinned here and installed into the cache (never into the
+#: system or a venv): cuBLAS and cuRAND of CUDA 13.0, NCCL for pycaffe's multi-GPU route (``caffe.NCCL``).
+CUDA_WHEELS = {"nvidia-cublas": "13.0.2.14", "nvidia-curand": "10.4.0.35", "nvidia-nccl-cu13": "2.28.9"}
+#: CUDA's compiler as wheels, used only where no ``nvcc`` is on PATH: nvcc, its back end (nvvm) and headers (crt),
+#: the runtime and the C++ library headers (CCCL).
+NVCC_WHEELS = {"nvidia-cuda-nvcc": "13.0.88", "nvidia-nvvm": "13.0.88", "nvidia-cuda-crt": "13.0.88",
+               "nvidia-cuda-runtime": "13.0.96", "nvidia-cuda-cccl": "13.0.85"}
+CUDA_MARK = "-cuda-"  # in the name of a patch that only a GPU build applies (the CPU build's key ignores it)
+CUDA_STAMP = "dsd-cuda-wheels.json"
 
 
 class SetupError(RuntimeError):
@@ -121,8 +147,24 @@ def python_linkage(python=None):
     }
 
 
-def build_options(gpu=False):
-    return {
+def cuda_targets(arch=None):
+    """``arch`` (default ``$DSD_CUDA_ARCH`` or :data:`CUDA_ARCH`), e.g. "sm_80 sm_90 compute_90", as Caffe's CMake
+    options: CUDA_ARCH_BIN (machine code) and CUDA_ARCH_PTX (PTX)."""
+    arch = arch or os.environ.get("DSD_CUDA_ARCH") or CUDA_ARCH
+    bins, ptx = [], []
+    for word in arch.replace(",", " ").split():
+        kind, _, number = word.partition("_")
+        if kind not in ("sm", "compute") or not number.isdigit():
+            raise SetupError("configure", f"CUDA target {word!r} is neither sm_NN nor compute_NN (in {arch!r})")
+        (bins if kind == "sm" else ptx).append(number)
+    if not bins and not ptx:
+        raise SetupError("configure", f"no CUDA target in {arch!r}")
+    return {"CUDA_ARCH_NAME": "Manual", "CUDA_ARCH_BIN": " ".join(bins), "CUDA_ARCH_PTX": " ".join(ptx)}
+
+
+def build_options(gpu=False, arch=None):
+    """Caffe's CMake options; a GPU build adds NCCL and its CUDA targets (:func:`cuda_targets`)."""
+    options = {
         "CPU_ONLY": "OFF" if gpu else "ON",
         "BUILD_python": "ON",
         "BUILD_python_layer": "ON",
@@ -135,11 +177,15 @@ def build_options(gpu=False):
         "python_version": "3",
         "CMAKE_BUILD_TYPE": "Release",
     }
+    if gpu:
+        options.update(USE_NCCL="ON", **cuda_targets(arch))
+    return options
 
 
-def cache_key(options, linkage, patches):
+def cache_key(options, linkage, patches, cuda=None):
     """Key of a cached build: source version, patch contents, build options, the linked libpython and the
-    numpy pin (pycaffe compiles against numpy's C API)."""
+    numpy pin (pycaffe compiles against numpy's C API); for a GPU build also ``cuda``, the CUDA version and the
+    wheels (:func:`cuda_description`). A CPU build's key is as before the GPU build existed."""
     h = hashlib.sha256()
     h.update(SOURCE_VERSION.encode())
     with open(REQUIREMENTS) as f:
@@ -150,15 +196,19 @@ def cache_key(options, linkage, patches):
             h.update(f.read())
     h.update(json.dumps(options, sort_keys=True).encode())
     h.update(linkage["library"].encode())
+    if cuda is not None:
+        h.update(json.dumps(cuda, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
 PERF_MARK = "-perf-"  # in the name of a patch that changes only speed (left out by --unpatched)
 
 
-def our_patches(perf=True):
-    """``patches/*.patch`` in the order applied; without the performance patches if ``perf`` is false."""
-    names = sorted(n for n in os.listdir(PATCH_DIR) if n.endswith(".patch") and (perf or PERF_MARK not in n))
+def our_patches(perf=True, gpu=False):
+    """``patches/*.patch`` in the order applied; without the performance patches if ``perf`` is false, and with
+    the CUDA ones (:data:`CUDA_MARK`) only for a GPU build."""
+    names = sorted(n for n in os.listdir(PATCH_DIR) if n.endswith(".patch") and (perf or PERF_MARK not in n)
+                   and (gpu or CUDA_MARK not in n))
     return [os.path.join(PATCH_DIR, n) for n in names]
 
 
@@ -231,6 +281,112 @@ def _write_stamp(path, data):
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- step 3 of a GPU build: CUDA
+
+
+def install_wheels(step, pins):
+    """``pip install --target`` the pinned wheels ({name: version}) into ``cache/cuda-<digest>`` once (renamed into
+    place when complete) and return that folder."""
+    digest = hashlib.sha256(json.dumps(pins, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(cache_root(), f"cuda-{digest}")
+    if os.path.exists(os.path.join(folder, CUDA_STAMP)):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # an incomplete one
+    tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".cuda-")
+    try:
+        log.info("%s: pip install --target %s %s", step, folder, " ".join(f"{n}=={v}" for n, v in pins.items()))
+        _run(step, [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--target", tmp, *(f"{n}=={v}" for n, v in sorted(pins.items()))])
+        _write_stamp(os.path.join(tmp, CUDA_STAMP), {"wheels": pins})
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _one(step, folder, pattern):
+    """The one file under ``folder`` matching the glob ``pattern``."""
+    hits = sorted(glob.glob(os.path.join(folder, pattern)))
+    if not hits:
+        raise SetupError(step, f"{pattern} is missing from {folder}")
+    return hits[0]
+
+
+def nvcc_version(nvcc):
+    """CUDA's version as ``nvcc --version`` prints it (e.g. "13.0.88")."""
+    out = _run("configure", [nvcc, "--version"])
+    m = re.search(r"release [\d.]+, V([\d.]+)", out)
+    if not m:
+        raise SetupError("configure", f"cannot read CUDA's version from `{nvcc} --version`")
+    return m.group(1)
+
+
+def find_nvcc():
+    """``(nvcc, toolkit root or None)``: the ``nvcc`` on PATH (CMake finds its toolkit), else the compiler of
+    :data:`NVCC_WHEELS`, installed into the cache."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc, None
+    log.info("cuda: no nvcc on PATH; using PyPI's CUDA compiler")
+    root = os.path.join(install_wheels("cuda", NVCC_WHEELS), "nvidia", "cu13")
+    return _one("cuda", root, "bin/nvcc"), root
+
+
+def cuda_description(arch=None, nvcc=None):
+    """What identifies a GPU build beside its options (goes into its cache key): CUDA's version, the targets and
+    the pinned wheels. Installs nothing (except PyPI's compiler where no nvcc is on PATH)."""
+    nvcc = nvcc or find_nvcc()[0]
+    cuda_targets(arch)  # validates
+    return {"version": nvcc_version(nvcc),
+            "archs": " ".join((arch or os.environ.get("DSD_CUDA_ARCH") or CUDA_ARCH).replace(",", " ").split()),
+            "wheels": dict(CUDA_WHEELS)}
+
+
+def cuda_setup(arch=None):
+    """What a GPU build needs: :func:`cuda_description`, the compiler, the pinned libraries (installed into the
+    cache) and their folders."""
+    nvcc, toolkit = find_nvcc()
+    wheels = install_wheels("cuda", CUDA_WHEELS)
+    lib = os.path.join(wheels, "nvidia", "cu13", "lib")
+    nccl = os.path.join(wheels, "nvidia", "nccl")
+    return {
+        **cuda_description(arch, nvcc), "nvcc": nvcc, "toolkit": toolkit, "wheel_dir": wheels,
+        "include_dirs": [os.path.join(wheels, "nvidia", "cu13", "include"), os.path.join(nccl, "include")],
+        "library_dirs": [lib, os.path.join(nccl, "lib")],
+        "libraries": {"cublas": _one("cuda", lib, "libcublas.so.*"), "curand": _one("cuda", lib, "libcurand.so.*"),
+                      "nccl": _one("cuda", nccl, "lib/libnccl.so.*")},
+    }
+
+
+def cuda_record(cuda):
+    """The build record's ``cuda``: version, compiler, targets and each library with its wheel's version and
+    file."""
+    wheel_of = {"cublas": "nvidia-cublas", "curand": "nvidia-curand", "nccl": "nvidia-nccl-cu13"}
+    return {
+        "version": cuda["version"], "nvcc": cuda["nvcc"], "archs": cuda["archs"],
+        "libraries": {name: {"wheel": wheel_of[name], "version": cuda["wheels"][wheel_of[name]], "file": path}
+                      for name, path in sorted(cuda["libraries"].items())},
+        "cudnn": False,
+    }
+
+
+def cuda_cmake_args(cuda):
+    """CMake arguments that point Caffe at the wheels' cuBLAS, cuRAND and NCCL. The binaries also get
+    ``-rpath-link`` to the wheels' folder (libcublas.so needs libcublasLt.so beside it); CMake puts the folders of
+    the linked libraries into the installed RUNPATH (Caffe sets CMAKE_INSTALL_RPATH_USE_LINK_PATH)."""
+    includes = " ".join(f"-I{d}" for d in cuda["include_dirs"])
+    rpath_link = " ".join(f"-Wl,-rpath-link,{d}" for d in cuda["library_dirs"])
+    libs = cuda["libraries"]
+    args = [f"-DCUDA_cublas_LIBRARY={libs['cublas']}", f"-DCUDA_curand_LIBRARY={libs['curand']}",
+            f"-DNCCL_INCLUDE_DIR={cuda['include_dirs'][1]}", f"-DNCCL_LIBRARIES={libs['nccl']}",
+            "-DCUDA_NVCC_FLAGS=" + ";".join(f"-I{d}" for d in cuda["include_dirs"]), f"-DCMAKE_CXX_FLAGS={includes}",
+            f"-DCMAKE_EXE_LINKER_FLAGS={rpath_link}", f"-DCMAKE_SHARED_LINKER_FLAGS={rpath_link}"]
+    if cuda["toolkit"]:  # PyPI's compiler: its runtime has only the versioned libcudart, which CMake cannot find
+        args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda['toolkit']}",
+                 f"-DCUDA_CUDART_LIBRARY={_one('cuda', cuda['toolkit'], 'lib/libcudart.so.*')}"]
+    return args
 
 
 # ---------------------------------------------------------------- step 3: caffe
@@ -344,30 +500,58 @@ def unpack_source(sources, src, patches, logfile):
         _run("patch", ["patch", "-p1", "--forward", "-d", src, "-i", p], logfile=logfile)
 
 
-def build_caffe(key, options, linkage, patches, jobs):
-    """Unpack, patch, configure, compile and install into ``cache/caffe-<key>`` (renamed at the end)."""
+@contextlib.contextmanager
+def _build_lock(root, key):
+    """Only one set-up builds ``key`` at a time (a second one would share its work folder)."""
+    path = os.path.join(root, f".build-{key}.lock")
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SetupError("caffe", f"another set-up is building this Caffe now ({path}); wait for it") from None
+        yield
+
+
+def _work_folder(root, key):
+    """``(folder, resumed)``: the work folder of a build of ``key``. A build that failed or was stopped after its
+    configure step leaves its folder, and the next one resumes the compile there (a CUDA build compiles for an hour
+    on 2 cores); any other leftover is removed."""
+    for old in sorted(glob.glob(os.path.join(root, f".build-{key}-*"))):
+        if os.path.exists(os.path.join(old, "build", CONFIGURED)):
+            return old, True
+        shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(dir=root, prefix=f".build-{key}-"), False
+
+
+def build_caffe(key, options, linkage, patches, jobs, cuda=None):
+    """Unpack, patch, configure, compile and install into ``cache/caffe-<key>`` (renamed at the end); with CUDA
+    (``cuda``, :func:`cuda_setup`) for a GPU build. A build stopped after configuring resumes (:func:`_work_folder`)."""
     sources = fetch_sources()
     root = cache_root()
-    work = tempfile.mkdtemp(dir=root, prefix=f".build-{key}-")
+    with _build_lock(root, key):
+        work, resumed = _work_folder(root, key)
+        return _build_in(work, resumed, key, options, linkage, patches, jobs, cuda, sources)
+
+
+def _build_in(work, resumed, key, options, linkage, patches, jobs, cuda, sources):
+    root = cache_root()
     logfile = os.path.join(root, "logs", f"build-{key}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     os.makedirs(os.path.dirname(logfile), exist_ok=True)
     final = os.path.join(root, f"caffe-{key}")
     # Configured for its final path (RUNPATH points there), installed under DESTDIR, renamed at the end.
     src, build, destdir = (os.path.join(work, d) for d in ("src", "build", "dest"))
     prefix = destdir + final
+    done = False
     try:
-        unpack_source(sources, src, patches, logfile)
-        os.makedirs(build)
-        cmake = ["cmake", src, f"-DCMAKE_INSTALL_PREFIX={final}",
-                 f"-DPYTHON_EXECUTABLE={linkage['executable']}",
-                 f"-DPYTHON_LIBRARY={linkage['library']}",
-                 f"-DPYTHON_INCLUDE_DIR={linkage['include']}"]
-        cmake += [f"-D{k}={v}" for k, v in sorted(options.items())]
-        log.info("configure: cmake (log: %s)", logfile)
-        _run("configure", cmake, logfile=logfile, cwd=build)
-        log.info("compile: make -j%d (a few minutes; log: %s)", jobs, logfile)
+        if resumed:
+            log.info("compile: resuming the build left in %s", work)
+            shutil.rmtree(destdir, ignore_errors=True)
+        else:
+            _configure(src, build, final, options, linkage, patches, cuda, sources, logfile)
+        log.info("compile: make -j%d (%s; log: %s)", jobs, "long: CUDA" if cuda else "a few minutes", logfile)
         t0 = time.time()
-        _run("compile", ["make", f"-j{jobs}"], logfile=logfile, cwd=build)
+        _run("compile", ["nice", "-n", "10", "make", f"-j{jobs}"] if cuda else ["make", f"-j{jobs}"],
+             logfile=logfile, cwd=build)
         _run("install", ["make", "install", f"DESTDIR={destdir}"], logfile=logfile, cwd=build)
         log.info("compile: done in %.0f s", time.time() - t0)
         record = {
@@ -375,17 +559,39 @@ def build_caffe(key, options, linkage, patches, jobs):
             "patches": {os.path.basename(p): patch_reason(p) for p in patches},
             "options": options,
             "cpu_only": options["CPU_ONLY"] == "ON",
+            "cuda": cuda_record(cuda) if cuda else None,
             "python": linkage,
             "key": key,
             "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "compile_seconds": round(time.time() - t0, 1),
+            "resumed": resumed,
         }
         with open(os.path.join(prefix, STAMP), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
         os.replace(prefix, final)
+        done = True
         return final
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if done or not os.path.exists(os.path.join(build, CONFIGURED)):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.warning("caffe: kept %s; the next set-up resumes its compile", work)
+
+
+def _configure(src, build, final, options, linkage, patches, cuda, sources, logfile):
+    """Unpack and patch the source into ``src``, and configure it in ``build`` for the prefix ``final``."""
+    unpack_source(sources, src, patches, logfile)
+    os.makedirs(build)
+    cmake = ["cmake", src, f"-DCMAKE_INSTALL_PREFIX={final}", f"-DPYTHON_EXECUTABLE={linkage['executable']}",
+             f"-DPYTHON_LIBRARY={linkage['library']}", f"-DPYTHON_INCLUDE_DIR={linkage['include']}"]
+    cmake += [f"-D{k}={v}" for k, v in sorted(options.items())]
+    if cuda:
+        cmake += cuda_cmake_args(cuda)
+    log.info("configure: cmake (log: %s)", logfile)
+    _run("configure", cmake, logfile=logfile, cwd=build)
+    if cuda:  # FindCUDA drops the given CUDA_cublas_LIBRARY on its first pass; the second keeps it
+        _run("configure", cmake, logfile=logfile, cwd=build)
+    open(os.path.join(build, CONFIGURED), "w").close()
 
 
 # ---------------------------------------------------------------- Caffe's own tests of the patched layers
@@ -401,44 +607,89 @@ GTEST_CASES = {
 }
 
 
-def caffe_gtest(jobs=None):
-    """Compile Caffe's gtest cases of the patched layers (:data:`GTEST_CASES`) against the set-up's cached build
-    and run them with OpenMP on every core; return the test binary's exit code. Works in a temporary folder."""
-    prefix = cached_prefix()
+#: Caffe's gtest sources for the layers SqueezeNet uses, and their GPU cases (typed tests /2 and /3 are
+#: GPUDevice<float> and GPUDevice<double>): what ``bench/gpu_check.sh`` runs on a GPU.
+GTEST_GPU_CASES = {
+    "test_convolution_layer.cpp": "ConvolutionLayerTest/2.*:ConvolutionLayerTest/3.*",
+    "test_im2col_layer.cpp": "Im2colLayerTest/2.*:Im2colLayerTest/3.*",
+    "test_pooling_layer.cpp": "PoolingLayerTest/2.*:PoolingLayerTest/3.*",
+    "test_concat_layer.cpp": "ConcatLayerTest/2.*:ConcatLayerTest/3.*",
+    "test_neuron_layer.cpp": "NeuronLayerTest/2.*ReLU*:NeuronLayerTest/3.*ReLU*:"
+                             "NeuronLayerTest/2.*Dropout*:NeuronLayerTest/3.*Dropout*",
+    "test_softmax_layer.cpp": "SoftmaxLayerTest/2.*:SoftmaxLayerTest/3.*",
+    "test_softmax_with_loss_layer.cpp": "SoftmaxWithLossLayerTest/2.*:SoftmaxWithLossLayerTest/3.*",
+    "test_accuracy_layer.cpp": "AccuracyLayerTest/2.*:AccuracyLayerTest/3.*",
+}
+
+
+def cuda_compile_flags(nvcc=None):
+    """(compile flags, link flags) for host code that calls CUDA and the wheels' libraries, as ``nvcc`` itself
+    would pass them (read from ``nvcc -dryrun``)."""
+    nvcc = nvcc or find_nvcc()[0]
+    out = subprocess.run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    words = lambda var: [w.strip('"') for line in out.splitlines() if line.startswith(f"#$ {var}=")  # noqa: E731
+                         for w in line.split("=", 1)[1].split()]
+    cuda = cuda_setup()
+    includes = [w for w in words("INCLUDES") if w.startswith("-I")] + [f"-I{d}" for d in cuda["include_dirs"]]
+    libdirs = [w for w in words("LIBRARIES") if w.startswith("-L") and not w.endswith("stubs")]
+    link = [*libdirs, "-lcudart", *(f"-Wl,-rpath-link,{d}" for d in cuda["library_dirs"])]
+    return includes, link
+
+
+def caffe_gtest(jobs=None, gpu=False, keep=None, cases=None):
+    """Compile Caffe's gtest cases against the set-up's cached build, the CPU one (the cases of the patched layers,
+    :data:`GTEST_CASES`, run with OpenMP on every core) or with ``gpu`` the GPU one (:data:`GTEST_GPU_CASES`);
+    return the test binary's exit code. With ``keep`` (a path) only compile and copy the binary there (for a GPU
+    machine: ``bench/gpu_bundle.py``); ``cases`` ({source: filter}) replaces the default set. Works in a temporary
+    folder."""
+    prefix = cached_prefix(gpu=gpu)
     jobs = jobs or os.cpu_count() or 2
     if prefix is None:
-        raise SetupError("gtest", "no cached build for the current patches: run `make setup` first")
+        raise SetupError("gtest", "no cached build for the current patches: run `make setup` first"
+                         + (" with DSD_CAFFE_BUILD=gpu" if gpu else ""))
+    cases = cases or (GTEST_GPU_CASES if gpu else GTEST_CASES)
     with tempfile.TemporaryDirectory(prefix="dsd-caffe-gtest-") as work:
         logfile = os.path.join(work, "gtest.log")
         src = os.path.join(work, "src")
-        unpack_source(fetch_sources(), src, our_patches(), logfile)
-        defines = ["-DUSE_OPENCV", "-DUSE_LMDB", "-DUSE_HDF5", "-DCPU_ONLY"]  # the CPU build (build_options())
-        flags = ["-O2", *defines, f"-I{src}/src", f"-I{prefix}/include", "-I/usr/include/hdf5/serial"]
+        unpack_source(fetch_sources(), src, our_patches(gpu=gpu), logfile)
+        defines = ["-DUSE_OPENCV", "-DUSE_LMDB", "-DUSE_HDF5"] + ([] if gpu else ["-DCPU_ONLY"])  # build_options()
+        cuda_flags, cuda_link = cuda_compile_flags() if gpu else ([], [])
+        flags = ["-O2", *defines, f"-I{src}/src", f"-I{prefix}/include", "-I/usr/include/hdf5/serial", *cuda_flags]
         tests = os.path.join(src, "src", "caffe", "test")
         sources = [os.path.join(src, "src", "gtest", "gtest-all.cpp"), os.path.join(tests, "test_caffe_main.cpp")]
-        sources += [os.path.join(tests, name) for name in GTEST_CASES]
+        sources += [os.path.join(tests, name) for name in cases]
         objects = [os.path.join(work, os.path.basename(c) + ".o") for c in sources]
         log.info("gtest: compiling %d test sources against %s", len(sources), prefix)
         t0 = time.time()
-        pending = list(zip(sources, objects))
-        while pending:  # ``jobs`` compilers at a time
-            batch, pending = pending[:jobs], pending[jobs:]
-            procs = [subprocess.Popen(["g++", *flags, "-c", c, "-o", o], stderr=subprocess.PIPE, text=True)
-                     for c, o in batch]
-            for (c, _), proc in zip(batch, procs):
-                err = proc.communicate()[1]
-                if proc.returncode:
-                    raise SetupError("gtest", f"compiling {os.path.basename(c)} failed: {err.strip()[-500:]}")
+        _compile_all("gtest", ["g++", *flags], list(zip(sources, objects)), jobs)
         binary = os.path.join(work, "caffe-gtest")
         _run("gtest", ["g++", "-o", binary, *objects, f"-L{prefix}/lib", f"-Wl,-rpath,{prefix}/lib", "-lcaffe",
-                       "-lglog", "-lgflags", "-lprotobuf", "-lboost_system", "-lpthread"])
-        log.info("gtest: compiled in %.0f s; running %s", time.time() - t0, ":".join(GTEST_CASES.values()))
+                       "-lglog", "-lgflags", "-lprotobuf", "-lboost_system", "-lpthread", *cuda_link])
+        if keep:
+            shutil.copy2(binary, keep)
+            log.info("gtest: compiled in %.0f s into %s; its cases: %s", time.time() - t0, keep,
+                     ":".join(cases.values()))
+            return 0
+        log.info("gtest: compiled in %.0f s; running %s", time.time() - t0, ":".join(cases.values()))
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
         t0 = time.time()
-        rc = subprocess.call([binary, "--gtest_filter=" + ":".join(GTEST_CASES.values())], env=env, cwd=src)
+        rc = subprocess.call([binary, "--gtest_filter=" + ":".join(cases.values())], env=env, cwd=src)
         log.info("gtest: ran in %.1f s, exit code %d", time.time() - t0, rc)
         return rc
+
+
+def _compile_all(step, compiler, pairs, jobs):
+    """Compile each (source, object) of ``pairs`` with ``compiler``, ``jobs`` at a time."""
+    while pairs:
+        batch, pairs = pairs[:jobs], pairs[jobs:]
+        procs = [subprocess.Popen([*compiler, "-c", c, "-o", o], stderr=subprocess.PIPE, text=True)
+                 for c, o in batch]
+        for (c, _), proc in zip(batch, procs):
+            err = proc.communicate()[1]
+            if proc.returncode:
+                raise SetupError(step, f"compiling {os.path.basename(c)} failed: {err.strip()[-500:]}")
 
 
 # ---------------------------------------------------------------- step 4: link into the venv
@@ -510,30 +761,42 @@ def check_caffe(python):
 # ---------------------------------------------------------------- main
 
 
-def caffe_build(python, gpu=False, perf=True, jobs=None):
+def caffe_build(python, gpu=False, perf=True, jobs=None, arch=None):
     """The cached Caffe build for these options and patches (building it if missing): its prefix."""
-    options, patches, linkage = build_options(gpu), our_patches(perf), python_linkage(python)
-    key = cache_key(options, linkage, patches)
+    options, patches, linkage = build_options(gpu, arch), our_patches(perf, gpu), python_linkage(python)
+    key = cache_key(options, linkage, patches, cuda_description(arch) if gpu else None)
     prefix = cached_build(key)
     if prefix:
         log.info("caffe: cached build %s", prefix)
         return prefix
     drop_incomplete_build(key)
-    return build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2)
+    cuda = cuda_setup(arch) if gpu else None
+    return build_caffe(key, options, linkage, patches, jobs or os.cpu_count() or 2, cuda)
 
 
-def cached_prefix(perf=True):
-    """The prefix of the finished CPU build with (``perf``) or without the performance patches, or None if it was
-    not built."""
-    return cached_build(cache_key(build_options(), python_linkage(), our_patches(perf)))
+def cached_prefix(perf=True, gpu=False):
+    """The prefix of the finished CPU (or GPU, default targets) build with (``perf``) or without the performance
+    patches, or None if it was not built."""
+    return cached_build(cache_key(build_options(gpu), python_linkage(), our_patches(perf, gpu),
+                                  cuda_description() if gpu else None))
 
 
-def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
+def cached_gpu_prefixes():
+    """The prefixes of every finished GPU build in the cache (any targets, any CUDA), newest first."""
+    found = []
+    for stamp in glob.glob(os.path.join(cache_root(), "caffe-*", STAMP)):
+        with open(stamp) as f:
+            if json.load(f).get("cpu_only") is False:
+                found.append(os.path.dirname(stamp))
+    return sorted(found, key=lambda p: os.stat(os.path.join(p, STAMP)).st_mtime, reverse=True)
+
+
+def setup(venv=None, gpu=False, jobs=None, skip_apt=False, arch=None):
     """Run every step; return the dict of what was used. Raises SetupError naming the failed step."""
     t0 = time.time()
     venv = os.path.abspath(venv or os.path.join(REPO, ".venv"))
-    if gpu and not shutil.which("nvcc"):
-        raise SetupError("configure", "--gpu needs CUDA's nvcc on PATH; none found")
+    if gpu:
+        cuda_targets(arch)  # a bad --cuda-arch fails before anything is installed
     if not skip_apt:
         ensure_apt_packages()
     os.makedirs(cache_root(), exist_ok=True)
@@ -543,7 +806,7 @@ def setup(venv=None, gpu=False, jobs=None, skip_apt=False):
         pydir, binary = existing
         log.info("caffe: using the existing Caffe: pycaffe in %s, binary %s", pydir, binary)
     else:
-        prefix = caffe_build(python, gpu=gpu, jobs=jobs)
+        prefix = caffe_build(python, gpu=gpu, jobs=jobs, arch=arch)
         pydir = os.path.join(prefix, "lib", "python3", "dist-packages")
         binary = os.path.join(prefix, "bin", "caffe")
     link_pycaffe(venv, pydir)
@@ -557,11 +820,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python3 -m dsd_caffe.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--venv", help="virtual environment to create (default: .venv in the repo)")
-    p.add_argument("--gpu", action="store_true", help="build with CUDA (CPU_ONLY off); needs nvcc")
+    p.add_argument("--gpu", action="store_true",
+                   help="build with CUDA (CPU_ONLY off, NCCL on; its own cache key); nvcc from PATH, else PyPI's")
+    p.add_argument("--cuda-arch", help=f"CUDA targets of --gpu (default $DSD_CUDA_ARCH or {CUDA_ARCH!r})")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     p.add_argument("--skip-apt", action="store_true", help="do not check or install Debian packages")
     p.add_argument("--gtest", action="store_true",
-                   help="compile and run Caffe's own tests of the patched layers against the cached build")
+                   help="compile and run Caffe's own tests of the patched layers against the cached build "
+                        "(with --gpu: the GPU cases of SqueezeNet's layers against the GPU build)")
+    p.add_argument("--gtest-binary", metavar="PATH",
+                   help="with --gtest: only compile, and write the test binary to PATH (for a GPU machine)")
     p.add_argument("--unpatched", action="store_true",
                    help="only build (or find) Caffe without the performance patches and print its prefix")
     p.add_argument("--debug", action="store_true", help="show the traceback on errors")
@@ -569,14 +837,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="[setup %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         if args.gtest:
-            return 1 if caffe_gtest(jobs=args.jobs) else 0
+            return 1 if caffe_gtest(jobs=args.jobs, gpu=args.gpu, keep=args.gtest_binary) else 0
         if args.unpatched:
             if not args.skip_apt:
                 ensure_apt_packages()
             os.makedirs(cache_root(), exist_ok=True)
-            print(caffe_build(None, gpu=args.gpu, perf=False, jobs=args.jobs))
+            print(caffe_build(None, gpu=args.gpu, perf=False, jobs=args.jobs, arch=args.cuda_arch))
             return 0
-        setup(args.venv, gpu=args.gpu, jobs=args.jobs, skip_apt=args.skip_apt)
+        setup(args.venv, gpu=args.gpu, jobs=args.jobs, skip_apt=args.skip_apt, arch=args.cuda_arch)
     except (SetupError, OSError) as e:
         if args.debug:
             raise

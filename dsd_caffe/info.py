@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 
 from dsd_caffe import blas, caffe_env
@@ -17,7 +18,47 @@ from dsd_caffe.errors import UserError
 LAYERS = ("Python", "Data", "ImageData", "HDF5Data", "HDF5Output", "WindowData", "MemoryData", "Input")
 LIBS = {"OpenCV": "libopencv_core", "LMDB": "liblmdb", "LevelDB": "libleveldb", "HDF5": "libhdf5",
         "protobuf": "libprotobuf", "glog": "libglog", "boost_python": "libboost_python", "python": "libpython",
-        "CUDA": "libcudart", "cuDNN": "libcudnn", "BLAS": None}
+        "CUDA": "libcudart", "cuBLAS": "libcublas.", "cuRAND": "libcurand", "NCCL": "libnccl", "cuDNN": "libcudnn",
+        "BLAS": None}
+
+
+#: a glog line: severity, source file and message ("F20261203 09:50:24.063478 19865 common.cpp:66] Cannot use ...")
+GLOG_LINE = re.compile(r"^([IWEF])\d{8} [\d:.]+\s+\d+ ([\w.]+):\d+\] (.*)$")
+
+
+def device_query(gpu="all", binary=None):
+    """Caffe's own report of its GPUs (``caffe device_query -gpu <gpu>``, ``gpu`` a number, "0,1" or "all"): a
+    list of {field: value}, one per device ("Device id", "Name", "Total global memory", ...).
+
+    Where a device cannot be used (no GPU or driver, a CPU-only build, a bad number), Caffe aborts with a glog
+    stack; this raises UserError instead, one line naming the device and Caffe's reason."""
+    binary = binary or caffe_env.caffe_binary()
+    env = dict(os.environ, GLOG_logtostderr="1", GLOG_minloglevel="0")
+    proc = subprocess.run([binary, "device_query", f"-gpu={gpu}"], capture_output=True, text=True, env=env)
+    lines = [m.groups() for m in map(GLOG_LINE.match, proc.stderr.splitlines()) if m]
+    fatal = [msg for sev, _, msg in lines if sev == "F"]
+    if proc.returncode or fatal:
+        reason = fatal[-1] if fatal else (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise UserError(f"GPU {gpu} cannot be used: {' '.join(reason.split())}")
+    devices = []
+    for _, source, msg in lines:
+        key, sep, value = msg.partition(":")
+        if source != "common.cpp" or not sep:
+            continue
+        if key.strip() == "Device id":
+            devices.append({})
+        if devices:
+            devices[-1][key.strip()] = value.strip()
+    return devices
+
+
+def cuda_summary(record):
+    """One line for a GPU build's record: CUDA version, targets and each library with its version."""
+    cuda = record.get("cuda") or {}
+    if not cuda:
+        return None
+    libs = ", ".join(f"{name} {v['version']}" for name, v in sorted(cuda.get("libraries", {}).items()))
+    return f"{cuda.get('version')}  targets {cuda.get('archs')}  ({libs}; cuDNN {_yes(cuda.get('cudnn'))})"
 
 
 def _soname_version(name):
@@ -89,16 +130,25 @@ def _collect(applied):
     except FileNotFoundError:
         binary = None
     gpu = caffe_env.has_gpu_support()
+    devices = None
+    if gpu and binary:
+        try:
+            devices = device_query("all", binary)
+        except UserError as e:
+            devices = str(e)
+    record = caffe_env.build_info()
     return {
         "caffe_version": getattr(caffe, "__version__", None),
         "mode": "GPU (CUDA)" if gpu else "CPU only",
         "gpu_support": gpu,
+        "cuda": (record.get("cuda") or None) if gpu else None,
+        "gpu_devices": devices,
         "python_layer": "Python" in layers,
         "data_layers": {t: t in layers for t in LAYERS},
         "layer_types": layers,
         "libraries": _linked(ext),
         "blas": _blas(applied),
-        "build_record": caffe_env.build_info(),
+        "build_record": record,
         "numpy": {"version": numpy.__version__, "blas": np_blas},
         "protobuf": protobuf_version,
         "python": {"version": sys.version.split()[0], "executable": sys.executable},
@@ -129,6 +179,12 @@ def format_text(d):
     for label in ("OpenCV", "LMDB", "LevelDB", "HDF5", "protobuf", "glog", "CUDA", "cuDNN"):
         v = lib[label]
         lines.append(f"{label:15}{'yes ' + (v['version'] or '') if v['linked'] else 'no'}")
+    if d["gpu_support"]:
+        lines.append(f"CUDA build     {cuda_summary(d['build_record']) or 'no build record'}")
+        devs = d["gpu_devices"]
+        lines.append("GPU devices    " + (devs if isinstance(devs, str) else
+                                         ", ".join(f"{x.get('Device id')}: {x.get('Name')}" for x in devs or [])
+                                         or "none"))
     lines += [
         f"numpy          {d['numpy']['version']}  (its own BLAS: {d['numpy']['blas'].get('name')} "
         f"{d['numpy']['blas'].get('version')})",

@@ -25,11 +25,19 @@ def test_reports_the_real_build(report):
     assert report["python_layer"] is True and "Python" in layers
     for t in ("Data", "ImageData", "HDF5Data"):
         assert report["data_layers"][t] is True
-    assert report["gpu_support"] is caffe_env.has_gpu_support() is False
-    assert report["mode"] == "CPU only"
+    gpu = caffe_env.has_gpu_support()  # the CPU build, or the GPU one under DSD_CAFFE_BUILD=gpu (docs/gpu.md)
+    assert report["gpu_support"] is gpu
+    assert report["mode"] == ("GPU (CUDA)" if gpu else "CPU only")
     libs = report["libraries"]
     assert libs["OpenCV"]["linked"] and libs["LMDB"]["linked"] and libs["HDF5"]["linked"]
-    assert not libs["CUDA"]["linked"]
+    for label in ("CUDA", "cuBLAS", "cuRAND", "NCCL"):
+        assert libs[label]["linked"] is gpu, label
+    assert not libs["cuDNN"]["linked"]
+    if gpu:
+        assert report["cuda"] == caffe_env.build_info()["cuda"]
+        assert libs["cuBLAS"]["version"] == report["cuda"]["libraries"]["cublas"]["version"].split(".")[0]
+    else:
+        assert report["cuda"] is None and report["gpu_devices"] is None
 
 
 def test_reports_the_blas_in_use(report):
@@ -48,7 +56,10 @@ def test_text_output():
     out = subprocess.run([sys.executable, "-m", "dsd_caffe.info"], capture_output=True, text=True, timeout=300,
                          check=True).stdout
     assert "Python layer   yes" in out
-    assert "CPU only" in out
+    if caffe_env.has_gpu_support():
+        assert "GPU (CUDA)" in out and "\nCUDA build     13." in out and "\nGPU devices    " in out
+    else:
+        assert "CPU only" in out and "CUDA build" not in out
     assert "kernel" in out and "OpenCV         yes" in out
 
 
@@ -59,3 +70,71 @@ def test_without_pycaffe_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "pycaffe is not importable" in r.stderr and "make setup" in r.stderr
+
+
+FAKE_CAFFE = """#!/bin/sh
+# stands in for `caffe device_query`: prints what $FAKE_OUT holds to stderr and exits with $FAKE_RC
+cat "$FAKE_OUT" >&2
+exit $FAKE_RC
+"""
+NO_DEVICE = """I20261203 09:50:24.063271 19865 caffe.cpp:138] Querying GPUs 0
+F20261203 09:50:24.063478 19865 common.cpp:158] Check failed: error == cudaSuccess (100 vs. 0)  no CUDA-capable device is detected
+*** Check failure stack trace: ***
+    @     0x7f3c21c301ed  google::LogMessage::Fail()
+"""
+TWO_DEVICES = "".join(
+    f"I20261203 10:00:00.000000 1 common.cpp:{178 + i}] {k}:{' ' * 5}{v}\n"
+    for d in (0, 1) for i, (k, v) in enumerate((("Device id", d), ("Name", "NVIDIA H200"),
+                                                ("Total global memory", 150754820096))))
+
+
+@pytest.mark.parametrize("stderr, rc, expect", [
+    (NO_DEVICE, 134, "GPU 0 cannot be used: Check failed: error == cudaSuccess (100 vs. 0) "
+                     "no CUDA-capable device is detected"),
+    ("", 1, "GPU 0 cannot be used: exit code 1"),
+    ("I20261203 09:50:24.063271 19865 caffe.cpp:138] Querying GPUs 0\nsegfault\n", 139,
+     "GPU 0 cannot be used: segfault"),
+])
+def test_device_query_failure_is_one_line(tmp_path, monkeypatch, stderr, rc, expect):
+    from dsd_caffe import info
+    from dsd_caffe.errors import UserError
+
+    fake = tmp_path / "caffe"
+    fake.write_text(FAKE_CAFFE)
+    fake.chmod(0o755)
+    (tmp_path / "out").write_text(stderr)
+    monkeypatch.setenv("FAKE_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("FAKE_RC", str(rc))
+    with pytest.raises(UserError) as e:
+        info.device_query(0, binary=str(fake))
+    assert str(e.value) == expect
+
+
+def test_device_query_reads_every_device(tmp_path, monkeypatch):
+    from dsd_caffe import info
+
+    fake = tmp_path / "caffe"
+    fake.write_text(FAKE_CAFFE)
+    fake.chmod(0o755)
+    (tmp_path / "out").write_text("I20261203 09:59:59.000000 1 caffe.cpp:138] Querying GPUs all\n" + TWO_DEVICES)
+    monkeypatch.setenv("FAKE_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("FAKE_RC", "0")
+    assert info.device_query("all", binary=str(fake)) == [
+        {"Device id": str(d), "Name": "NVIDIA H200", "Total global memory": "150754820096"} for d in (0, 1)]
+
+
+def test_device_query_on_the_build_in_use():
+    """The real binary: on a CPU-only build (or a GPU build on a machine without a GPU) one line, not glog's abort."""
+    from dsd_caffe import info
+    from dsd_caffe.errors import UserError
+
+    if not caffe_env.has_gpu_support():
+        with pytest.raises(UserError, match=r"^GPU 0 cannot be used: Cannot use GPU in CPU-only Caffe: check mode\.$"):
+            info.device_query(0)
+        return
+    try:
+        devices = info.device_query(0)
+    except UserError as e:
+        assert str(e).startswith("GPU 0 cannot be used: ") and "\n" not in str(e)
+    else:
+        assert devices and devices[0]["Device id"] == "0" and devices[0]["Name"]
