@@ -198,7 +198,7 @@ def test_recorded_settings_are_the_values_given_not_float32_noise():
     assert s.base_lr != 0.004  # Caffe's float32 holds 0.004000000189989805
     assert training.solver_summary(s) == {"base_lr": 0.004, "lr_policy": "poly", "power": 1.0, "max_iter": 200,
                                           "iter_size": 1, "momentum": 0.95, "weight_decay": 0.0005, "snapshot": 20,
-                                          "random_seed": 42, "type": "SGD"}
+                                          "random_seed": solvers.SEED, "type": "SGD"}
 
 
 @pytest.mark.parametrize("code, logs", [

@@ -64,16 +64,7 @@ def main(argv=None):
                    "model is evaluated on it once, and the table and verdict use it")
     p.add_argument("--control", action="store_true",
                    help="also train the equal-length dense control from the same model, and compare")
-    p.add_argument("--seeds", type=int, default=1, help="paired runs (with --control) over seeds --seed, +1, ...")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time, in separate processes")
-    p.add_argument("--data-order", choices=("fixed", "shuffled"),
-                   help="the order each seed reads the TRAIN data in: shuffled writes a copy of the TRAIN LMDB per "
-                        "seed in the seed's order (costs its disk space per seed); fixed reads the LMDB's own order "
-                        "(default: shuffled with --seeds 2 or more, else fixed)")
-    p.add_argument("--train-dense-per-seed", action="store_true",
-                   help="each seed first trains its own dense model from the net's fillers (seeded), with --solver's "
-                        "base_lr and max_iter (else the recipe's dense row), and prunes that: the seeds then vary the "
-                        "dense model too; costs one whole dense training per seed (--weights only checks the net)")
+    flags.add_seeds(p)
     flags.add_device(p)
     p.add_argument("--seed", type=int, default=flags.seed_default(),
                    help="random_seed of every solver (dropout, crops, mirrors)")

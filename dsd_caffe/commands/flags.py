@@ -129,6 +129,20 @@ def device(a):
     return gpus
 
 
+def add_seeds(p):
+    """dsd.py's seed flags: how many paired runs, how many at once, and what a seed varies beyond the solver's."""
+    p.add_argument("--seeds", type=int, default=1, help="paired runs (with --control) over seeds --seed, +1, ...")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time, in separate processes")
+    p.add_argument("--data-order", choices=("fixed", "shuffled"),
+                   help="the order each seed reads the TRAIN data in: shuffled writes a copy of the TRAIN LMDB per "
+                        "seed in the seed's order (costs its disk space per seed); fixed reads the LMDB's own order "
+                        "(default: shuffled with --seeds 2 or more, else fixed)")
+    p.add_argument("--train-dense-per-seed", action="store_true",
+                   help="each seed first trains its own dense model from the net's fillers (seeded), with --solver's "
+                        "base_lr and max_iter (else the recipe's dense row), and prunes that: the seeds then vary the "
+                        "dense model too; costs one whole dense training per seed (--weights only checks the net)")
+
+
 def add_solver(p):
     p.add_argument("--solver", metavar="PROTOTXT",
                    help="your solver prototxt: every phase's solver takes its settings (momentum, weight decay, lr "
