@@ -329,6 +329,29 @@ def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
     assert not os.path.exists(tmp_path / "t")
 
 
+def test_sensitivity_names_the_lmdb_that_is_missing(setup, tmp_path):
+    """Only the TEST LMDB is read: with --test-source given, an absent TRAIN LMDB is not an error; without it, the
+    error names the TEST source (not the TRAIN one); a --test-source that is absent is the one named."""
+    folder, model, weights = setup
+    away = tmp_path / "evalbox"
+    away.mkdir()
+    shutil.copy(model, away / "trainval.prototxt")  # names train_lmdb and val_lmdb: absent beside it and in cwd
+    common = ("--weights", weights, "--layers", "conv1", "--densities", "0.5", "--iterations", 1)
+    r = tool("sensitivity", "--model", away / "trainval.prototxt", *common, "--output", tmp_path / "s",
+             "--test-source", os.path.join(folder, "val_lmdb"), cwd=tmp_path)
+    assert r.returncode == 0 and "train_lmdb" not in r.stderr, r.stderr[-2000:]
+    r = tool("sensitivity", "--model", away / "trainval.prototxt", *common, "--output", tmp_path / "t", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (2, [
+        "sensitivity.py: error: Data layer 'data' (TEST): data source val_lmdb not found (looked beside the "
+        f"prototxt in {away} and in the current folder)"])
+    r = tool("sensitivity", "--model", model, *common, "--output", tmp_path / "u", "--test-source",
+             tmp_path / "nope_lmdb", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (2, [
+        f"sensitivity.py: error: Data layer 'data' (TEST): data source {tmp_path / 'nope_lmdb'} not found (looked "
+        "in the current folder)"])
+    assert not any(os.path.exists(tmp_path / o) for o in "tu")
+
+
 def test_sensitivity_marks_densities_above_a_pruned_layers_current_one(setup, pruned, tmp_path):
     """A layer pruned to ~1/3 cannot be pruned to 0.5: such rows are flagged above_current (in the rows, the CSV,
     the JSON, and with * and a note in the tool's table), and they are exactly the unpruned outputs."""
