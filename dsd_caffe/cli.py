@@ -15,6 +15,7 @@ and one clear line for bad input.
 import argparse
 import errno
 import logging
+import os
 import signal
 import sys
 
@@ -41,6 +42,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.option_strings and shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def prog(module):
+    """How the user started a module's command, for its usage line: the installed command's name (``dsd-zoo``,
+    ``dsd-info``), else ``python -m <module>``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("dsd-") else f"python -m {module}"
 
 
 def parser(doc, prog=None):

@@ -1,6 +1,6 @@
 """Print the Caffe in use and how it was built: version, BLAS and the kernel it runs, threads, Python layer, OpenCV,
 LMDB, HDF5, CPU or GPU, numpy, the paths and the patches applied to Caffe's source, each with its reason. For users
-and bug reports: ``python -m dsd_caffe.info [--json]``.
+and bug reports: ``dsd-info [--json]`` (or ``python -m dsd_caffe.info``).
 
 Everything is read from what pycaffe really has (its layer registry, the libraries ``_caffe.so`` resolves, the
 OpenBLAS loaded in this process) as well as from the set-up's build record.
@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 
-from dsd_caffe import blas, caffe_env
+from dsd_caffe import blas, caffe_env, cli
 from dsd_caffe.errors import UserError
 
 LAYERS = ("Python", "Data", "ImageData", "HDF5Data", "HDF5Output", "WindowData", "MemoryData", "Input")
@@ -207,7 +207,7 @@ def format_text(d):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dsd_caffe.info", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=cli.prog("dsd_caffe.info"), description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     a = p.parse_args(argv)
     try:

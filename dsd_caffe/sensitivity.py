@@ -4,10 +4,13 @@ at several densities and evaluate the net on a TEST (validation) LMDB.
 Only the TEST phase is read: no TRAIN LMDB is needed (``test_source`` replaces the trainval's). Every evaluation
 sees the same batches: they are read once from the data layer and fed to the net again for each (layer, density).
 Outputs, staged in a temporary folder and renamed into place: ``sensitivity.csv`` (layer, density, accuracy and
-every net output, 4 decimals; the first row is the unpruned net), ``sensitivity.json`` (the same, full
-precision, and its inputs: model, weights with their SHA-256, the TEST LMDB, iterations, images) and
+every net output, 4 decimals, and ``above_current``; the first row is the unpruned net), ``sensitivity.json`` (the
+same, full precision, each layer's current density, and its inputs: model, weights with their SHA-256, the TEST
+LMDB, iterations, images) and
 ``sensitivity.png`` (a heat map, readable with SqueezeNet's 26 layers). An LMDB holding fewer images than the
-batches read is read around again (Caffe wraps around): a warning says how often each image counts.
+batches read is read around again (Caffe wraps around): a warning says how often each image counts. A row whose
+density keeps more weights than the layer has non-zero (an already pruned model's layer at 0.33 scanned at 0.5) is
+flagged ``above_current`` (:data:`ABOVE_CURRENT`).
 """
 import dataclasses
 import logging
@@ -22,6 +25,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 FILES = ("sensitivity.csv", "sensitivity.json", "sensitivity.png")
+#: what a row's ``above_current`` flag means (the printed table's ``*``, the CSV's column, the JSON's key)
+ABOVE_CURRENT = ("the density is above the layer's current one (the model is already pruned there): nothing is "
+                 "pruned, the row is the layer as it is")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +68,10 @@ def sensitivity_scan(model, weights, output_dir, config=ScanConfig(), test_sourc
         names = _layers(netgen.weighted_layers(net_param), config.layers)
         net = _test_net(net_param, weights, gpu)
         inputs = _inputs(net_param, model, weights, config)
+        current = current_densities(net, names)
         rows = _scan(net, names, config)
         with fileio.atomic_path(out, force=True, directory=True) as tmp:
-            _write(tmp, rows, list(net.outputs), names, config.densities, inputs)
+            _write(tmp, rows, list(net.outputs), names, config.densities, inputs, current)
     return rows
 
 
@@ -122,25 +129,33 @@ def _scan(net, names, config):
         top = caffelog.top1(res)
         return dict(res, accuracy=top[1] if top else None)
 
-    rows = [{"layer": "(none)", "density": 1.0, **run()}]
+    rows = [{"layer": "(none)", "density": 1.0, **run(), "above_current": False}]
     for name in tqdm(names, desc="sensitivity", unit="layer", disable=None):
         w = net.params[name][0].data
         orig = w.copy()
+        nonzero = int(np.count_nonzero(orig))
         for d in config.densities:
             w[...] = np.where(pruning.magnitude_mask(orig, d, name=name), orig, np.float32(0))
-            rows.append({"layer": name, "density": d, **run()})
+            above = pruning.kept_count(orig.size, d) > nonzero
+            rows.append({"layer": name, "density": d, **run(), "above_current": above})
         w[...] = orig
         worst = min((r for r in rows if r["layer"] == name), key=lambda r: r["accuracy"] or 0)
         log.info("%s: accuracy %.4f at density %g", name, worst["accuracy"] or 0, worst["density"])
     return rows
 
 
-def _write(folder, rows, outputs, names, densities, inputs):
-    header = ["layer", "density", "accuracy"] + outputs
+def current_densities(net, names):
+    """{layer: fraction of its weights that are non-zero} in ``net`` as loaded (1.0 for a dense layer)."""
+    return {n: pruning.density(net.params[n][0].data) for n in names}
+
+
+def _write(folder, rows, outputs, names, densities, inputs, current):
+    header = ["layer", "density", "accuracy"] + outputs + ["above_current"]
     fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else v)
     fileio.atomic_write(os.path.join(folder, FILES[0]),
                         fileio.csv_text([header] + [[fmt(r.get(k)) for k in header] for r in rows]))
-    fileio.write_json(os.path.join(folder, FILES[1]), {"inputs": inputs, "rows": rows})
+    fileio.write_json(os.path.join(folder, FILES[1]), {"inputs": inputs, "current_density": current,
+                                                       "notes": {"above_current": ABOVE_CURRENT}, "rows": rows})
     base = rows[0]["accuracy"]
     if base is None:
         log.warning("the net has no accuracy output: no %s", FILES[2])

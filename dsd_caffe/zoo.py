@@ -339,21 +339,12 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
     return net
 
 
-def _prog(module):
-    """How the user started this command, for its usage line: ``dsd-zoo`` (the installed command), else ``python
-    -m <module>``."""
-    import sys
-
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("dsd-") else f"python -m {module}"
-
-
 def parser():
     """The command line's ArgumentParser (``python -m dsd_caffe.zoo``)."""
     from . import cli
 
     p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).",
-                   prog=_prog("dsd_caffe.zoo"))
+                   prog=cli.prog("dsd_caffe.zoo"))
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the known models, their files, checksums and URLs")
     f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")

@@ -63,6 +63,19 @@ def test_text_output():
     assert "kernel" in out and "OpenCV         yes" in out
 
 
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/dsd-info", "dsd-info"),
+                                         ("/src/dsd_caffe/info.py", "python -m dsd_caffe.info")])
+def test_usage_names_the_command_as_started(monkeypatch, capsys, argv0, prog):
+    """The installed ``dsd-info`` says ``dsd-info`` in its usage; ``python -m dsd_caffe.info`` says that."""
+    from dsd_caffe import info
+
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    with pytest.raises(SystemExit) as e:
+        info.main(["--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} [-h] [--json]")
+
+
 def test_without_pycaffe_one_line_and_exit_2(tmp_path):
     """A Python that cannot import caffe (here: no site-packages) gets the set-up hint, not a recursion."""
     r = subprocess.run([sys.executable, "-S", "-m", "dsd_caffe.info"], capture_output=True, text=True, timeout=60,

@@ -8,6 +8,8 @@ folder: the kernel spec, its runtime, data and config folders, IPython's and mat
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +19,7 @@ from dsd_caffe import fashion_mnist, masks
 from dsd_caffe.errors import UserError
 
 from helpers import ROOT
+from test_readme import blocks
 
 NOTEBOOK = os.path.join(ROOT, "examples", "dsd_fashion_mnist.ipynb")
 KERNEL = "dsd-caffe-test"
@@ -44,6 +47,13 @@ HOME_PLACES = ("~/.jupyter", "~/.ipython", "~/.local/share/jupyter", "~/.config/
                "~/.cache/matplotlib")
 
 
+def _jupyter_env(tmp):
+    """Jupyter's and IPython's folders (kernel specs, runtime, data, config) and matplotlib's, all under ``tmp``."""
+    return {"JUPYTER_PATH": tmp / "jupyter", "JUPYTER_DATA_DIR": tmp / "data", "JUPYTER_CONFIG_DIR": tmp / "config",
+            "JUPYTER_RUNTIME_DIR": tmp / "runtime", "JUPYTER_PLATFORM_DIRS": "1", "IPYTHONDIR": tmp / "ipython",
+            "MPLCONFIGDIR": tmp / "matplotlib"}
+
+
 def _listing(paths):
     out = {}
     for top in paths:
@@ -68,10 +78,7 @@ def executed(tmp_path_factory):
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "dsd-caffe test", "language": "python"}))
     work = tmp / "work"
-    env = {"JUPYTER_PATH": tmp / "jupyter", "JUPYTER_DATA_DIR": tmp / "data", "JUPYTER_CONFIG_DIR": tmp / "config",
-           "JUPYTER_RUNTIME_DIR": tmp / "runtime", "JUPYTER_PLATFORM_DIRS": "1", "IPYTHONDIR": tmp / "ipython",
-           "MPLCONFIGDIR": tmp / "matplotlib",
-           "DSD_NOTEBOOK_DIR": work, "DSD_NOTEBOOK_SCALE": "0.005", "DSD_NOTEBOOK_VAL_SIZE": "1000"}
+    env = dict(_jupyter_env(tmp), DSD_NOTEBOOK_DIR=work, DSD_NOTEBOOK_SCALE="0.005", DSD_NOTEBOOK_VAL_SIZE="1000")
     before = _listing(HOME_PLACES)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
@@ -175,3 +182,32 @@ def test_nothing_written_outside_the_temporary_folder(executed):
     _, _, work, (before, after) = executed
     assert before == after
     assert os.path.isdir(work / "data" / "test_lmdb")
+
+
+def _files(top):
+    return {os.path.relpath(os.path.join(d, f), top) for d, _, names in os.walk(top) for f in names}
+
+
+def test_the_documented_headless_command_runs_as_written(tmp_path):
+    """docs/usage.md's headless command, literally, in a copy of the repository (with this checkout's .venv), at a
+    tiny scale: it needs only what `make setup` installs, and writes only into the notebook's folder, which git
+    ignores (examples/runs/notebook: the kernel starts beside the notebook)."""
+    script = blocks("Example notebook", path=os.path.join(ROOT, "docs", "usage.md"))
+    assert len(script) == 1
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    copy = tmp_path / "repo"
+    for rel in files:
+        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), copy / rel)
+    os.symlink(sys.prefix, copy / ".venv")  # this checkout's venv, as after `make setup`
+    before = _files(copy)
+    env = dict(os.environ, **{k: str(v) for k, v in _jupyter_env(tmp_path).items()}, DSD_NOTEBOOK_SCALE="0.005",
+               DSD_NOTEBOOK_VAL_SIZE="1000", TQDM_DISABLE="1")
+    env.pop("DSD_NOTEBOOK_DIR", None)
+    r = subprocess.run(["bash", "-ec", script[0]], cwd=copy, capture_output=True, text=True, timeout=1800, env=env)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    new = _files(copy) - before
+    assert "examples/runs/notebook/redense/redense.caffemodel" in new
+    assert all(p.startswith("examples/runs/notebook/") for p in new), sorted(new)[:20]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "examples/runs/notebook/x"], cwd=ROOT)
+    assert ignored.returncode == 0

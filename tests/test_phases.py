@@ -314,8 +314,10 @@ def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
             assert r["loss"] == base["loss"] and r["accuracy"] == base["accuracy"]
     assert sorted(os.listdir(tmp_path / "s")) == sorted(sensitivity.FILES)
     header, first = open(tmp_path / "s" / "sensitivity.csv").read().splitlines()[:2]
-    assert header.startswith("layer,density,accuracy") and all(
-        len(v.split(".")[1]) == 4 for v in first.split(",")[1:])  # 4 decimals for people; the JSON keeps all
+    assert header.split(",") == ["layer", "density", "accuracy", "accuracy_top1", "accuracy_top5", "loss",
+                                 "above_current"]
+    assert all(len(v.split(".")[1]) == 4 for v in first.split(",")[1:-1])  # 4 decimals for people; JSON keeps all
+    assert first.split(",")[-1] == "False"
     scan = fileio.read_json(tmp_path / "s" / "sensitivity.json")
     assert scan["rows"][0]["loss"] == base["loss"]
     assert scan["inputs"] == {"model": str(away / "trainval.prototxt"), "weights": training.file_record(weights),
@@ -325,6 +327,64 @@ def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown layer"):
         sensitivity.sensitivity_scan(model, weights, tmp_path / "t", sensitivity.ScanConfig(layers=("nope",)))
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_sensitivity_names_the_lmdb_that_is_missing(setup, tmp_path):
+    """Only the TEST LMDB is read: with --test-source given, an absent TRAIN LMDB is not an error; without it, the
+    error names the TEST source (not the TRAIN one); a --test-source that is absent is the one named."""
+    folder, model, weights = setup
+    away = tmp_path / "evalbox"
+    away.mkdir()
+    shutil.copy(model, away / "trainval.prototxt")  # names train_lmdb and val_lmdb: absent beside it and in cwd
+    common = ("--weights", weights, "--layers", "conv1", "--densities", "0.5", "--iterations", 1)
+    r = tool("sensitivity", "--model", away / "trainval.prototxt", *common, "--output", tmp_path / "s",
+             "--test-source", os.path.join(folder, "val_lmdb"), cwd=tmp_path)
+    assert r.returncode == 0 and "train_lmdb" not in r.stderr, r.stderr[-2000:]
+    r = tool("sensitivity", "--model", away / "trainval.prototxt", *common, "--output", tmp_path / "t", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (2, [
+        "sensitivity.py: error: Data layer 'data' (TEST): data source val_lmdb not found (looked beside the "
+        f"prototxt in {away} and in the current folder)"])
+    r = tool("sensitivity", "--model", model, *common, "--output", tmp_path / "u", "--test-source",
+             tmp_path / "nope_lmdb", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (2, [
+        f"sensitivity.py: error: Data layer 'data' (TEST): data source {tmp_path / 'nope_lmdb'} not found (looked "
+        "in the current folder)"])
+    assert not any(os.path.exists(tmp_path / o) for o in "tu")
+
+
+def test_sensitivity_marks_densities_above_a_pruned_layers_current_one(setup, pruned, tmp_path):
+    """A layer pruned to ~1/3 cannot be pruned to 0.5: such rows are flagged above_current (in the rows, the CSV,
+    the JSON, and with * and a note in the tool's table), and they are exactly the unpruned outputs."""
+    from dsd_caffe import sensitivity
+
+    folder, model, _ = setup
+    weights = os.path.join(pruned[0], phases.PRUNED)
+    r = tool("sensitivity", "--model", model, "--weights", weights, "--output", tmp_path / "s", "--densities",
+             "0.2,0.5,1", "--iterations", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scan = fileio.read_json(tmp_path / "s" / "sensitivity.json")
+    rows, w = scan["rows"], masks.weight_arrays(weights)
+    names = netgen.weighted_layers(fileio.read_net_prototxt(model))
+    assert scan["current_density"] == {n: pruning.density(w[n]) for n in names}
+    assert scan["notes"] == {"above_current": sensitivity.ABOVE_CURRENT}
+    assert [(x["layer"], x["density"]) for x in rows] == [("(none)", 1.0)] + [(n, d) for n in names
+                                                                              for d in (0.2, 0.5, 1.0)]
+    for x in rows[1:]:
+        want = pruning.kept_count(w[x["layer"]].size, x["density"]) > np.count_nonzero(w[x["layer"]])
+        assert x["above_current"] is bool(want), x
+        if want:  # nothing pruned, same batches: the unpruned outputs exactly
+            assert {k: v for k, v in x.items() if k not in ("layer", "density")} == dict(
+                {k: v for k, v in rows[0].items() if k not in ("layer", "density")}, above_current=True)
+    marked = {(x["layer"], x["density"]) for x in rows if x["above_current"]}
+    pruned_layers = [n for n in names if scan["current_density"][n] < 0.4]
+    assert pruned_layers and {(n, d) for n in pruned_layers for d in (0.5, 1.0)} <= marked
+    assert all(x["layer"] in pruned_layers for x in rows if x["above_current"])
+    assert not rows[0]["above_current"]
+    csv_rows = [l.split(",") for l in open(tmp_path / "s" / "sensitivity.csv").read().splitlines()[1:]]
+    assert [c[-1] for c in csv_rows] == [str(x["above_current"]) for x in rows]
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["layer", "density", "accuracy"] and lines[-1] == f"* {sensitivity.ABOVE_CURRENT}"
+    assert [l.endswith(" *") for l in lines[1:-1]] == [x["above_current"] for x in rows]
 
 
 def test_sensitivity_warns_when_it_reads_the_lmdb_around_again(setup, tmp_path, caplog):

@@ -2,10 +2,12 @@
 
 Prunes one layer at a time, by magnitude, at each of --densities, evaluates the net on the TEST (validation) LMDB
 for a fixed number of batches (the same batches every time), and writes into --output: sensitivity.csv (layer,
-density, accuracy and every net output, 4 decimals; the first row is the unpruned net), sensitivity.json (full
-precision) and sensitivity.png (a heat map of the accuracy drop per layer and density). Only the TEST phase is
-read: no TRAIN LMDB is needed (--test-source replaces the trainval's). Write the chosen densities into a JSON
-profile for prune.py --profile.
+density, accuracy, every net output with 4 decimals, and above_current; the first row is the unpruned net),
+sensitivity.json (full precision, with each layer's current density) and sensitivity.png (a heat map of the
+accuracy drop per layer and density). Only the TEST phase is read: no TRAIN LMDB is needed (--test-source replaces
+the trainval's). Write the chosen densities into a JSON profile for prune.py --profile. On an already pruned model,
+densities above a layer's current one prune nothing: their rows are marked * (above_current) and are the layer as
+it is.
 """
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
@@ -21,7 +23,9 @@ def run(a):
     print(f"{'layer':<24} {'density':>7} accuracy")
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        print(f"{r['layer']:<24} {r['density']:7.2f} {acc}")
+        print(f"{r['layer']:<24} {r['density']:7.2f} {acc}" + (" *" if r["above_current"] else ""))
+    if any(r["above_current"] for r in rows):
+        print(f"* {sensitivity.ABOVE_CURRENT}")
 
 
 def main(argv=None):
