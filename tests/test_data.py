@@ -3,6 +3,7 @@ import collections
 import dataclasses
 import functools
 import os
+import platform
 import re
 import shutil
 import signal
@@ -232,14 +233,29 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
     """A KeyboardInterrupt while an image is being read removes the temporary LMDB; no output appears."""
     src = make_folder(tmp_path / "img")
     os.mkfifo(tmp_path / "img" / "dog" / "z_fifo.png")  # reading it blocks until interrupted
-    main = threading.get_ident()
-    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
+    main = threading.main_thread()
+    done = threading.Event()
+
+    def interrupt_when_blocked():
+        """SIGINT once the main thread sits in openat (syscall 257 on x86-64: the FIFO), not on a timer: a signal
+        that lands earlier, on a loaded machine, may run its handler where Python swallows the exception."""
+        syscall, openat = f"/proc/self/task/{main.native_id}/syscall", {"x86_64": "257", "aarch64": "56"}
+        seen = 0
+        while not done.wait(0.1):
+            with open(syscall) as f:
+                seen = seen + 1 if f.read().split(" ", 1)[0] == openat[platform.machine()] else 0
+            if seen == 2:  # in openat at two looks 0.1 s apart: blocked there
+                signal.pthread_kill(main.ident, signal.SIGINT)
+                return
+
+    watcher = threading.Thread(target=interrupt_when_blocked, daemon=True)
+    watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     finally:
-        timer.cancel()
+        done.set()
+        watcher.join()
     assert sorted(os.listdir(tmp_path)) == ["img"]  # the lock file goes too (fileio.output_lock)
 
 
