@@ -249,6 +249,8 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
                 return
 
     watcher = threading.Thread(target=interrupt_when_blocked, daemon=True)
+    # a shell's background job starts with SIGINT ignored, and Python then keeps it so: Ctrl-C's handler, here
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -256,6 +258,7 @@ def test_exception_mid_build_leaves_nothing(tmp_path):
     finally:
         done.set()
         watcher.join()
+        signal.signal(signal.SIGINT, handler)
     assert sorted(os.listdir(tmp_path)) == ["img"]  # the lock file goes too (fileio.output_lock)
 
 
