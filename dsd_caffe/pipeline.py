@@ -521,12 +521,18 @@ def weights_digest(path):
     return h.hexdigest()
 
 
+def seed_devices(seeds, gpu):
+    """{seed: its device}: the seeds in order take ``gpu``'s devices round robin (:func:`devices.of_seed`; None
+    without --gpu)."""
+    return {seed: devices.of_seed(gpu, k) for k, seed in enumerate(sorted(seeds))}
+
+
 def _parallel(configs, out, jobs, engine, gpu, force):
     """Run each seed's :func:`run_dsd` in its own worker process, ``jobs`` at a time (finished seeds are reused,
     unfinished ones resumed); {seed: state}. An interrupt stops every worker (:func:`_stop_workers`)."""
     ctx = multiprocessing.get_context("spawn")  # Caffe's state is per process; fork would copy a live one
     todo, running, runs, problems, alone = list(configs.items()), {}, {}, [], []
-    first = min(configs)  # seed k of the run is the (k - first)-th: its device, round robin (devices.of_seed)
+    device = seed_devices(configs, gpu)
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -534,7 +540,7 @@ def _parallel(configs, out, jobs, engine, gpu, force):
                 receive, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_seed_worker, name=f"seed{seed}", args=(
                     send, os.getpid(), config, os.path.join(out, f"seed{seed}"), engine,
-                    devices.of_seed(gpu, seed - first), force, jobs > 1))
+                    device[seed], force, jobs > 1))
                 proc.start()
                 send.close()
                 running[seed] = (proc, receive)

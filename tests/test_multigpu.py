@@ -357,25 +357,22 @@ def test_seeds_spread_over_the_devices(monkeypatch, tmp_path):
     """dsd.py --seeds 4 --jobs 2 --gpu 0,1: seed k runs on device k % 2 (the seed workers are given one each)."""
     from dsd_caffe import pipeline
 
-    seen = {}
+    assert pipeline.seed_devices(range(10, 14), "0,1") == {10: 0, 11: 1, 12: 0, 13: 1}
+    assert pipeline.seed_devices([3, 1], None) == {1: None, 3: None}
+    started = []
 
-    class Pool:
-        def __init__(self, **kw):
-            pass
+    class Context:  # the spawn context _parallel asks for: a worker is recorded, then the run stops
+        def Pipe(self, duplex):
+            return None, None
 
-        def submit(self, fn, config, out, engine, gpu, force, quiet):
-            seen[config.seed] = gpu
-            f = __import__("concurrent.futures").futures.Future()
-            f.set_result(("error", "stand-in"))
-            return f
+        def Process(self, target, name, args):
+            started.append((args[2].seed, args[5]))
+            raise RuntimeError("stand-in")
 
-        def shutdown(self, **kw):
-            pass
-
-    monkeypatch.setattr(pipeline.concurrent.futures, "ProcessPoolExecutor", Pool)
-    with pytest.raises(UserError):
-        pipeline._parallel(Seeded(10), str(tmp_path), 4, 2, "binary", "0,1", False)
-    assert seen == {10: 0, 11: 1, 12: 0, 13: 1}
+    monkeypatch.setattr(pipeline.multiprocessing, "get_context", lambda method: Context())
+    with pytest.raises(RuntimeError, match="stand-in"):
+        pipeline._parallel({s: Seeded(s) for s in (11, 10)}, str(tmp_path), 2, "binary", "0,1", False)
+    assert started == [(11, 1)]  # the first worker started is seed 11's, on its device
 
 
 @dataclasses.dataclass(frozen=True)
