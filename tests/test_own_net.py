@@ -52,7 +52,7 @@ def test_lenet_phases_inherit_its_own_solver(lenet, tmp_path):
                                 test_source=val, control=True, seed=3, solver=solver)
     out = tmp_path / "run"
     state = pipeline.run_dsd(config, out)
-    assert state["finished"] and state["config"]["solver"] == solver
+    assert state["finished"] and state["config"]["solver"] == os.path.abspath(solver)  # run paths are absolute
     pb2 = caffe_pb2()
     mode = pb2.SolverParameter.CPU  # lenet's says GPU: the device is --gpu's, never the template's
     for folder, phase, file_phase in (("cycle1-sparse", "sparse", "sparse"), ("cycle1-redense", "redense", "redense"),
