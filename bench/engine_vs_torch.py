@@ -30,9 +30,9 @@ SHARED_TRAINVAL = os.path.join(HERE, "..", "..", "shared", "reference", "squeeze
 # ---------------------------------------------------------------- the net (Caffe side)
 def squeezenet_param(batch):
     """SqueezeNet v1.0 NetParameter with the data layers replaced by an Input layer (data, label)."""
-    from dsd_caffe import caffe_env, fileio
+    from dsd_caffe import caffeproto, fileio
 
-    pb2 = caffe_env.caffe_pb2()
+    pb2 = caffeproto.caffe_pb2()
     try:
         from dsd_caffe import netgen
 

@@ -16,7 +16,7 @@ import time
 import cv2
 import numpy as np
 
-from dsd_caffe import caffe_env, fashion_mnist, imagedb, lmdbio
+from dsd_caffe import caffe_env, caffeproto, fashion_mnist, imagedb, lmdbio
 
 
 def make_images(folder, n, size, seed=0):
@@ -97,7 +97,7 @@ def main():
             print(f"generated {a.images} JPEGs of {a.size}x{a.size} in {time.perf_counter() - t:.1f}s")
         n = sum(1 for _ in open(listing))
         workers = a.workers or os.cpu_count()
-        caffe_env.caffe_pb2()  # pycaffe's import is a fixed start-up cost of the library: timed only in the CLI row
+        caffeproto.caffe_pb2()  # pycaffe's import is a fixed start-up cost of the library: timed only in the CLI row
         runs = {"convert_imageset": convert_imageset, "make_lmdb": make_lmdb, "make_lmdb.py (CLI)": make_lmdb_cli}
         outs = {"convert_imageset": "convert_imageset_lmdb", "make_lmdb": "make_lmdb_lmdb",
                 "make_lmdb.py (CLI)": "make_lmdb_cli_lmdb"}

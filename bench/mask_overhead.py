@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from dsd_caffe import fileio, masklayer, masks, netgen, pruning
-from dsd_caffe.caffe_env import caffe_pb2, import_caffe
+from dsd_caffe.caffe_env import import_caffe
+from dsd_caffe.caffeproto import caffe_pb2
 
 
 def train_net(batch):

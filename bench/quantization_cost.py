@@ -51,7 +51,8 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
     from tqdm import tqdm
 
     from dsd_caffe import fashion_mnist, lmdbio, netgen, pruning
-    from dsd_caffe.caffe_env import caffe_pb2, import_caffe
+    from dsd_caffe.caffe_env import import_caffe
+    from dsd_caffe.caffeproto import caffe_pb2
 
     caffe = import_caffe()
     caffe.set_mode_cpu()

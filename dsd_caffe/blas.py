@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from . import fileio
+
 log = logging.getLogger(__name__)
 
 DECISION_FILE = "dsd-caffe-blas.json"
@@ -169,7 +171,7 @@ def _symbol_prefix(lib):
 
 def _child(args):
     """Runs in a subprocess whose environment holds the candidate's OPENBLAS_* variables: load, check, time."""
-    import numpy as np
+    import numpy as np  # deferred: only the self-check child needs it, after its OPENBLAS_* are set
 
     lib = ctypes.CDLL(args["library"])
     fp = ctypes.POINTER(ctypes.c_float)
@@ -208,7 +210,7 @@ def _child(args):
 
 def _check_kernels(sgemm, sgemv, rng):
     """(largest relative error against float64, the case it came from) over CHECK_SHAPES and a few SGEMVs."""
-    import numpy as np
+    import numpy as np  # deferred: only the self-check child needs it, after its OPENBLAS_* are set
 
     worst, worst_case = 0.0, None
     for m, n, k, ta, tb, alpha, beta in CHECK_SHAPES:
@@ -237,7 +239,7 @@ def _check_kernels(sgemm, sgemv, rng):
 
 def _time_kernel(sgemm, rng, seconds_per_shape):
     """(total of the best SGEMM time per TIME_SHAPES shape, GFLOPS per shape)."""
-    import numpy as np
+    import numpy as np  # deferred: only the self-check child needs it, after its OPENBLAS_* are set
 
     total, per = 0.0, []
     for m, n, k, ta, tb in TIME_SHAPES:
@@ -363,8 +365,6 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
     results = _rounds(library, candidates, threads, faults, seconds_per_shape, rounds)
     decision = _decide(library, cpu, preset, results)
     if output:
-        from dsd_caffe import fileio
-
         fileio.write_json(output, decision)
     return decision
 

@@ -18,16 +18,20 @@ Two libraries inside Caffe read settings that are easy to get wrong from Python:
 import contextlib
 import ctypes
 import functools
-import importlib.util
 import json
 import logging
 import os
 import sys
+import tempfile
+
+from google.protobuf import text_format
+
+from . import blas
+from .caffeproto import SETUP_HINT
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SETUP_HINT = "run `make setup` (or `python3 -m dsd_caffe.build`) and use .venv/bin/python"
 
 #: glog's severities: a level shows its messages and the more severe ones
 GLOG_LEVELS = {"INFO": 0, "WARNING": 1, "ERROR": 2, "FATAL": 3}
@@ -59,12 +63,10 @@ _environ_set = environ_set  # the name other modules used before
 def import_caffe():
     """Return the ``caffe`` module, with glog's INFO chatter off unless GLOG_minloglevel is set (see the module
     doc). ``os.environ`` is the same afterwards as before."""
-    from . import blas
-
     # the BLAS core type and threads chosen at set-up, read when Caffe's OpenBLAS loads (never overrides the caller's)
     with environ_set(blas.runtime_env()):
         try:
-            import caffe
+            import caffe  # deferred: heavy (loads _caffe.so, BLAS, glog), and only once the environment is set
         except ImportError as e:
             raise UserError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
     if "GLOG_minloglevel" not in os.environ:
@@ -128,30 +130,6 @@ def glog_level_set(level, to_stderr=False):
         flags["minloglevel"].value, flags["logtostderr"].value = previous
 
 
-def caffe_pb2():
-    """Return ``caffe.proto.caffe_pb2``: Caffe's messages, loaded from pycaffe's package without importing Caffe
-    itself (no ``_caffe.so``, BLAS or glog), so reading and writing prototxts and caffemodels (masks, pruning)
-    needs no Caffe runtime. ``import caffe`` later finds and uses this same module."""
-    name = "caffe.proto.caffe_pb2"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec("caffe")  # finds the package without running its __init__
-    path = os.path.join(spec.submodule_search_locations[0], "proto", "caffe_pb2.py") if spec else None
-    if path is None or not os.path.isfile(path):
-        import_caffe()  # not installed as a package folder: the import names what is wrong
-        from caffe.proto import caffe_pb2 as pb2
-
-        return pb2
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
-    sys.modules[name] = module
-    try:
-        module.__spec__.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
 def caffe_prefix():
     """The install prefix of the Caffe in use (``<prefix>/lib/python3/dist-packages/caffe``)."""
     pkg = os.path.dirname(os.path.realpath(import_caffe().__file__))
@@ -193,7 +171,7 @@ def set_device(gpu=None):
     a missing device is one UserError, never a glog abort), or, for ``gpu=None``, leave Caffe's mode and device as
     they are: no library function changes them behind its caller; the tools choose (:func:`use_cpu` unless
     ``--gpu``). Returns the ``caffe`` module."""
-    from . import devices
+    from . import devices  # deferred: breaks a cycle (devices.probe asks this module for Caffe)
 
     caffe = import_caffe()
     gpus = devices.check(gpu)
@@ -217,10 +195,6 @@ def make_net(net_param, phase="TEST", weights=None):
     temporary prototxt and removes it), in ``phase`` ("TRAIN"/"TEST"), with ``weights`` (a caffemodel path)
     copied in when given. Relative data sources resolve against the current folder, as in Caffe: pass a
     NetParameter with absolute sources (``sources.absolute_sources``) to be independent of it."""
-    import tempfile
-
-    from google.protobuf import text_format
-
     caffe = import_caffe()
     phase_value = {"TRAIN": caffe.TRAIN, "TEST": caffe.TEST}.get(phase, phase)
     fd, path = tempfile.mkstemp(prefix="dsd-net-", suffix=".prototxt")
@@ -232,8 +206,6 @@ def make_net(net_param, phase="TEST", weights=None):
         layer = _python_layer_in(net_param, e)
         if layer is None:
             raise
-        from .errors import UserError
-
         p = layer.python_param
         raise UserError(f"Python layer {layer.name!r} (module {p.module!r}, class {p.layer!r}) failed while Caffe set "
                         f"it up: {type(e).__name__}: {e}") from None
@@ -259,8 +231,6 @@ def _python_layer_in(net_param, error):
 def caffe_binary():
     """The ``caffe`` command to run in a subprocess: the .venv wrapper beside this Python when present (it runs
     Python layers with this interpreter and its packages), else the binary beside pycaffe."""
-    import sys
-
     wrapper = os.path.join(os.path.dirname(sys.executable), "caffe")
     if os.access(wrapper, os.X_OK):
         return wrapper

@@ -12,6 +12,8 @@ import math
 import os
 import re
 
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -135,8 +137,6 @@ class Progress:
     terminal)."""
 
     def __init__(self, desc, total, start):
-        from tqdm import tqdm
-
         self.desc, self.total = desc, total
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="it", disable=None, dynamic_ncols=True)
         self.caffe = CaffeLog()

@@ -33,10 +33,11 @@ import collections
 import dataclasses
 import logging
 import os
+from importlib import resources
 
 import numpy as np
 
-from . import fileio, imagedb, lmdbio, netcheck, sources
+from . import fileio, imagedb, lmdbio, masks, netcheck, netgen, sources, zoo
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ BATCH = 10  # images per forward pass
 
 
 def _class_file(dataset):
-    from importlib import resources
-
     return resources.files(__package__).joinpath("resources", DATASETS[dataset]["classes"]).read_text().splitlines()
 
 
@@ -88,7 +87,7 @@ class Preprocess:
         img = _read(image, c)
         rh, rw = self.resize or (h, w)
         if img.shape[:2] != (rh, rw):
-            import cv2
+            import cv2  # deferred: heavy (OpenCV), needed only to resize or read images
 
             img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR).reshape(rh, rw, c)
         top, left = (rh - h) // 2, (rw - w) // 2
@@ -102,7 +101,7 @@ class Preprocess:
 
 def _read(image, channels):
     """An image as stored in an LMDB: HxWxC, BGR or grey, uint8 (or float32 in 0-255 from a float image)."""
-    import cv2
+    import cv2  # deferred: heavy (OpenCV), needed only to resize or read images
 
     if isinstance(image, (str, os.PathLike)):
         path = fileio.require_file(image, "image")
@@ -190,8 +189,6 @@ def from_net_param(net_param, resize=None, base=None):
 
 def known_recipe(dataset):
     """(Preprocess, class names) of a known data set (:data:`DATASETS`: "imagenet")."""
-    from . import netgen
-
     if dataset not in DATASETS:
         raise UserError(f"no known preprocessing for data set {dataset!r}; known: {', '.join(DATASETS)}")
     d = DATASETS[dataset]
@@ -208,8 +205,6 @@ class Classifier:
     probabilities with a softmax."""
 
     def __init__(self, net, preprocess=None, classes=None):
-        from . import zoo
-
         if isinstance(preprocess, str):  # a known recipe by name: its preprocessing and class names
             preprocess, names = known_recipe(preprocess)
             classes = names if classes is None else classes
@@ -239,8 +234,6 @@ class Classifier:
         ``zoo_args``: ``url``, ``cache``, ``prototxt``) or a prototxt path with ``weights`` (a caffemodel).
         ``preprocess``, when given, replaces the recipe read from a trainval or known for a zoo model: a
         :class:`Preprocess` or a known recipe's name ("imagenet")."""
-        from . import masks, netgen, zoo
-
         if isinstance(model, str) and model in zoo.ZOO:
             return cls(zoo.load(model, weights=weights, gpu=gpu, **zoo_args), preprocess, classes)
         param = sources.read_net(model, require=())

@@ -154,8 +154,6 @@ def catch_early_interrupts():
 
 
 def _early_interrupt(signum, frame):
-    import os
-
     print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
 

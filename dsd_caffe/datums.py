@@ -20,7 +20,7 @@ ENCODINGS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "bmp": ".bmp"}
 def quiet_opencv():
     """OpenCV on one thread (the parallelism is ours, one image per thread) and without its stderr warnings
     (failures are reported by us, file by file) for the block; its thread count and log level are restored after."""
-    import cv2
+    import cv2  # deferred: heavy (OpenCV), needed only to decode images
 
     logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
     threads, level = cv2.getNumThreads(), logging_.getLogLevel() if logging_ else None
@@ -40,7 +40,7 @@ def _decode(raw, same_format, opts):
     (encoded, not resized, ``same_format``, and natively decoded to what the LMDB holds: a Data layer decodes
     natively, and aborts on anything but 8 bits); ``note`` says how a file that could not be kept was converted.
     convert_imageset --encoded stores every file as it is, whatever Caffe will make of it later."""
-    import cv2
+    import cv2  # deferred: heavy (OpenCV), needed only to decode images
 
     buf = np.frombuffer(raw, np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if opts.gray else cv2.IMREAD_COLOR
@@ -71,7 +71,7 @@ def _encoding(opts, path):
 def convert_one(full, label, opts, pb2):
     """Decode, resize and serialise one image. Returns (datum bytes, HWC uint8 image, note): ``note`` says how an
     encoded file Caffe could not decode as it is was converted (None otherwise). Raises ValueError or OSError."""
-    import cv2
+    import cv2  # deferred: heavy (OpenCV), needed only to decode images
 
     with open(full, "rb") as f:
         raw = f.read()
@@ -107,7 +107,7 @@ Chunk = collections.namedtuple("Chunk", "records failures converted sums")
 def convert_chunk(opts, pb2, chunk):
     """Worker task: a list of (index, key, full path, label) to a :data:`Chunk`. The per-pixel sum (for a mean
     file) only when asked, since it costs as much as resizing."""
-    import cv2
+    import cv2  # deferred: heavy (OpenCV), needed only to decode images
 
     out = Chunk([], [], [], {})
     for index, key, full, label in chunk:

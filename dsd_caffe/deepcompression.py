@@ -54,7 +54,9 @@ import zlib
 
 import numpy as np
 
-from . import caffefacts, fileio, netcheck
+from . import caffefacts, fileio, masks, netcheck, netgen
+from .caffe_env import import_caffe, make_net
+from .caffeproto import caffe_pb2
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,14 +80,10 @@ def layer_specs(prototxt):
     list of LayerSpec(name, type, bits, shape, bias_size). A deploy prototxt is built as it is; a trainval (with
     Data layers, and a DSD mask layer if any) is first turned into its deploy form (netgen.deploy: the input
     shape comes from its crop size and per-channel mean values)."""
-    from .caffe_env import import_caffe, make_net
-
     net_param = fileio.read_net_prototxt(prototxt)
     netcheck.check_structure(net_param, "TEST", name=os.fspath(prototxt))  # Caffe aborts on an unknown type
     data_layers = [l for l in list(net_param.layer) + list(net_param.layers) if l.type in DATA_TYPES]
     if data_layers:
-        from . import masks, netgen
-
         try:
             deploy = netgen.deploy(masks.remove_mask_layer(net_param))
         except UserError as e:  # the net's own shortcoming; anything else is a bug and keeps its traceback
@@ -246,8 +244,6 @@ def net_file_stats(net_file, prototxt):
 
 def to_net_parameter(layers, specs):
     """A caffe NetParameter holding ``layers`` ({name: (weights, bias)}) as blobs, ready to save as caffemodel."""
-    from .caffe_env import caffe_pb2
-
     pb2 = caffe_pb2()
     net = pb2.NetParameter()
     for spec in specs:

@@ -105,7 +105,7 @@ def record(gpu):
 # ------------------------------------------------------------------------------------------------ the probe
 def probe():
     """The :class:`Offer` of the Caffe in use on this machine (see the module doc)."""
-    from . import caffe_env
+    from . import caffe_env  # deferred: breaks a cycle (caffe_env.set_device checks devices here)
 
     if not caffe_env.has_gpu_support():
         return Offer(True, 0, "a CPU-only build")

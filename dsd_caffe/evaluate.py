@@ -17,8 +17,9 @@ import math
 import os
 
 import numpy as np
+from tqdm import tqdm
 
-from . import caffe_env, checks, fileio, netcheck, plots, sources
+from . import caffe_env, checks, fileio, masks, netcheck, plots, solvers, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
 
     With ``confusion`` the first Accuracy layer's bottoms (scores, labels) also fill a confusion matrix; labels
     equal to ``ignore_label`` are left out, as the Accuracy layer leaves them out."""
-    from tqdm import tqdm
-
     iterations = _check_iterations(iterations)
     outputs = list(net.outputs)
     last = len(net.layers) - 1
@@ -214,8 +213,6 @@ class Scores(dict):
 def evaluate_param(net_param, weights, iterations=None, gpu=None):
     """Test-phase outputs (:class:`Scores`) of ``weights`` on ``net_param`` (absolute sources, mask layer
     ignored); ``iterations`` defaults to covering the TEST LMDB once."""
-    from . import masks, solvers
-
     net = masks.remove_mask_layer(net_param)
     if iterations is None:
         _, (test_src, test_batch) = sources.data_sources(net)

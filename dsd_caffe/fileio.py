@@ -19,8 +19,12 @@ Rules every tool follows through this module:
   is refused with one line naming the live pid; the lock goes with the process, however it ends.
 """
 import contextlib
+import csv
 import errno
+import fcntl
 import fnmatch
+import hashlib
+import io
 import json
 import logging
 import os
@@ -28,8 +32,12 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 
-from .caffe_env import caffe_pb2
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from .caffeproto import caffe_pb2
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -179,8 +187,6 @@ def output_lock(output):
     to make the folders it sits in and the output never appeared (a refused input), those folders go too, so a
     refusal leaves no folder behind. A device, FIFO or socket at ``output`` is refused before a lock file is made
     beside it."""
-    import fcntl
-
     _check_kind(output)
     path = lock_path(output)
     with _held_guard:
@@ -249,8 +255,6 @@ def _release(path, entry, made, output):
 def _holder(f):
     """The pid written in a lock file whose lock another process holds. It writes its pid just after it takes
     the lock: an empty file is read again for a moment before the pid is called unknown."""
-    import time
-
     for _ in range(50):
         f.seek(0)
         pid = f.read().strip()
@@ -264,8 +268,6 @@ def _check_enclosing(output):
     """Refuse ``output`` when it lies inside the output of another live process (a DSD run holds its whole
     tree: a tool writing into one of its phase folders would change the run behind its record). The locks of this
     process and of its parent (a run's seed worker) are its own."""
-    import fcntl
-
     output = os.path.abspath(os.fspath(output))
     folders, folder = [], os.path.dirname(output)
     for start in {folder, os.path.realpath(folder)}:
@@ -374,9 +376,6 @@ def atomic_write(path, data, force=True):
 
 def csv_text(rows):
     """Rows (lists of values) as CSV text with ``\n`` line ends."""
-    import csv
-    import io
-
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()
@@ -422,8 +421,6 @@ def write_provenance(model_path, *, source, densities, phase, iteration, seed, f
 def file_digest(path, algorithm="sha256", prefix=b""):
     """The hex digest of a file's bytes (after ``prefix``): ``sha256`` for records, git's blob id with
     ``algorithm="sha1", prefix=b"blob <size>\\0"``."""
-    import hashlib
-
     h = hashlib.new(algorithm, prefix)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -449,8 +446,6 @@ def require_file(path, what):
 
 def parse_prototxt(text, message, name="<string>"):
     """Parse prototxt ``text`` into ``message``; a syntax error becomes ValueError naming line and column."""
-    from google.protobuf import text_format
-
     try:
         return text_format.Parse(text, message)
     except text_format.ParseError as e:
@@ -475,15 +470,11 @@ def read_solver_prototxt(path):
 
 def write_prototxt(path, message, force=True):
     """Write a protobuf message as prototxt, atomically."""
-    from google.protobuf import text_format
-
     return atomic_write(path, text_format.MessageToString(message), force=force)
 
 
 def read_caffemodel(path):
     """Read a binary caffemodel into a NetParameter, refusing empty, truncated or corrupted files."""
-    from google.protobuf.message import DecodeError
-
     path = require_file(path, "caffemodel")
     with open(path, "rb") as f:
         data = f.read()
@@ -503,8 +494,6 @@ def read_caffemodel(path):
 
 def _refuse_solverstate(path, data):
     """Name a solver state given where a caffemodel belongs (it is neither truncated nor weightless)."""
-    from google.protobuf.message import DecodeError
-
     state = caffe_pb2().SolverState()
     try:
         state.ParseFromString(data)

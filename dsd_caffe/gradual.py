@@ -22,6 +22,7 @@ import dataclasses
 import math
 
 from .errors import UserError
+from .pruning import kept_count
 
 SCHEDULES = ("oneshot", "gradual")
 
@@ -152,8 +153,6 @@ def check_schedule(name):
 def targets(plan, sizes, finals):
     """Known answers: [(iteration, {layer: kept count})] at every step of ``plan`` for layers of ``sizes`` from a
     dense start (``pruning.kept_count`` of the formula's density)."""
-    from .pruning import kept_count
-
     return [(plan.iteration(j), {n: kept_count(sizes[n], plan.density(j, finals[n])) for n in sizes})
             for j in range(plan.steps + 1)]
 

@@ -16,9 +16,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from tqdm import tqdm
 
 from . import blas, datums, fileio, lmdbio
-from .caffe_env import caffe_pb2
+from .caffeproto import caffe_pb2
 from .errors import UserError
 from .checks import INT_MAX, count as _count
 
@@ -233,8 +234,6 @@ def _convert_all(tasks, writer, opts, desc):
 
 
 def _convert_chunks(chunks, n_tasks, writer, opts, desc):
-    from tqdm import tqdm
-
     workers = min(opts.workers, max(1, len(chunks)))
     convert = functools.partial(datums.convert_chunk, opts, caffe_pb2())
     # Threads, not processes: OpenCV decodes and resizes without the GIL, and a process pool spent as much CPU

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import numpy
+
 from dsd_caffe import blas, caffe_env, cli
 from dsd_caffe.errors import UserError
 
@@ -112,15 +114,13 @@ def _collect(applied):
     caffe = caffe_env.import_caffe()
     ext = blas._caffe_extension()
     layers = sorted(caffe.layer_type_list())
-    import numpy
-
     try:
         np_blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
         np_blas = {k: np_blas.get(k) for k in ("name", "version", "openblas configuration")}
     except (TypeError, KeyError):
         np_blas = {}
     try:
-        import google.protobuf as gpb
+        import google.protobuf as gpb  # deferred: optional here (its version is reported as None when missing)
 
         protobuf_version = gpb.__version__
     except ImportError:

@@ -15,10 +15,12 @@ import errno
 import logging
 import os
 
+import lmdb
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from . import fileio
-from .caffe_env import caffe_pb2
+from .caffeproto import caffe_pb2
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,6 @@ class LmdbWriter:
     """
 
     def __init__(self, folder, map_size, name):
-        import lmdb
-
         self.folder, self.name = folder, name
         self.written = 0
         self.finished = False
@@ -64,8 +64,6 @@ class LmdbWriter:
         """An lmdb.Error from writing ``size`` bytes to disk, as the OSError it is (the tools report an OSError
         in one line). LMDB reports a disk that fills up during a commit as EIO (a short write): an EIO with less
         than ``size`` + 1 MiB free is that, and reported as ENOSPC."""
-        import lmdb
-
         try:
             yield
         except lmdb.Error as e:
@@ -79,8 +77,6 @@ class LmdbWriter:
 
     def put(self, records):
         """Write (key, value) pairs in one transaction, doubling the map size and retrying when it is full."""
-        import lmdb
-
         while True:
             txn = self.env.begin(write=True)
             try:
@@ -171,8 +167,6 @@ def write_array_lmdb(path, images, labels, force=False, map_size=DEFAULT_MAP_SIZ
 
 def _open_readonly(path):
     """Open an existing LMDB read-only, with one clear error for a missing, empty or unreadable one."""
-    import lmdb
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"LMDB {path} does not exist")
@@ -191,8 +185,6 @@ def check_caffe_can_open(path):
     this module's readers open none): an LMDB whose ``lock.mdb`` this user cannot write, such as a shared dataset,
     is refused here, before Caffe aborts on it (``mdb_status == 0 (13 vs. 0) Permission denied``). On a read-only
     file system LMDB reads without a lock, and so does Caffe: that passes."""
-    import errno
-
     path = os.fspath(path)
     lock = os.path.join(path, "lock.mdb")
     if os.statvfs(path).f_flag & os.ST_RDONLY:
@@ -210,15 +202,13 @@ def check_caffe_can_open(path):
 
 def decode(data):
     """An encoded image as Caffe's Data layer decodes it by default (natively: OpenCV's IMREAD_UNCHANGED)."""
-    import cv2
+    import cv2  # deferred: heavy (OpenCV), needed only to decode an encoded record
 
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def _datum(path, key, value):
     """Parse one record as a Datum, or a UserError naming it."""
-    from google.protobuf.message import DecodeError
-
     datum = caffe_pb2().Datum()
     try:
         datum.ParseFromString(value)
@@ -250,8 +240,6 @@ def _dims(path, key, datum):
 def lmdb_info(path):
     """Return {"count", "channels", "height", "width", "encoded", "label"} of an LMDB of Datums (shape and label from
     its first record). Raises ValueError naming the path when it is missing, empty, unreadable or not Datums."""
-    import lmdb
-
     env = _open_readonly(path)
     try:
         count = env.stat()["entries"]

@@ -57,6 +57,7 @@ import os
 
 import numpy as np
 
+from .caffe_env import import_caffe
 from .errors import UserError
 from .masks import (STATE_LENGTH, pack_mask, pack_state, packed_length, parse_gradual, parse_param_str, unpack_mask,
                     unpack_state)
@@ -67,13 +68,8 @@ MARK = 1e-30
 
 log = logging.getLogger(__name__)
 
-def _caffe_layer_base():
-    from .caffe_env import import_caffe
 
-    return import_caffe().Layer
-
-
-class MaskLayer(_caffe_layer_base()):
+class MaskLayer(import_caffe().Layer):
     """Blobs: the shared weights of each masked layer (in param_str order), then one packed mask per layer, then
     (gradual pruning only) the state."""
 

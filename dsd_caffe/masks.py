@@ -26,8 +26,9 @@ import os
 import numpy as np
 
 from . import caffefacts, fileio
-from .caffe_env import caffe_pb2
+from .caffeproto import caffe_pb2
 from .errors import UserError
+from .gradual import Plan
 
 #: where Caffe finds the mask layer (python_param module and layer)
 MODULE = "dsd_caffe.masklayer"
@@ -104,8 +105,6 @@ def _spec(text):
 
 def parse_gradual(text):
     """(gradual.Plan, {layer: final density}) of a gradual mask layer's param_str, checked; None for one-shot."""
-    from .gradual import Plan
-
     spec = _spec(text)
     if not isinstance(spec, dict) or "gradual" not in spec:
         return None
@@ -155,6 +154,12 @@ def shared_weights(net_param):
 
 def is_mask_layer(layer):
     return layer.type == "Python" and layer.python_param.layer == LAYER and layer.python_param.module == MODULE
+
+
+def _is_mask_layer_object(layer):
+    """True for the mask layer's Python object in a ``caffe.Net`` (its class is where Caffe found it: MODULE, LAYER;
+    checked by name, so that this module never imports the layer's, which imports Caffe)."""
+    return type(layer).__module__ == MODULE and type(layer).__name__ == LAYER
 
 
 def _data_end(net):
@@ -332,9 +337,7 @@ def read_masks(source):
         blobs = [l.data for l in layer.blobs]
         extra = parse_gradual(layer.python_param.param_str) is not None
     else:
-        from .masklayer import MaskLayer
-
-        layer = next((l for l in source.layers if isinstance(l, MaskLayer)), None)
+        layer = next((l for l in source.layers if _is_mask_layer_object(l)), None)
         if layer is None:
             hint = getattr(source, "_dsd_weights", None)
             raise UserError("this caffe.Net holds no mask layer: the mask layer is in the TRAIN phase only, and "

@@ -48,6 +48,7 @@ import tempfile
 import time
 
 from . import fileio
+from .caffe_env import glog_level_set, import_caffe
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ def steps(solver, rank, control, max_iter):
 
 def _rank_main(spec, control, max_iter, snapshot_every):  # pragma: no cover - runs in a spawned process
     """A rank's process: dies with its parent, ignores Ctrl-C (the parent decides), logs to the folder's log."""
-    from . import training
-    from .caffe_env import glog_level_set, import_caffe
+    from . import training  # deferred: breaks a cycle (training runs this module for several GPUs)
 
     training._die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -168,8 +168,7 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
     """:func:`training.train`'s runner for several devices (see the module doc): trains ``job`` in ``folder`` from
     ``state`` (a solverstate to resume) or the job's start weights. ``caffe`` and ``start`` (how the ranks are
     started, :func:`spawn`) are injectable for tests."""
-    from . import training
-    from .caffe_env import import_caffe
+    from . import training  # deferred: breaks a cycle (training runs this module for several GPUs)
 
     caffe = caffe or import_caffe()
     check_nccl(caffe, gpus)

@@ -27,9 +27,13 @@ import importlib
 import logging
 import os
 
-from .caffe_env import caffe_pb2
+from google.protobuf.message import DecodeError
+
+from .caffeproto import caffe_pb2
 from .errors import UserError
-from . import caffefacts, lmdbio, netgen, sources
+from . import caffefacts, lmdbio, masks, netgen, sources
+from .caffe_env import import_caffe, make_net
+from .lmdbio import label_range, lmdb_info
 from .sources import phase_of
 
 log = logging.getLogger(__name__)
@@ -84,8 +88,6 @@ def check_structure(net_param, phase="TEST", name="net"):
     """Layer types known to this Caffe, every bottom produced by an earlier top or an input."""
     if len(net_param.layers) and not len(net_param.layer):
         return  # V1 prototxt: Caffe upgrades it; leave it to Caffe
-    from .caffe_env import import_caffe
-
     known = set(import_caffe().layer_type_list())
     tops = set(net_param.input)
     layers = included_layers(net_param, phase)
@@ -120,8 +122,6 @@ def _check_python_layer(layer, name):
         raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from None
     if not isinstance(getattr(mod, cls, None), type):
         raise UserError(f"{where}: module {module!r} has no class {cls!r}")
-    from .caffe_env import import_caffe
-
     if not issubclass(getattr(mod, cls), import_caffe().Layer):
         raise UserError(f"{where}: class {cls!r} of module {module!r} is not a caffe.Layer subclass, which Caffe's "
                         "Python layer needs")
@@ -167,8 +167,6 @@ def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
 
 
 def _read_mean(path, where):
-    from google.protobuf.message import DecodeError
-
     full = resolve_source(path)
     if not os.path.isfile(full):
         raise FileNotFoundError(f"{where}: mean_file {path} does not exist")
@@ -377,8 +375,6 @@ def check_labels(net, label_ranges=None):
     """Refuse LMDB Data layers whose labels lie outside the net's classes (Caffe checks them only in debug
     builds: an out-of-range label makes SoftmaxWithLoss write outside its blob). ``label_ranges`` are those
     :func:`check_data_layers` found; other sources are read here."""
-    from .lmdbio import label_range
-
     classes = num_classes(net)
     if not classes:
         return
@@ -413,8 +409,6 @@ def check_net(net_param, phases=("TRAIN", "TEST"), name="net"):
 def input_shape(net_param):
     """(1, C, H, W) of the net's first Data layer (its LMDB's first record and crop), or None when the LMDB is not
     on this machine."""
-    from .lmdbio import lmdb_info
-
     for l in net_param.layer:
         if l.type == "Data":
             path = resolve_source(l.data_param.source)
@@ -429,9 +423,6 @@ def input_shape(net_param):
 def weight_shapes(net_param):
     """{layer: [blob shapes]} of a net from a real caffe.Net of its deploy form, or None when the input shape is
     unknown (a trainval whose data is not on this machine)."""
-    from . import masks
-    from .caffe_env import make_net
-
     net_param = masks.remove_mask_layer(net_param)
     has_input = any(l.type == "Input" for l in net_param.layer) or len(net_param.input)
     shape = None if has_input else input_shape(net_param)

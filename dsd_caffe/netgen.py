@@ -30,10 +30,14 @@ import functools
 import logging
 import os
 
-from . import caffefacts
-from .caffe_env import caffe_pb2
+from google.protobuf import text_format
+
+from . import caffefacts, masks, solvers
+from .caffe_env import make_net
+from .caffeproto import caffe_pb2
 from .checks import count
 from .errors import UserError
+from .fileio import atomic_write, check_output
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +237,6 @@ def param_count(net_param):
 
 def _load(net_param):
     """A TEST caffe.Net of ``net_param`` (Data layers replaced by Input layers so no LMDB is needed)."""
-    from .caffe_env import make_net
-
     return make_net(deploy(net_param) if any(l.type == "Data" for l in net_param.layer) else net_param, "TEST")
 
 
@@ -385,8 +387,6 @@ FASHION_TRAIN, FASHION_VAL = 55000, 5000
 
 def sparse_form(net_param):
     """The sparse trainval of a dense one: the mask layer over every weighted layer (see dsd_caffe.masks)."""
-    from . import masks
-
     net = _load(net_param)
     return masks.sparse_net(net_param, {n: net.params[n][0].data.shape for n in weighted_layers(net_param)})
 
@@ -395,8 +395,6 @@ def generated_files(small=True):
     """{relative path: protobuf message} of everything ``generate`` writes (models/ and solvers/): per net its
     trainval, deploy and sparse trainval (the mask layer over every weighted layer: it fits any caffemodel that
     tools/prune.py writes for the net), and the dense, sparse and redense solvers of solvers.DEFAULTS."""
-    from . import solvers
-
     files = {}
     nets = [("squeezenet_v1.0", "imagenet", (solvers.IMAGENET_TRAIN, solvers.IMAGENET_VAL),
              {f"_{n}": squeezenet_v1_0(n, *IMAGENET_SOURCES) for n in NAMINGS})]
@@ -419,16 +417,12 @@ def generated_files(small=True):
 
 def prototxt_text(message):
     """The exact text ``generate`` writes for ``message`` (a header comment, then text format)."""
-    from google.protobuf import text_format
-
     return HEADER + text_format.MessageToString(message)
 
 
 def generate(root, force=False, small=True):
     """Write models/ and solvers/ under ``root``. A file whose bytes would not change is left alone; a file
     that differs is refused unless ``force``. Returns {relative path: "written" | "unchanged"}."""
-    from .fileio import atomic_write, check_output
-
     root = os.fspath(root)
     files = {rel: prototxt_text(msg) for rel, msg in generated_files(small).items()}
     todo = {}

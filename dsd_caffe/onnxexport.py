@@ -35,7 +35,8 @@ import os
 
 import numpy as np
 
-from . import fileio, masks, netcheck, netgen, sources
+from . import __version__, fileio, masks, netcheck, netgen, sources
+from .caffe_env import make_net
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class _Graph:
 
     def emit(self, op, inputs, layer, top=0, **attrs):
         """A node computing ``layer.top[top]`` (or an intermediate when ``top`` is None); returns its output."""
-        from onnx import helper
+        from onnx import helper  # deferred: heavy and optional (ONNX export only)
 
         blob = layer.top[top] if top is not None else f"{layer.name}/{op}"
         out = self._fresh(blob if blob not in self.used else f"{blob}/{layer.name}")
@@ -419,14 +420,14 @@ def build_graph(deploy, net, weights):
 
 
 def _value_info(net, blob):
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # deferred: heavy and optional (ONNX export only)
 
     return helper.make_tensor_value_info(blob, TensorProto.FLOAT, [BATCH] + list(net.blobs[blob].data.shape[1:]))
 
 
 def make_model(g, opset, name, props):
     """The ModelProto of a built graph, with ``props`` as metadata_props."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # deferred: heavy and optional (ONNX export only)
 
     graph = helper.make_graph(g.nodes, name or "caffe", [_value_info(g.net, b) for b in g.net.inputs],
                               [_value_info(g.net, b) for b in g.net.outputs],
@@ -434,8 +435,6 @@ def make_model(g, opset, name, props):
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="dsd-caffe",
                               ir_version=helper.find_min_ir_version_for(opsets))
-    from . import __version__
-
     model.producer_version = __version__
     helper.set_model_props(model, props)
     return model
@@ -461,8 +460,6 @@ def _preprocessing(net_param, net):
 def read_model(model, weights, input_shape=None):
     """Everything an export needs, checked: {"net_param", "deploy", "caffemodel" (released when it was under a mask
     layer), "released", "net" (a TEST caffe.Net with the weights), "weights" ({layer: [arrays]})}."""
-    from .caffe_env import make_net
-
     net_param = sources.read_net(model, require=())
     deploy = deploy_param(net_param, input_shape)
     check_supported(deploy)
@@ -530,7 +527,7 @@ def caffe_forward(net, inputs):
 
 def runtime_forward(model, inputs):
     """{output: array} of ONNX Runtime's CPU provider on ``inputs``; ``model`` is a ModelProto or its bytes."""
-    import onnxruntime
+    import onnxruntime  # deferred: heavy and optional (ONNX export only)
 
     data = model if isinstance(model, bytes) else model.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -568,7 +565,7 @@ def check_parity(model, net, inputs, tolerance=TOLERANCE):
 
 # ------------------------------------------------------------------------------------------------ export
 def _check_opset(opset):
-    import onnx
+    import onnx  # deferred: heavy and optional (ONNX export only)
 
     top = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
@@ -586,7 +583,7 @@ def _source_record(weights):
 def build(model, weights, opset=DEFAULT_OPSET, input_shape=None):
     """(ONNX ModelProto, its bytes, read_model's dict, graph) of a net and its caffemodel, checked by onnx.checker
     (full check: with shape inference)."""
-    import onnx
+    import onnx  # deferred: heavy and optional (ONNX export only)
 
     _check_opset(opset)
     read = read_model(model, weights, input_shape)

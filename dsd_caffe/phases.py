@@ -19,14 +19,18 @@ adds ``pruned.caffemodel`` (+ JSON), ``masks.npz`` and ``weights_histogram.png``
 Past 400 lines: the phases share the folder layout, the inputs' checks and the provenance written here; one-shot
 and gradual pruning are one prune phase with one folder.
 """
+import concurrent.futures
 import dataclasses
 import logging
+import multiprocessing
 import os
+import tempfile
 
 import numpy as np
 
 from . import fileio, gradual, masks, netcheck, netgen, plots, pruning, solvers, sources, training
-from .caffe_env import caffe_pb2
+from .caffe_env import import_caffe, make_net
+from .caffeproto import caffe_pb2
 from .errors import UserError
 from .solvers import Schedule
 
@@ -133,9 +137,6 @@ def initial_weights(net, seed):
     """The net's own fillers with Caffe's RNG seeded: a caffemodel NetParameter to train from. Filled in a child
     process: pycaffe can seed Caffe's global RNG but not read it back, so seeding it here would change the
     caller's random stream for good."""
-    import concurrent.futures
-    import multiprocessing
-
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         data = pool.submit(_filled, net.SerializeToString(), seed).result()
     param = caffe_pb2().NetParameter()
@@ -145,10 +146,6 @@ def initial_weights(net, seed):
 
 def _filled(net_bytes, seed):
     """(In the child) the serialized caffemodel of the net in ``net_bytes`` filled with Caffe's RNG at ``seed``."""
-    from .caffe_env import import_caffe, make_net
-
-    import tempfile
-
     net = caffe_pb2().NetParameter()
     net.ParseFromString(net_bytes)
     import_caffe().set_random_seed(seed)

@@ -27,7 +27,9 @@ exits with :class:`~dsd_caffe.errors.Interrupted`; a worker whose parent dies (e
 the kernel (``PR_SET_PDEATHSIG``) and stops the same way. A re-run resumes every unfinished seed and reuses the
 finished ones.
 """
+import ctypes
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -43,6 +45,7 @@ import numpy as np
 from . import (caffelog, dataorder, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training, verdict)
 from .errors import Interrupted, UserError
+from .lmdbio import lmdb_info
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
 
@@ -194,9 +197,7 @@ def _check_run(config):
 
 
 def _with_test(net, source):
-    from .sources import absolute_sources
-
-    return absolute_sources(net, None, test=source)
+    return sources.absolute_sources(net, None, test=source)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -492,8 +493,6 @@ def varied(config):
 
 def _larger_than(source, crop):
     """True when the LMDB's images are larger than ``crop`` (a crop of the full size is no random choice)."""
-    from .lmdbio import lmdb_info
-
     info = lmdb_info(source)
     return info["height"] > crop or info["width"] > crop
 
@@ -511,8 +510,6 @@ def _identical_models(out, runs):
 
 def weights_digest(path):
     """The SHA-256 of a caffemodel's blobs alone (its bytes also hold the net's text, sources included)."""
-    import hashlib
-
     h = hashlib.sha256()
     for layer in fileio.read_caffemodel(path).layer:
         for blob in layer.blobs:
@@ -647,8 +644,6 @@ def _follow_parent(parent):
     signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGTERM, _interrupt_once)
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

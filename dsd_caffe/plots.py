@@ -20,7 +20,7 @@ STYLES = {"dense": ("black", "-"), "sparse": ("tab:orange", "-"), "redense": ("t
 
 
 def _figure(**kw):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: heavy, needed only to draw
 
     return Figure(**kw)
 

@@ -17,9 +17,13 @@ import logging
 import os
 
 import numpy as np
+from tqdm import tqdm
 
 from . import caffelog, fileio, masks, netcheck, netgen, plots, pruning, sources
+from .caffe_env import make_net, set_device
+from .checks import count
 from .errors import UserError
+from .training import file_record
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ class ScanConfig:
             raise UserError(f"--densities must be numbers in (0, 1], got {self.densities!r}") from None
         if not dens or any(not 0 < d <= 1 for d in dens):
             raise UserError(f"--densities must be numbers in (0, 1], got {list(self.densities)}")
-        from .solvers import count
-
         count(self.iterations, "--iterations")
         object.__setattr__(self, "densities", dens)
         if self.layers is not None:
@@ -77,8 +79,6 @@ def sensitivity_scan(model, weights, output_dir, config=ScanConfig(), test_sourc
 
 def _inputs(net_param, model, weights, config):
     """What the scan reads, for sensitivity.json; warns when the TEST LMDB holds fewer images than it reads."""
-    from .training import file_record
-
     (_, _), (source, batch) = sources.data_sources(net_param)
     images, count = config.iterations * batch, sources.lmdb_count(source)
     if count < images:
@@ -100,16 +100,12 @@ def _layers(names, wanted):
 
 
 def _test_net(net_param, weights, gpu):
-    from .caffe_env import make_net, set_device
-
     set_device(gpu)
     return make_net(net_param, "TEST", weights=weights)
 
 
 def _scan(net, names, config):
     """Rows {"layer", "density", "accuracy", <outputs>...}: the unpruned net, then each (layer, density)."""
-    from tqdm import tqdm
-
     data = [i for i, _ in enumerate(net.layers) if not net.bottom_names[net._layer_names[i]]]
     first, fed = max(data) + 1, [b for i in data for b in net.top_names[net._layer_names[i]]]
     batches = []

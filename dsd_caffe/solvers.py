@@ -34,9 +34,10 @@ import logging
 import math
 import os
 
-from .caffe_env import caffe_pb2
+from .caffeproto import caffe_pb2
 from .checks import INT_MAX, count, positive  # noqa: F401 (read here by other modules)
 from .errors import UserError
+from .fileio import read_solver_prototxt
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,6 @@ OWN_FIELDS = ("net", "net_param", "train_net", "test_net", "train_net_param", "t
 
 def read_template(path):
     """The SolverParameter of a user's solver prototxt (``--solver``), or None for None."""
-    from .fileio import read_solver_prototxt
-
     return None if path is None else read_solver_prototxt(path)
 
 
@@ -338,6 +337,4 @@ def resolve_paths(solver_param, folder):
 
 def load_solver(path):
     """Read a solver prototxt and return it with paths resolved against its folder (see resolve_paths)."""
-    from .fileio import read_solver_prototxt
-
     return resolve_paths(read_solver_prototxt(path), os.path.dirname(os.path.abspath(os.fspath(path))))

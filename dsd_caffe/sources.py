@@ -10,10 +10,15 @@ the prototxt's folder wins and a warning says what ``caffe`` run from here would
 """
 import logging
 import os
+import subprocess
+import tempfile
 
-from .caffe_env import caffe_pb2
+from .caffeproto import caffe_pb2
 from .caffefacts import SOURCE_PARAMS  # noqa: F401 (read here by other modules)
+from . import fileio
+from .caffe_env import caffe_tool
 from .errors import UserError
+from .lmdbio import lmdb_info
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +118,12 @@ def test_source(net):
 
 def lmdb_count(path):
     """Records in the LMDB at ``path``."""
-    from .lmdbio import lmdb_info
-
     return lmdb_info(path)["count"]
 
 
 def known_count(path):
     """Records in the LMDB at ``path`` when it is on this machine, else from the JSON the toolkit writes beside an
     LMDB (``<lmdb>.json``), else None."""
-    from . import fileio
-
     if os.path.isdir(path):
         return lmdb_count(path)
     sidecar = fileio.sidecar_path(path)
@@ -135,8 +136,6 @@ def known_count(path):
 def read_net(path, train=None, test=None, require=("TRAIN", "TEST", "BOTH")):
     """Read a trainval prototxt with its sources made absolute (see :func:`absolute_sources`); a net in Caffe's
     legacy V1 format (``layers { type: CONVOLUTION }``) is upgraded first, as ``caffe`` upgrades it."""
-    from . import fileio
-
     path = os.fspath(path)
     net = fileio.read_net_prototxt(path)
     if len(net.layers) and not len(net.layer):
@@ -147,12 +146,6 @@ def read_net(path, train=None, test=None, require=("TRAIN", "TEST", "BOTH")):
 def upgrade_v1(path):
     """The net of the V1-format prototxt ``path`` upgraded by Caffe's own rules (its ``upgrade_net_proto_text``
     tool, the code ``caffe`` runs on such a net), as a NetParameter."""
-    import subprocess
-    import tempfile
-
-    from . import fileio
-    from .caffe_env import caffe_tool
-
     with tempfile.TemporaryDirectory(prefix="dsd-upgrade-") as tmp:
         out = os.path.join(tmp, "net.prototxt")
         r = subprocess.run([caffe_tool("upgrade_net_proto_text"), os.fspath(path), out], capture_output=True,

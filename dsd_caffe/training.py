@@ -24,6 +24,7 @@ SHA-256).
   train``'s ``-sigint_effect stop``; under pycaffe the solver is snapshotted), and :class:`~dsd_caffe.errors.
   Interrupted` says at which iteration; the same command resumes.
 """
+import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -38,9 +39,12 @@ import tempfile
 import time
 
 import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
 
-from . import caffelog, fileio
-from .caffe_env import caffe_pb2
+from . import caffelog, devices, fileio, solvers, sources
+from .caffe_env import caffe_binary, glog_level_set, set_device
+from .caffeproto import caffe_pb2
 from .errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
@@ -89,8 +93,6 @@ def snapshots(folder, prefix, clean=False):
 
 def _snapshot_problem(state, model, iteration):
     """Why a snapshot cannot be resumed from, or None."""
-    from google.protobuf.message import DecodeError
-
     st = caffe_pb2().SolverState()
     try:
         with open(state, "rb") as f:
@@ -143,8 +145,6 @@ def file_record(path):
 
 def text_of(message):
     """A protobuf message as prototxt text (what records hold)."""
-    from google.protobuf import text_format
-
     return text_format.MessageToString(message)
 
 
@@ -262,8 +262,6 @@ def train(job, engine="binary", gpu=None, force=False, notes=()):
     None (the binary on the CPU, pycaffe in Caffe's current mode), a device, or several (data-parallel through
     :mod:`dsd_caffe.multigpu`); ``training.json`` records them. ``notes`` are warned once every check has passed,
     before training starts."""
-    from . import devices
-
     check_engine(engine)
     gpus = devices.check(gpu)  # before Caffe is asked: a missing device is one line, not a glog abort
     folder = os.path.abspath(job.folder)
@@ -296,7 +294,7 @@ def train(job, engine="binary", gpu=None, force=False, notes=()):
     state = portable_state(resume.solverstate, folder) if resume else None
     progress = caffelog.Progress(job.desc, max_iter, resume.iteration if resume else 0)
     try:
-        from . import multigpu
+        from . import multigpu  # deferred: breaks a cycle (multigpu's ranks run training's helpers)
 
         run = multigpu.run if gpus and len(gpus) > 1 else _run_binary if engine == "binary" else _run_pycaffe
         run(job, folder, state, progress, logpath, gpus[0] if gpus and len(gpus) == 1 else gpus)
@@ -326,16 +324,12 @@ def _interrupted(job, progress):
 def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
     """Linux: the caffe child gets SIGKILL when the Python parent dies."""
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
 def _run_binary(job, folder, state, progress, logpath, gpu):
-    from .caffe_env import caffe_binary
-
     cmd = [caffe_binary(), "train", "-solver", job.solver_name, "-sigint_effect", "stop"]
     cmd += ["-snapshot", os.path.abspath(state)] if state else ["-weights", os.path.abspath(job.start)]
     if gpu is not None:
@@ -394,8 +388,6 @@ def _stop(proc, logf, progress):
 
 def pycaffe_solver(job, folder):
     """The SolverParameter pycaffe runs for ``job``: its paths absolute, its net inline with absolute sources."""
-    from . import solvers, sources
-
     s = solvers.resolve_paths(job.solver, folder)
     s.ClearField("net")
     s.net_param.CopyFrom(sources.absolute_sources(job.net, folder))
@@ -403,8 +395,6 @@ def pycaffe_solver(job, folder):
 
 
 def _run_pycaffe(job, folder, state, progress, logpath, gpu):
-    from .caffe_env import set_device
-
     caffe = set_device(gpu)
     s = pycaffe_solver(job, folder)
     fd, tmp = tempfile.mkstemp(prefix=".pycaffe-", suffix=".prototxt", dir=folder)
@@ -449,8 +439,6 @@ class _GlogCapture:
         self.offset = os.path.getsize(logpath)
 
     def __enter__(self):
-        from .caffe_env import glog_level_set
-
         sys.stderr.flush()
         self.saved = os.dup(2)
         log_fd = os.open(self.logpath, os.O_WRONLY | os.O_APPEND)

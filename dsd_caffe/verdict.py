@@ -54,7 +54,7 @@ class Verdict:
 
 def t_quantile(p, df):
     """The p-quantile of Student's t distribution with ``df`` degrees of freedom."""
-    from scipy import stats
+    from scipy import stats  # deferred: heavy, needed only for an interval
 
     return float(stats.t.ppf(p, df))
 

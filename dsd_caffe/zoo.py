@@ -22,7 +22,10 @@ import urllib.parse
 import urllib.request
 import weakref
 
-from . import fileio
+import numpy as np
+from tqdm import tqdm
+
+from . import caffe_env, cli, deepcompression, evaluate, fileio, netcheck, netgen
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,6 @@ class ZooModel:
             raise UserError(f"net kind must be 'deploy' or 'trainval', got {kind!r}")
         if self.architecture is None:
             return None
-        from . import netgen
-
         trainval = getattr(netgen, ARCHITECTURES[self.architecture])(self.naming)
         return trainval if kind == "trainval" else netgen.deploy(trainval)
 
@@ -173,8 +174,6 @@ def _local_source(url):
 
 
 def _download(url, out, timeout=60):
-    from tqdm import tqdm
-
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(out, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
@@ -222,8 +221,6 @@ def fetch(name, dest, url=None, force=False):
 
 
 def _copy_param(net, param):
-    import numpy as np
-
     for layer in param.layer:
         if layer.name in net.params:
             for blob, bp in zip(net.params[layer.name], layer.blobs):
@@ -231,16 +228,12 @@ def _copy_param(net, param):
 
 
 def _param_net(net_param, phase, gpu):
-    from . import caffe_env
-
     caffe_env.set_device(gpu)
     return caffe_env.make_net(net_param, phase)
 
 
 def _bare_net(model, prototxt, phase, gpu):
     """(net without weights, its name for messages): from ``prototxt`` when given, else the generated deploy net."""
-    from . import evaluate
-
     if prototxt is not None:
         return evaluate.load_net(prototxt, None, phase, gpu=gpu), os.fspath(prototxt)
     param = model.net_param("deploy")
@@ -253,8 +246,6 @@ def _weights_param(model, weights, net):
     """The weights of ``model`` as a NetParameter: a caffemodel as it is, a Deep Compression ``.net`` decoded."""
     if model.format == "caffemodel":
         return fileio.read_caffemodel(weights)
-    from . import deepcompression
-
     specs = deepcompression.net_specs(net)
     return deepcompression.to_net_parameter(deepcompression.decode(weights, specs), specs)
 
@@ -270,8 +261,6 @@ def loaded_model(net):
 
 def _copy_weights(net, weights_param, weights, net_name):
     """Copy ``weights_param`` into ``net`` once it is known to fit (netcheck's rules, as Caffe's copy_from)."""
-    from . import netcheck
-
     netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
                                net_name=net_name)
     _copy_param(net, weights_param)
@@ -309,8 +298,6 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
       (``evaluate.load_net``).
     - NetParameter: built in ``phase`` (``caffe_env.make_net``), ``weights`` (a caffemodel) checked and copied.
     """
-    from . import evaluate
-
     if not isinstance(name_or_prototxt, (str, os.PathLike)):  # a NetParameter
         net = _param_net(name_or_prototxt, phase, gpu)
         if weights is not None:
@@ -341,8 +328,6 @@ def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, 
 
 def parser():
     """The command line's ArgumentParser (``python -m dsd_caffe.zoo``)."""
-    from . import cli
-
     p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).",
                    prog=cli.prog("dsd_caffe.zoo"))
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -374,8 +359,6 @@ def _run(a):
 
 
 def main(argv=None):
-    from . import cli
-
     cli.main(parser(), _run, argv)
 
 

@@ -75,7 +75,7 @@ def write_tiny_lmdb(path, images, labels):
     """Write uint8 images (N, C, H, W) and int labels as raw caffe Datums, keys 00000000, 00000001, ..."""
     import lmdb
 
-    from dsd_caffe.caffe_env import caffe_pb2
+    from dsd_caffe.caffeproto import caffe_pb2
 
     pb2 = caffe_pb2()
     images = np.asarray(images, dtype=np.uint8)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from dsd_caffe import fileio, lmdbio, masks, netgen, phases, pipeline, sources, training
-from dsd_caffe.caffe_env import caffe_pb2, make_net
+from dsd_caffe.caffe_env import make_net
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.solvers import Schedule
 from helpers import DC_DEPLOY, DC_NET, tool, write_tiny_lmdb
 

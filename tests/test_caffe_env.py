@@ -29,8 +29,8 @@ def _info_lines(stderr):
 
 BUILD = f"""
 from google.protobuf import text_format
-from dsd_caffe import caffe_env
-param = text_format.Parse({TINY!r}, caffe_env.caffe_pb2().NetParameter())
+from dsd_caffe import caffe_env, caffeproto
+param = text_format.Parse({TINY!r}, caffeproto.caffe_pb2().NetParameter())
 caffe_env.make_net(param)
 """
 

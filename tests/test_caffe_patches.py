@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from dsd_caffe import build, netgen
-from dsd_caffe.caffe_env import caffe_pb2, import_caffe
+from dsd_caffe.caffe_env import import_caffe
+from dsd_caffe.caffeproto import caffe_pb2
 
 FLT_MAX = np.float32(3.4028234663852886e38)
 

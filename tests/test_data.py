@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
-from dsd_caffe.caffe_env import caffe_pb2, import_caffe
+from dsd_caffe.caffe_env import import_caffe
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.errors import UserError
 import paused_tool
 from helpers import in_small_tmpfs, tool, tool_cmd

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from dsd_caffe import caffe_env, evaluate, fileio, netcheck
+from dsd_caffe import caffe_env, caffeproto, evaluate, fileio, netcheck
 from helpers import tool as run
 
 NET = """name: "tiny"
@@ -208,7 +208,7 @@ def test_caffemodel_missing_a_layer(good):
 
 
 def test_weights_fit_names_the_namings():
-    pb2 = caffe_env.caffe_pb2()
+    pb2 = caffeproto.caffe_pb2()
     param = pb2.NetParameter()
     for name, shape in [("conv1", (96, 3, 7, 7)), ("fire2/squeeze1x1", (16, 96, 1, 1)), ("conv10", (1000, 512, 1, 1))]:
         layer = param.layer.add(name=name)
@@ -222,7 +222,7 @@ def test_weights_fit_names_the_namings():
 
 
 def test_weights_fit_accepts_legacy_4d_shapes():
-    pb2 = caffe_env.caffe_pb2()
+    pb2 = caffeproto.caffe_pb2()
     param = pb2.NetParameter()
     layer = param.layer.add(name="fc")
     w = layer.blobs.add(num=1, channels=1, height=10, width=8)
@@ -296,7 +296,7 @@ def test_bad_iterations(good):
 
 
 def test_included_layers_follow_caffe_rules():
-    pb2 = caffe_env.caffe_pb2()
+    pb2 = caffeproto.caffe_pb2()
     param = pb2.NetParameter()
     param.layer.add(name="all")
     param.layer.add(name="train").include.add(phase=pb2.TRAIN)

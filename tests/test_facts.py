@@ -6,7 +6,7 @@ import pytest
 from helpers import write_tiny_lmdb
 from dsd_caffe import (caffefacts, checks, classifier, deepcompression, evaluate, masks, netcheck, netgen, pruning,
                        solvers, sources)
-from dsd_caffe.caffe_env import caffe_pb2
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.errors import UserError
 
 

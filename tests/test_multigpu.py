@@ -123,7 +123,7 @@ def thread_starter(fakes):
 @pytest.fixture
 def job(tmp_path, monkeypatch):
     """A training job whose pycaffe solver is a plain SolverParameter (no net is built: Caffe is a stand-in)."""
-    from dsd_caffe.caffe_env import caffe_pb2
+    from dsd_caffe.caffeproto import caffe_pb2
 
     solver = caffe_pb2().SolverParameter(max_iter=7, snapshot=5, snapshot_prefix="snapshots/dense", base_lr=0.1,
                                          layer_wise_reduce=True)
@@ -187,7 +187,7 @@ def test_diffs_reach_the_gpu_before_every_allreduce(job, tmp_path):
 
 
 def test_the_ranks_solver_reduces_after_the_whole_backward(job, tmp_path):
-    from dsd_caffe.caffe_env import caffe_pb2
+    from dsd_caffe.caffeproto import caffe_pb2
     from dsd_caffe import fileio
 
     seen = {}

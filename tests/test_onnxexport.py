@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dsd_caffe import fileio, masks, netgen, onnxexport
-from dsd_caffe.caffe_env import caffe_pb2, make_net
+from dsd_caffe.caffe_env import make_net
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.errors import UserError
 from helpers import DC_DEPLOY, DC_NET, REFERENCE, shared_file, tool
 

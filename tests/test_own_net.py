@@ -6,7 +6,7 @@ import os
 import pytest
 
 from dsd_caffe import fileio, phases, pipeline, solvers
-from dsd_caffe.caffe_env import caffe_pb2
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.solvers import Schedule
 from helpers import LENET, LENET_SOLVER, shared_file, small_setup, tool_cmd, write_tiny_lmdb
 

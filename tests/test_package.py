@@ -30,22 +30,63 @@ def test_import_needs_neither_caffe_nor_numpy():
     assert out.split() == ["False", "False"]
 
 
+#: {module name: its file} of every module of the package
+MODULES = {os.path.relpath(p, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__"): p
+           for p in sorted(glob.glob(os.path.join(REPO, "dsd_caffe", "**", "*.py"), recursive=True))}
+
+
+def test_every_module_imports_alone():
+    """Each module imports in a fresh interpreter on its own: no import-order cycle hides behind another module
+    having been imported first."""
+    failed = {}
+    for name in MODULES:
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=REPO)
+        if r.returncode:
+            failed[name] = r.stderr.strip().splitlines()[-1]
+    assert len(MODULES) > 40 and failed == {}
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at the top of each module; one inside a function says why beside it (``# deferred: ...``: a
+    heavy or optional import, or a cycle it breaks)."""
+    unexplained = []
+    for name, path in MODULES.items():
+        with open(path) as f:
+            text = f.read()
+        lines = text.splitlines()
+        tree = ast.parse(text)
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                if "# deferred: " not in lines[node.end_lineno - 1]:
+                    unexplained.append(f"{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert unexplained == []
+
+
 def test_masks_and_pruning_do_not_import_caffe(tmp_path):
     """Only the layer (dsd_caffe.masklayer) subclasses caffe.Layer: reading and writing masks needs no Caffe (its
-    messages, caffe_pb2, load without it). Checked by reading the masks of a pruned model and pruning it again."""
+    messages, caffe_pb2, load without it). Checked by reading the masks of a pruned model, releasing them, reporting
+    its sparsity and pruning again, in a fresh interpreter where neither caffe nor caffe_env gets imported."""
     from helpers import small_setup
     from dsd_caffe import phases
 
     model, weights = small_setup(tmp_path)
     phases.prune(phases.Inputs(model=model, weights=weights), tmp_path / "sparse", phases.PruneConfig(ratio="3x"))
-    code = (f"import sys, numpy, dsd_caffe.masks as m, dsd_caffe.pruning as p\n"
-            f"masks = m.read_masks({str(tmp_path / 'sparse' / phases.PRUNED)!r})\n"
+    pruned = str(tmp_path / "sparse" / phases.PRUNED)
+    code = (f"import json, sys, numpy, dsd_caffe.masks as m, dsd_caffe.pruning as p\n"
+            f"masks = m.read_masks({pruned!r})\n"
+            f"released, densities = m.release_masks({pruned!r})\n"
+            f"report = m.sparsity_report({pruned!r})\n"
             f"again = p.magnitude_mask(m.weight_arrays({weights!r})['conv1'], 0.5)\n"
-            f"print(len(masks), int(again.sum()), [k for k in sys.modules if k.split('.')[0] == 'caffe'])")
+            f"print(json.dumps([len(masks), sorted(densities) == sorted(masks), m.mask_layer_spec(released),\n"
+            f"    m.gradual_spec(m.fileio.read_caffemodel({pruned!r})), report['total']['density'] < 1,\n"
+            f"    int(again.sum()), 'caffe' in sys.modules, 'dsd_caffe.masklayer' in sys.modules,\n"
+            f"    'dsd_caffe.caffe_env' in sys.modules, sorted(k for k in sys.modules if k.split('.')[0] == 'caffe')]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    n, kept, loaded = out.strip().split(maxsplit=2)
-    assert int(n) > 0 and int(kept) > 0
-    assert loaded == "['caffe.proto.caffe_pb2']"  # the messages only: no caffe, no _caffe.so
+    n, same, spec, gradual, sparse, kept, caffe, layer, env, loaded = json.loads(out)
+    assert n > 0 and same and spec is None and gradual is None and sparse and kept > 0
+    assert (caffe, layer, env) == (False, False, False)  # neither Caffe, nor the layer's module, nor caffe_env
+    assert loaded == ["caffe.proto.caffe_pb2"]  # the messages only: no caffe, no _caffe.so
 
 
 def test_every_export_resolves_and_never_shadows_a_module():

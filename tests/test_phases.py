@@ -261,7 +261,9 @@ def test_any_net_with_inner_product(tmp_path):
     """Not only SqueezeNet: a conv + fc net, pruned 2x, trained under the mask with pycaffe."""
     from google.protobuf import text_format
 
-    from dsd_caffe.caffe_env import caffe_pb2, make_net
+    from dsd_caffe.caffe_env import make_net
+
+    from dsd_caffe.caffeproto import caffe_pb2
 
     rng = np.random.default_rng(1)
     for name in ("train_lmdb", "val_lmdb"):

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from helpers import write_tiny_lmdb
 from dsd_caffe import netgen, solvers
-from dsd_caffe.caffe_env import caffe_binary, caffe_pb2
+from dsd_caffe.caffe_env import caffe_binary
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.fileio import read_solver_prototxt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import DC_NET
-from dsd_caffe import caffe_env, netgen, zoo
+from dsd_caffe import caffe_env, caffeproto, netgen, zoo
 
 DC = "deep-compression-squeezenet"
 needs_dc = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent")
@@ -174,7 +174,7 @@ def test_load_zoo_name_and_prototxt(tmp_path):
     assert zoo.loaded_model(net3) is None
     from google.protobuf import text_format
 
-    param = text_format.Parse(TINY_DEPLOY, caffe_env.caffe_pb2().NetParameter())
+    param = text_format.Parse(TINY_DEPLOY, caffeproto.caffe_pb2().NetParameter())
     net4 = zoo.load(param, weights=weights)  # a NetParameter in memory
     param.layer[1].convolution_param.num_output = 5
     with pytest.raises(ValueError, match="does not fit net 'tiny': layer 'conv1'"):

@@ -7,7 +7,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import demo
+    from dsd_caffe import demo  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     knobs = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
     res = demo.run_demo(a.output, seed=a.seed, scale=0.1 if a.quick else a.scale, engine=a.engine, force=a.force,

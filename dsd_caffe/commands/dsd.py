@@ -24,7 +24,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import pipeline
+    from dsd_caffe import pipeline  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     config = pipeline.RunConfig(
         model=a.model, weights=a.weights, prune=flags.prune_config(a, a.seed),

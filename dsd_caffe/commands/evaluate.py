@@ -19,7 +19,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import evaluate
+    from dsd_caffe import evaluate  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     if a.output is not None:
         evaluate.check_confusion_folder(a.output, a.force)

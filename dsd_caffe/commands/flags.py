@@ -2,14 +2,14 @@
 (``--max-iter``, ``--epochs``, ``--base-lr``, ...; prefixed with the phase where a tool drives several), how much
 to prune, and where the data comes from. Defaults come from ``solvers.DEFAULTS``: a flag left out takes the
 table's value, which its help names."""
-from dsd_caffe import cli
+from dsd_caffe import caffe_env, cli, devices, gradual, solvers
+from dsd_caffe.gradual import Gradual
+from dsd_caffe.solvers import Schedule
 
 
 def add_schedule(p, phase, prefix="", default=None):
     """The schedule flags of ``phase`` (``--base-lr``...; ``--<prefix>-base-lr`` with a prefix); ``default`` says
     where a left-out flag's value comes from when it is not the table (whose imagenet values the help names)."""
-    from dsd_caffe import solvers
-
     d = solvers.DEFAULTS["imagenet"][phase]
     flag = (lambda name: f"--{prefix + '-' if prefix else ''}{name}")
     length = f"{d.epochs:g} epochs" if d.epochs else f"{d.max_iter} iterations"
@@ -25,8 +25,6 @@ def add_schedule(p, phase, prefix="", default=None):
 
 def schedule(args, prefix=""):
     """The Schedule the flags of :func:`add_schedule` and :func:`add_run_settings` give."""
-    from dsd_caffe.solvers import Schedule
-
     get = (lambda name: getattr(args, f"{prefix + '_' if prefix else ''}{name}"))
     common = {k: getattr(args, k) for k in ("snapshot", "iter_size") if getattr(args, k) is not None}
     return Schedule(base_lr=get("base_lr"), epochs=get("epochs"), max_iter=get("max_iter"), flag=prefix, **common)
@@ -54,16 +52,12 @@ def add_pruning(p):
 
 def seed_default():
     """The one seed default, ``solvers.SEED``."""
-    from dsd_caffe import solvers
-
     return solvers.SEED
 
 
 def add_gradual(p, flag="--schedule"):
     """One-shot or gradual pruning (``flag``: ``--schedule``, or ``--sparse-schedule`` where a tool drives several
     phases) and the gradual schedule's settings; defaults in solvers.DEFAULTS (the sparse row)."""
-    from dsd_caffe import gradual, solvers
-
     d = solvers.DEFAULTS["imagenet"]["sparse"]
     g = p.add_argument_group("when to prune (gradual: Zhu & Gupta's cubic schedule, inside the sparse phase)")
     g.add_argument(flag, dest="pruning_schedule", choices=gradual.SCHEDULES, default="oneshot",
@@ -82,8 +76,7 @@ def add_gradual(p, flag="--schedule"):
 
 
 def prune_config(args, seed=None):
-    from dsd_caffe.gradual import Gradual
-    from dsd_caffe.phases import PruneConfig
+    from dsd_caffe.phases import PruneConfig  # deferred: heavy (numpy); --help needs none
 
     schedule = getattr(args, "pruning_schedule", "oneshot")
     settings = Gradual(begin=getattr(args, "gradual_begin", None), steps=getattr(args, "gradual_steps", None),
@@ -101,7 +94,7 @@ def add_sources(p):
 
 
 def add_engine(p):
-    from dsd_caffe.training import ENGINES
+    from dsd_caffe.training import ENGINES  # deferred: heavy (numpy); --help needs none
 
     p.add_argument("--engine", choices=ENGINES, default="binary",
                    help="train with the `caffe train` binary or pycaffe's Solver in this process")
@@ -121,8 +114,6 @@ def add_device(p, engine=True, several=True):
 def device(a):
     """The tool's choice of device: the --gpu devices (a tuple), each checked to exist before Caffe is asked (one
     line naming a missing one: dsd_caffe.devices), or None: without --gpu, Caffe runs on the CPU."""
-    from dsd_caffe import caffe_env, devices
-
     gpus = devices.check(a.gpu)
     if gpus is None:
         caffe_env.use_cpu()
@@ -152,8 +143,6 @@ def add_solver(p):
 
 
 def add_recipe(p):
-    from dsd_caffe import solvers
-
     p.add_argument("--recipe", choices=solvers.RECIPES,
                    help="which defaults of solvers.DEFAULTS the phases take (default: the recipe recorded in the "
                         "JSON beside --weights, for a model this toolkit made; else imagenet)")

@@ -9,7 +9,7 @@ from dsd_caffe import cli
 
 
 def run(args):
-    from dsd_caffe import netgen
+    from dsd_caffe import netgen  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     result = netgen.generate(args.output, force=args.force, small=not args.no_small)
     for rel, state in result.items():

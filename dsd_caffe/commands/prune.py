@@ -23,7 +23,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import phases
+    from dsd_caffe import phases  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     res = phases.prune(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
                        flags.prune_config(a, a.seed), flags.schedule(a), a.recipe, force=a.force,

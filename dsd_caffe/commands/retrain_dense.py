@@ -12,7 +12,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import phases
+    from dsd_caffe import phases  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     print(phases.retrain_dense(phases.Inputs(a.model, a.weights, a.train_source, a.test_source), a.output,
                                flags.schedule(a), a.recipe, a.engine, flags.device(a), a.force, a.seed,

@@ -14,7 +14,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import sensitivity
+    from dsd_caffe import sensitivity  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     config = sensitivity.ScanConfig(densities=tuple(a.densities or sensitivity.DEFAULT_DENSITIES),
                                     layers=tuple(a.layers) if a.layers else None,
@@ -29,7 +29,7 @@ def run(a):
 
 
 def main(argv=None):
-    from dsd_caffe.sensitivity import DEFAULT_DENSITIES
+    from dsd_caffe.sensitivity import DEFAULT_DENSITIES  # deferred: heavy (numpy); --help needs none
 
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="trainval prototxt (its TEST Data layer is used)")

@@ -18,7 +18,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import phases
+    from dsd_caffe import phases  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     print(phases.train_sparse(a.folder, flags.schedule(a),
                               engine=a.engine, gpu=flags.device(a), force=a.force, solver=a.solver))
