@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--engine", choices=("binary", "pycaffe"), default="binary")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from dsd_caffe import demo, fileio, pipeline, verdict
+    from dsd_caffe import demo, fileio, runreport, verdict
 
     output = os.path.abspath(a.output)
     rows = {}
@@ -53,8 +53,8 @@ def main(argv=None):
         oneshot = demo.run_demo(folder, seed=s, scale=a.scale, engine=a.engine)
         state = gradual_run(folder, s, a.scale, a.engine)
         rows[s] = {split: {"oneshot": oneshot[key]["DSD"]["top1"], "control": oneshot[key]["control"]["top1"],
-                           "gradual": pipeline.results_table(state, name)["DSD"]["top1"],
-                           "gradual_sparse": pipeline.results_table(state, name)["sparse"]["top1"],
+                           "gradual": runreport.results_table(state, name)["DSD"]["top1"],
+                           "gradual_sparse": runreport.results_table(state, name)["sparse"]["top1"],
                            "oneshot_sparse": oneshot[key]["sparse"]["top1"]}
                    for split, key, name in (("test", "test", "holdout"), ("val", "val", "val"))}
     cfg = demo.config_for(seed=a.seeds[0], scale=a.scale)

@@ -43,12 +43,12 @@ def _tiny(folder, n=16, batch=4):
 
 
 def _train(folder, name, net, weights, iters=6):
-    from dsd_caffe import phases, pipeline
+    from dsd_caffe import phases, runreport
     from dsd_caffe.solvers import Schedule
 
     solver = phases._solver("dense", net, Schedule(max_iter=iters, base_lr=0.05), "fashion-mnist", 7)
     model = phases.train_plain("dense", net, os.path.join(folder, name), solver, weights)
-    return pipeline.weights_digest(model)  # the weights alone: a caffemodel's bytes also hold the net's text
+    return runreport.weights_digest(model)  # the weights alone: a caffemodel's bytes also hold the net's text
 
 
 def main(argv=None):

@@ -21,7 +21,8 @@ import math
 import os
 import shutil
 
-from . import caffelog, fashion_mnist, fileio, masks, netgen, phases, pipeline, plots, solvers, sources, training
+from . import (caffelog, fashion_mnist, fileio, masks, netgen, phases, pipeline, plots, runreport, solvers, sources,
+               training)
 from .errors import UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
@@ -132,8 +133,8 @@ def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binar
 
 
 def _results(out, cfg, state):
-    test, val = (pipeline.results_table(state, split) for split in ("holdout", "val"))
-    return {"config": cfg, "test": test, "val": val, "table": pipeline.results_text(state),
+    test, val = (runreport.results_table(state, split) for split in ("holdout", "val"))
+    return {"config": cfg, "test": test, "val": val, "table": runreport.results_text(state),
             "gain": test["DSD"]["top1"] - test["control"]["top1"],
             "val_gain": val["DSD"]["top1"] - val["control"]["top1"],
             "models": {k: os.path.normpath(os.path.join("dsd", v["model"])) for k, v in test.items()},
@@ -142,12 +143,12 @@ def _results(out, cfg, state):
 
 def _plots(out, cfg, state, models):
     dense_iters = cfg["dense_max_iter"]
-    points, marks = pipeline.curves(os.path.join(out, "dsd"), state)
+    points, marks = runreport.curves(os.path.join(out, "dsd"), state)
     shift = (lambda pts: [(i + dense_iters, v) for i, v in pts])
     curves = {"dense": caffelog.read_curve(os.path.join(out, "dense", training.LOG))}
     curves.update({label: shift(pts) for label, pts in points.items()})
     curves.setdefault("control", [])
-    boundaries = [dense_iters + b for b in pipeline.boundaries(os.path.join(out, "dsd"), state)]
+    boundaries = [dense_iters + b for b in runreport.boundaries(os.path.join(out, "dsd"), state)]
     plots.accuracy_curves(os.path.join(out, "accuracy.png"), curves, boundaries,
                           [(i + dense_iters, v, t) for i, v, t in marks],
                           title="DSD vs its equal-length dense control (Fashion-MNIST validation)",

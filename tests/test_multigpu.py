@@ -355,10 +355,10 @@ def test_several_devices_train_through_multigpu_and_are_recorded(tmp_path, monke
 
 def test_seeds_spread_over_the_devices(monkeypatch, tmp_path):
     """dsd.py --seeds 4 --jobs 2 --gpu 0,1: seed k runs on device k % 2 (the seed workers are given one each)."""
-    from dsd_caffe import pipeline
+    from dsd_caffe import seedpool
 
-    assert pipeline.seed_devices(range(10, 14), "0,1") == {10: 0, 11: 1, 12: 0, 13: 1}
-    assert pipeline.seed_devices([3, 1], None) == {1: None, 3: None}
+    assert seedpool.seed_devices(range(10, 14), "0,1") == {10: 0, 11: 1, 12: 0, 13: 1}
+    assert seedpool.seed_devices([3, 1], None) == {1: None, 3: None}
     started = []
 
     class Context:  # the spawn context _parallel asks for: a worker is recorded, then the run stops
@@ -369,9 +369,9 @@ def test_seeds_spread_over_the_devices(monkeypatch, tmp_path):
             started.append((args[2].seed, args[5]))
             raise RuntimeError("stand-in")
 
-    monkeypatch.setattr(pipeline.multiprocessing, "get_context", lambda method: Context())
+    monkeypatch.setattr(seedpool.multiprocessing, "get_context", lambda method: Context())
     with pytest.raises(RuntimeError, match="stand-in"):
-        pipeline._parallel({s: Seeded(s) for s in (11, 10)}, str(tmp_path), 2, "binary", "0,1", False)
+        seedpool._parallel({s: Seeded(s) for s in (11, 10)}, str(tmp_path), 2, "binary", "0,1", False)
     assert started == [(11, 1)]  # the first worker started is seed 11's, on its device
 
 

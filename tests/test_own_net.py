@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dsd_caffe import fileio, phases, pipeline, solvers
+from dsd_caffe import fileio, phases, pipeline, runreport, seedpool, solvers
 from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.solvers import Schedule
 from helpers import LENET, LENET_SOLVER, shared_file, small_setup, tool_cmd, write_tiny_lmdb
@@ -121,18 +121,18 @@ def _seeds(setup, out, order):
                                 Schedule(max_iter=6, snapshot=2, base_lr=0.05, flag="sparse"),
                                 Schedule(max_iter=4, snapshot=2, flag="redense"), iterations=2, control=True,
                                 data_order=order)
-    return pipeline.run_seeds(config, out, seeds=2, jobs=2)
+    return seedpool.run_seeds(config, out, seeds=2, jobs=2)
 
 
 def test_seeds_that_vary_nothing_give_no_verdict(nodropout, tmp_path):
     result = _seeds(nodropout, tmp_path / "fixed", "fixed")
     v = result["verdict"]
-    digests = {pipeline.weights_digest(tmp_path / "fixed" / f"seed{s}" / "cycle1-redense" / phases.REDENSE)
+    digests = {runreport.weights_digest(tmp_path / "fixed" / f"seed{s}" / "cycle1-redense" / phases.REDENSE)
                for s in (0, 1)}
     assert len(digests) == 1  # the seeds changed only the solvers' random_seed, which this net never draws from
     assert (v.low, v.high, v.varied) == (None, None, ())
     assert v.sentence.startswith("No verdict: the 2 seeds varied nothing (their models are bit-identical)")
-    assert fileio.read_json(tmp_path / "fixed" / pipeline.VERDICT)["varied"] == []
+    assert fileio.read_json(tmp_path / "fixed" / runreport.VERDICT)["varied"] == []
 
 
 def test_a_seeded_run_reads_the_data_in_its_own_order(nodropout, tmp_path):
@@ -140,7 +140,7 @@ def test_a_seeded_run_reads_the_data_in_its_own_order(nodropout, tmp_path):
 
     out = tmp_path / "shuffled"
     v = _seeds(nodropout, out, None)["verdict"]  # over several seeds the order is shuffled by default
-    digests = {pipeline.weights_digest(out / f"seed{s}" / "cycle1-redense" / phases.REDENSE) for s in (0, 1)}
+    digests = {runreport.weights_digest(out / f"seed{s}" / "cycle1-redense" / phases.REDENSE) for s in (0, 1)}
     assert len(digests) == 2
     assert v.varied == ("the TRAIN data order (a copy of the TRAIN LMDB in each seed's order)",) and v.low is not None
     original = [(img.tobytes(), label) for _, img, label in lmdbio.read_lmdb(os.path.join(nodropout[0], "train_lmdb"))]
@@ -167,7 +167,7 @@ def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodro
                                 iterations=2, control=True, data_order="fixed", dense_per_seed=True,
                                 solver=str(solver))
     out = tmp_path / "run"
-    v = pipeline.run_seeds(config, out, seeds=2, jobs=1)["verdict"]
+    v = seedpool.run_seeds(config, out, seeds=2, jobs=1)["verdict"]
     assert v.varied == ("the dense model (trained per seed from the net's fillers)",)
     digests = set()
     for s in (0, 1):
@@ -181,7 +181,7 @@ def test_dense_per_seed_trains_each_seeds_own_dense_model_with_your_solver(nodro
         assert pruned["source"] == str(dense)  # DSD and its control start from the seed's own dense model
         state = fileio.read_json(out / f"seed{s}" / pipeline.STATE)
         assert state["phases"][0]["model"] == os.path.join("dense", phases.DENSE)
-        digests.add(pipeline.weights_digest(dense))
+        digests.add(runreport.weights_digest(dense))
     assert len(digests) == 2
     # --jobs 1: one worker process per seed, and each log line carries the seed it is about
     err = capfd.readouterr().err

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dsd_caffe import fileio, masks, phases, pipeline, training
+from dsd_caffe import fileio, masks, phases, pipeline, runreport, training
 from dsd_caffe.solvers import Schedule
 import paused_tool
 from helpers import small_setup, tool_cmd
@@ -86,10 +86,10 @@ def test_control_arm_invariants(setup, tmp_path):
     # the control's second step starts where its first ended, as DSD's redense starts from its sparse model
     assert training.record_of(str(out / "control1-redense"))["weights"]["path"] == \
         str(out / "control1-sparse" / phases.DENSE)
-    table = pipeline.results_table(state)
+    table = runreport.results_table(state)
     assert list(table) == ["dense", "sparse", "DSD", "control"] and table["control"]["density"] == 1.0
-    assert "DSD - control:" in pipeline.results_text(state)
-    points, marks = pipeline.curves(str(out), state)
+    assert "DSD - control:" in runreport.results_text(state)
+    points, marks = runreport.curves(str(out), state)
     assert set(points) == {"sparse", "redense", "control"} and len(marks) == 1
     assert max(i for i, _ in points["control"]) == max(i for i, _ in points["redense"]) == 10
 
@@ -99,12 +99,12 @@ def test_control_with_two_seeds_and_the_verdict(setup, tmp_path):
     r = run(dsd_args(setup, out, "--control", "--seeds", 2, "--jobs", 2, "--holdout-source",
                      os.path.join(setup[0], "val_lmdb")))
     assert r.returncode == 0, r.stderr[-3000:]
-    v = fileio.read_json(out / pipeline.VERDICT)
+    v = fileio.read_json(out / runreport.VERDICT)
     assert v["seeds"] == [0, 1] and v["split"] == "holdout" and len(v["gains"]) == 2
     for seed in (0, 1):
         state = fileio.read_json(out / f"seed{seed}" / pipeline.STATE)
         assert state["finished"] and "holdout" in state["phases"][-1]
-        gain = pipeline.results_table(state)
+        gain = runreport.results_table(state)
         assert v["gains"][seed] == pytest.approx(100 * (gain["DSD"]["top1"] - gain["control"]["top1"]))
         solver = fileio.read_solver_prototxt(out / f"seed{seed}" / "cycle1-sparse" / phases.SPARSE_SOLVER)
         assert solver.random_seed == seed
@@ -255,13 +255,13 @@ def test_seeds_in_parallel_stop_and_resume(setup, tmp_path, how):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "seed 0 dsd_caffe.training: sparse: resuming" in r.stderr and \
         "seed 1 dsd_caffe.training: sparse: resuming" in r.stderr
-    verdict = fileio.read_json(out / pipeline.VERDICT)
+    verdict = fileio.read_json(out / runreport.VERDICT)
     assert verdict["seeds"] == [0, 1]
     if how == "ctrl-c":
         again = run(args)
         assert again.returncode == 0, again.stderr[-2000:]
         assert "seed 0 dsd_caffe.pipeline: DSD: reusing the finished run" in again.stderr
-        assert fileio.read_json(out / pipeline.VERDICT) == verdict and again.stdout == r.stdout
+        assert fileio.read_json(out / runreport.VERDICT) == verdict and again.stdout == r.stdout
 
 
 # ------------------------------------------------------------------------------------------- the phase tools

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from dsd_caffe import fileio, phases, pipeline, training
+from dsd_caffe import fileio, phases, pipeline, runreport, seedpool, training
 from dsd_caffe.errors import Interrupted, UserError
 from dsd_caffe.solvers import Schedule
 from helpers import ROOT, small_setup, tool, tool_cmd
@@ -141,17 +141,17 @@ def test_a_diverged_run_is_marked_and_gets_no_verdict(setup, tmp_path, monkeypat
                                 Schedule(max_iter=2, flag="sparse"), Schedule(max_iter=2, flag="redense"),
                                 control=True, iterations=2)
     out = tmp_path / "run"
-    result = pipeline.run_seeds(config, out)
+    result = seedpool.run_seeds(config, out)
     state = strict(out / pipeline.STATE)
     entries = {p["name"]: p for p in state["phases"]}
     for name in ("cycle1-redense", "control1-redense"):
         assert entries[name]["accuracy"] is None and entries[name]["diverged"] == "diverged: loss is nan"
         assert set(entries[name]["val"].values()) == {None}
     assert entries["dense"]["diverged"] is None and entries["dense"]["accuracy"] is not None
-    rows = {l.split()[0]: l.split()[1:] for l in pipeline.results_text(state).splitlines()}
+    rows = {l.split()[0]: l.split()[1:] for l in runreport.results_text(state).splitlines()}
     assert rows["DSD"][:2] == rows["control"][:2] == ["diverged", "diverged"] and rows["sparse"][0].endswith("%")
-    assert "DSD - control" not in pipeline.results_text(state)
-    v = strict(out / pipeline.VERDICT)
+    assert "DSD - control" not in runreport.results_text(state)
+    v = strict(out / runreport.VERDICT)
     assert result["verdict"] is None and v == {"verdict": None, "split": "val", "refused": result["refused"]}
     assert result["refused"].startswith("no verdict: seed 0: the DSD arm's model diverged: loss is nan")
 

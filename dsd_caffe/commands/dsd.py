@@ -24,7 +24,7 @@ from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import pipeline  # deferred: heavy (numpy, Caffe's messages); --help needs none
+    from dsd_caffe import pipeline, runreport, seedpool  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     config = pipeline.RunConfig(
         model=a.model, weights=a.weights, prune=flags.prune_config(a, a.seed),
@@ -32,16 +32,16 @@ def run(a):
         cycles=a.cycles, recipe=a.recipe, iterations=a.iterations, train_source=a.train_source,
         test_source=a.test_source, holdout_source=a.holdout_source, control=a.control, seed=a.seed, solver=a.solver,
         data_order=a.data_order, dense_per_seed=a.train_dense_per_seed)
-    result = pipeline.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, flags.device(a), a.force)
+    result = seedpool.run_seeds(config, a.output, a.seeds, a.jobs, a.engine, flags.device(a), a.force)
     for seed, state in result["runs"].items():
         if len(result["runs"]) > 1:
             print(f"seed {seed}:")
-        print(pipeline.results_text(state))
+        print(runreport.results_text(state))
     if result["verdict"] is not None:
         print(result["verdict"].format())
     if result.get("refused"):
         print(result["refused"])
-    diverged = [s for s in result["runs"].values() if any(r["diverged"] for r in pipeline.results_table(s).values())]
+    diverged = [s for s in result["runs"].values() if any(r["diverged"] for r in runreport.results_table(s).values())]
     return cli.DIVERGED if diverged else 0
 
 
