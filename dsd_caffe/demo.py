@@ -19,7 +19,6 @@ Layout of ``output_dir`` (default ``runs/demo``)::
 import logging
 import math
 import os
-import shutil
 
 from . import (caffelog, fashion_mnist, fileio, masks, netgen, phases, pipeline, plots, runreport, solvers, sources,
                training)
@@ -33,6 +32,9 @@ RECIPE = "fashion-mnist"
 #: The demo's net and pruning: the small net at width 1, pruned 3x uniformly per layer with conv1 kept dense.
 DEMO = dict(width=1.0, density=1 / 3, profile="uniform", skip=("conv1",))
 ROWS = ("dense", "sparse", "DSD", "control")
+CONFIG = "demo_config.json"
+#: everything the demo writes in its folder (see the module doc): what --force may replace
+OWNED = ("data", "dense", "dsd", "results.json", "accuracy.png", "weights_histogram.png", CONFIG)
 #: demo_config.json keys of earlier releases -> today's (named like the flags), read when resuming
 OLD_KEYS = {f"{p}_{old}": f"{p}_{new}" for p in solvers.PHASES
             for old, new in (("iters", "max_iter"), ("lr", "base_lr"))}
@@ -84,17 +86,15 @@ def _warn_if_untrained(log_path, classes):
 
 
 def _open(out, cfg, force):
-    cfg_path = os.path.join(out, "demo_config.json")
+    cfg_path = os.path.join(out, CONFIG)
     if os.path.exists(cfg_path) and not force:
         old = {OLD_KEYS.get(k, k): v for k, v in fileio.read_json(cfg_path).items()}
         if old != cfg:
             diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
             raise UserError(f"{out} holds a demo run with other settings ({', '.join(diff)}); use another "
                             "--output, the same settings, or --force to start over")
-    if force:
-        for name in ("dense", "dsd", "results.json", "accuracy.png", "weights_histogram.png"):
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p) if os.path.exists(p) else None
+    if force:  # the Fashion-MNIST import is kept (it checks itself), and the config is written again below
+        fileio.clear_owned(out, OWNED, "the demo", keep=("data", CONFIG))
     fileio.write_json(cfg_path, cfg)  # makes the folder (a file in the way is named)
 
 

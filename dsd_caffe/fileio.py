@@ -11,8 +11,8 @@ Rules every tool follows through this module:
   directory=True)``): afterwards the folder holds the old output or the new one, whole.
 - Only regular files and folders are ever replaced: a device, FIFO or socket at an output path is refused, also
   with ``--force`` (:func:`check_output`), and so is an output that is, holds or lies inside an input
-  (:func:`check_apart`). ``--force`` replaces a folder only when it holds nothing but what the tool itself writes
-  (:func:`check_replaceable`).
+  (:func:`check_apart`). ``--force`` replaces a folder only when it holds nothing but what the tool itself writes,
+  as the tool declares once (its owned names: :func:`check_replaceable`; :func:`clear_owned` for a run's folder).
 - Inputs are regular files (:func:`require_file`): a device, FIFO or socket given as an input (``/dev/zero``
   never ends) is refused.
 - One writer per output (:func:`output_lock`): a second process writing the same output, or anything inside it,
@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -157,12 +158,35 @@ def check_replaceable(folder, owned, force, tool):
     entries = sorted(os.listdir(folder))
     if not entries:
         return folder
-    foreign = [e for e in entries if not any(fnmatch.fnmatchcase(e, pat) for pat in owned)]
+    foreign = [e for e in entries if not owns(owned, e)]
     if foreign:
         raise FileExistsError(f"output folder {folder} holds {foreign[0]!r}, which {tool} did not write; "
                               "refusing to replace it, also with --force (use another --output)")
     if not force:
         raise FileExistsError(f"output folder {folder} already holds output of {tool}; pass --force to replace it")
+    return folder
+
+
+def owns(owned, entry):
+    """True when ``entry`` (a name in an output folder) matches one of the ``owned`` names or patterns, or is the
+    lock file (:func:`lock_path`) or a staging leftover (:func:`atomic_path`) of one: what a tool declares it writes
+    is all that ``--force`` may replace."""
+    aside = re.fullmatch(r"\.(.+?)(\.lock|\.tmp-.*)", entry)
+    return any(fnmatch.fnmatchcase(entry, pat) or aside and fnmatch.fnmatchcase(aside.group(1), pat)
+               for pat in owned)
+
+
+def clear_owned(folder, owned, tool, keep=()):
+    """``--force`` on a resumable output (a run, the demo): refuse ``folder`` when it holds anything ``tool`` did
+    not write (:func:`check_replaceable`'s rule and message), then remove what it owns but ``keep``. Nothing is
+    removed before the whole folder is checked."""
+    folder = check_replaceable(folder, owned, True, tool)
+    if not os.path.isdir(folder):
+        return folder
+    for name in sorted(os.listdir(folder)):
+        if not any(fnmatch.fnmatchcase(name, pat) for pat in keep):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
     return folder
 
 

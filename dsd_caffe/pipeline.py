@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 
 from . import (caffelog, dataorder, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training)
@@ -36,6 +35,9 @@ log = logging.getLogger(__name__)
 STATE = "dsd_state.json"
 SHUFFLED = "train_lmdb-shuffled"  # the run's TRAIN data in its seed's order (data_order="shuffled")
 PLOT = "accuracy.png"
+#: everything a run writes in its folder (with several seeds, its seed folders and verdict): what --force may replace
+OWNED = (STATE, PLOT, VERDICT, "dense", "cycle*", "control*", "seed*", SHUFFLED + "*")
+TOOL = "dsd.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,6 @@ def _open_state(out, config, force, reuse=False):
         state = fileio.read_json(path)
         if force:
             plan = _check_run(config)  # before anything goes: a refused input leaves the old run as it was
-            _clear(out)
         elif state.get("finished") and reuse and state.get("config") == settings:
             _check_start(out, state, config)
             log.info("DSD: reusing the finished run in %s", out)
@@ -123,6 +124,8 @@ def _open_state(out, config, force, reuse=False):
         raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
                               "--force")
     plan = plan if plan is not None else _check_run(config)
+    if force:  # starting over: what the run owns goes; a foreign file is refused, named (fileio.clear_owned)
+        fileio.clear_owned(out, OWNED, TOOL)
     fileio.check_output(path, force=True)  # a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
              "dense_model": training.file_record(config.weights)}
@@ -141,13 +144,6 @@ def _check_start(out, state, config):
         raise UserError(f"{out} holds a DSD run started from {config.weights} with SHA-256 {recorded}, but that file "
                         f"now has SHA-256 {now} (it was replaced); put the original back to resume, or use another "
                         "--output, or --force to start over")
-
-
-def _clear(out):
-    for name in os.listdir(out):
-        if name in (STATE, PLOT, VERDICT, "dense") or name.startswith(("cycle", "control", "seed", SHUFFLED)):
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
 
 def _check_run(config):

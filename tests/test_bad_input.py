@@ -387,6 +387,21 @@ def test_output_folder_holding_other_files(net, tmp_path):
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 
+@pytest.mark.parametrize("state", [False, True])
+def test_force_refuses_a_run_folder_holding_other_files(net, tmp_path, state):
+    """--force starts over by one rule (pipeline.OWNED through fileio.clear_owned): a file the run did not write is
+    named and refused, and nothing of the folder goes."""
+    out = tmp_path / "o"
+    (out / "cycle1-sparse").mkdir(parents=True)
+    (out / "thesis.tex").write_text("do not delete")
+    if state:
+        fileio.write_json(str(out / pipeline.STATE), {"config": {}, "phases": [], "finished": True})
+    before = sorted(os.listdir(out))
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x", "--force",
+        expect=(str(out), "'thesis.tex', which dsd.py did not write"))
+    assert sorted(os.listdir(out)) == before and (out / "thesis.tex").read_text() == "do not delete"
+
+
 @pytest.mark.parametrize("flag,value", [("--sparse-base-lr", "0"), ("--redense-base-lr", "-1e-4"),
                                         ("--redense-base-lr", "nan"), ("--sparse-max-iter", "0"),
                                         ("--redense-epochs", "inf"), ("--snapshot", "-5"), ("--iter-size", "0"),

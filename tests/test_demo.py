@@ -54,6 +54,25 @@ def test_a_demo_folder_of_the_previous_release_is_read_with_its_old_keys(tmp_pat
         demo._open(str(tmp_path), cfg, force=False)
 
 
+def test_force_replaces_what_the_demo_owns_and_refuses_a_foreign_file(tmp_path):
+    """--force follows the one rule (fileio.clear_owned over demo.OWNED): the demo's own outputs go, the data and
+    the config stay, and a file the demo did not write is refused by name, with nothing removed."""
+    cfg = demo.config_for()
+    for name in ("dense", "dsd", "data"):
+        (tmp_path / name).mkdir()
+    for name in ("results.json", "accuracy.png", "weights_histogram.png", ".dsd.lock"):
+        (tmp_path / name).write_text("")
+    fileio.write_json(tmp_path / demo.CONFIG, dict(cfg, seed=7))
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(FileExistsError, match="holds 'notes.txt', which the demo did not write"):
+        demo._open(str(tmp_path), cfg, force=True)
+    assert sorted(os.listdir(tmp_path)) == before
+    (tmp_path / "notes.txt").unlink()
+    demo._open(str(tmp_path), cfg, force=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["data", demo.CONFIG]) and fileio.read_json(tmp_path / demo.CONFIG) == cfg
+
+
 def test_table_structure_and_densities(run):
     out, res = run
     lines = res["table"].splitlines()

@@ -84,6 +84,25 @@ def test_replaceable_folder_holds_only_what_the_tool_writes(tmp_path):
         fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
 
 
+def test_clear_owned_removes_what_the_tool_owns_and_refuses_anything_else(tmp_path):
+    """The one --force rule for resumable folders: what the tool declares (names, patterns, and their lock files
+    and staging leftovers) goes, ``keep`` stays, and a foreign entry is refused by name before anything goes."""
+    own = ["state.json", "cycle*", "data"]
+    run = tmp_path / "run"
+    for name in ("cycle1-sparse", "data", ".cycle1-sparse.tmp-12-ab"):
+        (run / name).mkdir(parents=True)
+    for name in ("state.json", ".cycle2-redense.lock", ".state.json.tmp-3-x"):
+        (run / name).write_text("")
+    (run / ".thesis.lock").write_text("")
+    with pytest.raises(FileExistsError, match="holds '.thesis.lock', which dsd.py did not write"):
+        fileio.clear_owned(run, own, "dsd.py", keep=("data",))
+    assert len(os.listdir(run)) == 7
+    (run / ".thesis.lock").unlink()
+    assert fileio.clear_owned(run, own, "dsd.py", keep=("data",)) == str(run)
+    assert os.listdir(run) == ["data"]
+    assert fileio.clear_owned(tmp_path / "absent", own, "dsd.py") == str(tmp_path / "absent")
+
+
 def test_a_second_process_is_refused_with_the_live_pid(tmp_path):
     out = tmp_path / "run"
     code = ("import sys, time; from dsd_caffe import fileio\n"
