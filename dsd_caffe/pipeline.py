@@ -8,10 +8,10 @@ The run folder (one writer: it is locked for the whole run):
   that differs is named), the SHA-256 of the dense model both arms start from, and one entry per finished step
   (model, validation and holdout results, density), written after every step.
 - ``cycle<c>-sparse/``, ``cycle<c>-redense/``: the DSD arm's phase folders (:mod:`dsd_caffe.phases`).
-- ``control<c>-sparse/``, ``control<c>-redense/`` (``control=True``): the control arm: the same net without a mask
-  layer, trained from the same starting model with the very solvers the DSD arm's phases ran (read back from their
-  folders): the same iterations, learning rates, seeds and data order, and a fresh solver at each phase boundary
-  as DSD's phases get.
+- ``control<c>-dense-as-sparse/``, ``control<c>-dense-as-redense/`` (``control=True``, named by
+  :func:`control_step`): the control arm: the same net without a mask layer, trained dense from the same starting
+  model with the very solvers the DSD arm's sparse and redense phases ran (read back from their folders): the same
+  iterations, learning rates, seeds and data order, and a fresh solver at each phase boundary as DSD's phases get.
 - ``accuracy.png``: validation accuracy of both arms across the phases, the pruning dip marked.
 
 A seed changes the solvers' ``random_seed`` (dropout and the random crop and mirror of the data layers) and, with
@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 from . import (caffelog, dataorder, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training)
@@ -38,6 +39,14 @@ PLOT = "accuracy.png"
 #: everything a run writes in its folder (with several seeds, its seed folders and verdict): what --force may replace
 OWNED = (STATE, PLOT, VERDICT, "dense", "cycle*", "control*", "seed*", SHUFFLED + "*")
 TOOL = "dsd.py"
+#: the control arm's step names of earlier releases (control<c>-sparse, control<c>-redense: both trained dense)
+OLD_CONTROL = re.compile(r"control\d+-(sparse|redense)")
+
+
+def control_step(cycle, phase):
+    """The name (and folder) of the control arm's step that mirrors DSD's ``phase`` step ("sparse", "redense") of
+    ``cycle``: it trains phase dense, for as long as that step and with its solver."""
+    return f"control{cycle}-dense-as-{phase}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +119,10 @@ def _open_state(out, config, force, reuse=False):
             return state
         elif state.get("finished"):
             raise FileExistsError(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
+        elif _old_control(out, state):
+            raise UserError(f"{out} holds an unfinished DSD run whose control arm is in "
+                            f"{os.path.join(out, _old_control(out, state)[0])}, a folder name of an earlier release "
+                            f"(now {control_step(1, 'sparse')} and the like); re-run with --force to start over")
         elif state.get("config") != settings:
             old = state.get("config", {})
             keys = [k for k in settings if k in old] + [k for k in settings if k not in old]
@@ -133,6 +146,13 @@ def _open_state(out, config, force, reuse=False):
     for level, line in plan:  # the run's plan, once nothing can refuse it any more
         log.log(level, "%s", line)
     return state
+
+
+def _old_control(out, state):
+    """The control steps (state entries or folders) of ``out`` named as in an earlier release, sorted: such a run
+    is not resumed (its records name those folders, so they cannot be renamed under it)."""
+    return sorted({p["name"] for p in state.get("phases", []) if OLD_CONTROL.fullmatch(p["name"])} |
+                  {n for n in os.listdir(out) if OLD_CONTROL.fullmatch(n)})
 
 
 def _check_start(out, state, config):
@@ -214,8 +234,8 @@ def _run(config, out, engine, gpu, force, reuse):
             dsd = run.model(f"cycle{c}-redense")
             if config.control:
                 for phase, folder in (("sparse", sdir), ("redense", rdir)):
-                    run.step(f"control{c}-{phase}", "control", "dense", lambda: run.control(control, folder, c, phase))
-                    control = run.model(f"control{c}-{phase}")
+                    run.step(control_step(c, phase), "control", "dense", lambda: run.control(control, folder, c, phase))
+                    control = run.model(control_step(c, phase))
         points, marks = curves(out, state)
         plots.accuracy_curves(os.path.join(out, PLOT), points, marks=marks, boundaries=boundaries(out, state),
                               title="DSD" + (" and its control" if config.control else "") + ": validation top-1",
@@ -291,7 +311,7 @@ class _Run:
         """The control arm's step: the DSD arm's ``phase`` solver, read back from its folder, on the mask-free
         net from ``start``."""
         solver = fileio.read_solver_prototxt(os.path.join(dsd_folder, phases.solver_file(phase)))
-        return phases.train_plain("dense", self.net, os.path.join(self.out, f"control{cycle}-{phase}"), solver,
+        return phases.train_plain("dense", self.net, os.path.join(self.out, control_step(cycle, phase)), solver,
                                   start, self.engine, self.gpu, extra={"arm": "control", "schedule": phase,
                                                                        "desc": f"control ({phase} schedule)",
                                                                        "engine": self.engine,

@@ -387,6 +387,20 @@ def test_output_folder_holding_other_files(net, tmp_path):
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 
+def test_a_run_with_the_control_folders_of_an_earlier_release_is_not_resumed(net, tmp_path):
+    """The control arm's folders were control<c>-sparse/-redense (both trained dense); a run written with them is
+    refused in one line naming the folder and --force, and nothing of it changes."""
+    out = tmp_path / "o"
+    (out / "control1-sparse").mkdir(parents=True)
+    state = {"config": {}, "phases": [{"name": "control1-sparse", "arm": "control", "phase": "dense"}],
+             "finished": False}
+    fileio.write_json(str(out / pipeline.STATE), state)
+    bad("dsd", "--model", net["model"], "--weights", net["weights"], "--output", out, "--ratio", "3x", "--control",
+        expect=(str(out / "control1-sparse"), "earlier release", pipeline.control_step(1, "sparse"), "--force"))
+    assert fileio.read_json(out / pipeline.STATE) == state and sorted(os.listdir(out)) == ["control1-sparse",
+                                                                                             pipeline.STATE]
+
+
 @pytest.mark.parametrize("state", [False, True])
 def test_force_refuses_a_run_folder_holding_other_files(net, tmp_path, state):
     """--force starts over by one rule (pipeline.OWNED through fileio.clear_owned): a file the run did not write is

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from dsd_caffe import demo, fashion_mnist, fileio, masks, phases, pruning, sources
+from dsd_caffe import demo, fashion_mnist, fileio, masks, phases, pipeline, pruning, sources
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR,
                                                                 "train-images-idx3-ubyte.gz")),
@@ -147,7 +147,8 @@ def test_sparse_model_has_exactly_the_pruned_density(run):
 def test_rerun_reuses_everything(run):
     out, res = run
     logs = [os.path.join(out, p, "train.log") for p in ("dense", "dsd/cycle1-sparse", "dsd/cycle1-redense",
-                                                        "dsd/control1-sparse", "dsd/control1-redense")]
+                                                        "dsd/" + pipeline.control_step(1, "sparse"),
+                                                        "dsd/" + pipeline.control_step(1, "redense"))]
     before = {p: os.path.getsize(p) for p in logs}
     again = demo.run_demo(out, seed=0, **QUICK)
     assert {p: os.path.getsize(p) for p in logs} == before  # no phase trained again

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dsd_caffe import caffelog, fileio, gradual, masks, phases, pruning, solvers, training
+from dsd_caffe import caffelog, fileio, gradual, masks, phases, pipeline, pruning, solvers, training
 from dsd_caffe.errors import UserError
 from dsd_caffe.gradual import Gradual, Plan
 from dsd_caffe.solvers import Schedule
@@ -342,7 +342,7 @@ def test_dsd_with_the_gradual_sparse_schedule_and_its_control(dense):
     assert sparse["density_curve"] == gradual.density_curve(plan, sizes, finals)
     assert sparse["density"] == pytest.approx(sparse["density_curve"][-1][1], abs=1e-12)
     assert [p["name"] for p in state["phases"]] == ["dense", "cycle1-pruned", "cycle1-sparse", "cycle1-redense",
-                                                    "control1-sparse", "control1-redense"]
+                                                    pipeline.control_step(1, "sparse"), pipeline.control_step(1, "redense")]
     assert next(p for p in state["phases"] if p["name"] == "cycle1-pruned")["density"] == 1.0
     with open(os.path.join(out, "accuracy.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -56,7 +56,8 @@ def test_lenet_phases_inherit_its_own_solver(lenet, tmp_path):
     pb2 = caffe_pb2()
     mode = pb2.SolverParameter.CPU  # lenet's says GPU: the device is --gpu's, never the template's
     for folder, phase, file_phase in (("cycle1-sparse", "sparse", "sparse"), ("cycle1-redense", "redense", "redense"),
-                                      ("control1-sparse", "sparse", "dense"), ("control1-redense", "redense", "dense")):
+                                      (pipeline.control_step(1, "sparse"), "sparse", "dense"),
+                                      (pipeline.control_step(1, "redense"), "redense", "dense")):
         s = fileio.read_solver_prototxt(out / folder / phases.solver_file(file_phase))
         for field, value in LENET_INHERITED.items():
             assert getattr(s, field) == pytest.approx(value), (folder, field)

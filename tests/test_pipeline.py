@@ -68,24 +68,24 @@ def test_control_arm_invariants(setup, tmp_path):
     state = pipeline.run_dsd(config, out)
     dense_hash = training.file_record(weights)["sha256"]
     assert state["dense_model"]["sha256"] == dense_hash
-    assert training.record_of(str(out / "control1-sparse"))["weights"]["sha256"] == dense_hash
+    assert training.record_of(str(out / pipeline.control_step(1, "sparse")))["weights"]["sha256"] == dense_hash
     assert fileio.read_json(fileio.sidecar_path(out / "cycle1-sparse" / phases.PRUNED))["source_sha256"] == \
         dense_hash
     for phase in ("sparse", "redense"):
         dsd = fileio.read_solver_prototxt(out / f"cycle1-{phase}" / phases.solver_file(phase))
-        control = fileio.read_solver_prototxt(out / f"control1-{phase}" / phases.solver_file("dense"))
+        control = fileio.read_solver_prototxt(out / pipeline.control_step(1, phase) / phases.solver_file("dense"))
         for s in (dsd, control):
             s.ClearField("net")
             s.ClearField("snapshot_prefix")
         assert control == dsd, phase  # every other field: iterations, learning rates, policy, seed, momentum...
         dsd_it = fileio.read_json(fileio.sidecar_path(out / f"cycle1-{phase}" / phases.model_file(phase)))
-        ctl = fileio.read_json(fileio.sidecar_path(out / f"control1-{phase}" / phases.model_file("dense")))
+        ctl = fileio.read_json(fileio.sidecar_path(out / pipeline.control_step(1, phase) / phases.model_file("dense")))
         assert dsd_it["iteration"] == ctl["iteration"] and ctl["arm"] == "control" and ctl["schedule"] == phase
-        net = fileio.read_net_prototxt(out / f"control1-{phase}" / phases.net_file("dense"))
+        net = fileio.read_net_prototxt(out / pipeline.control_step(1, phase) / phases.net_file("dense"))
         assert not any(masks.is_mask_layer(l) for l in net.layer)
     # the control's second step starts where its first ended, as DSD's redense starts from its sparse model
-    assert training.record_of(str(out / "control1-redense"))["weights"]["path"] == \
-        str(out / "control1-sparse" / phases.DENSE)
+    assert training.record_of(str(out / pipeline.control_step(1, "redense")))["weights"]["path"] == \
+        str(out / pipeline.control_step(1, "sparse") / phases.DENSE)
     table = runreport.results_table(state)
     assert list(table) == ["dense", "sparse", "DSD", "control"] and table["control"]["density"] == 1.0
     assert "DSD - control:" in runreport.results_text(state)

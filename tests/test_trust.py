@@ -70,14 +70,14 @@ def test_a_resume_refuses_a_replaced_dense_model(setup, tmp_path):
     state["phases"] = [p for p in state["phases"] if p["arm"] != "control"]
     state["finished"] = False
     fileio.write_json(out / pipeline.STATE, state)
-    for folder in ("control1-sparse", "control1-redense"):
+    for folder in (pipeline.control_step(1, "sparse"), pipeline.control_step(1, "redense")):
         shutil.rmtree(out / folder)
     old = training.file_record(s["weights"])["sha256"]
     shutil.copyfile(s["other"], s["weights"])
     new = training.file_record(s["weights"])["sha256"]
     line = one_error_line(dsd(s, out, "--control"), "dsd.py")
     assert s["weights"] in line and old in line and new in line, line
-    assert not (out / "control1-sparse").exists()
+    assert not (out / pipeline.control_step(1, "sparse")).exists()
 
 
 def test_a_phase_resume_names_the_file_and_both_hashes(setup, tmp_path):
@@ -131,7 +131,7 @@ def test_a_diverged_run_is_marked_and_gets_no_verdict(setup, tmp_path, monkeypat
 
     def nan_after_redense(net, weights, *a, **k):
         scores = real(net, weights, *a, **k)
-        if os.path.basename(os.path.dirname(weights)) in ("cycle1-redense", "control1-redense"):
+        if os.path.basename(os.path.dirname(weights)) in ("cycle1-redense", pipeline.control_step(1, "redense")):
             scores = evaluate.Scores(dict.fromkeys(scores))
             scores.diverged = "diverged: loss is nan"
         return scores
@@ -144,7 +144,7 @@ def test_a_diverged_run_is_marked_and_gets_no_verdict(setup, tmp_path, monkeypat
     result = seedpool.run_seeds(config, out)
     state = strict(out / pipeline.STATE)
     entries = {p["name"]: p for p in state["phases"]}
-    for name in ("cycle1-redense", "control1-redense"):
+    for name in ("cycle1-redense", pipeline.control_step(1, "redense")):
         assert entries[name]["accuracy"] is None and entries[name]["diverged"] == "diverged: loss is nan"
         assert set(entries[name]["val"].values()) == {None}
     assert entries["dense"]["diverged"] is None and entries["dense"]["accuracy"] is not None
