@@ -13,7 +13,7 @@ _EXPORTS = {
     "UserError": "errors",
     "Interrupted": "errors",
     "import_caffe": "caffe_env",
-    "set_device": "caffe_env",
+    "set_device": "devices",
     "build_info": "caffe_env",
     "caffe_binary": "caffe_env",
     "caffe_tool": "caffe_env",

@@ -1,5 +1,5 @@
-"""Importing pycaffe: quiet glog, a clear message when Caffe is missing, and CPU/GPU selection (which devices
-exist and the ``--gpu`` forms: :mod:`dsd_caffe.devices`).
+"""Importing pycaffe: quiet glog, a clear message when Caffe is missing, Caffe's tools and build record. Which
+devices exist, the ``--gpu`` forms and Caffe's CPU/GPU mode are :mod:`dsd_caffe.devices`.
 
 Nothing here runs at ``import dsd_caffe`` time, so the pure-numpy parts of the toolkit work without Caffe.
 
@@ -164,30 +164,6 @@ def has_gpu_support():
     lib = os.path.join(os.path.dirname(os.path.realpath(caffe.__file__)), "_caffe.so")
     with open(lib, "rb") as f:
         return b"cudaGetDevice" in f.read()
-
-
-def set_device(gpu=None):
-    """Run Caffe in this process on GPU ``gpu`` (one device number, checked first by :func:`dsd_caffe.devices.check`:
-    a missing device is one UserError, never a glog abort), or, for ``gpu=None``, leave Caffe's mode and device as
-    they are: no library function changes them behind its caller; the tools choose (:func:`use_cpu` unless
-    ``--gpu``). Returns the ``caffe`` module."""
-    from . import devices  # deferred: breaks a cycle (devices.probe asks this module for Caffe)
-
-    caffe = import_caffe()
-    gpus = devices.check(gpu)
-    if gpus is None:
-        return caffe
-    if len(gpus) != 1:
-        raise UserError(f"--gpu {','.join(map(str, gpus))}: this runs on one device; give one (e.g. --gpu "
-                        f"{gpus[0]})")
-    caffe.set_mode_gpu()
-    caffe.set_device(gpus[0])
-    return caffe
-
-
-def use_cpu():
-    """Run Caffe in this process on the CPU: what a tool chooses when no ``--gpu`` is given."""
-    import_caffe().set_mode_cpu()
 
 
 def make_net(net_param, phase="TEST", weights=None):

@@ -23,6 +23,7 @@ import collections
 import ctypes
 import logging
 
+from . import caffe_env
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,33 @@ def record(gpu):
     return list(gpus) if gpus else None
 
 
+# ------------------------------------------------------------------------------------------------ choosing
+def set_device(gpu=None):
+    """Run Caffe in this process on GPU ``gpu`` (one device number, checked first by :func:`check`:
+    a missing device is one UserError, never a glog abort), or, for ``gpu=None``, leave Caffe's mode and device as
+    they are: no library function changes them behind its caller; the tools choose (:func:`use_cpu` unless
+    ``--gpu``). Returns the ``caffe`` module."""
+    caffe = caffe_env.import_caffe()
+    gpus = check(gpu)
+    if gpus is None:
+        return caffe
+    if len(gpus) != 1:
+        raise UserError(f"--gpu {','.join(map(str, gpus))}: this runs on one device; give one (e.g. --gpu "
+                        f"{gpus[0]})")
+    caffe.set_mode_gpu()
+    caffe.set_device(gpus[0])
+    return caffe
+
+
+def use_cpu():
+    """Run Caffe in this process on the CPU: what a tool chooses when no ``--gpu`` is given."""
+    caffe_env.import_caffe().set_mode_cpu()
+
+
+
 # ------------------------------------------------------------------------------------------------ the probe
 def probe():
     """The :class:`Offer` of the Caffe in use on this machine (see the module doc)."""
-    from . import caffe_env  # deferred: breaks a cycle (caffe_env.set_device checks devices here)
-
     if not caffe_env.has_gpu_support():
         return Offer(True, 0, "a CPU-only build")
     return cuda_count(ctypes.CDLL(caffe_env.import_caffe()._caffe.__file__))

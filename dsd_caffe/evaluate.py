@@ -19,7 +19,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from . import caffe_env, checks, fileio, masks, netcheck, plots, solvers, sources
+from . import caffe_env, checks, devices, fileio, masks, netcheck, plots, solvers, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow
     ``caffe.Net`` and copy the weights. Data sources resolve beside the prototxt first, then in the current
     folder (``dsd_caffe.sources``), so this works from any folder. ``net_param`` (absolute sources) replaces
     reading ``model``. Every bad input is a UserError/OSError naming it."""
-    caffe_env.set_device(gpu)
+    devices.set_device(gpu)
     model = os.fspath(model) if model is not None else "net"
     if net_param is None:
         net_param = sources.read_net(model, require=(phase.upper(), "BOTH") if isinstance(phase, str) else ())

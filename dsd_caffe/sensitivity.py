@@ -20,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import caffelog, fileio, masks, netcheck, netgen, plots, pruning, sources
-from .caffe_env import make_net, set_device
+from .caffe_env import make_net
+from .devices import set_device
 from .checks import count
 from .errors import UserError
 from .training import file_record

@@ -43,7 +43,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from . import caffelog, devices, fileio, solvers, sources
-from .caffe_env import caffe_binary, glog_level_set, set_device
+from .caffe_env import caffe_binary, glog_level_set
 from .caffeproto import caffe_pb2
 from .errors import Interrupted, UserError
 
@@ -395,7 +395,7 @@ def pycaffe_solver(job, folder):
 
 
 def _run_pycaffe(job, folder, state, progress, logpath, gpu):
-    caffe = set_device(gpu)
+    caffe = devices.set_device(gpu)
     s = pycaffe_solver(job, folder)
     fd, tmp = tempfile.mkstemp(prefix=".pycaffe-", suffix=".prototxt", dir=folder)
     os.close(fd)

@@ -25,7 +25,7 @@ import weakref
 import numpy as np
 from tqdm import tqdm
 
-from . import caffe_env, cli, deepcompression, evaluate, fileio, netcheck, netgen
+from . import caffe_env, cli, deepcompression, devices, evaluate, fileio, netcheck, netgen
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def _copy_param(net, param):
 
 
 def _param_net(net_param, phase, gpu):
-    caffe_env.set_device(gpu)
+    devices.set_device(gpu)
     return caffe_env.make_net(net_param, phase)
 
 

@@ -1,4 +1,4 @@
-"""Devices are explicit (dsd_caffe.devices, caffe_env.set_device): the --gpu forms, the decision whether a device
+"""Devices are explicit (dsd_caffe.devices, devices.set_device): the --gpu forms, the decision whether a device
 exists (with injected answers: a CPU-only build, a CUDA build with 0, 1 or 2 GPUs), a library call that leaves the
 caller's Caffe mode alone, seeds spread over devices, and every tool that runs a net refusing --gpu 0 on this
 CPU-only build in one line with exit status 2."""
@@ -157,25 +157,21 @@ def mode_calls(monkeypatch):
 
 
 def test_set_device_none_leaves_the_mode(mode_calls):
-    from dsd_caffe import caffe_env
-
-    caffe_env.set_device(None)
+    devices.set_device(None)
     assert mode_calls == []
-    caffe_env.use_cpu()  # what a tool chooses without --gpu
+    devices.use_cpu()  # what a tool chooses without --gpu
     assert mode_calls == [("set_mode_cpu",)]
 
 
 def test_set_device_selects_a_device_once_it_exists(mode_calls, monkeypatch):
-    from dsd_caffe import caffe_env
-
     monkeypatch.setattr(devices, "probe", lambda: cuda(2))
-    caffe_env.set_device(1)
+    devices.set_device(1)
     assert mode_calls == [("set_mode_gpu",), ("set_device", 1)]
     with pytest.raises(UserError, match="one device"):
-        caffe_env.set_device("0,1")
+        devices.set_device("0,1")
     monkeypatch.setattr(devices, "probe", lambda: CPU_BUILD)
     with pytest.raises(UserError, match="CPU-only"):
-        caffe_env.set_device(0)
+        devices.set_device(0)
     assert mode_calls == [("set_mode_gpu",), ("set_device", 1)]  # nothing asked of Caffe for a refused device
 
 

@@ -2,7 +2,7 @@
 (``--max-iter``, ``--epochs``, ``--base-lr``, ...; prefixed with the phase where a tool drives several), how much
 to prune, and where the data comes from. Defaults come from ``solvers.DEFAULTS``: a flag left out takes the
 table's value, which its help names."""
-from dsd_caffe import caffe_env, cli, devices, gradual, solvers
+from dsd_caffe import cli, devices, gradual, solvers
 from dsd_caffe.gradual import Gradual
 from dsd_caffe.solvers import Schedule
 
@@ -116,7 +116,7 @@ def device(a):
     line naming a missing one: dsd_caffe.devices), or None: without --gpu, Caffe runs on the CPU."""
     gpus = devices.check(a.gpu)
     if gpus is None:
-        caffe_env.use_cpu()
+        devices.use_cpu()
     return gpus
 
 
