@@ -24,8 +24,6 @@ import os
 import sys
 import tempfile
 
-from google.protobuf import text_format
-
 from . import blas
 from .caffeproto import SETUP_HINT
 from .errors import UserError
@@ -171,6 +169,8 @@ def make_net(net_param, phase="TEST", weights=None):
     temporary prototxt and removes it), in ``phase`` ("TRAIN"/"TEST"), with ``weights`` (a caffemodel path)
     copied in when given. Relative data sources resolve against the current folder, as in Caffe: pass a
     NetParameter with absolute sources (``sources.absolute_sources``) to be independent of it."""
+    from google.protobuf import text_format  # deferred: protobuf; this module imports with the standard library alone
+
     caffe = import_caffe()
     phase_value = {"TRAIN": caffe.TRAIN, "TEST": caffe.TEST}.get(phase, phase)
     fd, path = tempfile.mkstemp(prefix="dsd-net-", suffix=".prototxt")

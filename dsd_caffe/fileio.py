@@ -35,9 +35,6 @@ import tempfile
 import threading
 import time
 
-from google.protobuf import text_format
-from google.protobuf.message import DecodeError
-
 from .caffeproto import caffe_pb2
 from .errors import UserError
 
@@ -470,6 +467,8 @@ def require_file(path, what):
 
 def parse_prototxt(text, message, name="<string>"):
     """Parse prototxt ``text`` into ``message``; a syntax error becomes ValueError naming line and column."""
+    from google.protobuf import text_format  # deferred: fileio imports without protobuf (dsd_caffe.info)
+
     try:
         return text_format.Parse(text, message)
     except text_format.ParseError as e:
@@ -504,11 +503,15 @@ def read_solver_prototxt(path):
 
 def write_prototxt(path, message, force=True):
     """Write a protobuf message as prototxt, atomically."""
+    from google.protobuf import text_format  # deferred: fileio imports without protobuf (dsd_caffe.info)
+
     return atomic_write(path, text_format.MessageToString(message), force=force)
 
 
 def read_caffemodel(path):
     """Read a binary caffemodel into a NetParameter, refusing empty, truncated or corrupted files."""
+    from google.protobuf.message import DecodeError  # deferred: fileio imports without protobuf (dsd_caffe.info)
+
     path = require_file(path, "caffemodel")
     with open(path, "rb") as f:
         data = f.read()
@@ -528,6 +531,8 @@ def read_caffemodel(path):
 
 def _refuse_solverstate(path, data):
     """Name a solver state given where a caffemodel belongs (it is neither truncated nor weightless)."""
+    from google.protobuf.message import DecodeError  # deferred: fileio imports without protobuf (dsd_caffe.info)
+
     state = caffe_pb2().SolverState()
     try:
         state.ParseFromString(data)

@@ -12,8 +12,6 @@ import re
 import subprocess
 import sys
 
-import numpy
-
 from dsd_caffe import blas, caffe_env, cli
 from dsd_caffe.errors import UserError
 
@@ -114,6 +112,8 @@ def _collect(applied):
     caffe = caffe_env.import_caffe()
     ext = blas._caffe_extension()
     layers = sorted(caffe.layer_type_list())
+    import numpy  # deferred: this module imports with the standard library alone (its missing-Caffe line)
+
     try:
         np_blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
         np_blas = {k: np_blas.get(k) for k in ("name", "version", "openblas configuration")}

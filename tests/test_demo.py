@@ -70,7 +70,8 @@ def test_force_replaces_what_the_demo_owns_and_refuses_a_foreign_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
     (tmp_path / "notes.txt").unlink()
     demo._open(str(tmp_path), cfg, force=True)
-    assert sorted(os.listdir(tmp_path)) == sorted(["data", demo.CONFIG]) and fileio.read_json(tmp_path / demo.CONFIG) == cfg
+    assert sorted(os.listdir(tmp_path)) == sorted(["data", demo.CONFIG])
+    assert fileio.read_json(tmp_path / demo.CONFIG) == cfg
 
 
 def test_table_structure_and_densities(run):

@@ -81,7 +81,8 @@ def test_masks_and_pruning_do_not_import_caffe(tmp_path):
             f"print(json.dumps([len(masks), sorted(densities) == sorted(masks), m.mask_layer_spec(released),\n"
             f"    m.gradual_spec(m.fileio.read_caffemodel({pruned!r})), report['total']['density'] < 1,\n"
             f"    int(again.sum()), 'caffe' in sys.modules, 'dsd_caffe.masklayer' in sys.modules,\n"
-            f"    'dsd_caffe.caffe_env' in sys.modules, sorted(k for k in sys.modules if k.split('.')[0] == 'caffe')]))")
+            f"    'dsd_caffe.caffe_env' in sys.modules,\n"
+            f"    sorted(k for k in sys.modules if k.split('.')[0] == 'caffe')]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     n, same, spec, gradual, sparse, kept, caffe, layer, env, loaded = json.loads(out)
     assert n > 0 and same and spec is None and gradual is None and sparse and kept > 0

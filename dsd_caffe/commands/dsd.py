@@ -8,7 +8,8 @@ final model + JSON), with --control also controlK-dense-as-sparse/ and controlK-
 model trained on for the same iterations, with the very solvers the DSD phases ran), dsd_state.json (settings,
 per-step results and densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/
 folders and verdict.json (what the seeds varied, the standard deviation of the gains, the split; no interval
-when the seeds varied nothing). --solver my_solver.prototxt: every phase's solver is yours but for DSD's base_lr and length.
+when the seeds varied nothing). --solver my_solver.prototxt: every phase's solver is yours but for DSD's base_lr
+and length.
 Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, top-5, density) is printed at
 the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
 Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
