@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from .errors import InputMissing
+
 log = logging.getLogger(__name__)
 
 DECISION_FILE = "dsd-caffe-blas.json"
@@ -135,7 +137,7 @@ def caffe_blas_library():
     found = ctypes.util.find_library("openblas")
     if found:
         return found
-    raise FileNotFoundError("no BLAS library found: pycaffe's _caffe.so is not importable and no libopenblas")
+    raise InputMissing("no BLAS library found: pycaffe's _caffe.so is not importable and no libopenblas")
 
 
 def corename(library):

@@ -48,7 +48,7 @@ def cfmt(x):
 
 
 def _check_iterations(iterations):
-    return checks.count(iterations, "--iterations")  # caffe test's --iterations is an int32 too
+    return checks.count(iterations, "iterations")  # caffe test's --iterations is an int32 too
 
 
 def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow_missing=False, net_param=None):

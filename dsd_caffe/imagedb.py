@@ -19,7 +19,7 @@ import numpy as np
 
 from . import blas, datums, fileio, lmdbio
 from .caffe_env import caffe_pb2
-from .errors import UserError
+from .errors import InputMissing, UserError
 from .checks import INT_MAX, count as _count
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def list_folder(root):
     every other file is listed (non-images are skipped later, and reported)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise InputMissing(f"image folder {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"image folder {root} has no class sub-folders (expected <root>/<class>/<image>)")
@@ -158,11 +158,11 @@ def _inputs(source, root):
     if os.path.isdir(source):
         return (*list_folder(source), source)
     if not os.path.exists(source):
-        raise FileNotFoundError(f"image folder or list file {source} does not exist")
+        raise InputMissing(f"image folder or list file {source} does not exist")
     items = read_list_file(source)
     root = os.path.dirname(os.path.abspath(source)) if root is None else root
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image root folder {root} does not exist")
+        raise InputMissing(f"image root folder {root} does not exist")
     return items, None, root
 
 

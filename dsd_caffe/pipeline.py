@@ -42,7 +42,7 @@ import numpy as np
 
 from . import (caffelog, dataorder, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training, verdict)
-from .errors import Interrupted, UserError
+from .errors import Interrupted, OutputExists, UserError
 from .phases import Inputs, PruneConfig
 from .solvers import Schedule
 
@@ -79,10 +79,10 @@ class RunConfig:
     def __post_init__(self):
         if self.data_order is not None:
             dataorder.check_order(self.data_order)
-        solvers.count(self.cycles, "--cycles")
-        solvers.count(self.seed, "--seed", 0)
+        solvers.count(self.cycles, "cycles")
+        solvers.count(self.seed, "seed", 0)
         if self.iterations is not None:
-            solvers.count(self.iterations, "--iterations")
+            solvers.count(self.iterations, "iterations")
         object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
         for field in ("model", "weights", "train_source", "test_source", "holdout_source", "solver"):
@@ -126,7 +126,7 @@ def _open_state(out, config, force, reuse=False):
             log.info("DSD: reusing the finished run in %s", out)
             return state
         elif state.get("finished"):
-            raise FileExistsError(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
+            raise OutputExists(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
         elif state.get("config") != settings:
             old = state.get("config", {})
             keys = [k for k in settings if k in old] + [k for k in settings if k not in old]
@@ -138,8 +138,8 @@ def _open_state(out, config, force, reuse=False):
             _check_start(out, state, config)
             return state
     elif os.path.isdir(out) and os.listdir(out) and not force:
-        raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
-                              "--force")
+        raise OutputExists(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
+                           "--force")
     plan = plan if plan is not None else _check_run(config)
     fileio.check_output(path, force=True)  # a real write probe (root ignores modes)
     state = {"config": settings, "phases": [], "finished": False,
@@ -430,10 +430,11 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
     (data-parallel); several seeds spread over them, one device each (``devices.of_seed``). ``config.data_order``
     None: "shuffled" over several seeds, else "fixed". Returns {"runs": {seed: state}, "verdict": Verdict or None,
     "refused": why there is no verdict, or None}."""
-    solvers.count(seeds, "--seeds", maximum=MAX_SEEDS)
-    solvers.count(jobs, "--jobs")
+    solvers.count(seeds, "seeds", maximum=MAX_SEEDS)
+    solvers.count(jobs, "jobs")
     if seeds > 1 and not config.control:
-        raise UserError("--seeds compares DSD with its control over seeds: add --control")
+        raise UserError("seeds needs control: several seeds compare DSD with its control",
+                        fields=["seeds", "control"])
     config = dataclasses.replace(config, data_order=config.data_order or ("shuffled" if seeds > 1 else "fixed"))
     out = os.path.abspath(os.fspath(output_dir))
     if seeds == 1:

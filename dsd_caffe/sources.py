@@ -13,7 +13,7 @@ import os
 
 from .caffe_env import caffe_pb2
 from .caffefacts import SOURCE_PARAMS  # noqa: F401 (read here by other modules)
-from .errors import UserError
+from .errors import InputMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def absolute_sources(net_param, base, train=None, test=None, require=("TRAIN", "
         if phase in require and not os.path.exists(full):
             where = f"beside the prototxt in {base} and in the current folder" if base and given is None else \
                 "in the current folder"
-            raise FileNotFoundError(f"{layer.type} layer {layer.name!r} ({phase}): data source {src} not found "
-                                    f"(looked {where})")
+            raise InputMissing(f"{layer.type} layer {layer.name!r} ({phase}): data source {src} not found "
+                               f"(looked {where})")
         p.source = full
     return net
 

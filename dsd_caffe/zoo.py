@@ -23,7 +23,7 @@ import urllib.request
 import weakref
 
 from . import fileio
-from .errors import UserError
+from .errors import InputMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def verify(path, name):
     model = get(name)
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}: {path} does not exist")
+        raise InputMissing(f"{name}: {path} does not exist")
     size = os.path.getsize(path)
     if model.size is not None and size != model.size:
         raise UserError(f"{path} is not the released {model.filename}: {size} bytes, expected {model.size}")
@@ -183,7 +183,9 @@ def _download(url, out, timeout=60):
                     f.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:  # URLError, HTTPError, timeouts are OSErrors
-        raise OSError(f"cannot download {url}: {e}") from None
+        if fileio.refused_write(e, out):
+            raise  # a full disk: atomic_path names the output
+        raise UserError(f"cannot download {url}: {e}") from e
 
 
 def fetch(name, dest, url=None, force=False):
@@ -199,14 +201,14 @@ def fetch(name, dest, url=None, force=False):
     if os.path.isfile(dest) and not force:  # anything else there is refused by atomic_path below
         try:
             verify(dest, name)
-        except ValueError as e:
-            raise UserError(f"{e}; delete it or pass --force to fetch it again") from None
+        except UserError as e:
+            raise UserError(f"{e}; delete it or pass --force to fetch it again") from e
         log.info("%s already holds %s (verified)", dest, name)
         return dest
     source = url or model.url
     local = _local_source(source)
     if local is not None and not os.path.isfile(local):
-        raise FileNotFoundError(f"{name}: local file {local} does not exist")
+        raise InputMissing(f"{name}: local file {local} does not exist")
     with fileio.atomic_path(dest, force=True) as tmp:
         if local is not None:
             shutil.copyfile(local, tmp)
@@ -215,8 +217,8 @@ def fetch(name, dest, url=None, force=False):
             _download(source, tmp)
         try:
             verify(tmp, name)
-        except ValueError as e:
-            raise UserError(f"{source}: {str(e).replace(tmp, 'the download')}") from None
+        except UserError as e:
+            raise UserError(f"{source}: {str(e).replace(tmp, 'the download')}") from e
     log.info("%s: %s verified", name, dest)
     return dest
 
