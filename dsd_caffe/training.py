@@ -299,7 +299,8 @@ def train(job, engine="binary", gpu=None, force=False, notes=()):
         from . import multigpu
 
         run = multigpu.run if gpus and len(gpus) > 1 else _run_binary if engine == "binary" else _run_pycaffe
-        run(job, folder, state, progress, logpath, gpus[0] if gpus and len(gpus) == 1 else gpus)
+        with fileio.write_errors(logpath):  # a full disk while we write Caffe's log: one line naming it
+            run(job, folder, state, progress, logpath, gpus[0] if gpus and len(gpus) == 1 else gpus)
         progress.feed("")  # the end of the log: its last test is finished
     except BaseException:
         # Caffe does not check its snapshot writes: on a full disk it leaves truncated ones under their names

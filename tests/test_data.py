@@ -146,7 +146,7 @@ def test_list_file_gray_with_root(tmp_path):
 def test_bad_list_file_line_named(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("a.jpg 1\nb.jpg cat\n")
-    with pytest.raises(ValueError, match=r"list.txt:2"):
+    with pytest.raises(UserError, match=r"list.txt:2"):
         imagedb.make_lmdb(listing, tmp_path / "o", progress=False)
 
 
@@ -343,7 +343,7 @@ def test_output_exists_refused_unless_force(tmp_path):
                                               "it, also with --force"):  # never a folder of other data
         imagedb.make_lmdb(src, tmp_path / "precious", resize=(4, 4), workers=1, force=True, progress=False)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="is the input"):
+    with pytest.raises(UserError, match="is the input"):
         imagedb.make_lmdb(src, src, resize=(4, 4), workers=1, force=True, progress=False)
     assert (src / "cat" / "0.jpg").exists()
 
@@ -369,7 +369,7 @@ def test_missing_source_and_no_images(tmp_path):
         imagedb.make_lmdb(tmp_path / "nowhere", tmp_path / "out", progress=False)
     (tmp_path / "junk" / "a").mkdir(parents=True)
     (tmp_path / "junk" / "a" / "x.jpg").write_text("no")
-    with pytest.raises(ValueError, match="none of the 1 files"):
+    with pytest.raises(UserError, match="none of the 1 files"):
         imagedb.make_lmdb(tmp_path / "junk", tmp_path / "out", workers=1, progress=False)
     assert not os.path.exists(tmp_path / "out")
 
@@ -396,26 +396,26 @@ def test_tools_take_output_and_keep_the_positional_one_for_a_release(tmp_path):
 # ------------------------------------------------------------------------------------------- lmdb_info
 
 def test_lmdb_info_missing(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         lmdbio.lmdb_info(tmp_path / "nope")
 
 
 def test_lmdb_info_empty_folder_and_empty_lmdb(tmp_path):
     (tmp_path / "e").mkdir()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         lmdbio.lmdb_info(tmp_path / "e")
     lmdb.open(str(tmp_path / "z")).close()
-    with pytest.raises(ValueError, match="empty .0 records"):
+    with pytest.raises(UserError, match="empty .0 records"):
         lmdbio.lmdb_info(tmp_path / "z")
 
 
 def test_lmdb_info_unreadable(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "data.mdb").write_bytes(b"garbage" * 1000)
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(UserError, match="unreadable"):
         lmdbio.lmdb_info(tmp_path / "bad")
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(UserError, match="is a file"):
         lmdbio.lmdb_info(tmp_path / "f")
 
 
@@ -424,16 +424,16 @@ def test_lmdb_info_not_datums(tmp_path):
     with env.begin(write=True) as txn:
         txn.put(b"0", b"\xff\xff\xff not a protobuf")
     env.close()
-    with pytest.raises(ValueError, match="not a"):
+    with pytest.raises(UserError, match="not a"):
         lmdbio.lmdb_info(tmp_path / "nd")
 
 
 def test_check_lmdb_crop_and_channels(tiny_lmdb):
     path = tiny_lmdb(n=3, channels=1, size=28)
     assert lmdbio.check_lmdb(path, crop_size=28, channels=1)["count"] == 3
-    with pytest.raises(ValueError, match="28x28 image, smaller than the crop size 32"):
+    with pytest.raises(UserError, match="28x28 image, smaller than the crop size 32"):
         lmdbio.check_lmdb(path, crop_size=32)
-    with pytest.raises(ValueError, match="1-channel images, the net expects 3"):
+    with pytest.raises(UserError, match="1-channel images, the net expects 3"):
         lmdbio.check_lmdb(path, channels=3)
 
 
@@ -458,11 +458,11 @@ def test_check_lmdb_checks_every_record_of_a_small_lmdb(tmp_path):
     """Caffe aborts on ANY record smaller than the crop, not only the first one."""
     path = lmdb_of(tmp_path / "mixed", [(3, 32, 32)] * 5 + [(3, 16, 40)] + [(3, 32, 32)] * 5)
     assert lmdbio.check_lmdb(path, crop_size=16)["checked"] == 11
-    with pytest.raises(ValueError, match=r"record 00000005 holds a 16x40 image, smaller than the crop size 28 "
+    with pytest.raises(UserError, match=r"record 00000005 holds a 16x40 image, smaller than the crop size 28 "
                                          r"\(1 of the 11 records checked are\)"):
         lmdbio.check_lmdb(path, crop_size=28)
     path = lmdb_of(tmp_path / "channels", [(3, 8, 8)] * 3 + [(1, 8, 8)])
-    with pytest.raises(ValueError, match="record 00000003 holds a 1-channel image, record 00000000 a 3-channel"):
+    with pytest.raises(UserError, match="record 00000003 holds a 1-channel image, record 00000000 a 3-channel"):
         lmdbio.check_lmdb(path)
 
 
@@ -494,7 +494,7 @@ def test_check_lmdb_samples_a_large_lmdb_evenly_and_says_so(tmp_path, monkeypatc
     path = lmdb_of(tmp_path / "large", shapes, labels=[i % 7 for i in range(3000)])
     monkeypatch.setattr(lmdbio, "FULL_CHECK_BYTES", 0)
     with caplog.at_level("INFO", logger="dsd_caffe.lmdbio"):
-        with pytest.raises(ValueError, match=r"record 00000000 holds a 10x30 image.*\(3 of the 1000 records checked"):
+        with pytest.raises(UserError, match=r"record 00000000 holds a 10x30 image.*\(3 of the 1000 records checked"):
             lmdbio.check_lmdb(path, crop_size=20)
     assert "checked 1,000 of 3,000 records of" in caplog.text
     assert lmdbio.check_lmdb(path, crop_size=10)["checked"] == 1000
@@ -506,11 +506,11 @@ def test_check_lmdb_refuses_encoded_images_caffe_cannot_decode(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16)]
     path = lmdb_of(tmp_path / "deep", None, encoded=images)
-    with pytest.raises(ValueError, match="record 00000001 holds an encoded 16-bit 3-channel image"):
+    with pytest.raises(UserError, match="record 00000001 holds an encoded 16-bit 3-channel image"):
         lmdbio.check_lmdb(path)
     assert lmdbio.check_lmdb(path, force_color=True)["channels"] == 3  # decoded with IMREAD_COLOR: 8 bits
     path = lmdb_of(tmp_path / "alpha", None, encoded=[rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="record 00000000 holds an encoded 8-bit 4-channel image"):
+    with pytest.raises(UserError, match="record 00000000 holds an encoded 8-bit 4-channel image"):
         lmdbio.check_lmdb(path)
 
 
@@ -528,7 +528,7 @@ def test_write_array_lmdb_roundtrip_and_validation(tmp_path):
         lmdbio.write_array_lmdb(tmp_path / "a", images, labels)
     with pytest.raises(TypeError, match="uint8"):
         lmdbio.write_array_lmdb(tmp_path / "b", images.astype(np.float32), labels)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(UserError, match="labels"):
         lmdbio.write_array_lmdb(tmp_path / "b", images, labels[:3])
 
 
@@ -540,10 +540,10 @@ def test_read_idx_roundtrip_and_truncated(tmp_path):
     (tmp_path / "x.gz").write_bytes(gzip.compress(blob))
     np.testing.assert_array_equal(fashion_mnist.read_idx(str(tmp_path / "x.gz")), arr)
     (tmp_path / "t").write_bytes(blob[:-1])
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(UserError, match="header"):
         fashion_mnist.read_idx(str(tmp_path / "t"))
     (tmp_path / "m").write_bytes(b"\x01\x02" + blob[2:])
-    with pytest.raises(ValueError, match="not an IDX file"):
+    with pytest.raises(UserError, match="not an IDX file"):
         fashion_mnist.read_idx(str(tmp_path / "m"))
 
 
@@ -719,7 +719,7 @@ def test_make_lmdb_property_every_input_once(image_pool, tmp_path_factory, draw,
     build = functools.partial(imagedb.make_lmdb, source, work / "out", root=root, resize=None, workers=workers,
                               chunk=chunk, shuffle=shuffle, seed=seed, progress=False)
     if not expected:
-        with pytest.raises(ValueError, match=f"none of the {len(chosen)} files"):
+        with pytest.raises(UserError, match=f"none of the {len(chosen)} files"):
             build()
         return
     stats = build()

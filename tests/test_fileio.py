@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from dsd_caffe import fileio
+from dsd_caffe.errors import UserError
 
 
 def _dead_pid():
@@ -38,9 +39,9 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
 
 @pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
 def test_devices_are_never_replaced_even_with_force(device):
-    with pytest.raises(ValueError, match="character device"):
+    with pytest.raises(UserError, match="character device"):
         fileio.check_output(device, force=True)
-    with pytest.raises(ValueError, match="character device"):
+    with pytest.raises(UserError, match="character device"):
         fileio.write_json(device, {"a": 1}, force=True)
     assert os.path.exists(device) and not os.path.isfile(device)
 
@@ -48,11 +49,11 @@ def test_devices_are_never_replaced_even_with_force(device):
 def test_fifo_and_link_to_a_device_are_refused(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(ValueError, match="FIFO"):
+    with pytest.raises(UserError, match="FIFO"):
         fileio.atomic_write(fifo, "x", force=True)
     link = tmp_path / "link"
     link.symlink_to("/dev/null")
-    with pytest.raises(ValueError, match="character device"):
+    with pytest.raises(UserError, match="character device"):
         fileio.atomic_write(link, "x", force=True)
     assert os.path.islink(link)
 
@@ -91,7 +92,7 @@ def test_a_second_process_is_refused_with_the_live_pid(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=f"in use by another dsd-caffe process \\(pid {holder.pid}\\)"):
+        with pytest.raises(UserError, match=f"in use by another dsd-caffe process \\(pid {holder.pid}\\)"):
             with fileio.output_lock(out):
                 pass
     finally:

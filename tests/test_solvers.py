@@ -13,6 +13,7 @@ from helpers import write_tiny_lmdb
 from dsd_caffe import netgen, solvers
 from dsd_caffe.caffe_env import caffe_binary, caffe_pb2
 from dsd_caffe.fileio import read_solver_prototxt
+from dsd_caffe.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ def test_test_iters(size, batch, expect):
 @pytest.mark.parametrize("args", [(0, 10, 1), (-1, 10, 1), (float("inf"), 10, 1), (1, 0, 1), (1, 10, 0),
                                   (1, 10, 1.5), (True, 10, 1), ("1", 10, 1)])
 def test_epochs_to_iters_rejects_bad_values(args):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         solvers.epochs_to_iters(*args)
 
 
@@ -57,7 +58,7 @@ def test_iterations_follow_from_sizes(builder, base_lr):
     assert s.base_lr == pytest.approx(base_lr)
     s = builder("net.prototxt", train_size=10000, test_size=999, max_iter=7)
     assert s.max_iter == 7 and s.test_interval == 7 and s.snapshot == 1
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(UserError, match="not both"):
         builder("net.prototxt", epochs=1, max_iter=5)
     with pytest.raises(TypeError, match="bogus"):
         builder("net.prototxt", bogus=1)
@@ -77,9 +78,9 @@ def test_phase_defaults_come_from_the_one_table():
                                                                                (0.004, 1000)]
     s = solvers.dense_solver("n", lr_policy="step", gamma=0.1, stepsize=100, max_iter=300)
     assert (s.lr_policy, s.stepsize, s.gamma) == ("step", 100, pytest.approx(0.1))
-    with pytest.raises(ValueError, match="lr_policy"):
+    with pytest.raises(UserError, match="lr_policy"):
         solvers.dense_solver("n", lr_policy="cosine")
-    with pytest.raises(ValueError, match="--base-lr must be a positive"):
+    with pytest.raises(UserError, match="^base_lr must be a positive"):
         solvers.dense_solver("n", base_lr=0)
     with pytest.raises(TypeError):
         solvers.dense_solver(None)
