@@ -479,6 +479,7 @@ def fetch_sources():
         try:
             _run("download", ["apt-get", *args, "update"])
         except SetupError as e:
+            # from None: the SetupError's message is in this one
             raise SetupError("download", f"apt cannot reach Debian's {SOURCE_SUITE} sources ({e})") from None
         _run("download", ["apt-get", *args, "source", "--download-only",
                           f"{SOURCE_PACKAGE}={SOURCE_VERSION}"], cwd=tmp)
@@ -508,6 +509,7 @@ def _build_lock(root, key):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # from None: BlockingIOError says no more
             raise SetupError("caffe", f"another set-up is building this Caffe now ({path}); wait for it") from None
         yield
 

@@ -35,6 +35,7 @@ def _parse_resize(resize):
     try:
         h, w = (int(v) for v in resize)
     except (TypeError, ValueError):
+        # from None: the int() error says no more
         raise UserError(f"resize must be (height, width), an int or None, got {resize!r}") from None
     if h <= 0 or w <= 0:
         raise UserError(f"resize must be positive, got {resize!r}")
@@ -107,6 +108,7 @@ def read_list_file(path):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
+                # from None: the message holds the decode error's facts
                 raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                 f"{e.start + 1}); save the list file as UTF-8") from None
             if not line.strip():
@@ -115,6 +117,7 @@ def read_list_file(path):
             try:
                 label = int(label)
             except ValueError:
+                # from None: the int() error says no more
                 raise UserError(f"{path}:{lineno}: expected `<path> <integer label>`, got {line!r}") from None
             if not name or label < 0:
                 raise UserError(f"{path}:{lineno}: expected `<path> <label >= 0>`, got {line!r}")

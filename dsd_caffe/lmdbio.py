@@ -184,7 +184,7 @@ def _open_readonly(path):
     try:
         return lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False)
     except lmdb.Error as e:
-        raise UserError(f"LMDB {path} is unreadable ({e})") from None
+        raise UserError(f"LMDB {path} is unreadable ({e})") from e
 
 
 def check_caffe_can_open(path):
@@ -224,6 +224,7 @@ def _datum(path, key, value):
     try:
         datum.ParseFromString(value)
     except DecodeError:
+        # from None: the DecodeError says no more
         raise UserError(f"LMDB {path}: record {_name(key)} is not a caffe Datum") from None
     return datum
 
@@ -261,7 +262,7 @@ def lmdb_info(path):
         with env.begin() as txn:
             key, value = next(iter(txn.cursor()))
     except lmdb.Error as e:
-        raise UserError(f"LMDB {path} is unreadable ({e})") from None
+        raise UserError(f"LMDB {path} is unreadable ({e})") from e
     finally:
         env.close()
     datum = _datum(path, key, value)

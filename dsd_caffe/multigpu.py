@@ -192,6 +192,7 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
             except KeyboardInterrupt:
                 control.stop.set()
                 _wait_stopped(procs, tail, progress)
+                # from None: the KeyboardInterrupt says no more
                 raise training._interrupted(job, progress) from None
     finally:
         for p in procs:

@@ -213,6 +213,7 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     except Interrupted:
         raise
     except KeyboardInterrupt:  # between phases (an evaluation): the same hint as inside one
+        # from None: the KeyboardInterrupt says no more
         raise Interrupted("interrupted; run the same command again to resume") from None
 
 
@@ -559,6 +560,7 @@ def _parallel(configs, out, jobs, engine, gpu, force):
     except KeyboardInterrupt:
         stopped = _stop_workers(running)
         where = alone + stopped
+        # from None: the KeyboardInterrupt says no more
         raise Interrupted(f"interrupted{' at ' + ', '.join(where) if where else ''}; run the same command again "
                           "to resume") from None
     if problems:
@@ -624,7 +626,7 @@ def _seed_worker(conn, parent, config, out, engine, gpu, force, quiet):
                                  f"seed {config.seed}")
     except KeyboardInterrupt:
         result = "interrupted", f"seed {config.seed} (between phases)"
-    except (UserError, OSError) as e:
+    except UserError as e:  # anything else is a bug: its traceback shows here, and the parent says "no result"
         result = "error", f"seed {config.seed}: {e}"
     conn.send(result)
     conn.close()

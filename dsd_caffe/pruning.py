@@ -197,6 +197,7 @@ def _check_density(value, what, allow_one=True):
     try:
         d = float(value)
     except (TypeError, ValueError):
+        # from None: the float() error says no more
         raise UserError(f"{what}: invalid density {value!r} (a number in (0, 1])") from None
     if not math.isfinite(d) or not (0.0 < d < 1.0 or (allow_one and d == 1.0)):
         bounds = "(0, 1]" if allow_one else "(0, 1)"
@@ -495,9 +496,9 @@ def _profile_value(value, path, key):
     if isinstance(value, str):
         try:
             return parse_ratio(ratio=value)
-        except ValueError:
+        except UserError as e:
             raise UserError(f"{path}: {key!r}: invalid value {value!r} (a density in (0, 1] or a ratio such as "
-                             "\"3x\")") from None
+                            "\"3x\")") from e
     return _check_density(value, f"{path}: {key!r}")
 
 
@@ -526,6 +527,7 @@ def read_profile(path):
         with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
+        # from None: the message holds all the JSONDecodeError says
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("densities"), dict):
         data = data["densities"]

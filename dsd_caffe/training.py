@@ -353,6 +353,7 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
             rc = proc.wait()
         except KeyboardInterrupt:
             _stop(proc, logf, progress)
+            # from None: the KeyboardInterrupt says no more
             raise _interrupted(job, progress) from None
         except BaseException:  # our side failed (its log on a full disk): Caffe stops now, not at our exit
             proc.kill()
@@ -431,6 +432,7 @@ def _run_pycaffe(job, folder, state, progress, logpath, gpu):
     except KeyboardInterrupt:
         with capture:
             solver.snapshot()
+        # from None: the KeyboardInterrupt says no more
         raise _interrupted(job, progress) from None
     if not (snap and solver.iter % snap == 0):
         with capture:

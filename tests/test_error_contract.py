@@ -125,3 +125,30 @@ def test_configs_name_their_fields_not_flags():
     with pytest.raises(UserError, match=r"^sparse\.snapshot must be") as e:
         Schedule(snapshot=0, flag="sparse")
     assert e.value.fields == ("sparse.snapshot",)
+
+
+@pytest.mark.parametrize("error, sent", [(UserError("bad input"), ("error", "seed 3: bad input")),
+                                         (OSError(errno.EIO, "EIO"), None)])
+def test_a_seed_worker_reports_user_errors_and_lets_bugs_through(monkeypatch, error, sent):
+    """A seed's worker sends a UserError to the parent as one line; an OSError that is no refusal is a bug: it
+    leaves the worker with its traceback (the parent reports the worker ended with no result)."""
+    from types import SimpleNamespace
+
+    from dsd_caffe import pipeline
+
+    def run_dsd(*a, **k):
+        raise error
+
+    got = []
+    monkeypatch.setattr(pipeline, "_follow_parent", lambda parent: None)
+    monkeypatch.setattr(pipeline.logging, "basicConfig", lambda **k: None)
+    monkeypatch.setattr(pipeline, "run_dsd", run_dsd)
+    conn = SimpleNamespace(send=got.append, close=lambda: None)
+    args = (conn, None, SimpleNamespace(seed=3), "out", "binary", None, False, False)
+    if sent is None:
+        with pytest.raises(OSError):
+            pipeline._seed_worker(*args)
+        assert got == []
+    else:
+        pipeline._seed_worker(*args)
+        assert got == [sent]
