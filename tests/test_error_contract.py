@@ -152,3 +152,19 @@ def test_a_seed_worker_reports_user_errors_and_lets_bugs_through(monkeypatch, er
     else:
         pipeline._seed_worker(*args)
         assert got == [sent]
+
+
+def test_a_bug_in_our_own_python_layer_while_caffe_sets_it_up_keeps_its_type(monkeypatch):
+    """caffe_env.make_net names a Python layer that fails in setup() in one UserError; our own MaskLayer failing
+    there is a bug and keeps its type and traceback."""
+    from dsd_caffe import caffe_env, masklayer
+
+    def broken(text):
+        raise TypeError("a bug in our own code")
+
+    monkeypatch.setattr(masklayer, "parse_param_str", broken)
+    net = caffe_env.caffe_pb2().NetParameter()
+    layer = net.layer.add(name="mask", type="Python", top=["mask"])
+    layer.python_param.module, layer.python_param.layer = "dsd_caffe.masklayer", "MaskLayer"
+    with pytest.raises(TypeError, match="a bug in our own code"):
+        caffe_env.make_net(net)
