@@ -47,7 +47,7 @@ import re
 
 import numpy as np
 from .caffefacts import deepscale_name, han_name  # noqa: F401 (pruning.han_name is API)
-from .errors import UserError
+from .errors import InputMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -523,6 +523,9 @@ def read_profile(path):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"profile {path} is a folder; a profile is a JSON file (or one of {', '.join(PROFILES)})")
+    if not os.path.exists(path):
+        raise InputMissing(f"profile {path} does not exist; a profile is a JSON file (or one of "
+                           f"{', '.join(PROFILES)})")
     try:
         with open(path) as f:
             data = json.load(f)

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from helpers import DC_DEPLOY, DC_NET, shared_file
 from dsd_caffe import pruning
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import InputMissing, UserError
 from dsd_caffe.pruning import (SQUEEZENET_3X, apply_masks, density, format_ratio, kept_count, layer_densities,
                                magnitude_mask, make_masks, mask_and_threshold, parse_ratio, select_layers)
 
@@ -370,7 +370,7 @@ def test_profile_file_bad_content(tmp_path, content, match):
 
 
 def test_profile_file_missing():
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputMissing, match="profile no/such/profile.json does not exist"):
         layer_densities({"conv1": np.ones(4)}, None, "no/such/profile.json")
 
 
