@@ -9,7 +9,7 @@ import pytest
 from helpers import DC_NET, DSD_TRAINVAL, REFERENCE, write_tiny_lmdb
 from dsd_caffe import caffe_env, classifier, imagedb, netgen, zoo
 from dsd_caffe.classifier import Classifier, Preprocess, classify
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import InputMissing, UserError
 
 CLASSES_TXT = os.path.join(REFERENCE, "imagenet", "classes.txt")
 
@@ -116,7 +116,7 @@ def test_bad_input_is_named(tiny, tmp_path):
         c.probabilities(np.full((6, 8, 3), 255.0))
     with pytest.raises(UserError, match=r"got shape \(6, 8, 4\)"):
         c.probabilities(np.zeros((6, 8, 4), np.uint8))
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(InputMissing, match="nope.png"):
         c.probabilities(tmp_path / "nope.png")
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(UserError, match="text.png: not an image"):

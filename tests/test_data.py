@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import caffe_pb2, import_caffe
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import AccessDenied, InputMissing, OutputExists, UserError
 import paused_tool
 from helpers import in_small_tmpfs, tool, tool_cmd
 
@@ -330,7 +330,7 @@ def test_two_builds_of_one_lmdb(tmp_path):
 def test_output_exists_refused_unless_force(tmp_path):
     src = make_folder(tmp_path / "img")
     imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
-    with pytest.raises(FileExistsError, match="out already holds output of make_lmdb; pass --force"):
+    with pytest.raises(OutputExists, match="out already holds output of make_lmdb; pass --force"):
         imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     assert refused("make_lmdb", src, "--output", tmp_path / "out") == \
         f"make_lmdb.py: error: output folder {tmp_path / 'out'} already holds output of make_lmdb; pass --force " \
@@ -339,7 +339,7 @@ def test_output_exists_refused_unless_force(tmp_path):
     assert lmdbio.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds 'notes.txt', which make_lmdb did not write; refusing to replace "
+    with pytest.raises(OutputExists, match="holds 'notes.txt', which make_lmdb did not write; refusing to replace "
                                               "it, also with --force"):  # never a folder of other data
         imagedb.make_lmdb(src, tmp_path / "precious", resize=(4, 4), workers=1, force=True, progress=False)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
@@ -356,16 +356,16 @@ def test_unwritable_output_folder(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         target = locked / "out"
-    with pytest.raises(PermissionError, match="output folder .* is not writable"):
+    with pytest.raises(AccessDenied, match="output folder .* is not writable"):
         imagedb.make_lmdb(src, target, resize=(8, 8), workers=1, progress=False)
     assert not os.path.exists(target)
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(PermissionError, match="afile is not writable"):
+    with pytest.raises(AccessDenied, match="afile is not writable"):
         lmdbio.write_array_lmdb(tmp_path / "afile" / "out", np.zeros((1, 1, 2, 2), np.uint8), [0])
 
 
 def test_missing_source_and_no_images(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(InputMissing, match="nowhere"):
         imagedb.make_lmdb(tmp_path / "nowhere", tmp_path / "out", progress=False)
     (tmp_path / "junk" / "a").mkdir(parents=True)
     (tmp_path / "junk" / "a" / "x.jpg").write_text("no")
@@ -524,7 +524,7 @@ def test_write_array_lmdb_roundtrip_and_validation(tmp_path):
     recs = list(lmdbio.read_lmdb(tmp_path / "a"))
     np.testing.assert_array_equal(np.stack([r[1] for r in recs]), images)
     assert [r[2] for r in recs] == labels.tolist()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExists):
         lmdbio.write_array_lmdb(tmp_path / "a", images, labels)
     with pytest.raises(TypeError, match="uint8"):
         lmdbio.write_array_lmdb(tmp_path / "b", images.astype(np.float32), labels)
@@ -600,7 +600,7 @@ def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
     before = os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns
     assert fashion_mnist.import_fashion_mnist(out, val_size=5000, seed=0) == paths
     assert os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns == before
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(OutputExists, match="other settings"):
         fashion_mnist.import_fashion_mnist(out, val_size=1000, seed=0)
 
 
@@ -615,7 +615,7 @@ def test_fashion_mnist_reuse_needs_no_idx_files(tmp_path):
     assert paths == {split: str(out / f"{split}_lmdb") for split in fashion_mnist.SPLITS}
     os.remove(out / "test_lmdb.json")
     shutil.rmtree(out / "test_lmdb")
-    with pytest.raises(FileNotFoundError, match="no_idx.*install Debian's dataset-fashion-mnist"):
+    with pytest.raises(InputMissing, match="no_idx.*install Debian's dataset-fashion-mnist"):
         fashion_mnist.import_fashion_mnist(out, source_dir=tmp_path / "no_idx")
 # ------------------------------------------------------------------------------------------- counts
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import DC_DEPLOY, DC_NET, tool, write_tiny_lmdb
 from dsd_caffe import deepcompression as dc
 from dsd_caffe import fileio
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import OutputExists, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAN_DEPLOY = os.path.join(REPO, "models", "squeezenet_v1.0", "deploy_han.prototxt")
@@ -94,7 +94,7 @@ def test_caffemodel_is_deterministic_and_has_provenance(tmp_path, caffemodel):
 
 
 def test_existing_output_refused_unless_force(caffemodel):
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(OutputExists, match="already exists"):
         dc.decode_to_caffemodel(DC_NET, DC_DEPLOY, caffemodel)
     dc.decode_to_caffemodel(DC_NET, DC_DEPLOY, caffemodel, force=True)
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from dsd_caffe import fileio
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import OutputExists, UserError
 
 
 def _dead_pid():
@@ -77,11 +77,11 @@ def test_replaceable_folder_holds_only_what_the_tool_writes(tmp_path):
     assert fileio.check_replaceable(tmp_path / "absent", own, False, "prune.py")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x.caffemodel").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(OutputExists, match="--force"):
         fileio.check_replaceable(tmp_path / "run", own, False, "prune.py")
     fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
     (tmp_path / "run" / "thesis.tex").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="'thesis.tex', which prune.py did not write"):
+    with pytest.raises(OutputExists, match="'thesis.tex', which prune.py did not write"):
         fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
 
 

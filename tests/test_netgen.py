@@ -11,7 +11,7 @@ from helpers import DC_DEPLOY, DSD_TRAINVAL, shared_file
 from dsd_caffe import netgen
 from dsd_caffe.caffe_env import caffe_binary, import_caffe
 from dsd_caffe.fileio import read_caffemodel, read_net_prototxt, write_caffemodel, write_prototxt
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import OutputExists, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_SOURCES = dict(train_source="/ssd/dataset/ilsvrc12_train_lmdb/", test_source="/ssd/dataset/ilsvrc12_val_lmdb/")
@@ -235,7 +235,7 @@ def test_generate_reproduces_the_committed_files(tmp_path):
     assert set(netgen.generate(tmp_path).values()) == {"unchanged"}
     target = tmp_path / "models/squeezenet_v1.0/deploy_han.prototxt"
     target.write_text("# edited\n")
-    with pytest.raises(FileExistsError, match="deploy_han"):
+    with pytest.raises(OutputExists, match="deploy_han"):
         netgen.generate(tmp_path)
     assert netgen.generate(tmp_path, force=True)["models/squeezenet_v1.0/deploy_han.prototxt"] == "written"
     assert target.read_text().startswith(netgen.HEADER)

@@ -11,7 +11,7 @@ import pytest
 from dsd_caffe import fileio, masks, netgen, phases, pruning, sources, training
 from dsd_caffe.solvers import Schedule
 from helpers import copy_beside, small_setup, tool, write_tiny_lmdb
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import AccessDenied, OutputExists, UserError
 
 caffe = pytest.importorskip("caffe")
 SHORT = Schedule(max_iter=4, snapshot=2, base_lr=0.05)
@@ -100,7 +100,7 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
         phases.PruneConfig(ratio="1x")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OSError):
+    with pytest.raises(AccessDenied, match="is a file, not a folder"):
         phases.prune(inputs, blocker / "out", phases.PruneConfig(ratio="3x"))
     other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
     from dsd_caffe.caffe_env import make_net
@@ -121,7 +121,7 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="did not write"):
+    with pytest.raises(OutputExists, match="did not write"):
         phases.prune(inputs, foreign, phases.PruneConfig(ratio="3x"), force=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import DC_NET
 from dsd_caffe import caffe_env, netgen, zoo
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import InputMissing, UserError
 
 DC = "deep-compression-squeezenet"
 needs_dc = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent")
@@ -97,7 +97,7 @@ def test_existing_wrong_file_refused_unless_force(tmp_path):
 
 
 def test_missing_local_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.net"):
+    with pytest.raises(InputMissing, match="nope.net"):
         zoo.fetch(DC, tmp_path, url=str(tmp_path / "nope.net"))
 
 
