@@ -165,10 +165,10 @@ def name_fields(p, flags):
 
 
 def flag_names(p, e):
-    """The message of UserError ``e`` with each setting it names by field (``e.fields``) named by the flag of
-    ``p`` that sets it (its first mention): the one :func:`name_fields` gave, else the flag spelled like the field (``sparse.base_lr``:
-    ``--sparse-base-lr``), else like its last part (``sparse.snapshot``: ``--snapshot``, one flag for every
-    phase). A field no flag sets stays as it is."""
+    """The message of UserError ``e`` with each setting it names by field (``e.fields``; its first mention)
+    named by the flag of ``p`` that sets it: the one :func:`name_fields` gave, else the flag spelled like the field
+    (``sparse.base_lr``: ``--sparse-base-lr``), else like its last part (``sparse.snapshot``: ``--snapshot``, one
+    flag for every phase). A field no flag sets stays as it is."""
     parsers = [p, *_subparsers(p)]
     options = {o for parser in parsers for o in parser._option_string_actions}
     given = {k: v for parser in parsers for k, v in getattr(parser, "_dsd_fields", {}).items()}
