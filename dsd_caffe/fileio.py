@@ -512,6 +512,7 @@ def _read_prototxt_text(path, what):
     try:
         return path, data.decode("utf-8")
     except UnicodeDecodeError as e:
+        # from None: the message names the byte the UnicodeDecodeError names
         raise UserError(f"{what} {path} is not a text prototxt (byte {e.start} is not UTF-8 text; "
                         f"a binary caffemodel or solverstate?)") from None
 
