@@ -115,8 +115,9 @@ def _check_python_layer(layer, name):
     try:
         mod = importlib.import_module(module)
     except (Exception, SystemExit) as e:  # its own code fails (a syntax error, an exception, sys.exit at import)
-        if own_module(module):
-            raise  # our own layer (masklayer): a bug, with its traceback
+        missing = isinstance(e, ModuleNotFoundError) and e.name and (module + ".").startswith(e.name + ".")
+        if own_module(module) and not missing:
+            raise  # our own layer's code (masklayer) fails: a bug, with its traceback
         if isinstance(e, ImportError):
             raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from e
         raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from e

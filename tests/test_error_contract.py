@@ -168,3 +168,14 @@ def test_a_bug_in_our_own_python_layer_while_caffe_sets_it_up_keeps_its_type(mon
     layer.python_param.module, layer.python_param.layer = "dsd_caffe.masklayer", "MaskLayer"
     with pytest.raises(TypeError, match="a bug in our own code"):
         caffe_env.make_net(net)
+
+
+def test_a_module_of_ours_that_does_not_exist_is_the_users_typo():
+    from dsd_caffe import netcheck
+
+    net = netcheck.caffe_pb2().NetParameter()
+    layer = net.layer.add(name="mask", type="Python")
+    layer.python_param.module, layer.python_param.layer = "dsd_caffe.no_such_masklayer", "MaskLayer"
+    with pytest.raises(UserError, match="'dsd_caffe.no_such_masklayer' cannot be imported") as e:
+        netcheck._check_python_layer(layer, "net")
+    assert isinstance(e.value.__cause__, ModuleNotFoundError)

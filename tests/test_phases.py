@@ -100,7 +100,7 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
         phases.PruneConfig(ratio="1x")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(AccessDenied, match="is a file, not a folder"):
+    with pytest.raises(AccessDenied, match="file is not writable"):
         phases.prune(inputs, blocker / "out", phases.PruneConfig(ratio="3x"))
     other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
     from dsd_caffe.caffe_env import make_net
