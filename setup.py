@@ -6,7 +6,7 @@ COMMANDS = {
     "dsd-run": "dsd", "dsd-evaluate": "evaluate", "dsd-sensitivity": "sensitivity",
     "dsd-make-lmdb": "make_lmdb", "dsd-import-fashion-mnist": "import_fashion_mnist", "dsd-generate": "generate",
     "dsd-compress": "compress", "dsd-decode-compressed": "decode_compressed", "dsd-demo": "demo",
-    "dsd-export-onnx": "export_onnx",
+    "dsd-export-onnx": "export_onnx", "dsd-zoo": "zoo",
 }
 
 setup(
@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["dsd_caffe", "dsd_caffe.*"]),
     package_data={"dsd_caffe": ["resources/*"]},
     entry_points={"console_scripts": [f"{name}=dsd_caffe.commands.{module}:main" for name, module in COMMANDS.items()]
-                  + ["dsd-zoo=dsd_caffe.zoo:main", "dsd-info=dsd_caffe.info:main"]},
+                  + ["dsd-info=dsd_caffe.info:main"]},
     python_requires=">=3.9",
     license="BSD-2-Clause",
 )

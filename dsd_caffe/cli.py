@@ -46,9 +46,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def prog(module):
     """How the user started a module's command, for its usage line: the installed command's name (``dsd-zoo``,
-    ``dsd-info``), else ``python -m <module>``."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("dsd-") else f"python -m {module}"
+    ``dsd-info``), ``python -m <module>`` when that module's file runs, else None (argparse's default: the
+    script's name, ``zoo.py`` for ``tools/zoo.py``)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    name = os.path.basename(argv0)
+    if name.startswith("dsd-"):
+        return name
+    if os.path.abspath(argv0).endswith(os.sep + module.replace(".", os.sep) + ".py"):
+        return f"python -m {module}"
+    return None
 
 
 def parser(doc, prog=None):

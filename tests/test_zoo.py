@@ -4,12 +4,14 @@ import dataclasses
 import os
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import DC_NET
 from dsd_caffe import caffe_env, loading, netgen, zoo
+from dsd_caffe.commands import zoo as zoo_command
 
 DC = "deep-compression-squeezenet"
 needs_dc = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent")
@@ -102,7 +104,7 @@ def test_missing_local_source(tmp_path):
 
 def _main(argv):
     with pytest.raises(SystemExit) as e:
-        zoo.main(argv)
+        zoo_command.main(argv)
     return e.value.code
 
 
@@ -124,11 +126,12 @@ def test_cli_fetch_and_verify(tmp_path, capsys, caplog):
     assert len(err) == 1 and "git blob id" in err[0]
 
 
-def test_cli_help_names_the_module_and_every_flag_has_help(capsys):
+def test_cli_help_names_the_module_and_every_flag_has_help(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [zoo.__file__])  # as `python -m dsd_caffe.zoo` starts it
     for argv in (["--help"], ["fetch", "--help"], ["verify", "--help"], ["list", "--help"]):
         assert _main(argv) == 0
         assert capsys.readouterr().out.startswith(" ".join(["usage: python -m dsd_caffe.zoo", *argv[:-1]]))
-    top = zoo.parser()
+    top = zoo_command.parser()
     subs = next(a for a in top._actions if a.dest == "cmd").choices
     for p in [top, *subs.values()]:
         for action in p._actions:
