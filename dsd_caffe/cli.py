@@ -174,8 +174,13 @@ def _message(e):
     return str(e)
 
 
-def main(p, fn, argv=None):
-    """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc)."""
+#: the log line of every tool, unless it gives its own (``main``'s ``log_format``)
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+
+
+def main(p, fn, argv=None, log_format=LOG_FORMAT):
+    """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc).
+    ``log_format`` is the format of the log lines (the set-up's own ``[setup HH:MM:SS]``, for one)."""
     catch_early_interrupts()
     if not any(a.dest == "debug" for a in p._actions):
         add_common(p)
@@ -188,7 +193,7 @@ def main(p, fn, argv=None):
                         "valid UTF-8; rename it")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        format=log_format,
         datefmt="%H:%M:%S",
     )
     for note in getattr(args, "_deprecations", []):
