@@ -1,6 +1,5 @@
 """Loading a net with its weights for use: ``load`` (a zoo model name, a prototxt or a NetParameter) and
-``load_net`` (a prototxt and a caffemodel, after dsd_caffe's input checks), the one path every tool and library
-call takes to a ready ``caffe.Net``.
+``load_net`` (a prototxt and a caffemodel, after dsd_caffe's input checks), each giving a ready ``caffe.Net``.
 
 A zoo model's net is generated in memory by :mod:`dsd_caffe.netgen` (the same NetParameter that
 ``tools/generate.py`` writes to the repository's models/), so ``load`` needs no prototxt file and works from an
@@ -10,7 +9,9 @@ import logging
 import os
 import weakref
 
-from . import caffe_env, fileio, netcheck, sources, zoo
+import numpy as np
+
+from . import caffe_env, deepcompression, fileio, netcheck, sources, zoo
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ def _is_hdf5(path):
 
 
 def _copy_param(net, param):
-    import numpy as np
-
     for layer in param.layer:
         if layer.name in net.params:
             for blob, bp in zip(net.params[layer.name], layer.blobs):
@@ -64,8 +63,6 @@ def _copy_param(net, param):
 
 
 def _param_net(net_param, phase, gpu):
-    from . import caffe_env
-
     caffe_env.set_device(gpu)
     return caffe_env.make_net(net_param, phase)
 
@@ -84,8 +81,6 @@ def _weights_param(model, weights, net):
     """The weights of ``model`` as a NetParameter: a caffemodel as it is, a Deep Compression ``.net`` decoded."""
     if model.format == "caffemodel":
         return fileio.read_caffemodel(weights)
-    from . import deepcompression
-
     specs = deepcompression.net_specs(net)
     return deepcompression.to_net_parameter(deepcompression.decode(weights, specs), specs)
 
@@ -101,8 +96,6 @@ def loaded_model(net):
 
 def _copy_weights(net, weights_param, weights, net_name):
     """Copy ``weights_param`` into ``net`` once it is known to fit (netcheck's rules, as Caffe's copy_from)."""
-    from . import netcheck
-
     netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
                                net_name=net_name)
     _copy_param(net, weights_param)
