@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 #: module; its function is ``dsd_caffe.evaluate.evaluate``).
 _EXPORTS = {
     "UserError": "errors",
+    "OutputExists": "errors",
+    "InputMissing": "errors",
+    "AccessDenied": "errors",
+    "DiskFull": "errors",
     "Interrupted": "errors",
     "import_caffe": "caffe_env",
     "set_device": "devices",
@@ -81,7 +85,7 @@ _EXPORTS = {
     "format_results": "evaluate",
     "check_weights_fit": "netcheck",
     "ZOO": "zoo",
-    "load": "zoo",
+    "load": "loading",
     "fetch": "zoo",
     "verify": "zoo",
     "git_blob_id": "zoo",

@@ -26,7 +26,7 @@ import tempfile
 
 from . import blas
 from .caffeproto import SETUP_HINT
-from .errors import UserError
+from .errors import InputMissing, UserError, own_module
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def import_caffe():
         try:
             import caffe  # deferred: heavy (loads _caffe.so, BLAS, glog), and only once the environment is set
         except ImportError as e:
-            raise UserError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from None
+            raise UserError(f"pycaffe is not importable ({e}); {SETUP_HINT}") from e
     if "GLOG_minloglevel" not in os.environ:
         _glog_flags(caffe._caffe.__file__)["minloglevel"].value = QUIET
     return caffe
@@ -84,7 +84,7 @@ def _glog_flags(extension):
         return {"minloglevel": ctypes.c_int.in_dll(lib, "_ZN3fLI17FLAGS_minloglevelE"),
                 "logtostderr": ctypes.c_bool.in_dll(lib, "_ZN3fLB17FLAGS_logtostderrE")}
     except ValueError as e:  # symbol not found: a glog built without these flags, or a static one
-        raise RuntimeError(f"cannot reach glog's flags through {extension}: {e}") from None
+        raise RuntimeError(f"cannot reach glog's flags through {extension}: {e}") from e
 
 
 def _flags():
@@ -141,7 +141,7 @@ def caffe_tool(name):
         path = os.path.join(folder, name)
         if os.access(path, os.X_OK):
             return path
-    raise FileNotFoundError(f"Caffe tool {name!r} not found beside pycaffe in {caffe_prefix()}; {SETUP_HINT}")
+    raise InputMissing(f"Caffe tool {name!r} not found beside pycaffe in {caffe_prefix()}; {SETUP_HINT}")
 
 
 def build_info():
@@ -180,11 +180,11 @@ def make_net(net_param, phase="TEST", weights=None):
         net = caffe.Net(path, phase_value)
     except (Exception, SystemExit) as e:  # only a Python layer's own code raises here (Caffe's checks abort)
         layer = _python_layer_in(net_param, e)
-        if layer is None:
-            raise
+        if layer is None or (own_module(layer.python_param.module) and not isinstance(e, UserError)):
+            raise  # not a Python layer's, or a bug in our own layer: its traceback
         p = layer.python_param
         raise UserError(f"Python layer {layer.name!r} (module {p.module!r}, class {p.layer!r}) failed while Caffe set "
-                        f"it up: {type(e).__name__}: {e}") from None
+                        f"it up: {type(e).__name__}: {e}") from e
     finally:
         os.unlink(path)
     if weights is not None:

@@ -3,9 +3,11 @@ and one clear line for bad input.
 
 - :func:`parser`: ``--help`` shows the tool's docstring and every flag's default.
 - :func:`main`: parses, sets up logging, runs the tool's one library call and exits: 0 on success; 2 with one line
-  ``<tool>: error: <message>`` for a :class:`~dsd_caffe.errors.UserError` or an OS error (a missing, unwritable or
-  full path); 130 with one line on Ctrl-C or SIGTERM; :data:`DIVERGED` (3) when a tool reports a diverged model
-  (a loss or output that is not finite). Anything else is a bug and shows its traceback.
+  ``<tool>: error: <message>`` for a :class:`~dsd_caffe.errors.UserError` (a missing, unwritable or full path is
+  one too: the library raises it where it meets the path), the settings it names by field (``sparse.base_lr``)
+  printed as the tool's flags (``--sparse-base-lr``, :func:`flag_names`); 130 with one line on Ctrl-C or SIGTERM;
+  :data:`DIVERGED` (3) when a tool reports a diverged model (a loss or output that is not finite). Anything else,
+  an OSError included, is a bug and shows its traceback (see :mod:`dsd_caffe.errors`).
 - The vocabulary (a test checks it across every tool's ``--help``): ``--output`` for every output; ``--max-iter``,
   ``--epochs``, ``--base-lr`` for one phase, prefixed with the phase (``--sparse-max-iter``,
   ``--redense-base-lr``) where a tool drives several; ``--iterations`` for evaluation batches; lists are
@@ -13,9 +15,9 @@ and one clear line for bad input.
   (:func:`add_deprecated`) and print one deprecation line.
 """
 import argparse
-import errno
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -23,12 +25,8 @@ from .errors import Interrupted, UserError
 
 log = logging.getLogger("dsd_caffe.cli")
 
-#: OS errors reported in one line: missing, unwritable, in-the-way or full paths. Other OSErrors are bugs too rare
-#: to guess about, but still environmental: they are reported in one line as well.
-USER_ERRORS = (UserError, OSError)
 #: the exit status of a tool that reports a diverged model (evaluate.py unless --allow-diverged, dsd.py)
 DIVERGED = 3
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -46,9 +44,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def prog(module):
     """How the user started a module's command, for its usage line: the installed command's name (``dsd-zoo``,
-    ``dsd-info``), else ``python -m <module>``."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("dsd-") else f"python -m {module}"
+    ``dsd-info``), ``python -m <module>`` when that module's file runs, else None (argparse's default: the
+    script's name, ``zoo.py`` for ``tools/zoo.py``)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    name = os.path.basename(argv0)
+    if name.startswith("dsd-"):
+        return name
+    if os.path.abspath(argv0).endswith(os.sep + module.replace(".", os.sep) + ".py"):
+        return f"python -m {module}"
+    return None
 
 
 def parser(doc, prog=None):
@@ -158,16 +162,40 @@ def _early_interrupt(signum, frame):
     sys.exit(130)
 
 
-def _message(e):
-    if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
-        where = f": {e.filename}" if e.filename else ""
-        hint = "; free some space and run the same command again" if e.errno in _FULL else ""
-        return f"{e.strerror}{where}{hint}"
-    return str(e)
+def name_fields(p, flags):
+    """Say which flag of ``p`` sets a config field where the flag is not spelled like it: ``flags`` maps field
+    to flag (``{"gradual.initial": "--gradual-initial-density"}``), for :func:`flag_names`."""
+    p._dsd_fields = {**getattr(p, "_dsd_fields", {}), **flags}
 
 
-def main(p, fn, argv=None):
-    """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc)."""
+def flag_names(p, e):
+    """The message of UserError ``e`` with each setting it names by field (``e.fields``; its first mention)
+    named by the flag of ``p`` that sets it: the one :func:`name_fields` gave, else the flag spelled like the field
+    (``sparse.base_lr``: ``--sparse-base-lr``), else like its last part (``sparse.snapshot``: ``--snapshot``, one
+    flag for every phase). A field no flag sets stays as it is."""
+    parsers = [p, *_subparsers(p)]
+    options = {o for parser in parsers for o in parser._option_string_actions}
+    given = {k: v for parser in parsers for k, v in getattr(parser, "_dsd_fields", {}).items()}
+    message = str(e)
+    for field in e.fields:
+        spelled = (given.get(field), _flag(field.replace(".", "_")), _flag(field.rpartition(".")[2]))
+        flag = next((f for f in spelled if f in options), None)
+        if flag:
+            message = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w-])", flag, message, count=1)
+    return message
+
+
+def _subparsers(p):
+    return [s for a in p._actions if isinstance(a, argparse._SubParsersAction) for s in a.choices.values()]
+
+
+#: the log line of every tool, unless it gives its own (``main``'s ``log_format``)
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+
+
+def main(p, fn, argv=None, log_format=LOG_FORMAT):
+    """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc).
+    ``log_format`` is the format of the log lines (the set-up's own ``[setup HH:MM:SS]``, for one)."""
     catch_early_interrupts()
     if not any(a.dest == "debug" for a in p._actions):
         add_common(p)
@@ -180,7 +208,7 @@ def main(p, fn, argv=None):
                         "valid UTF-8; rename it")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        format=log_format,
         datefmt="%H:%M:%S",
     )
     for note in getattr(args, "_deprecations", []):
@@ -195,9 +223,9 @@ def main(p, fn, argv=None):
     except KeyboardInterrupt:
         print(f"{p.prog}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except USER_ERRORS as e:
+    except UserError as e:
         if args.debug:
             raise
-        print(f"{p.prog}: error: {_message(e)}", file=sys.stderr)
+        print(f"{p.prog}: error: {flag_names(p, e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)

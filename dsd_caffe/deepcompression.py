@@ -703,9 +703,10 @@ def encode(layers, output, prototxt, format="net", bits=None, force=False):
     ``format`` is "net" (Deep Compression's, 8-bit conv / 4-bit fc) or "huffman" (ours; ``bits`` may override
     the widths there). Returns {"layers": [per-layer rows], "bytes": total}."""
     if format not in FORMATS:
-        raise UserError(f"format must be one of {FORMATS}, got {format!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {format!r}", fields=["format"])
     if format == "net" and bits is not None:
-        raise UserError("the .net format fixes the widths (8 bits conv, 4 bits fc); --bits needs --format huffman")
+        raise UserError("bits needs format huffman: the .net format fixes the widths (8 bits conv, 4 bits fc)",
+                        fields=["bits", "format"])
     fileio.check_output(output, force)
     specs = _specs(prototxt)
     if format == "net":

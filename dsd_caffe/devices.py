@@ -41,7 +41,7 @@ def _number(value, text):
         except ValueError:
             value = None
     if value is None or not 0 <= value <= _INT_MAX:
-        raise UserError(f"--gpu {text}: a device is a whole number >= 0 (e.g. --gpu 0 or --gpu 0,1)")
+        raise UserError(f"gpu {text}: a device is a whole number >= 0 (e.g. 0, or 0,1 for two)", fields=["gpu"])
     return value
 
 
@@ -57,11 +57,11 @@ def parse(gpu):
     else:
         text, items = str(gpu), [gpu]
     if not items or (isinstance(gpu, str) and not gpu.strip()):
-        raise UserError(f"--gpu {text!r}: name at least one device (e.g. --gpu 0)")
+        raise UserError(f"gpu {text!r}: name at least one device (e.g. 0)", fields=["gpu"])
     numbers = tuple(_number(v.strip() if isinstance(v, str) else v, text) for v in items)
     twice = sorted({n for n in numbers if numbers.count(n) > 1})
     if twice:
-        raise UserError(f"--gpu {text}: device {twice[0]} is given twice; each device runs one solver")
+        raise UserError(f"gpu {text}: device {twice[0]} is given twice; each device runs one solver", fields=["gpu"])
     return numbers
 
 
@@ -73,15 +73,17 @@ def check(gpu, offer=None):
     if gpus is None:
         return None
     got = offer if isinstance(offer, Offer) else (offer or probe)()
-    flag = "--gpu " + ",".join(map(str, gpus))
+    flag = "gpu " + ",".join(map(str, gpus))
     if got.cpu_only:
         raise UserError(f"{flag}: there is no GPU device {gpus[0]} for this Caffe: it is a CPU-only build; rebuild "
-                        "with `python3 -m dsd_caffe.build --gpu` on a machine with CUDA, or drop --gpu")
+                        "with `python3 -m dsd_caffe.build --gpu` on a machine with CUDA, or run on the CPU",
+                        fields=["gpu"])
     missing = [g for g in gpus if g >= got.count]
     if missing:
         have = ("no GPU" if got.count == 0 else f"{got.count} GPU{'s' if got.count > 1 else ''} "
                 f"(device{'s' if got.count > 1 else ''} {', '.join(map(str, range(got.count)))})")
-        raise UserError(f"{flag}: there is no GPU device {missing[0]} here: CUDA sees {have} ({got.how})")
+        raise UserError(f"{flag}: there is no GPU device {missing[0]} here: CUDA sees {have} ({got.how})",
+                        fields=["gpu"])
     return gpus
 
 

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 
 from . import fileio, lmdbio
-from .errors import UserError
+from .errors import InputMissing, OutputExists, UserError
 from .checks import count
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def read_idx(path):
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise UserError(f"IDX file {path} is unreadable ({e})") from None
+        raise UserError(f"IDX file {path} is unreadable ({e})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
     ndim = data[3]
@@ -53,7 +53,7 @@ def _idx_files(source_dir):
              for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
     for p in files.values():
         if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found; install Debian's dataset-fashion-mnist package")
+            raise InputMissing(f"{p} not found; install Debian's dataset-fashion-mnist package")
     return files
 
 
@@ -68,8 +68,8 @@ def _present(paths, settings):
         sidecar = fileio.sidecar_path(path)
         meta = fileio.read_json(sidecar) if os.path.exists(sidecar) else {}
         if split != "test" and any(meta.get(k) != v for k, v in settings.items()):
-            raise FileExistsError(f"{path} exists from other settings ({ {k: meta.get(k) for k in settings} }); "
-                                  f"pass --force to rebuild it with {settings}")
+            raise OutputExists(f"{path} exists from other settings ({ {k: meta.get(k) for k in settings} }); "
+                               f"pass --force to rebuild it with {settings}")
         info = lmdbio.lmdb_info(path)
         if info["count"] != meta.get("count"):
             raise UserError(f"{path} holds {info['count']} records, its JSON says {meta.get('count')}; "

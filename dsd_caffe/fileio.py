@@ -17,6 +17,9 @@ Rules every tool follows through this module:
   never ends) is refused.
 - One writer per output (:func:`output_lock`): a second process writing the same output, or anything inside it,
   is refused with one line naming the live pid; the lock goes with the process, however it ends.
+- Every refusal is a UserError (:mod:`dsd_caffe.errors`); a write the disk or the file system refuses (full, over
+  quota, read-only, not permitted) is one too, naming the output (:func:`write_errors`). Any other OSError is a
+  bug and keeps its traceback.
 """
 import contextlib
 import csv
@@ -36,7 +39,7 @@ import threading
 import time
 
 from .caffeproto import caffe_pb2
-from .errors import UserError
+from .errors import AccessDenied, DiskFull, InputMissing, OutputExists, UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def check_output(path, force=False):
     path = os.fspath(path)
     _check_kind(path)
     if os.path.lexists(path) and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+        raise OutputExists(f"{path} already exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))
     missing = _missing_folders(folder)
     existing = os.path.dirname(missing[-1]) if missing else folder
@@ -78,8 +81,40 @@ def check_output(path, force=False):
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is {what}")
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
     except OSError as e:
-        raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
+        raise AccessDenied(f"output folder {folder} is not writable ({e.strerror or e})") from e
     return path
+
+
+#: the errno of a write that the disk or the file system refuses: no space, no quota, read-only, not permitted
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DENIED = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def refused_write(e, path):
+    """The UserError for OSError ``e`` met writing ``path`` when the disk or the file system refused the write
+    (:class:`DiskFull`, :class:`AccessDenied`, naming the file, or ``path`` when the error names none); None for
+    any other OSError, a bug."""
+    where = e.filename or os.fspath(path)
+    if e.errno in _FULL:
+        return DiskFull(e.errno, e.strerror, where)
+    if e.errno in _DENIED:
+        return AccessDenied(f"{where} is not writable ({e.strerror})")
+    return None
+
+
+@contextlib.contextmanager
+def write_errors(path):
+    """Turn an OSError of the block that :func:`refused_write` calls the disk's or the file system's into its
+    UserError naming ``path`` (the original is its cause); any other exception passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        refusal = refused_write(e, path)
+        if refusal is None:
+            raise
+        raise refusal from e
 
 
 def _remove(path):
@@ -97,6 +132,12 @@ def atomic_path(path, force=True, directory=False):
     """
     path = os.path.abspath(os.fspath(path))
     check_output(path, force=force)
+    with write_errors(path):
+        yield from _staged(path, directory)
+
+
+def _staged(path, directory):
+    """The body of :func:`atomic_path`, which delegates to it (``yield from``: the block's exception too)."""
     folder = os.path.dirname(path)
     made = _missing_folders(folder)
     os.makedirs(folder, exist_ok=True)
@@ -120,11 +161,9 @@ def atomic_path(path, force=True, directory=False):
         _fsync_dir(folder)
         if aside:
             _remove(aside)
-    except BaseException as e:
+    except BaseException:
         _remove(tmp)
         _rmdirs(made)  # the folders made for it, when empty
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
-            raise OSError(e.errno, e.strerror, path) from None  # a write's error names no file: name it
         raise
 
 
@@ -151,16 +190,16 @@ def check_replaceable(folder, owned, force, tool):
     if not os.path.lexists(folder):
         return folder
     if not os.path.isdir(folder) or os.path.islink(folder):
-        raise FileExistsError(f"output {folder} exists and is not a folder")
+        raise OutputExists(f"output {folder} exists and is not a folder")
     entries = sorted(os.listdir(folder))
     if not entries:
         return folder
     foreign = [e for e in entries if not owns(owned, e)]
     if foreign:
-        raise FileExistsError(f"output folder {folder} holds {foreign[0]!r}, which {tool} did not write; "
-                              "refusing to replace it, also with --force (use another --output)")
+        raise OutputExists(f"output folder {folder} holds {foreign[0]!r}, which {tool} did not write; "
+                           "refusing to replace it, also with --force (use another --output)")
     if not force:
-        raise FileExistsError(f"output folder {folder} already holds output of {tool}; pass --force to replace it")
+        raise OutputExists(f"output folder {folder} already holds output of {tool}; pass --force to replace it")
     return folder
 
 
@@ -224,12 +263,13 @@ def output_lock(output):
                 os.makedirs(folder, exist_ok=True)
                 f = open(path, "a+")
             except OSError as e:
-                raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e})") from None
+                raise AccessDenied(f"output folder {folder} is not writable ({e.strerror or e})") from e
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 pid = _holder(f)
                 f.close()
+                # from None: the flock's EWOULDBLOCK says no more than the message
                 raise UserError(f"{os.path.abspath(os.fspath(output))} is in use by another dsd-caffe process "
                                 f"(pid {pid}); wait for it to end, or use another --output") from None
             if _same_file(f, path):
@@ -240,11 +280,14 @@ def output_lock(output):
             f.truncate()
             f.write(f"{os.getpid()}\n")
             f.flush()
-        except OSError:  # a full disk: the lock file goes as on leaving
+        except OSError as e:  # a full disk: the lock file goes as on leaving
             _unmake(path, made)
             with contextlib.suppress(OSError):
                 f.close()  # its buffered pid cannot be written either
-            raise
+            refusal = refused_write(e, path)
+            if refusal is None:
+                raise
+            raise refusal from e
         with _held_guard:
             entry = _held[path] = [f, 1]
         try:
@@ -414,6 +457,7 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
+        # from None: the message holds all the JSONDecodeError says
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
@@ -454,14 +498,14 @@ def require_file(path, what):
     input that may never end, such as /dev/zero) is refused naming it."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise InputMissing(f"{what} {path} does not exist")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+        raise UserError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} is {_kind(os.stat(path).st_mode)}, not a regular file; inputs are read "
                         "from regular files only")
     if not os.access(path, os.R_OK):
-        raise PermissionError(f"{what} {path} is not readable")
+        raise AccessDenied(f"{what} {path} is not readable")
     return path
 
 
@@ -475,7 +519,7 @@ def parse_prototxt(text, message, name="<string>"):
         line, col = getattr(e, "GetLine", lambda: None)(), getattr(e, "GetColumn", lambda: None)()
         where = f"{name}:{line}:{col}" if line else name
         msg = str(e).split(" : ", 1)[-1] if line else str(e)
-        raise UserError(f"{where}: prototxt syntax error: {msg}") from None
+        raise UserError(f"{where}: prototxt syntax error: {msg}") from None  # the ParseError's whole message
 
 
 def _read_prototxt_text(path, what):
@@ -486,6 +530,7 @@ def _read_prototxt_text(path, what):
     try:
         return path, data.decode("utf-8")
     except UnicodeDecodeError as e:
+        # from None: the message names the byte the UnicodeDecodeError names
         raise UserError(f"{what} {path} is not a text prototxt (byte {e.start} is not UTF-8 text; "
                         f"a binary caffemodel or solverstate?)") from None
 
@@ -522,7 +567,7 @@ def read_caffemodel(path):
         net.ParseFromString(data)
     except DecodeError as e:
         _refuse_solverstate(path, data)
-        raise UserError(f"caffemodel {path} is truncated or corrupted ({e})") from None
+        raise UserError(f"caffemodel {path} is truncated or corrupted ({e})") from None  # (e) is all it says
     if not any(len(l.blobs) for l in net.layer) and not any(len(l.blobs) for l in net.layers):
         _refuse_solverstate(path, data)
         raise UserError(f"caffemodel {path} holds no weights (is it a caffemodel?)")

@@ -29,13 +29,13 @@ SCHEDULES = ("oneshot", "gradual")
 
 def _count(value, what, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}")
+        raise UserError(f"{what} must be an integer >= {minimum}, got {value!r}", fields=[what])
     return value
 
 
-def _initial(value, what="--gradual-initial-density"):
+def _initial(value, what="gradual.initial"):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise UserError(f"{what} must be a density in (0, 1], got {value!r}")
+        raise UserError(f"{what} must be a density in (0, 1], got {value!r}", fields=[what])
     return float(value)
 
 
@@ -86,8 +86,8 @@ class Plan:
         if max_iter is not None and self.end > max_iter - 1:
             raise UserError(f"the gradual schedule ends at iteration {self.end} (begin {self.begin} + {self.steps} "
                             f"steps x interval {self.interval}), after the {phase} phase's last iteration "
-                            f"{max_iter - 1} (max_iter {max_iter}); give fewer --gradual-steps, a shorter "
-                            "--gradual-interval or a longer phase")
+                            f"{max_iter - 1} (max_iter {max_iter}); give fewer gradual.steps, a shorter "
+                            "gradual.interval or a longer phase", fields=["gradual.steps", "gradual.interval"])
         return self
 
     def to_json(self):
@@ -115,11 +115,11 @@ class Gradual:
 
     def __post_init__(self):
         if self.begin is not None:
-            _count(self.begin, "--gradual-begin", 0)
+            _count(self.begin, "gradual.begin", 0)
         if self.interval is not None:
-            _count(self.interval, "--gradual-interval", 1)
+            _count(self.interval, "gradual.interval", 1)
         if self.steps is not None:
-            _count(self.steps, "--gradual-steps", 1)
+            _count(self.steps, "gradual.steps", 1)
         if self.initial is not None:
             _initial(self.initial)
 
@@ -146,7 +146,7 @@ class Gradual:
 
 def check_schedule(name):
     if name not in SCHEDULES:
-        raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+        raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}", fields=["schedule"])
     return name
 
 

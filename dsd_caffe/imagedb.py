@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import blas, datums, fileio, lmdbio
 from .caffeproto import caffe_pb2
-from .errors import UserError
+from .errors import InputMissing, UserError
 from .checks import INT_MAX, count as _count
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def _parse_resize(resize):
     try:
         h, w = (int(v) for v in resize)
     except (TypeError, ValueError):
+        # from None: the int() error says no more
         raise UserError(f"resize must be (height, width), an int or None, got {resize!r}") from None
     if h <= 0 or w <= 0:
         raise UserError(f"resize must be positive, got {resize!r}")
@@ -108,6 +109,7 @@ def read_list_file(path):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
+                # from None: the message holds the decode error's facts
                 raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
                                 f"{e.start + 1}); save the list file as UTF-8") from None
             if not line.strip():
@@ -116,6 +118,7 @@ def read_list_file(path):
             try:
                 label = int(label)
             except ValueError:
+                # from None: the int() error says no more
                 raise UserError(f"{path}:{lineno}: expected `<path> <integer label>`, got {line!r}") from None
             if not name or label < 0:
                 raise UserError(f"{path}:{lineno}: expected `<path> <label >= 0>`, got {line!r}")
@@ -137,7 +140,7 @@ def list_folder(root):
     every other file is listed (non-images are skipped later, and reported)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise InputMissing(f"image folder {root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise UserError(f"image folder {root} has no class sub-folders (expected <root>/<class>/<image>)")
@@ -159,11 +162,11 @@ def _inputs(source, root):
     if os.path.isdir(source):
         return (*list_folder(source), source)
     if not os.path.exists(source):
-        raise FileNotFoundError(f"image folder or list file {source} does not exist")
+        raise InputMissing(f"image folder or list file {source} does not exist")
     items = read_list_file(source)
     root = os.path.dirname(os.path.abspath(source)) if root is None else root
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image root folder {root} does not exist")
+        raise InputMissing(f"image root folder {root} does not exist")
     return items, None, root
 
 

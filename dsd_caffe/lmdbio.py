@@ -4,7 +4,7 @@ back, and inspect one before Caffe opens it.
 Writing. An LMDB is built under a temporary name beside its output and renamed into place only when complete
 (:func:`new_lmdb`), so a crash never leaves a half-written LMDB under the real name. ``--force`` replaces only an
 LMDB (a folder holding nothing but ``data.mdb`` and ``lock.mdb``), never a folder of other data
-(:func:`check_output`). A full disk is an OSError (ENOSPC) that leaves the old output or nothing. Every writer
+(:func:`check_output`). A full disk is a DiskFull error (ENOSPC) that leaves the old output or nothing. Every writer
 checks its counts before the rename (:meth:`LmdbWriter.finish`).
 
 Checking. :func:`check_lmdb` and :func:`label_range` read every record of an LMDB up to FULL_CHECK_BYTES and an
@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from . import fileio
 from .caffeproto import caffe_pb2
-from .errors import UserError
+from .errors import DiskFull, UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class LmdbWriter:
     """Puts records into a new LMDB folder, growing its map as needed, and counts them. :meth:`finish` checks that
     every input is accounted for before the LMDB may be renamed into place.
 
-    A full disk is an OSError (ENOSPC), never a SIGBUS: the environment is opened without LMDB's lock file, whose
+    A full disk is a DiskFull error (ENOSPC), never a SIGBUS: the environment is opened without LMDB's lock file, whose
     shared memory map faults with SIGBUS when the file system cannot back a page of it (on tmpfs, a full disk).
     Nothing else opens a temporary LMDB, so the lock has nothing to guard. Data pages are written with
     ``pwrite`` (no ``writemap``), so they fail with an error code instead of a fault as well.
@@ -61,9 +61,10 @@ class LmdbWriter:
 
     @contextlib.contextmanager
     def _disk_errors(self, size=0):
-        """An lmdb.Error from writing ``size`` bytes to disk, as the OSError it is (the tools report an OSError
-        in one line). LMDB reports a disk that fills up during a commit as EIO (a short write): an EIO with less
-        than ``size`` + 1 MiB free is that, and reported as ENOSPC."""
+        """An lmdb.Error from writing ``size`` bytes to disk, as the OSError it is: a full disk is DiskFull (a
+        UserError: one line in the tools), an I/O error an OSError (a traceback). LMDB reports a disk that fills
+        up during a commit as EIO (a short write): an EIO with less than ``size`` + 1 MiB free is that, and
+        reported as ENOSPC."""
         try:
             yield
         except lmdb.Error as e:
@@ -73,7 +74,7 @@ class LmdbWriter:
                 if st.f_bavail * st.f_frsize < size + (1 << 20):
                     code = errno.ENOSPC
             log.debug("LMDB error writing %s: %s", self.folder, e)
-            raise OSError(code, os.strerror(code), self.name) from None
+            raise (DiskFull if code == errno.ENOSPC else OSError)(code, os.strerror(code), self.name) from e
 
     def put(self, records):
         """Write (key, value) pairs in one transaction, doubling the map size and retrying when it is full."""
@@ -177,7 +178,7 @@ def _open_readonly(path):
     try:
         return lmdb.open(path, readonly=True, lock=False, subdir=True, readahead=False)
     except lmdb.Error as e:
-        raise UserError(f"LMDB {path} is unreadable ({e})") from None
+        raise UserError(f"LMDB {path} is unreadable ({e})") from e
 
 
 def check_caffe_can_open(path):
@@ -197,7 +198,7 @@ def check_caffe_can_open(path):
     except OSError as e:
         raise UserError(f"LMDB {path}: Caffe opens its lock file {lock} for writing (creating it when absent), even "
                         f"to read, and cannot here ({e.strerror}); copy the LMDB to a folder you can write, or get "
-                        "write access to it") from None
+                        "write access to it") from e
 
 
 def decode(data):
@@ -213,6 +214,7 @@ def _datum(path, key, value):
     try:
         datum.ParseFromString(value)
     except DecodeError:
+        # from None: the DecodeError says no more
         raise UserError(f"LMDB {path}: record {_name(key)} is not a caffe Datum") from None
     return datum
 
@@ -248,7 +250,7 @@ def lmdb_info(path):
         with env.begin() as txn:
             key, value = next(iter(txn.cursor()))
     except lmdb.Error as e:
-        raise UserError(f"LMDB {path} is unreadable ({e})") from None
+        raise UserError(f"LMDB {path} is unreadable ({e})") from e
     finally:
         env.close()
     datum = _datum(path, key, value)

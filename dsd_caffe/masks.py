@@ -27,7 +27,7 @@ import numpy as np
 
 from . import caffefacts, fileio
 from .caffeproto import caffe_pb2
-from .errors import UserError
+from .errors import InputMissing, UserError
 from .gradual import Plan
 
 #: where Caffe finds the mask layer (python_param module and layer)
@@ -99,7 +99,7 @@ def _spec(text):
     try:
         spec = json.loads(text or "")
     except json.JSONDecodeError as e:
-        raise UserError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None
+        raise UserError(f"MaskLayer param_str is not valid JSON ({e.msg}): {text!r}") from None  # e.msg is all
     return spec
 
 
@@ -417,12 +417,12 @@ def save_masks(path, masks, force=False):
 
 def load_masks(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"masks file {path} does not exist")
+        raise InputMissing(f"masks file {path} does not exist")
     try:
         with np.load(path) as z:
             return {k: z[k].astype(bool) for k in z.files}
     except (OSError, ValueError) as e:
-        raise UserError(f"masks file {path} is unreadable ({e})") from None
+        raise UserError(f"masks file {path} is unreadable ({e})") from e
 
 
 def same_masks(a, b):

@@ -160,8 +160,9 @@ def check_nccl(caffe, gpus):
     """Refuse several devices on a Caffe built without NCCL (its pycaffe's ``has_nccl``)."""
     has = getattr(caffe, "has_nccl", None)
     if has is None or not has():
-        raise UserError(f"--gpu {','.join(map(str, gpus))}: several devices need a Caffe built with NCCL, and this "
-                        "one is not; build it with `python3 -m dsd_caffe.build --gpu`, or give one device")
+        raise UserError(f"gpu {','.join(map(str, gpus))}: several devices need a Caffe built with NCCL, and this "
+                        "one is not; build it with `python3 -m dsd_caffe.build --gpu`, or give one device",
+                        fields=["gpu"])
 
 
 def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
@@ -190,6 +191,7 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
             except KeyboardInterrupt:
                 control.stop.set()
                 _wait_stopped(procs, tail, progress)
+                # from None: the KeyboardInterrupt says no more
                 raise training._interrupted(job, progress) from None
     finally:
         for p in procs:

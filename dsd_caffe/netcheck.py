@@ -3,7 +3,7 @@ check lives here, so that every tool runs the same ones.)
 
 Caffe answers a mismatched caffemodel, a missing LMDB or a too-small image with a glog ``Check failed`` and an
 abort. These checks mirror Caffe's own rules (``Net::FilterNet``, ``Net::CopyTrainedLayersFrom``,
-``Blob::ShapeEquals``, ``DataTransformer::Transform``) and raise one clear ValueError/FileNotFoundError instead:
+``Blob::ShapeEquals``, ``DataTransformer::Transform``) and raise one clear UserError instead:
 
 - :func:`included_layers`: the layers Caffe keeps for a phase/level/stages (``include``/``exclude`` rules).
 - :func:`check_structure`: every layer type is registered in this Caffe build (``LayerRegistry::CreateLayer``), a
@@ -30,7 +30,7 @@ import os
 from google.protobuf.message import DecodeError
 
 from .caffeproto import caffe_pb2
-from .errors import UserError
+from .errors import InputMissing, UserError, own_module
 from . import caffefacts, lmdbio, masks, netgen, sources
 from .caffe_env import import_caffe, make_net
 from .lmdbio import label_range, lmdb_info
@@ -116,10 +116,13 @@ def _check_python_layer(layer, name):
         raise UserError(f"{where} needs python_param {{ module: ... layer: ... }}")
     try:
         mod = importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from None
     except (Exception, SystemExit) as e:  # its own code fails (a syntax error, an exception, sys.exit at import)
-        raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from None
+        missing = isinstance(e, ModuleNotFoundError) and e.name and (module + ".").startswith(e.name + ".")
+        if own_module(module) and not missing:
+            raise  # our own layer's code (masklayer) fails: a bug, with its traceback
+        if isinstance(e, ImportError):
+            raise UserError(f"{where}: module {module!r} cannot be imported ({e}); is it on PYTHONPATH?") from e
+        raise UserError(f"{where}: module {module!r} fails to import ({type(e).__name__}: {e})") from e
     if not isinstance(getattr(mod, cls, None), type):
         raise UserError(f"{where}: module {module!r} has no class {cls!r}")
     if not issubclass(getattr(mod, cls), import_caffe().Layer):
@@ -158,9 +161,9 @@ def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
     full = resolve_source(source)
     try:
         info = lmdbio.lmdb_info(full)
-    except ValueError as e:
+    except UserError as e:
         rel = "" if os.path.isabs(source) else f" (source {source!r} resolved against the current folder)"
-        raise UserError(f"{where}: {e}{rel}") from None
+        raise UserError(f"{where}: {e}{rel}") from e
     if info["encoded"] and (force_color or force_gray):
         info["channels"] = 3 if force_color else 1
     return info
@@ -169,14 +172,14 @@ def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
 def _read_mean(path, where):
     full = resolve_source(path)
     if not os.path.isfile(full):
-        raise FileNotFoundError(f"{where}: mean_file {path} does not exist")
+        raise InputMissing(f"{where}: mean_file {path} does not exist")
     blob = caffe_pb2().BlobProto()
     with open(full, "rb") as f:
         data = f.read()
     try:
         blob.ParseFromString(data)
     except DecodeError:
-        raise UserError(f"{where}: mean_file {path} is not a binaryproto mean") from None
+        raise UserError(f"{where}: mean_file {path} is not a binaryproto mean") from None  # DecodeError: no more
     if blob.HasField("shape") and len(blob.shape.dim):
         dims = list(blob.shape.dim)[-3:]
     else:
@@ -216,8 +219,8 @@ def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=Non
                 raise UserError(f"{where}: batch_size must be > 0")
             if dp.backend != pb2.DataParameter.LMDB:
                 if not os.path.exists(resolve_source(dp.source)):
-                    raise FileNotFoundError(f"{where}: LevelDB {dp.source} does not exist (relative paths are "
-                                            f"resolved against the current folder {os.getcwd()})")
+                    raise InputMissing(f"{where}: LevelDB {dp.source} does not exist (relative paths are "
+                                       f"resolved against the current folder {os.getcwd()})")
                 continue
             tp = layer.transform_param
             if tp.mirror and phase_value(phase) == PHASES["TEST"]:
@@ -226,14 +229,14 @@ def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=Non
             info = lmdb_summary(dp.source, where, tp.force_color, tp.force_gray)
             try:
                 lmdbio.check_caffe_can_open(resolve_source(dp.source))
-            except ValueError as e:
-                raise UserError(f"{where}: {e}") from None
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from e
             _check_transform(tp, info["channels"], info["height"], info["width"], f"{where} (LMDB {dp.source})")
             try:  # every record (a sample of a large LMDB): Caffe aborts on any image smaller than the crop
                 checked = lmdbio.check_lmdb(resolve_source(dp.source), crop_size=tp.crop_size,
                                             force_color=tp.force_color, force_gray=tp.force_gray)
-            except ValueError as e:
-                raise UserError(f"{where}: {e}") from None
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from e
             if label_ranges is not None:
                 label_ranges[resolve_source(dp.source)] = checked["label_range"]
             if iterations and info["count"] < iterations * dp.batch_size:
@@ -247,7 +250,7 @@ def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=Non
             if not src:
                 raise UserError(f"{where} has no source")
             if not os.path.isfile(resolve_source(src)):
-                raise FileNotFoundError(f"{where}: source {src} does not exist (relative paths are resolved "
+                raise InputMissing(f"{where}: source {src} does not exist (relative paths are resolved "
                                         f"against the current folder {os.getcwd()})")
             if os.path.getsize(resolve_source(src)) == 0:
                 raise UserError(f"{where}: source {src} is empty")

@@ -74,7 +74,7 @@ def deploy_param(net_param, input_shape=None):
     try:
         return netgen.deploy(test, input_shape=input_shape)
     except UserError as e:  # no LMDB here, no crop_size or no mean per channel: the input's shape is unknown
-        raise UserError(f"{e}, or export the net's deploy prototxt (with an Input layer) instead") from None
+        raise UserError(f"{e}, or export the net's deploy prototxt (with an Input layer) instead") from e
 
 
 def _is_under_masks(model_param):
@@ -569,8 +569,8 @@ def _check_opset(opset):
 
     top = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
-        raise UserError(f"--opset must be an integer from {MIN_OPSET} (Softmax over one axis, as Caffe) to {top} "
-                        f"(this onnx {onnx.__version__}), got {opset!r}")
+        raise UserError(f"opset must be an integer from {MIN_OPSET} (Softmax over one axis, as Caffe) to {top} "
+                        f"(this onnx {onnx.__version__}), got {opset!r}", fields=["opset"])
 
 
 def _source_record(weights):

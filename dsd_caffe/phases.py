@@ -31,7 +31,7 @@ import numpy as np
 from . import fileio, gradual, masks, netcheck, netgen, plots, pruning, solvers, sources, training
 from .caffe_env import import_caffe, make_net
 from .caffeproto import caffe_pb2
-from .errors import UserError
+from .errors import InputMissing, UserError
 from .solvers import Schedule
 
 log = logging.getLogger(__name__)
@@ -240,14 +240,16 @@ class PruneConfig:
         target = pruning.parse_ratio(self.ratio, self.density, self.sparsity) if given else None
         profile = pruning.check_profile(self.profile)
         if target is None and profile in ("uniform", "global"):
-            raise UserError(f"profile {profile!r} needs --ratio, --density or --sparsity; {pruning.ACCEPTED_FORMS}")
-        solvers.count(self.seed, "--seed", 0)
+            raise UserError(f"profile {profile!r} needs ratio, density or sparsity; {pruning.ACCEPTED_FORMS}",
+                            fields=["ratio", "density", "sparsity"])
+        solvers.count(self.seed, "seed", 0)
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "profile", profile)
         object.__setattr__(self, "skip", tuple([self.skip] if isinstance(self.skip, str) else self.skip))
         gradual.check_schedule(self.schedule)
         if self.schedule != "gradual" and self.gradual is not None and self.gradual.settings():
-            raise UserError(f"--gradual-* settings ({self.gradual.settings()}) need --schedule gradual")
+            raise UserError(f"gradual settings ({self.gradual.settings()}) need schedule gradual",
+                            fields=["schedule"])
         if self.schedule == "gradual" and self.gradual is None:
             object.__setattr__(self, "gradual", gradual.Gradual())
 
@@ -260,19 +262,17 @@ class PruneConfig:
         for group in shared:
             first, other = group[0], next((n for n in group if densities[n] != densities[group[0]]), None)
             if other is not None:
-                raise UserError(f"layers {first!r} and {other!r} share one weight blob, but --skip or the profile "
+                raise UserError(f"layers {first!r} and {other!r} share one weight blob, but skip or the profile "
                                 f"gives them densities {densities[first]:g} and {densities[other]:g}; a shared blob "
-                                "takes one setting: give both layers the same")
+                                "takes one setting: give both layers the same", fields=["skip"])
         kept = pruning.make_masks(weights, densities)
         for group in shared:
             for name in group[1:]:
                 kept[name] = kept[group[0]]  # the same blob: one mask (the same weights give the same anyway)
         if all(m.all() for m in kept.values()):
-            asked = next((f"--{k} {v}" for k, v in (("ratio", self.ratio), ("density", self.density),
-                                                      ("sparsity", self.sparsity)) if v is not None),
-                         f"--profile {self.profile}")
-            raise UserError(f"{asked} keeps every weight of every layer (each layer's kept count rounds up to all "
-                            "of it); nothing to prune")
+            field = next((k for k in ("ratio", "density", "sparsity") if getattr(self, k) is not None), "profile")
+            raise UserError(f"{field} {getattr(self, field)} keeps every weight of every layer (each layer's kept "
+                            "count rounds up to all of it); nothing to prune", fields=[field])
         return kept
 
     def densities(self, weights):
@@ -351,7 +351,8 @@ def _plan(inputs, config, sparse, recipe, out, template):
     gradual_plan = None
     if config.schedule == "gradual":
         if solver is None:
-            raise UserError(f"--schedule gradual needs the sparse phase's length to place its steps: {notes[0]}")
+            raise UserError(f"schedule gradual needs the sparse phase's length to place its steps: {notes[0]}",
+                            fields=["schedule"])
         gradual_plan = config.plan(weights, solver.max_iter, recipe)
         kept = pruning.make_masks(weights, {n: 1.0 for n in weights})  # the mask layer prunes while training
         final = sum(gradual_plan[1][n] * w.size for n, w in weights.items()) / sum(w.size for w in weights.values())
@@ -418,8 +419,8 @@ def _sparse_folder(out):
     structure (netcheck) first, then masks.npz, the pruned model's mask layer and the net's agree."""
     for f in (PRUNED, SPARSE_NET, MASKS):
         if not os.path.exists(os.path.join(out, f)):
-            raise FileNotFoundError(f"{out} is not a folder written by tools/prune.py with a sparse trainval "
-                                    f"(no {f})")
+            raise InputMissing(f"{out} is not a folder written by tools/prune.py with a sparse trainval "
+                               f"(no {f})")
     net = fileio.read_net_prototxt(os.path.join(out, SPARSE_NET))
     netcheck.check_net(net, name=os.path.join(out, SPARSE_NET))  # a misspelt type, module or class is named first
     stored = masks.load_masks(os.path.join(out, MASKS))

@@ -26,7 +26,7 @@ import re
 
 from . import (caffelog, dataorder, devices, evaluate, fileio, masks, netcheck, netgen, phases, plots, solvers, sources,
                training)
-from .errors import Interrupted, UserError
+from .errors import Interrupted, OutputExists, UserError
 from .phases import Inputs, PruneConfig
 from .runreport import VERDICT, boundaries, curves, density_curve, results_text
 from .solvers import Schedule
@@ -72,10 +72,10 @@ class RunConfig:
     def __post_init__(self):
         if self.data_order is not None:
             dataorder.check_order(self.data_order)
-        solvers.count(self.cycles, "--cycles")
-        solvers.count(self.seed, "--seed", 0)
+        solvers.count(self.cycles, "cycles")
+        solvers.count(self.seed, "seed", 0)
         if self.iterations is not None:
-            solvers.count(self.iterations, "--iterations")
+            solvers.count(self.iterations, "iterations")
         object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
         for field in ("model", "weights", "train_source", "test_source", "holdout_source", "solver"):
@@ -118,7 +118,7 @@ def _open_state(out, config, force, reuse=False):
             log.info("DSD: reusing the finished run in %s", out)
             return state
         elif state.get("finished"):
-            raise FileExistsError(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
+            raise OutputExists(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
         elif _old_control(out, state):
             raise UserError(f"{out} holds an unfinished DSD run whose control arm is in "
                             f"{os.path.join(out, _old_control(out, state)[0])}, a folder name of an earlier release "
@@ -134,8 +134,8 @@ def _open_state(out, config, force, reuse=False):
             _check_start(out, state, config)
             return state
     elif os.path.isdir(out) and os.listdir(out) and not force:
-        raise FileExistsError(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
-                              "--force")
+        raise OutputExists(f"output folder {out} is not empty and holds no DSD run; use an empty folder or "
+                           "--force")
     plan = plan if plan is not None else _check_run(config)
     if force:  # starting over: what the run owns goes; a foreign file is refused, named (fileio.clear_owned)
         fileio.clear_owned(out, OWNED, TOOL)
@@ -209,6 +209,7 @@ def run_dsd(config, output_dir, engine="binary", gpu=None, force=False, reuse=Fa
     except Interrupted:
         raise
     except KeyboardInterrupt:  # between phases (an evaluation): the same hint as inside one
+        # from None: the KeyboardInterrupt says no more
         raise Interrupted("interrupted; run the same command again to resume") from None
 
 

@@ -47,7 +47,7 @@ import re
 
 import numpy as np
 from .caffefacts import deepscale_name, han_name  # noqa: F401 (pruning.han_name is API)
-from .errors import UserError
+from .errors import InputMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +113,32 @@ ACCEPTED_FORMS = ('accepted forms (give exactly one): --ratio Nx with N > 1, e.g
 _RATIO_RE = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*[xX]\s*$", re.ASCII)
 
 
-def _refuse(what):
-    return UserError(f"{what}; {ACCEPTED_FORMS}")
+def _refuse(what, *fields):
+    return UserError(f"{what}; {ACCEPTED_FORMS}", fields=fields)
 
 
 def _as_fraction(value, flag):
-    """A float in (0, 1) from a number or a numeric string, else ValueError naming ``flag`` and the value."""
+    """A float in (0, 1) from a number or a numeric string, else UserError naming ``flag`` (the argument: density
+    or sparsity) and the value."""
     if isinstance(value, (bool, np.bool_)):
-        raise _refuse(f"invalid {flag} {value!r}")
+        raise _refuse(f"invalid {flag} {value!r}", flag)
     if isinstance(value, str):
         text = value.strip()
         if _RATIO_RE.match(text):
-            raise _refuse(f"invalid {flag} {value!r} (a ratio such as {text!r} goes with --ratio)")
+            raise _refuse(f"invalid {flag} {value!r} (a ratio such as {text!r} goes with ratio)", flag, "ratio")
         try:
             number = float(text)
         except ValueError:
-            raise _refuse(f"invalid {flag} {value!r}") from None
+            raise _refuse(f"invalid {flag} {value!r}", flag) from None  # the float() error says no more
     else:
         try:
             number = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise _refuse(f"invalid {flag} {value!r}") from None
+            raise _refuse(f"invalid {flag} {value!r}", flag) from None  # the float() error says no more
     if not math.isfinite(number) or not 0.0 < number < 1.0:
-        raise _refuse(f"invalid {flag} {value!r} (must be strictly between 0 and 1)")
-    if flag == "--density" and not math.isfinite(1.0 / number):
-        raise _refuse(f"invalid {flag} {value!r} (too small)")
+        raise _refuse(f"invalid {flag} {value!r} (must be strictly between 0 and 1)", flag)
+    if flag == "density" and not math.isfinite(1.0 / number):
+        raise _refuse(f"invalid {flag} {value!r} (too small)", flag)
     return number
 
 
@@ -149,32 +150,31 @@ def parse_ratio(ratio=None, density=None, sparsity=None):
     Anything else (``"1x"``, ``"0x"``, ``"-3x"``, ``"nanx"``, a bare ``"3"``, 1.0, two forms at once, none) raises
     ValueError whose message lists the accepted forms.
     """
-    given = [name for name, v in (("--ratio", ratio), ("--density", density), ("--sparsity", sparsity))
-             if v is not None]
+    given = [name for name, v in (("ratio", ratio), ("density", density), ("sparsity", sparsity)) if v is not None]
     if len(given) != 1:
-        raise _refuse("no pruning amount given" if not given else f"{' and '.join(given)} given together")
+        raise _refuse("no pruning amount given" if not given else f"{' and '.join(given)} given together", *given)
     if density is not None:
-        return _as_fraction(density, "--density")
+        return _as_fraction(density, "density")
     if sparsity is not None:
-        value = 1.0 - _as_fraction(sparsity, "--sparsity")
+        value = 1.0 - _as_fraction(sparsity, "sparsity")
         if not 0.0 < value < 1.0:  # sparsity within 1e-17 of 0 rounds to density 1.0
-            raise _refuse(f"invalid --sparsity {sparsity!r} (nothing would be pruned)")
+            raise _refuse(f"invalid sparsity {sparsity!r} (nothing would be pruned)", "sparsity")
         return value
     if not isinstance(ratio, str):
-        raise _refuse(f"invalid --ratio {ratio!r} (a ratio is a string such as \"3x\")")
+        raise _refuse(f"invalid ratio {ratio!r} (a ratio is a string such as \"3x\")", "ratio")
     m = _RATIO_RE.match(ratio)
     if not m:
         hint = ""
         if re.match(r"^\s*[-+]?[\d.]+(?:[eE][+-]?\d+)?\s*$", ratio, re.ASCII):
             hint = f" (a bare number is ambiguous: write \"{ratio.strip()}x\" to keep 1/{ratio.strip()})"
-        raise _refuse(f"invalid --ratio {ratio!r}{hint}")
+        raise _refuse(f"invalid ratio {ratio!r}{hint}", "ratio")
     n = float(m.group(1))
     if not math.isfinite(n) or n <= 1.0:
         why = "nothing would be pruned" if n == 1.0 else "N must be finite and greater than 1"
-        raise _refuse(f"invalid --ratio {ratio!r} ({why})")
+        raise _refuse(f"invalid ratio {ratio!r} ({why})", "ratio")
     value = 1.0 / n
     if not 0.0 < value < 1.0 or not math.isfinite(1.0 / value):
-        raise _refuse(f"invalid --ratio {ratio!r} (too large)")
+        raise _refuse(f"invalid ratio {ratio!r} (too large)", "ratio")
     return value
 
 
@@ -197,6 +197,7 @@ def _check_density(value, what, allow_one=True):
     try:
         d = float(value)
     except (TypeError, ValueError):
+        # from None: the float() error says no more
         raise UserError(f"{what}: invalid density {value!r} (a number in (0, 1])") from None
     if not math.isfinite(d) or not (0.0 < d < 1.0 or (allow_one and d == 1.0)):
         bounds = "(0, 1]" if allow_one else "(0, 1)"
@@ -392,7 +393,8 @@ def select_layers(names, skip=()):
     skip = list(skip)
     unused = [p for p in skip if not any(_matches(n, p) for n in names)]
     if unused:
-        raise UserError(f"--skip {', '.join(unused)}: matches no prunable layer; known layers: {', '.join(names)}")
+        raise UserError(f"skip {', '.join(unused)}: matches no prunable layer; known layers: {', '.join(names)}",
+                        fields=["skip"])
     skipped = [n for n in names if any(_matches(n, p) for p in skip)]
     selected = [n for n in names if n not in skipped]
     if not selected:
@@ -494,9 +496,9 @@ def _profile_value(value, path, key):
     if isinstance(value, str):
         try:
             return parse_ratio(ratio=value)
-        except ValueError:
+        except UserError as e:
             raise UserError(f"{path}: {key!r}: invalid value {value!r} (a density in (0, 1] or a ratio such as "
-                             "\"3x\")") from None
+                            "\"3x\")") from e
     return _check_density(value, f"{path}: {key!r}")
 
 
@@ -521,10 +523,14 @@ def read_profile(path):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"profile {path} is a folder; a profile is a JSON file (or one of {', '.join(PROFILES)})")
+    if not os.path.exists(path):
+        raise InputMissing(f"profile {path} does not exist; a profile is a JSON file (or one of "
+                           f"{', '.join(PROFILES)})")
     try:
         with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
+        # from None: the message holds all the JSONDecodeError says
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("densities"), dict):
         data = data["densities"]

@@ -34,10 +34,11 @@ def run_seeds(config, output_dir, seeds=1, jobs=1, engine="binary", gpu=None, fo
     (data-parallel); several seeds spread over them, one device each (``devices.of_seed``). ``config.data_order``
     None: "shuffled" over several seeds, else "fixed". Returns {"runs": {seed: state}, "verdict": Verdict or None,
     "refused": why there is no verdict, or None}."""
-    solvers.count(seeds, "--seeds", maximum=MAX_SEEDS)
-    solvers.count(jobs, "--jobs")
+    solvers.count(seeds, "seeds", maximum=MAX_SEEDS)
+    solvers.count(jobs, "jobs")
     if seeds > 1 and not config.control:
-        raise UserError("--seeds compares DSD with its control over seeds: add --control")
+        raise UserError("seeds needs control: several seeds compare DSD with its control",
+                        fields=["seeds", "control"])
     config = dataclasses.replace(config, data_order=config.data_order or ("shuffled" if seeds > 1 else "fixed"))
     out = os.path.abspath(os.fspath(output_dir))
     if seeds == 1:
@@ -90,6 +91,7 @@ def _parallel(configs, out, jobs, engine, gpu, force):
     except KeyboardInterrupt:
         stopped = _stop_workers(running)
         where = alone + stopped
+        # from None: the KeyboardInterrupt says no more
         raise Interrupted(f"interrupted{' at ' + ', '.join(where) if where else ''}; run the same command again "
                           "to resume") from None
     if problems:
@@ -155,7 +157,7 @@ def _seed_worker(conn, parent, config, out, engine, gpu, force, quiet):
                                  f"seed {config.seed}")
     except KeyboardInterrupt:
         result = "interrupted", f"seed {config.seed} (between phases)"
-    except (UserError, OSError) as e:
+    except UserError as e:  # anything else is a bug: its traceback shows here, and the parent says "no result"
         result = "error", f"seed {config.seed}: {e}"
     conn.send(result)
     conn.close()

@@ -47,10 +47,11 @@ class ScanConfig:
         try:
             dens = tuple(float(d) for d in self.densities)
         except (TypeError, ValueError):
-            raise UserError(f"--densities must be numbers in (0, 1], got {self.densities!r}") from None
+            raise UserError(f"densities must be numbers in (0, 1], got {self.densities!r}",
+                            fields=["densities"]) from None  # the float() error says no more
         if not dens or any(not 0 < d <= 1 for d in dens):
-            raise UserError(f"--densities must be numbers in (0, 1], got {list(self.densities)}")
-        count(self.iterations, "--iterations")
+            raise UserError(f"densities must be numbers in (0, 1], got {list(self.densities)}", fields=["densities"])
+        count(self.iterations, "iterations")
         object.__setattr__(self, "densities", dens)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))

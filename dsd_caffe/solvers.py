@@ -134,7 +134,8 @@ def test_iters(test_size, batch):
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """What a user sets for one phase's training; None takes the value from :data:`DEFAULTS`. Validated once, at
-    construction; ``flag`` ("sparse", "redense" or "") names the flags in messages (``--sparse-base-lr``)."""
+    construction; ``flag`` ("sparse", "redense" or "": the phase's field in its config) prefixes the fields that
+    messages name (``sparse.base_lr``; the tools print ``--sparse-base-lr``)."""
     base_lr: float = None
     epochs: float = None
     max_iter: int = None
@@ -148,9 +149,7 @@ class Schedule:
     flag: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
-        per_phase = ("base_lr", "epochs", "max_iter")  # the flags a tool driving several phases prefixes
-        name = (lambda field: f"--{self.flag + '-' if self.flag and field in per_phase else ''}"
-                              f"{field.replace('_', '-')}")
+        name = (lambda field: f"{self.flag}.{field}" if self.flag else field)
         for field in ("base_lr", "epochs"):
             if getattr(self, field) is not None:
                 positive(getattr(self, field), name(field), float32=field == "base_lr")
@@ -159,7 +158,7 @@ class Schedule:
                 count(getattr(self, field), name(field))
         if self.epochs is not None and self.max_iter is not None:
             raise UserError(f"give {name('epochs')} ({self.epochs}) or {name('max_iter')} ({self.max_iter}), "
-                            "not both")
+                            "not both", fields=[name("epochs"), name("max_iter")])
         if self.lr_policy is not None and self.lr_policy not in LR_POLICIES:
             raise UserError(f"lr_policy {self.lr_policy!r} is not one of {', '.join(LR_POLICIES)}")
         for field in ("momentum", "weight_decay"):
@@ -246,7 +245,7 @@ def build(phase, net, sizes, schedule=Schedule(), recipe="imagenet", snapshot_pr
     s.snapshot = schedule.snapshot or snapshot_interval(max_iter, row.snapshots)
     s.snapshot_prefix = os.fspath(snapshot_prefix or phase)
     if random_seed is not None:
-        s.random_seed = count(random_seed, "--seed", 0)  # Caffe takes -1 as "a random seed": never reproducible
+        s.random_seed = count(random_seed, "random_seed", 0)  # Caffe takes -1 as "a random seed": never reproducible
     return s
 
 

@@ -17,7 +17,7 @@ from .caffeproto import caffe_pb2
 from .caffefacts import SOURCE_PARAMS  # noqa: F401 (read here by other modules)
 from . import fileio
 from .caffe_env import caffe_tool
-from .errors import UserError
+from .errors import InputMissing, UserError
 from .lmdbio import lmdb_info
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def absolute_sources(net_param, base, train=None, test=None, require=("TRAIN", "
         if phase in require and not os.path.exists(full):
             where = f"beside the prototxt in {base} and in the current folder" if base and given is None else \
                 "in the current folder"
-            raise FileNotFoundError(f"{layer.type} layer {layer.name!r} ({phase}): data source {src} not found "
-                                    f"(looked {where})")
+            raise InputMissing(f"{layer.type} layer {layer.name!r} ({phase}): data source {src} not found "
+                               f"(looked {where})")
         p.source = full
     return net
 

@@ -297,7 +297,8 @@ def train(job, engine="binary", gpu=None, force=False, notes=()):
         from . import multigpu  # deferred: breaks a cycle (multigpu's ranks run training's helpers)
 
         run = multigpu.run if gpus and len(gpus) > 1 else _run_binary if engine == "binary" else _run_pycaffe
-        run(job, folder, state, progress, logpath, gpus[0] if gpus and len(gpus) == 1 else gpus)
+        with fileio.write_errors(logpath):  # a full disk while we write Caffe's log: one line naming it
+            run(job, folder, state, progress, logpath, gpus[0] if gpus and len(gpus) == 1 else gpus)
         progress.feed("")  # the end of the log: its last test is finished
     except BaseException:
         # Caffe does not check its snapshot writes: on a full disk it leaves truncated ones under their names
@@ -346,6 +347,7 @@ def _run_binary(job, folder, state, progress, logpath, gpu):
             rc = proc.wait()
         except KeyboardInterrupt:
             _stop(proc, logf, progress)
+            # from None: the KeyboardInterrupt says no more
             raise _interrupted(job, progress) from None
         except BaseException:  # our side failed (its log on a full disk): Caffe stops now, not at our exit
             proc.kill()
@@ -420,6 +422,7 @@ def _run_pycaffe(job, folder, state, progress, logpath, gpu):
     except KeyboardInterrupt:
         with capture:
             solver.snapshot()
+        # from None: the KeyboardInterrupt says no more
         raise _interrupted(job, progress) from None
     if not (snap and solver.iter % snap == 0):
         with capture:

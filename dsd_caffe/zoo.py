@@ -1,15 +1,12 @@
-"""The released SqueezeNet models: where they come from, how to verify them, and how to load them.
+"""The released SqueezeNet models: where they come from and how to verify them.
 
 Every download is checked by its git blob id (``sha1(b"blob <size>\\0" + content)``, what ``git hash-object``
 prints and what GitHub stores), so a copy from any mirror or a local file can be verified without another
 checksum. A file is written under a temporary name, verified, and only then renamed into place.
 
 Offline use: ``fetch(name, dest, url="/path/or/file://url")`` copies and verifies a local file, and a file already
-at ``dest`` is verified and used as it is. ``load(name, weights=path)`` verifies and loads a local copy.
-
-A zoo model's net is generated in memory by :mod:`dsd_caffe.netgen` (the same NetParameter that
-``tools/generate.py`` writes to the repository's models/), so ``load`` needs no prototxt file and works from an
-installed package.
+at ``dest`` is verified and used as it is. Loading a zoo model as a ready net (``dsd_caffe.load(name,
+weights=path)``, verified first) is :mod:`dsd_caffe.loading`.
 
 Command line: ``python -m dsd_caffe.zoo list`` / ``fetch NAME --output DEST [--from-file PATH]`` /
 ``verify NAME PATH``.
@@ -20,13 +17,11 @@ import os
 import shutil
 import urllib.parse
 import urllib.request
-import weakref
 
-import numpy as np
 from tqdm import tqdm
 
-from . import caffe_env, cli, deepcompression, devices, evaluate, fileio, netcheck, netgen
-from .errors import UserError
+from . import fileio, netgen
+from .errors import InputMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +134,7 @@ def verify(path, name):
     model = get(name)
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}: {path} does not exist")
+        raise InputMissing(f"{name}: {path} does not exist")
     size = os.path.getsize(path)
     if model.size is not None and size != model.size:
         raise UserError(f"{path} is not the released {model.filename}: {size} bytes, expected {model.size}")
@@ -182,7 +177,9 @@ def _download(url, out, timeout=60):
                     f.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:  # URLError, HTTPError, timeouts are OSErrors
-        raise OSError(f"cannot download {url}: {e}") from None
+        if fileio.refused_write(e, out):
+            raise  # a full disk: atomic_path names the output
+        raise UserError(f"cannot download {url}: {e}") from e
 
 
 def fetch(name, dest, url=None, force=False):
@@ -198,14 +195,14 @@ def fetch(name, dest, url=None, force=False):
     if os.path.isfile(dest) and not force:  # anything else there is refused by atomic_path below
         try:
             verify(dest, name)
-        except ValueError as e:
-            raise UserError(f"{e}; delete it or pass --force to fetch it again") from None
+        except UserError as e:
+            raise UserError(f"{e}; delete it or pass --force to fetch it again") from e
         log.info("%s already holds %s (verified)", dest, name)
         return dest
     source = url or model.url
     local = _local_source(source)
     if local is not None and not os.path.isfile(local):
-        raise FileNotFoundError(f"{name}: local file {local} does not exist")
+        raise InputMissing(f"{name}: local file {local} does not exist")
     with fileio.atomic_path(dest, force=True) as tmp:
         if local is not None:
             shutil.copyfile(local, tmp)
@@ -214,153 +211,13 @@ def fetch(name, dest, url=None, force=False):
             _download(source, tmp)
         try:
             verify(tmp, name)
-        except ValueError as e:
-            raise UserError(f"{source}: {str(e).replace(tmp, 'the download')}") from None
+        except UserError as e:
+            raise UserError(f"{source}: {str(e).replace(tmp, 'the download')}") from e
     log.info("%s: %s verified", name, dest)
     return dest
 
 
-def _copy_param(net, param):
-    for layer in param.layer:
-        if layer.name in net.params:
-            for blob, bp in zip(net.params[layer.name], layer.blobs):
-                blob.data[...] = np.asarray(bp.data or bp.double_data, np.float32).reshape(blob.data.shape)
+if __name__ == "__main__":  # `python -m dsd_caffe.zoo`, as documented: the command is dsd_caffe.commands.zoo
+    from .commands.zoo import main  # deferred: breaks a cycle (commands.zoo imports this module)
 
-
-def _param_net(net_param, phase, gpu):
-    devices.set_device(gpu)
-    return caffe_env.make_net(net_param, phase)
-
-
-def _bare_net(model, prototxt, phase, gpu):
-    """(net without weights, its name for messages): from ``prototxt`` when given, else the generated deploy net."""
-    if prototxt is not None:
-        return evaluate.load_net(prototxt, None, phase, gpu=gpu), os.fspath(prototxt)
-    param = model.net_param("deploy")
-    if param is None:
-        raise UserError(f"{model.name}: the project generates no net for it; pass prototxt=")
-    return _param_net(param, phase, gpu), f"the deploy net of {model.name}"
-
-
-def _weights_param(model, weights, net):
-    """The weights of ``model`` as a NetParameter: a caffemodel as it is, a Deep Compression ``.net`` decoded."""
-    if model.format == "caffemodel":
-        return fileio.read_caffemodel(weights)
-    specs = deepcompression.net_specs(net)
-    return deepcompression.to_net_parameter(deepcompression.decode(weights, specs), specs)
-
-
-#: caffe.Net -> the ZooModel that load() built it for (see loaded_model)
-_LOADED = weakref.WeakKeyDictionary()
-
-
-def loaded_model(net):
-    """The ZooModel that ``load(name)`` built ``net`` for, or None (a net made otherwise)."""
-    return _LOADED.get(net)
-
-
-def _copy_weights(net, weights_param, weights, net_name):
-    """Copy ``weights_param`` into ``net`` once it is known to fit (netcheck's rules, as Caffe's copy_from)."""
-    netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
-                               net_name=net_name)
-    _copy_param(net, weights_param)
-
-
-def _caffemodel_instead(weights, model):
-    """True when ``weights`` is not the release of ``model`` but a caffemodel (warned); the release, or a file
-    that is neither, gives False (verify names its mismatch)."""
-    try:
-        verify(weights, model.name)
-        return False
-    except UserError as e:
-        mismatch = e
-    if model.format == "caffemodel" or not os.path.isfile(weights):
-        return False
-    try:
-        fileio.read_caffemodel(weights)
-    except UserError:
-        return False
-    log.warning("%s is not the verified release of %s (%s), but a caffemodel: using it as the weights of that net, "
-                "checked to fit it", weights, model.name, mismatch)
-    return True
-
-
-def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, url=None, cache=None):
-    """A ready ``caffe.Net`` for a zoo model name, a prototxt (+ caffemodel) path or a NetParameter in memory.
-
-    - Zoo name: ``weights`` is a local copy (verified), else the file is fetched into ``cache`` (default
-      ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. The net is the
-      model's deploy net generated in memory by netgen, or ``prototxt`` when given. A Deep Compression ``.net``
-      is decoded on the fly. The weights are checked to fit the net before they are copied. ``weights`` that are
-      not the release but a caffemodel (one decoded from it, or trained on from it) are taken when they fit the
-      net, with a warning that they are not the verified release.
-    - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks
-      (``evaluate.load_net``).
-    - NetParameter: built in ``phase`` (``caffe_env.make_net``), ``weights`` (a caffemodel) checked and copied.
-    """
-    if not isinstance(name_or_prototxt, (str, os.PathLike)):  # a NetParameter
-        net = _param_net(name_or_prototxt, phase, gpu)
-        if weights is not None:
-            _copy_weights(net, fileio.read_caffemodel(weights), weights, f"net {name_or_prototxt.name!r}")
-        return net
-    if name_or_prototxt not in ZOO:
-        if not str(name_or_prototxt).endswith((".prototxt", ".pt")) and not os.path.exists(name_or_prototxt):
-            raise UserError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
-        return evaluate.load_net(name_or_prototxt, weights, phase, gpu=gpu)
-    model = get(name_or_prototxt)
-    if weights is not None and _caffemodel_instead(weights, model):
-        net, net_name = _bare_net(model, prototxt, phase, gpu)
-        _copy_weights(net, fileio.read_caffemodel(weights), weights, net_name)
-        _LOADED[net] = model
-        return net
-    if weights is not None:
-        verify(weights, model.name)
-    else:
-        folder = cache or os.environ.get("DSD_CAFFE_ZOO") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                         "dsd-caffe", "zoo")
-        os.makedirs(folder, exist_ok=True)
-        weights = fetch(model.name, folder, url=url)
-    net, net_name = _bare_net(model, prototxt, phase, gpu)
-    _copy_weights(net, _weights_param(model, weights, net), weights, net_name)
-    _LOADED[net] = model
-    return net
-
-
-def parser():
-    """The command line's ArgumentParser (``python -m dsd_caffe.zoo``)."""
-    p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).",
-                   prog=cli.prog("dsd_caffe.zoo"))
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("list", help="list the known models, their files, checksums and URLs")
-    f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")
-    f.add_argument("name", choices=sorted(ZOO), help="the model to fetch")
-    cli.add_output(f, "file or folder to write the verified model to (a folder gets the release's file name)",
-                   legacy_positional=True)
-    f.add_argument("--from-file", "--url", dest="url", help="local file, file:// or http(s) URL to use instead "
-                   "of the release URL")
-    f.add_argument("--force", action="store_true", help="replace a file at --output that does not verify")
-    v = sub.add_parser("verify", help="check a local file against the recorded git blob id")
-    v.add_argument("name", choices=sorted(ZOO), help="the model the file should be")
-    v.add_argument("path", help="the local file to check")
-    return p
-
-
-def _run(a):
-    if a.cmd == "list":
-        for m in ZOO.values():
-            check = m.blob_id or (f"sha256:{m.sha256}" if m.sha256 else f"sha1:{m.sha1}")
-            print(f"{m.name:30s} {m.filename:60s} {check}")
-            print(f"{'':30s} {m.url}")
-    elif a.cmd == "fetch":
-        print(fetch(a.name, a.output, url=a.url, force=a.force))
-    else:
-        verify(a.path, a.name)
-        print(f"{a.path}: OK ({a.name})")
-
-
-def main(argv=None):
-    cli.main(parser(), _run, argv)
-
-
-if __name__ == "__main__":
     main()

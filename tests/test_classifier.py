@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from helpers import DC_NET, DSD_TRAINVAL, REFERENCE, write_tiny_lmdb
-from dsd_caffe import caffe_env, classifier, imagedb, netgen, zoo
+from dsd_caffe import caffe_env, classifier, imagedb, loading, netgen
 from dsd_caffe.classifier import Classifier, Preprocess, classify
+from dsd_caffe.errors import InputMissing, UserError
 
 CLASSES_TXT = os.path.join(REFERENCE, "imagenet", "classes.txt")
 
@@ -111,25 +112,25 @@ def test_stored_size_and_class_names_from_the_lmdb(tiny, tmp_path):
 def test_bad_input_is_named(tiny, tmp_path):
     path, weights, _, _ = tiny()
     c = Classifier.load(path, weights=weights, resize=(6, 8))
-    with pytest.raises(ValueError, match=r"\[0, 1\].*got \[255.0, 255.0\]"):
+    with pytest.raises(UserError, match=r"\[0, 1\].*got \[255.0, 255.0\]"):
         c.probabilities(np.full((6, 8, 3), 255.0))
-    with pytest.raises(ValueError, match=r"got shape \(6, 8, 4\)"):
+    with pytest.raises(UserError, match=r"got shape \(6, 8, 4\)"):
         c.probabilities(np.zeros((6, 8, 4), np.uint8))
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(InputMissing, match="nope.png"):
         c.probabilities(tmp_path / "nope.png")
     (tmp_path / "text.png").write_text("not an image")
-    with pytest.raises(ValueError, match="text.png: not an image"):
+    with pytest.raises(UserError, match="text.png: not an image"):
         c.probabilities(str(tmp_path / "text.png"))
-    with pytest.raises(ValueError, match="2 class names for a net with 3 outputs"):
+    with pytest.raises(UserError, match="2 class names for a net with 3 outputs"):
         classify(path, np.zeros((6, 8, 3), np.uint8), weights=weights, resize=(6, 8), classes=["a", "b"])
-    with pytest.raises(ValueError, match="top must be"):
+    with pytest.raises(UserError, match="top must be"):
         c.classify(np.zeros((6, 8, 3), np.uint8), top=0)
-    with pytest.raises(ValueError, match="no crop_size"):
+    with pytest.raises(UserError, match="no crop_size"):
         classifier.from_net_param(_without_crop(netgen.small_squeezenet(channels=3)))
-    with pytest.raises(ValueError, match="no Data layer"):
+    with pytest.raises(UserError, match="no Data layer"):
         classifier.from_net_param(netgen.deploy(netgen.small_squeezenet()))
     bare = caffe_env.make_net(netgen.deploy(netgen.small_squeezenet()))
-    with pytest.raises(ValueError, match="preprocess="):
+    with pytest.raises(UserError, match="preprocess="):
         classify(bare, np.zeros((28, 28), np.uint8))
 
 
@@ -197,7 +198,7 @@ def test_paths_floats_and_loaded_nets_agree(squeezenet, tmp_path):
     assert np.array_equal(p[0], p[1])
     # floats are resized without the uint8 rounding of a stored image: the input moves by < 1 grey level
     assert np.array_equal(np.argsort(-p[0])[:5], np.argsort(-p[2])[:5]) and np.allclose(p[0], p[2], atol=0.01)
-    net = zoo.load("deep-compression-squeezenet", weights=DC_NET)  # a net from dsd_caffe.load knows its recipe
+    net = loading.load("deep-compression-squeezenet", weights=DC_NET)  # a net from dsd_caffe.load knows its recipe
     assert classify(net, cat, top=1) == classify(squeezenet, cat, top=1)
 
 

@@ -16,7 +16,7 @@ def _tool(tmp_path, body, *args):
         """A test tool."""
         import os, signal, sys, time
         from dsd_caffe import cli
-        from dsd_caffe.errors import Interrupted, UserError
+        from dsd_caffe.errors import DiskFull, InputMissing, Interrupted, UserError
 
         def run(a):
         ''') + textwrap.indent(textwrap.dedent(body), "    ") + textwrap.dedent('''
@@ -32,9 +32,16 @@ def _tool(tmp_path, body, *args):
 
 @pytest.mark.parametrize("body, code, line", [
     ("raise UserError('bad --ratio 1x')", 2, "tool.py: error: bad --ratio 1x"),
-    ("open('/nonexistent/x')", 2, "tool.py: error: No such file or directory: /nonexistent/x"),
-    ("raise OSError(28, 'No space left on device', 'out.lmdb')", 2,
+    ("raise InputMissing('input /nonexistent/x does not exist')", 2,
+     "tool.py: error: input /nonexistent/x does not exist"),
+    ("raise DiskFull(28, 'No space left on device', 'out.lmdb')", 2,
      "tool.py: error: No space left on device: out.lmdb; free some space and run the same command again"),
+    ("raise UserError('max_iter must be an integer >= 1, got 0', fields=['max_iter'])", 2,
+     "tool.py: error: --max-iter must be an integer >= 1, got 0"),
+    ("raise UserError('sparse.max_iter must be at most 3, got 9; skip is fine', fields=['sparse.max_iter'])", 2,
+     "tool.py: error: --max-iter must be at most 3, got 9; skip is fine"),
+    ("raise UserError('seed must be an integer >= 0, got -1', fields=['seed'])", 2,
+     "tool.py: error: seed must be an integer >= 0, got -1"),
     ("raise Interrupted('interrupted at iteration 7; run the same command again to resume', 7)", 130,
      "tool.py: interrupted at iteration 7; run the same command again to resume"),
     ("os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)", 130, "tool.py: interrupted"),
@@ -44,7 +51,8 @@ def test_one_line_and_exit_status(tmp_path, body, code, line):
     assert r.returncode == code and r.stderr.strip().splitlines() == [line], r.stderr
 
 
-@pytest.mark.parametrize("body", ["{}['missing']", "None + 1", "raise ImportError('a bug')"])
+@pytest.mark.parametrize("body", ["{}['missing']", "None + 1", "raise ImportError('a bug')",
+                                  "open('/nonexistent/x')", "raise OSError(28, 'No space left on device', 'x')"])
 def test_bugs_keep_their_traceback(tmp_path, body):
     r = _tool(tmp_path, body)
     assert r.returncode == 1 and "Traceback" in r.stderr

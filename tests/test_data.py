@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from dsd_caffe import fashion_mnist, fileio, imagedb, lmdbio
 from dsd_caffe.caffe_env import import_caffe
 from dsd_caffe.caffeproto import caffe_pb2
-from dsd_caffe.errors import UserError
+from dsd_caffe.errors import AccessDenied, InputMissing, OutputExists, UserError
 import paused_tool
 from helpers import in_small_tmpfs, tool, tool_cmd
 
@@ -147,7 +147,7 @@ def test_list_file_gray_with_root(tmp_path):
 def test_bad_list_file_line_named(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("a.jpg 1\nb.jpg cat\n")
-    with pytest.raises(ValueError, match=r"list.txt:2"):
+    with pytest.raises(UserError, match=r"list.txt:2"):
         imagedb.make_lmdb(listing, tmp_path / "o", progress=False)
 
 
@@ -331,7 +331,7 @@ def test_two_builds_of_one_lmdb(tmp_path):
 def test_output_exists_refused_unless_force(tmp_path):
     src = make_folder(tmp_path / "img")
     imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
-    with pytest.raises(FileExistsError, match="out already holds output of make_lmdb; pass --force"):
+    with pytest.raises(OutputExists, match="out already holds output of make_lmdb; pass --force"):
         imagedb.make_lmdb(src, tmp_path / "out", resize=(8, 8), workers=1, progress=False)
     assert refused("make_lmdb", src, "--output", tmp_path / "out") == \
         f"make_lmdb.py: error: output folder {tmp_path / 'out'} already holds output of make_lmdb; pass --force " \
@@ -340,11 +340,11 @@ def test_output_exists_refused_unless_force(tmp_path):
     assert lmdbio.lmdb_info(tmp_path / "out")["height"] == 4 and stats["count"] == 8
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds 'notes.txt', which make_lmdb did not write; refusing to replace "
+    with pytest.raises(OutputExists, match="holds 'notes.txt', which make_lmdb did not write; refusing to replace "
                                               "it, also with --force"):  # never a folder of other data
         imagedb.make_lmdb(src, tmp_path / "precious", resize=(4, 4), workers=1, force=True, progress=False)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="is the input"):
+    with pytest.raises(UserError, match="is the input"):
         imagedb.make_lmdb(src, src, resize=(4, 4), workers=1, force=True, progress=False)
     assert (src / "cat" / "0.jpg").exists()
 
@@ -357,20 +357,20 @@ def test_unwritable_output_folder(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         target = locked / "out"
-    with pytest.raises(PermissionError, match="output folder .* is not writable"):
+    with pytest.raises(AccessDenied, match="output folder .* is not writable"):
         imagedb.make_lmdb(src, target, resize=(8, 8), workers=1, progress=False)
     assert not os.path.exists(target)
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(PermissionError, match="afile is not writable"):
+    with pytest.raises(AccessDenied, match="afile is not writable"):
         lmdbio.write_array_lmdb(tmp_path / "afile" / "out", np.zeros((1, 1, 2, 2), np.uint8), [0])
 
 
 def test_missing_source_and_no_images(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(InputMissing, match="nowhere"):
         imagedb.make_lmdb(tmp_path / "nowhere", tmp_path / "out", progress=False)
     (tmp_path / "junk" / "a").mkdir(parents=True)
     (tmp_path / "junk" / "a" / "x.jpg").write_text("no")
-    with pytest.raises(ValueError, match="none of the 1 files"):
+    with pytest.raises(UserError, match="none of the 1 files"):
         imagedb.make_lmdb(tmp_path / "junk", tmp_path / "out", workers=1, progress=False)
     assert not os.path.exists(tmp_path / "out")
 
@@ -397,26 +397,26 @@ def test_tools_take_output_and_keep_the_positional_one_for_a_release(tmp_path):
 # ------------------------------------------------------------------------------------------- lmdb_info
 
 def test_lmdb_info_missing(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         lmdbio.lmdb_info(tmp_path / "nope")
 
 
 def test_lmdb_info_empty_folder_and_empty_lmdb(tmp_path):
     (tmp_path / "e").mkdir()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         lmdbio.lmdb_info(tmp_path / "e")
     lmdb.open(str(tmp_path / "z")).close()
-    with pytest.raises(ValueError, match="empty .0 records"):
+    with pytest.raises(UserError, match="empty .0 records"):
         lmdbio.lmdb_info(tmp_path / "z")
 
 
 def test_lmdb_info_unreadable(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "data.mdb").write_bytes(b"garbage" * 1000)
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(UserError, match="unreadable"):
         lmdbio.lmdb_info(tmp_path / "bad")
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(UserError, match="is a file"):
         lmdbio.lmdb_info(tmp_path / "f")
 
 
@@ -425,16 +425,16 @@ def test_lmdb_info_not_datums(tmp_path):
     with env.begin(write=True) as txn:
         txn.put(b"0", b"\xff\xff\xff not a protobuf")
     env.close()
-    with pytest.raises(ValueError, match="not a"):
+    with pytest.raises(UserError, match="not a"):
         lmdbio.lmdb_info(tmp_path / "nd")
 
 
 def test_check_lmdb_crop_and_channels(tiny_lmdb):
     path = tiny_lmdb(n=3, channels=1, size=28)
     assert lmdbio.check_lmdb(path, crop_size=28, channels=1)["count"] == 3
-    with pytest.raises(ValueError, match="28x28 image, smaller than the crop size 32"):
+    with pytest.raises(UserError, match="28x28 image, smaller than the crop size 32"):
         lmdbio.check_lmdb(path, crop_size=32)
-    with pytest.raises(ValueError, match="1-channel images, the net expects 3"):
+    with pytest.raises(UserError, match="1-channel images, the net expects 3"):
         lmdbio.check_lmdb(path, channels=3)
 
 
@@ -459,11 +459,11 @@ def test_check_lmdb_checks_every_record_of_a_small_lmdb(tmp_path):
     """Caffe aborts on ANY record smaller than the crop, not only the first one."""
     path = lmdb_of(tmp_path / "mixed", [(3, 32, 32)] * 5 + [(3, 16, 40)] + [(3, 32, 32)] * 5)
     assert lmdbio.check_lmdb(path, crop_size=16)["checked"] == 11
-    with pytest.raises(ValueError, match=r"record 00000005 holds a 16x40 image, smaller than the crop size 28 "
+    with pytest.raises(UserError, match=r"record 00000005 holds a 16x40 image, smaller than the crop size 28 "
                                          r"\(1 of the 11 records checked are\)"):
         lmdbio.check_lmdb(path, crop_size=28)
     path = lmdb_of(tmp_path / "channels", [(3, 8, 8)] * 3 + [(1, 8, 8)])
-    with pytest.raises(ValueError, match="record 00000003 holds a 1-channel image, record 00000000 a 3-channel"):
+    with pytest.raises(UserError, match="record 00000003 holds a 1-channel image, record 00000000 a 3-channel"):
         lmdbio.check_lmdb(path)
 
 
@@ -495,7 +495,7 @@ def test_check_lmdb_samples_a_large_lmdb_evenly_and_says_so(tmp_path, monkeypatc
     path = lmdb_of(tmp_path / "large", shapes, labels=[i % 7 for i in range(3000)])
     monkeypatch.setattr(lmdbio, "FULL_CHECK_BYTES", 0)
     with caplog.at_level("INFO", logger="dsd_caffe.lmdbio"):
-        with pytest.raises(ValueError, match=r"record 00000000 holds a 10x30 image.*\(3 of the 1000 records checked"):
+        with pytest.raises(UserError, match=r"record 00000000 holds a 10x30 image.*\(3 of the 1000 records checked"):
             lmdbio.check_lmdb(path, crop_size=20)
     assert "checked 1,000 of 3,000 records of" in caplog.text
     assert lmdbio.check_lmdb(path, crop_size=10)["checked"] == 1000
@@ -507,11 +507,11 @@ def test_check_lmdb_refuses_encoded_images_caffe_cannot_decode(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16)]
     path = lmdb_of(tmp_path / "deep", None, encoded=images)
-    with pytest.raises(ValueError, match="record 00000001 holds an encoded 16-bit 3-channel image"):
+    with pytest.raises(UserError, match="record 00000001 holds an encoded 16-bit 3-channel image"):
         lmdbio.check_lmdb(path)
     assert lmdbio.check_lmdb(path, force_color=True)["channels"] == 3  # decoded with IMREAD_COLOR: 8 bits
     path = lmdb_of(tmp_path / "alpha", None, encoded=[rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="record 00000000 holds an encoded 8-bit 4-channel image"):
+    with pytest.raises(UserError, match="record 00000000 holds an encoded 8-bit 4-channel image"):
         lmdbio.check_lmdb(path)
 
 
@@ -525,11 +525,11 @@ def test_write_array_lmdb_roundtrip_and_validation(tmp_path):
     recs = list(lmdbio.read_lmdb(tmp_path / "a"))
     np.testing.assert_array_equal(np.stack([r[1] for r in recs]), images)
     assert [r[2] for r in recs] == labels.tolist()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExists):
         lmdbio.write_array_lmdb(tmp_path / "a", images, labels)
     with pytest.raises(TypeError, match="uint8"):
         lmdbio.write_array_lmdb(tmp_path / "b", images.astype(np.float32), labels)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(UserError, match="labels"):
         lmdbio.write_array_lmdb(tmp_path / "b", images, labels[:3])
 
 
@@ -541,10 +541,10 @@ def test_read_idx_roundtrip_and_truncated(tmp_path):
     (tmp_path / "x.gz").write_bytes(gzip.compress(blob))
     np.testing.assert_array_equal(fashion_mnist.read_idx(str(tmp_path / "x.gz")), arr)
     (tmp_path / "t").write_bytes(blob[:-1])
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(UserError, match="header"):
         fashion_mnist.read_idx(str(tmp_path / "t"))
     (tmp_path / "m").write_bytes(b"\x01\x02" + blob[2:])
-    with pytest.raises(ValueError, match="not an IDX file"):
+    with pytest.raises(UserError, match="not an IDX file"):
         fashion_mnist.read_idx(str(tmp_path / "m"))
 
 
@@ -601,7 +601,7 @@ def test_fashion_mnist_rerun_reuses_and_refuses_other_settings(fashion):
     before = os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns
     assert fashion_mnist.import_fashion_mnist(out, val_size=5000, seed=0) == paths
     assert os.stat(os.path.join(paths["train"], "data.mdb")).st_mtime_ns == before
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(OutputExists, match="other settings"):
         fashion_mnist.import_fashion_mnist(out, val_size=1000, seed=0)
 
 
@@ -616,7 +616,7 @@ def test_fashion_mnist_reuse_needs_no_idx_files(tmp_path):
     assert paths == {split: str(out / f"{split}_lmdb") for split in fashion_mnist.SPLITS}
     os.remove(out / "test_lmdb.json")
     shutil.rmtree(out / "test_lmdb")
-    with pytest.raises(FileNotFoundError, match="no_idx.*install Debian's dataset-fashion-mnist"):
+    with pytest.raises(InputMissing, match="no_idx.*install Debian's dataset-fashion-mnist"):
         fashion_mnist.import_fashion_mnist(out, source_dir=tmp_path / "no_idx")
 # ------------------------------------------------------------------------------------------- counts
 
@@ -720,7 +720,7 @@ def test_make_lmdb_property_every_input_once(image_pool, tmp_path_factory, draw,
     build = functools.partial(imagedb.make_lmdb, source, work / "out", root=root, resize=None, workers=workers,
                               chunk=chunk, shuffle=shuffle, seed=seed, progress=False)
     if not expected:
-        with pytest.raises(ValueError, match=f"none of the {len(chosen)} files"):
+        with pytest.raises(UserError, match=f"none of the {len(chosen)} files"):
             build()
         return
     stats = build()

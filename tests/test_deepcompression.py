@@ -9,6 +9,7 @@ import pytest
 from helpers import DC_DEPLOY, DC_NET, tool, write_tiny_lmdb
 from dsd_caffe import deepcompression as dc
 from dsd_caffe import fileio
+from dsd_caffe.errors import OutputExists, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAN_DEPLOY = os.path.join(REPO, "models", "squeezenet_v1.0", "deploy_han.prototxt")
@@ -93,7 +94,7 @@ def test_caffemodel_is_deterministic_and_has_provenance(tmp_path, caffemodel):
 
 
 def test_existing_output_refused_unless_force(caffemodel):
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(OutputExists, match="already exists"):
         dc.decode_to_caffemodel(DC_NET, DC_DEPLOY, caffemodel)
     dc.decode_to_caffemodel(DC_NET, DC_DEPLOY, caffemodel, force=True)
 
@@ -136,7 +137,7 @@ def test_loads_into_han_trainval(tmp_path, caffemodel, decoded):
 def test_truncated_refused(tmp_path, net_bytes, specs, cut):
     bad = tmp_path / "cut.net"
     bad.write_bytes(net_bytes[:-cut])
-    with pytest.raises(ValueError, match=r"cut\.net is truncated") as e:
+    with pytest.raises(UserError, match=r"cut\.net is truncated") as e:
         dc.decode_bytes(bad.read_bytes(), specs, str(bad))
     msg = str(e.value)
     if cut < NET_BYTES - 104:
@@ -144,15 +145,15 @@ def test_truncated_refused(tmp_path, net_bytes, specs, cut):
 
 
 def test_truncated_names_the_layer(net_bytes, specs):
-    with pytest.raises(ValueError, match=r"layer 'conv_final' needs 163984 bytes .* only 163983 remain"):
+    with pytest.raises(UserError, match=r"layer 'conv_final' needs 163984 bytes .* only 163983 remain"):
         dc.decode_bytes(net_bytes[:-1], specs, "x.net")
-    with pytest.raises(ValueError, match=r"layer 'conv1' needs"):
+    with pytest.raises(UserError, match=r"layer 'conv1' needs"):
         dc.decode_bytes(net_bytes[:2000], specs, "x.net")
 
 
 @pytest.mark.parametrize("extra", [1, 4096])
 def test_oversized_refused(net_bytes, specs, extra):
-    with pytest.raises(ValueError, match=rf"x\.net is too long: {extra} bytes left over after the last layer "
+    with pytest.raises(UserError, match=rf"x\.net is too long: {extra} bytes left over after the last layer "
                                          rf"'conv_final' \(file has {NET_BYTES + extra} bytes"):
         dc.decode_bytes(net_bytes + b"\0" * extra, specs, "x.net")
 
@@ -160,15 +161,15 @@ def test_oversized_refused(net_bytes, specs, extra):
 def test_corrupted_net_refused(net_bytes, specs):
     data = bytearray(net_bytes)
     data[4 * 26:4 * 26 + 4] = struct.pack("<f", 0.5)  # conv1's codebook[0]
-    with pytest.raises(ValueError, match=r"'conv1' has codebook\[0\] = .*0\.5"):
+    with pytest.raises(UserError, match=r"'conv1' has codebook\[0\] = .*0\.5"):
         dc.decode_bytes(bytes(data), specs, "x.net")
     data = bytearray(net_bytes)
     data[-1000:] = b"\xff" * 1000  # conv_final's gaps: all 15 -> past the end of the blob
-    with pytest.raises(ValueError, match=r"'conv_final': its index stream points to position .* past the end"):
+    with pytest.raises(UserError, match=r"'conv_final': its index stream points to position .* past the end"):
         dc.decode_bytes(bytes(data), specs, "x.net")
     data = bytearray(net_bytes)
     data[0:4] = struct.pack("<I", 20000)  # conv1 claims more entries than weights
-    with pytest.raises(ValueError, match=r"'conv1' claims 20000 entries but its blob holds only 14112"):
+    with pytest.raises(UserError, match=r"'conv1' claims 20000 entries but its blob holds only 14112"):
         dc.decode_bytes(bytes(data), specs, "x.net")
 
 
@@ -245,13 +246,13 @@ def test_huffman_corruption_refused(decoded, specs):
     data, _ = dc.encode_huffman_bytes(small, sub)
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x10
-    with pytest.raises(ValueError, match=r"y\.net is corrupted or truncated: its CRC32 does not match"):
+    with pytest.raises(UserError, match=r"y\.net is corrupted or truncated: its CRC32 does not match"):
         dc.decode_bytes(bytes(flipped), sub, "y.net")
-    with pytest.raises(ValueError, match=r"y\.net is corrupted or truncated"):
+    with pytest.raises(UserError, match=r"y\.net is corrupted or truncated"):
         dc.decode_bytes(data[:-10], sub, "y.net")
-    with pytest.raises(ValueError, match="version 9 is not supported"):
+    with pytest.raises(UserError, match="version 9 is not supported"):
         dc.decode_bytes(data[:4] + b"\x09" + data[5:], sub, "y.net")
-    with pytest.raises(ValueError, match="holds 3 layers, the prototxt has 26"):
+    with pytest.raises(UserError, match="holds 3 layers, the prototxt has 26"):
         dc.decode_bytes(data, specs, "y.net")
 
 
@@ -339,7 +340,7 @@ def test_small_net_encode_decode_in_caffe(small_net):
 
 
 def test_data_prototxt_without_input_shape_refused(small_net):
-    with pytest.raises(ValueError, match=r"test\.prototxt reads data \(layer 'data' of type Data\).*give the deploy"):
+    with pytest.raises(UserError, match=r"test\.prototxt reads data \(layer 'data' of type Data\).*give the deploy"):
         dc.layer_specs(small_net["test"])
 
 
@@ -374,7 +375,7 @@ def test_edge_layers_round_trip():
                            {s.name: s.bits for s in specs})
     data, _ = dc.encode_huffman_bytes(layers, specs)
     assert identical(dc.decode_bytes(data, specs), expected)
-    with pytest.raises(ValueError, match="'zero' is all zeros"):
+    with pytest.raises(UserError, match="'zero' is all zeros"):
         dc.encode_net_bytes(layers, specs)
     del layers["zero"], expected["zero"]
     data, rows = dc.encode_net_bytes(layers, specs[1:])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dsd_caffe import demo, fashion_mnist, fileio, masks, phases, pipeline, pruning, sources
+from dsd_caffe.errors import UserError
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.FASHION_MNIST_DIR,
                                                                 "train-images-idx3-ubyte.gz")),
@@ -28,7 +29,7 @@ def test_config_scales_iterations():
     cfg = demo.config_for(scale=0.02)
     assert (cfg["dense_max_iter"], cfg["sparse_max_iter"], cfg["redense_max_iter"]) == (80, 20, 20)
     for bad in (0, -1, float("nan"), True, "1"):
-        with pytest.raises(ValueError, match="scale"):
+        with pytest.raises(UserError, match="scale"):
             demo.config_for(scale=bad)
     with pytest.raises(TypeError, match="unknown demo setting"):
         demo.config_for(learning_rate=1)
@@ -50,7 +51,7 @@ def test_a_demo_folder_of_the_previous_release_is_read_with_its_old_keys(tmp_pat
     demo._open(str(tmp_path), cfg, force=False)
     assert fileio.read_json(tmp_path / "demo_config.json") == cfg
     fileio.write_json(tmp_path / "demo_config.json", dict(old, dense_iters=1), force=True)
-    with pytest.raises(ValueError, match=r"other settings \(dense_max_iter\)"):
+    with pytest.raises(UserError, match=r"other settings \(dense_max_iter\)"):
         demo._open(str(tmp_path), cfg, force=False)
 
 
@@ -158,7 +159,7 @@ def test_rerun_reuses_everything(run):
 
 def test_other_settings_in_the_same_folder_are_refused(run):
     out, _ = run
-    with pytest.raises(ValueError, match="other settings.*seed"):
+    with pytest.raises(UserError, match="other settings.*seed"):
         demo.run_demo(out, seed=1, **QUICK)
 
 

@@ -35,7 +35,8 @@ def test_parse_the_forms(given, expected):
 def test_bad_forms_are_one_user_error_naming_them(given, named):
     with pytest.raises(UserError) as e:
         devices.parse(given)
-    assert named in str(e.value) and "--gpu" in str(e.value) and "\n" not in str(e.value)
+    assert named in str(e.value) and str(e.value).startswith("gpu ") and "\n" not in str(e.value)
+    assert e.value.fields == ("gpu",)  # the field: the tools print --gpu
 
 
 # ------------------------------------------------------------------------------------------------ the decision

@@ -8,6 +8,7 @@ import pytest
 
 from dsd_caffe import caffe_env, caffeproto, evaluate, fileio, netcheck
 from helpers import tool as run
+from dsd_caffe.errors import UserError
 
 NET = """name: "tiny"
 layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
@@ -215,7 +216,7 @@ def test_weights_fit_names_the_namings():
         layer.blobs.add().shape.dim.extend(shape)
         layer.blobs[0].data.extend([0.0] * int(np.prod(shape)))
     net = {"conv1": [(64, 3, 3, 3)], "fire2/conv1x1_1": [(16, 64, 1, 1)], "conv_final": [(1000, 512, 1, 1)]}
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         netcheck.check_weights_fit(net, param)
     assert "'conv1'" in str(e.value) and "96x3x7x7" in str(e.value) and "64x3x3x3" in str(e.value)
     assert "deepscale" in str(e.value).lower() and "han" in str(e.value).lower()
@@ -230,7 +231,7 @@ def test_weights_fit_accepts_legacy_4d_shapes():
     b = layer.blobs.add(num=1, channels=1, height=1, width=10)
     b.data.extend([0.0] * 10)
     assert netcheck.check_weights_fit({"fc": [(10, 8), (10,)], "relu": []}, param) == ["fc"]
-    with pytest.raises(ValueError, match="80 values"):
+    with pytest.raises(UserError, match="80 values"):
         del w.data[5:]
         netcheck.check_weights_fit({"fc": [(10, 8), (10,)]}, param)
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from dsd_caffe import fileio
+from dsd_caffe.errors import OutputExists, UserError
 
 
 def _dead_pid():
@@ -38,9 +39,9 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
 
 @pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
 def test_devices_are_never_replaced_even_with_force(device):
-    with pytest.raises(ValueError, match="character device"):
+    with pytest.raises(UserError, match="character device"):
         fileio.check_output(device, force=True)
-    with pytest.raises(ValueError, match="character device"):
+    with pytest.raises(UserError, match="character device"):
         fileio.write_json(device, {"a": 1}, force=True)
     assert os.path.exists(device) and not os.path.isfile(device)
 
@@ -48,11 +49,11 @@ def test_devices_are_never_replaced_even_with_force(device):
 def test_fifo_and_link_to_a_device_are_refused(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(ValueError, match="FIFO"):
+    with pytest.raises(UserError, match="FIFO"):
         fileio.atomic_write(fifo, "x", force=True)
     link = tmp_path / "link"
     link.symlink_to("/dev/null")
-    with pytest.raises(ValueError, match="character device"):
+    with pytest.raises(UserError, match="character device"):
         fileio.atomic_write(link, "x", force=True)
     assert os.path.islink(link)
 
@@ -76,11 +77,11 @@ def test_replaceable_folder_holds_only_what_the_tool_writes(tmp_path):
     assert fileio.check_replaceable(tmp_path / "absent", own, False, "prune.py")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x.caffemodel").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(OutputExists, match="--force"):
         fileio.check_replaceable(tmp_path / "run", own, False, "prune.py")
     fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
     (tmp_path / "run" / "thesis.tex").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="'thesis.tex', which prune.py did not write"):
+    with pytest.raises(OutputExists, match="'thesis.tex', which prune.py did not write"):
         fileio.check_replaceable(tmp_path / "run", own, True, "prune.py")
 
 
@@ -110,7 +111,7 @@ def test_a_second_process_is_refused_with_the_live_pid(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=f"in use by another dsd-caffe process \\(pid {holder.pid}\\)"):
+        with pytest.raises(UserError, match=f"in use by another dsd-caffe process \\(pid {holder.pid}\\)"):
             with fileio.output_lock(out):
                 pass
     finally:

@@ -86,11 +86,11 @@ def test_plan_refuses(plan, finals, max_iter, match):
 
 
 def test_settings_refuse_zero_interval_and_steps():
-    with pytest.raises(UserError, match=r"--gradual-interval must be an integer >= 1, got 0"):
+    with pytest.raises(UserError, match=r"^gradual.interval must be an integer >= 1, got 0"):
         Gradual(interval=0)
     with pytest.raises(UserError, match=r"gradual interval \(dt\) must be an integer >= 1, got 0"):
         Plan(0, 0, 3)
-    with pytest.raises(UserError, match=r"--gradual-steps must be an integer >= 1"):
+    with pytest.raises(UserError, match=r"^gradual.steps must be an integer >= 1"):
         Gradual(steps=0)
 
 

@@ -8,6 +8,7 @@ import pytest
 from dsd_caffe import fileio, masks, phases, sources, training
 from dsd_caffe.solvers import Schedule
 from helpers import copy_beside, small_setup
+from dsd_caffe.errors import UserError
 
 caffe = pytest.importorskip("caffe")
 
@@ -26,20 +27,20 @@ def test_pack_roundtrip(shape):
 def test_unpack_refuses_bad_blobs():
     m = np.ones((4, 8), bool)
     p = masks.pack_mask(m)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(UserError, match="does not fit"):
         masks.unpack_mask(p, (4, 9))
-    with pytest.raises(ValueError, match="not set"):
+    with pytest.raises(UserError, match="not set"):
         masks.unpack_mask(np.zeros_like(p), (4, 8))
     bad = p.copy()
     bad[1] = 0.5
-    with pytest.raises(ValueError, match="not packed mask bits"):
+    with pytest.raises(UserError, match="not packed mask bits"):
         masks.unpack_mask(bad, (4, 8))
 
 
 def test_param_str_is_json_and_checked():
     assert masks.parse_param_str('{"layers": [{"name": "c", "shape": [2, 3]}]}') == [("c", (2, 3))]
     for bad in ("", "{layers: 1}", '{"layers": []}', '{"layers": [{"name": "c", "shape": [0]}]}'):
-        with pytest.raises(ValueError, match="param_str"):
+        with pytest.raises(UserError, match="param_str"):
             masks.parse_param_str(bad)
 
 
@@ -125,7 +126,7 @@ def test_unset_masks_are_refused(pruned):
     from dsd_caffe.caffe_env import make_net
 
     net = make_net(sparse_net(pruned), "TRAIN")  # no weights: masks never loaded
-    with pytest.raises(ValueError, match="mask blob is not set"):
+    with pytest.raises(UserError, match="mask blob is not set"):
         net.forward()
 
 
@@ -139,7 +140,7 @@ def test_masks_come_back_from_the_caffemodel_and_any_net(pruned):
     assert rep["total"]["density"] == pytest.approx(1 / 3, abs=0.002)
     table = str(rep).splitlines()
     assert table[0].split() == ["layer", "nonzero", "weights", "density"] and table[-1].startswith("total")
-    with pytest.raises(ValueError, match="no mask layer"):
+    with pytest.raises(UserError, match="no mask layer"):
         masks.read_masks(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
     # the TEST net that dsd_caffe.load returns has no mask layer (it is TRAIN-only): the error names the caffemodel
     import dsd_caffe
@@ -151,7 +152,7 @@ def test_masks_come_back_from_the_caffemodel_and_any_net(pruned):
                                                                                                    phases.PRUNED))
     finally:
         os.chdir(cwd)
-    with pytest.raises(ValueError, match=r"TRAIN phase only.*read_masks\('.*pruned.caffemodel'\)"):
+    with pytest.raises(UserError, match=r"TRAIN phase only.*read_masks\('.*pruned.caffemodel'\)"):
         masks.read_masks(test_net)
 
 
@@ -160,7 +161,7 @@ def test_mask_that_does_not_fit_is_refused(pruned):
     model = fileio.read_caffemodel(os.path.join(os.path.dirname(pruned), "dense.caffemodel"))
     kept = masks.load_masks(os.path.join(pruned, phases.MASKS))
     kept["conv1"] = kept["conv1"][:, :, :2, :]
-    with pytest.raises(ValueError, match="conv1.*does not fit the net"):
+    with pytest.raises(UserError, match="conv1.*does not fit the net"):
         masks.add_masks_to_caffemodel(model, kept, net)
 
 
@@ -183,7 +184,7 @@ def test_train_sparse_refuses_masks_that_do_not_fit(pruned, tmp_path):
     spec["layers"][0]["shape"] = [16, 1, 5, 5]
     layer.python_param.param_str = json.dumps(spec)
     fileio.write_prototxt(path, net)
-    with pytest.raises(ValueError, match="mask of layer 'conv1'.*does not fit the net"):
+    with pytest.raises(UserError, match="mask of layer 'conv1'.*does not fit the net"):
         phases.train_sparse(run)
 
 
@@ -198,7 +199,7 @@ def test_a_revived_pruned_weight_is_named_in_one_line(pruned, tmp_path):
     revived = str(tmp_path / "revived.caffemodel")
     fileio.write_caffemodel(revived, param)
     model = os.path.join(os.path.dirname(pruned), "trainval.prototxt")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         phases.retrain_dense(phases.Inputs(model, revived), tmp_path / "r", Schedule(max_iter=2))
     assert str(e.value) == f"{revived}: 1 pruned weights of layer {name!r} are not 0.0"
     assert not os.path.exists(tmp_path / "r")

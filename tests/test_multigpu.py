@@ -317,7 +317,7 @@ def test_the_ranks_log_feeds_the_progress_bar_and_names_a_failure(job, tmp_path)
 
 
 def test_a_caffe_without_nccl_is_refused_before_any_rank_starts(job, tmp_path):
-    with pytest.raises(UserError, match="--gpu 0,1: several devices need a Caffe built with NCCL"):
+    with pytest.raises(UserError, match="^gpu 0,1: several devices need a Caffe built with NCCL"):
         multigpu.run(job, str(tmp_path), None, progress(), str(tmp_path / "train.log"), (0, 1),
                      caffe=FakeCaffe(nccl=False), start=lambda *a: pytest.fail("a rank started"))
 

@@ -8,9 +8,10 @@ import pytest
 from google.protobuf import text_format
 
 from helpers import DC_DEPLOY, DSD_TRAINVAL, shared_file
-from dsd_caffe import netgen
+from dsd_caffe import netgen, repogen
 from dsd_caffe.caffe_env import caffe_binary, import_caffe
 from dsd_caffe.fileio import read_caffemodel, read_net_prototxt, write_caffemodel, write_prototxt
+from dsd_caffe.errors import OutputExists, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_SOURCES = dict(train_source="/ssd/dataset/ilsvrc12_train_lmdb/", test_source="/ssd/dataset/ilsvrc12_val_lmdb/")
@@ -79,9 +80,9 @@ def test_rename_map_and_detect_naming():
     assert netgen.detect_naming([l.name for l in netgen.squeezenet_v1_0("deepscale").layer]) == "deepscale"
     assert netgen.detect_naming(["ip1", "ip2"]) is None
     assert netgen.detect_naming(["conv_final", "conv10"]) is None
-    with pytest.raises(ValueError, match="naming"):
+    with pytest.raises(UserError, match="naming"):
         netgen.squeezenet_v1_0("caffenet")
-    with pytest.raises(ValueError, match="han-named"):
+    with pytest.raises(UserError, match="han-named"):
         netgen.rename_weights(netgen.squeezenet_v1_0("deepscale"), "han", "deepscale")
 
 
@@ -175,7 +176,7 @@ def test_small_squeezenet_params_and_width():
     assert tp.scale == pytest.approx(1 / 256) and tp.crop_size == 28 and list(tp.mean_value) == [128]
     for bad in (dict(width=0), dict(width="1"), dict(num_classes=0), dict(channels=1.5), dict(size=4),
                 dict(scale=-1), dict(train_batch=True)):
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):
             netgen.small_squeezenet(**bad)
 
 
@@ -184,15 +185,15 @@ def test_deploy_and_set_data_sources_errors():
     netgen.set_data_sources(net, train="x_lmdb", test="y_lmdb")
     assert [l.data_param.source for l in net.layer if l.type == "Data"] == ["x_lmdb", "y_lmdb"]
     d = netgen.deploy(net)
-    with pytest.raises(ValueError, match="Data layer"):
+    with pytest.raises(UserError, match="Data layer"):
         netgen.set_data_sources(d, train="x")
     with pytest.raises(TypeError):
         netgen.deploy("trainval.prototxt")
     nocrop = netgen.squeezenet_v1_0("han", mean_values=())
-    with pytest.raises(ValueError, match="input_shape"):
+    with pytest.raises(UserError, match="input_shape"):
         netgen.deploy(nocrop)
     assert list(netgen.deploy(nocrop, (2, 3, 64, 64)).layer[0].input_param.shape[0].dim) == [2, 3, 64, 64]
-    with pytest.raises(ValueError, match="mean_values"):
+    with pytest.raises(UserError, match="mean_values"):
         netgen.squeezenet_v1_0("han", mean_values=(1, 2))
 
 
@@ -220,7 +221,7 @@ def test_caffe_test_runs_on_generated_trainvals(tiny_lmdb, tmp_path):
 
 
 def test_generate_reproduces_the_committed_files(tmp_path):
-    result = netgen.generate(tmp_path)
+    result = repogen.generate(tmp_path)
     assert set(result.values()) == {"written"}
     for rel in result:
         with open(os.path.join(ROOT, rel), "rb") as f, open(tmp_path / rel, "rb") as g:
@@ -229,15 +230,15 @@ def test_generate_reproduces_the_committed_files(tmp_path):
         assert "/work/" not in text and "/tmp" not in text and str(tmp_path) not in text
     # committed files parse and the Han trainval is the release's net with our sources
     han = read_net_prototxt(os.path.join(ROOT, "models/squeezenet_v1.0/trainval_han.prototxt"))
-    assert han == netgen.set_data_sources(read_net_prototxt(shared_file(DSD_TRAINVAL)), *netgen.IMAGENET_SOURCES)
+    assert han == netgen.set_data_sources(read_net_prototxt(shared_file(DSD_TRAINVAL)), *repogen.IMAGENET_SOURCES)
     # again: nothing changes; a changed file is refused without force, rewritten with it
-    assert set(netgen.generate(tmp_path).values()) == {"unchanged"}
+    assert set(repogen.generate(tmp_path).values()) == {"unchanged"}
     target = tmp_path / "models/squeezenet_v1.0/deploy_han.prototxt"
     target.write_text("# edited\n")
-    with pytest.raises(FileExistsError, match="deploy_han"):
-        netgen.generate(tmp_path)
-    assert netgen.generate(tmp_path, force=True)["models/squeezenet_v1.0/deploy_han.prototxt"] == "written"
-    assert target.read_text().startswith(netgen.HEADER)
+    with pytest.raises(OutputExists, match="deploy_han"):
+        repogen.generate(tmp_path)
+    assert repogen.generate(tmp_path, force=True)["models/squeezenet_v1.0/deploy_han.prototxt"] == "written"
+    assert target.read_text().startswith(repogen.HEADER)
 
 
 def test_generate_tool_cli(tmp_path):
@@ -256,7 +257,7 @@ def test_generate_tool_cli(tmp_path):
 
 def test_committed_deploy_nets_load_in_both_phases():
     caffe = import_caffe()
-    for rel in sorted(netgen.generated_files()):
+    for rel in sorted(repogen.generated_files()):
         if "/deploy" not in rel:
             continue
         path = os.path.join(ROOT, rel)

@@ -11,6 +11,7 @@ import pytest
 from dsd_caffe import fileio, masks, netgen, phases, pruning, sources, training
 from dsd_caffe.solvers import Schedule
 from helpers import copy_beside, small_setup, tool, write_tiny_lmdb
+from dsd_caffe.errors import AccessDenied, OutputExists, UserError
 
 caffe = pytest.importorskip("caffe")
 SHORT = Schedule(max_iter=4, snapshot=2, base_lr=0.05)
@@ -93,13 +94,13 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
     stamp = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
     again = phases.prune(inputs, out, phases.PruneConfig(ratio="3x"), SHORT)  # the same command: reused as it is
     assert again["table"] == pruned[1]["table"] and {f: os.path.getmtime(os.path.join(out, f)) for f in stamp} == stamp
-    with pytest.raises(ValueError, match=r"other settings \(first: target_density: 0\.333.* 0\.5 now\).*--force"):
+    with pytest.raises(UserError, match=r"other settings \(first: target_density: 0\.333.* 0\.5 now\).*--force"):
         phases.prune(inputs, out, phases.PruneConfig(ratio="2x"), SHORT)
-    with pytest.raises(ValueError, match="accepted forms"):
+    with pytest.raises(UserError, match="accepted forms"):
         phases.PruneConfig(ratio="1x")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OSError):
+    with pytest.raises(AccessDenied, match="file is not writable"):
         phases.prune(inputs, blocker / "out", phases.PruneConfig(ratio="3x"))
     other = netgen.small_squeezenet("train_lmdb", "val_lmdb", width=2.0, train_batch=4, test_batch=4)
     from dsd_caffe.caffe_env import make_net
@@ -120,7 +121,7 @@ def test_prune_refuses_bad_inputs_and_leaves_nothing(setup, pruned, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="did not write"):
+    with pytest.raises(OutputExists, match="did not write"):
         phases.prune(inputs, foreign, phases.PruneConfig(ratio="3x"), force=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
 
@@ -216,11 +217,11 @@ def test_a_phase_folder_is_reused_only_with_its_settings(setup, pruned, tmp_path
     out = tmp_path / "r"
     final = phases.retrain_dense(inputs, out, Schedule(max_iter=3))
     before = {f: open(out / f, "rb").read() for f in os.listdir(out) if os.path.isfile(out / f)}
-    with pytest.raises(ValueError, match="base_lr: 0.0001.*base_lr: 0.001"):
+    with pytest.raises(UserError, match="base_lr: 0.0001.*base_lr: 0.001"):
         phases.retrain_dense(inputs, out, Schedule(max_iter=3, base_lr=1e-3))
-    with pytest.raises(ValueError, match="max_iter: 3.*max_iter: 5"):
+    with pytest.raises(UserError, match="max_iter: 3.*max_iter: 5"):
         phases.retrain_dense(inputs, out, Schedule(max_iter=5))
-    with pytest.raises(ValueError, match="other weights"):
+    with pytest.raises(UserError, match="other weights"):
         phases.retrain_dense(phases.Inputs(os.path.join(run, phases.SPARSE_NET), os.path.join(run, phases.PRUNED)),
                              out, Schedule(max_iter=3))
     assert {f: open(out / f, "rb").read() for f in before} == before
@@ -229,7 +230,7 @@ def test_a_phase_folder_is_reused_only_with_its_settings(setup, pruned, tmp_path
     assert prov["iteration"] == 5 and prov["settings"]["base_lr"] == pytest.approx(1e-3)
     assert open(out / "train.log").read().count("# ") == 1  # --force cleared the old log and snapshots
     # the sparse phase too: --max-iter on a finished folder is refused, --force retrains
-    with pytest.raises(ValueError, match="max_iter: 4.*max_iter: 6"):
+    with pytest.raises(UserError, match="max_iter: 4.*max_iter: 6"):
         phases.train_sparse(run, Schedule(max_iter=6))
     phases.train_sparse(run, Schedule(max_iter=6), force=True)
     assert fileio.read_json(fileio.sidecar_path(os.path.join(run, phases.SPARSE)))["iteration"] == 6
@@ -326,7 +327,7 @@ def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
                               "test_source": os.path.join(folder, "val_lmdb"), "iterations": 2, "batch": 4,
                               "images": 8, "lmdb_images": 8, "densities": [0.2, 1.0],
                               "layers": ["conv1", "conv_final"]}
-    with pytest.raises(ValueError, match="unknown layer"):
+    with pytest.raises(UserError, match="unknown layer"):
         sensitivity.sensitivity_scan(model, weights, tmp_path / "t", sensitivity.ScanConfig(layers=("nope",)))
     assert not os.path.exists(tmp_path / "t")
 

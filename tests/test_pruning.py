@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from helpers import DC_DEPLOY, DC_NET, shared_file
 from dsd_caffe import pruning
+from dsd_caffe.errors import InputMissing, UserError
 from dsd_caffe.pruning import (SQUEEZENET_3X, apply_masks, density, format_ratio, kept_count, layer_densities,
                                magnitude_mask, make_masks, mask_and_threshold, parse_ratio, select_layers)
 
@@ -82,18 +83,18 @@ def test_parse_ratio_accepts(kwargs, expected):
     {"ratio": "3x", "density": 0.33}, {"density": 0.3, "sparsity": 0.7}, {"ratio": "3x", "sparsity": 0.67}, {},
 ])
 def test_parse_ratio_refuses_with_accepted_forms(kwargs):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         parse_ratio(**kwargs)
     msg = str(e.value)
     assert '"3x"' in msg and "0.33" in msg and "0.67" in msg and "exactly one" in msg
 
 
 def test_parse_ratio_messages_name_the_problem():
-    with pytest.raises(ValueError, match="nothing would be pruned"):
+    with pytest.raises(UserError, match="nothing would be pruned"):
         parse_ratio(ratio="1x")
-    with pytest.raises(ValueError, match='bare number.*"3x"'):
+    with pytest.raises(UserError, match='bare number.*"3x"'):
         parse_ratio(ratio="3")
-    with pytest.raises(ValueError, match="--ratio and --density given together"):
+    with pytest.raises(UserError, match="^ratio and density given together"):
         parse_ratio(ratio="3x", density=0.3)
 
 
@@ -112,9 +113,9 @@ def test_kept_count_rounding():
     assert kept_count(3, 0.01) == 1  # never zero
     assert kept_count(7, 1.0) == 7
     assert kept_count(1, 0.3) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         kept_count(0, 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         kept_count(5, 0.0)
 
 
@@ -198,29 +199,29 @@ def test_apply_masks_exact_zero_and_new_arrays():
 
 def test_apply_masks_refuses_bad_masks():
     w = {"conv1": np.ones((2, 3))}
-    with pytest.raises(ValueError, match=r"conv1.*\(3, 2\).*\(2, 3\)"):
+    with pytest.raises(UserError, match=r"conv1.*\(3, 2\).*\(2, 3\)"):
         apply_masks(w, {"conv1": np.ones((3, 2), bool)})
-    with pytest.raises(ValueError, match="unknown layer.*conv9.*known layers: conv1"):
+    with pytest.raises(UserError, match="unknown layer.*conv9.*known layers: conv1"):
         apply_masks(w, {"conv9": np.ones((2, 3), bool)})
-    with pytest.raises(ValueError, match="other than 0 and 1"):
+    with pytest.raises(UserError, match="other than 0 and 1"):
         apply_masks(w, {"conv1": np.full((2, 3), 0.5)})
 
 
 def test_magnitude_mask_refuses_bad_weights():
-    with pytest.raises(ValueError, match="conv1.*NaN"):
+    with pytest.raises(UserError, match="conv1.*NaN"):
         magnitude_mask(np.array([1.0, np.nan]), 0.5, name="conv1")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         magnitude_mask(np.zeros((0, 3)), 0.5)
     with pytest.raises(TypeError):
         magnitude_mask(np.array(["a", "b"]), 0.5)
     for bad in (0.0, 1.5, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="density"):
+        with pytest.raises(UserError, match="density"):
             magnitude_mask(np.ones(4), bad)
 
 
 def test_density_and_summary():
     assert density(np.array([0.0, 1.0, 0.0, 2.0])) == 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         density(np.zeros(0))
     w = {"c1": np.arange(1.0, 13.0).reshape(3, 4), "fc": -np.arange(1.0, 11.0)}
     pruned, masks, rows = pruning.prune_weights(w, {"c1": 0.25, "fc": 0.5})
@@ -239,7 +240,7 @@ def test_density_and_summary():
 
 
 def test_make_masks_needs_every_density():
-    with pytest.raises(ValueError, match="no density.*fc"):
+    with pytest.raises(UserError, match="no density.*fc"):
         make_masks({"c": np.ones(3), "fc": np.ones(3)}, {"c": 0.5})
 
 
@@ -253,9 +254,9 @@ def test_select_layers_patterns_and_both_namings():
     # Han names and patterns match the DeepScale net too
     _, skipped = select_layers(names, ["conv_final", "fire2/conv3x3_2"])
     assert skipped == ["fire2/expand3x3", "conv10"]
-    with pytest.raises(ValueError, match="conv99.*matches no prunable layer.*known layers: conv1"):
+    with pytest.raises(UserError, match="conv99.*matches no prunable layer.*known layers: conv1"):
         select_layers(names, ["conv99"])
-    with pytest.raises(ValueError, match="every layer is skipped"):
+    with pytest.raises(UserError, match="every layer is skipped"):
         select_layers(["a", "b"], ["*"])
 
 
@@ -284,9 +285,9 @@ def test_uniform_with_skip():
     assert d == {"conv1": 1.0, "conv2": 0.25, "fc": 0.25}
     masks = make_masks(w, d)
     assert masks["conv1"].all()
-    with pytest.raises(ValueError, match="needs a density"):
+    with pytest.raises(UserError, match="needs a density"):
         layer_densities(w, None, "uniform")
-    with pytest.raises(ValueError, match="unknown profile 'bogus'.*uniform, global, squeezenet-3x"):
+    with pytest.raises(UserError, match="unknown profile 'bogus'.*uniform, global, squeezenet-3x"):
         layer_densities(w, 0.3, "bogus")
 
 
@@ -311,7 +312,7 @@ def test_global_threshold_exact():
 
 def test_global_refuses_emptied_layer():
     w = {"big": np.full(100, 10.0), "tiny": np.full(10, 0.001)}
-    with pytest.raises(ValueError, match="removes every weight of layer.*tiny"):
+    with pytest.raises(UserError, match="removes every weight of layer.*tiny"):
         layer_densities(w, 0.5, "global")
 
 
@@ -339,7 +340,7 @@ def test_profile_file_with_default_and_patterns(tmp_path):
     # without "*" the density argument is the default; without either, refused
     path.write_text(json.dumps({"conv1": 0.9}))
     assert layer_densities(w, 0.4, path)["fire5/conv1x1_2"] == 0.4
-    with pytest.raises(ValueError, match="no density for layer.*fire2/conv1x1_1"):
+    with pytest.raises(UserError, match="no density for layer.*fire2/conv1x1_1"):
         layer_densities(w, None, path)
     # a provenance-style JSON with a "densities" member
     path.write_text(json.dumps({"phase": "sparse", "densities": {"*": 0.5}}))
@@ -350,7 +351,7 @@ def test_profile_file_unknown_layers_refused(tmp_path):
     w = random_weights({"conv1": (4, 1, 3, 3), "ip1": (10, 4)})
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"*": 0.3, "conv2": 0.5, "fc*": 0.5}))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         layer_densities(w, None, path)
     assert str(path) in str(e.value) and "conv2" in str(e.value) and "fc*" in str(e.value)
     assert "known layers: conv1, ip1" in str(e.value)
@@ -364,12 +365,12 @@ def test_profile_file_unknown_layers_refused(tmp_path):
 def test_profile_file_bad_content(tmp_path, content, match):
     path = tmp_path / "p.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         layer_densities({"conv1": np.ones(4)}, None, path)
 
 
 def test_profile_file_missing():
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputMissing, match="profile no/such/profile.json does not exist"):
         layer_densities({"conv1": np.ones(4)}, None, "no/such/profile.json")
 
 
@@ -417,7 +418,7 @@ def test_squeezenet_3x_scaled_for_other_densities():
 
 
 def test_squeezenet_3x_refuses_other_nets():
-    with pytest.raises(ValueError, match="squeezenet-3x has no density for layer.*ip1"):
+    with pytest.raises(UserError, match="squeezenet-3x has no density for layer.*ip1"):
         layer_densities({"conv1": np.ones(9), "ip1": np.ones(9)}, None, "squeezenet-3x")
     # skipped unknown layers are fine
     assert layer_densities({"conv1": np.ones(9), "ip1": np.ones(9)}, None, "squeezenet-3x", skip=["ip1"])["ip1"] == 1.0
@@ -533,7 +534,7 @@ def test_repruning_counts_zeros_as_pruned():
     np.testing.assert_array_equal(again, third != 0)
     rows = pruning.summary_rows({"c": third}, {"c": again})
     assert (rows[0]["kept"], rows[0]["density"]) == (48, 48 / 144)
-    with pytest.raises(ValueError, match=r"48 non-zero weights \(density 0.3333\), fewer than the 72 that "
+    with pytest.raises(UserError, match=r"48 non-zero weights \(density 0.3333\), fewer than the 72 that "
                                           r"density 0.5000 keeps"):
         pruning.make_masks({"c": third}, {"c": 0.5})  # 2x on a 3x model would mark zeros as kept
     quarter = pruning.make_masks({"c": third}, {"c": 0.25})["c"]
@@ -551,7 +552,7 @@ def test_prop_repruning_never_keeps_a_zero(shape, d, zeros, seed):
     nonzero = int(np.count_nonzero(w))
     k = kept_count(w.size, d) if d < 1 else nonzero
     if d < 1 and k > nonzero:
-        with pytest.raises(ValueError, match="already pruned"):
+        with pytest.raises(UserError, match="already pruned"):
             pruning.make_masks({"w": w}, {"w": d})
         return
     mask = pruning.make_masks({"w": w}, {"w": d})["w"]

@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import write_tiny_lmdb
-from dsd_caffe import netgen, solvers
+from dsd_caffe import repogen, solvers
 from dsd_caffe.caffe_env import caffe_binary
 from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.fileio import read_solver_prototxt
+from dsd_caffe.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def test_test_iters(size, batch, expect):
 @pytest.mark.parametrize("args", [(0, 10, 1), (-1, 10, 1), (float("inf"), 10, 1), (1, 0, 1), (1, 10, 0),
                                   (1, 10, 1.5), (True, 10, 1), ("1", 10, 1)])
 def test_epochs_to_iters_rejects_bad_values(args):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         solvers.epochs_to_iters(*args)
 
 
@@ -58,7 +59,7 @@ def test_iterations_follow_from_sizes(builder, base_lr):
     assert s.base_lr == pytest.approx(base_lr)
     s = builder("net.prototxt", train_size=10000, test_size=999, max_iter=7)
     assert s.max_iter == 7 and s.test_interval == 7 and s.snapshot == 1
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(UserError, match="not both"):
         builder("net.prototxt", epochs=1, max_iter=5)
     with pytest.raises(TypeError, match="bogus"):
         builder("net.prototxt", bogus=1)
@@ -78,9 +79,9 @@ def test_phase_defaults_come_from_the_one_table():
                                                                                (0.004, 1000)]
     s = solvers.dense_solver("n", lr_policy="step", gamma=0.1, stepsize=100, max_iter=300)
     assert (s.lr_policy, s.stepsize, s.gamma) == ("step", 100, pytest.approx(0.1))
-    with pytest.raises(ValueError, match="lr_policy"):
+    with pytest.raises(UserError, match="lr_policy"):
         solvers.dense_solver("n", lr_policy="cosine")
-    with pytest.raises(ValueError, match="--base-lr must be a positive"):
+    with pytest.raises(UserError, match="^base_lr must be a positive"):
         solvers.dense_solver("n", base_lr=0)
     with pytest.raises(TypeError):
         solvers.dense_solver(None)
@@ -110,10 +111,10 @@ def test_committed_solvers_parse_and_match_their_sizes():
         folder = os.path.dirname(path)
         assert not os.path.isabs(s.net) and not os.path.isabs(s.snapshot_prefix)
         assert os.path.isfile(os.path.join(folder, s.net)), f"{path}: net {s.net} is not beside it"
-        net = netgen.generated_files()[os.path.relpath(os.path.normpath(os.path.join(folder, s.net)), ROOT)]
+        net = repogen.generated_files()[os.path.relpath(os.path.normpath(os.path.join(folder, s.net)), ROOT)]
         train_batch, test_batch = [l.data_param.batch_size for l in net.layer if l.type == "Data"]
         if "small_squeezenet" in path:
-            sizes = (netgen.FASHION_TRAIN, netgen.FASHION_VAL)
+            sizes = (repogen.FASHION_TRAIN, repogen.FASHION_VAL)
         else:
             sizes = (solvers.IMAGENET_TRAIN, solvers.IMAGENET_VAL)
         assert s.test_iter == [solvers.test_iters(sizes[1], test_batch)], path
@@ -136,7 +137,7 @@ def test_caffe_train_runs_a_generated_solver_from_its_folder(tmp_path):
     for split, n in (("train", 16), ("val", 8)):
         write_tiny_lmdb(tmp_path / "data" / "fashion_mnist" / f"{split}_lmdb",
                         rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, n))
-    netgen.generate(tmp_path)
+    repogen.generate(tmp_path)
     solver_dir = tmp_path / "solvers" / "small_squeezenet"
     s = read_solver_prototxt(solver_dir / "dense_solver.prototxt")
     s.max_iter, s.test_interval, s.test_iter[0], s.snapshot = 2, 2, 1, 0

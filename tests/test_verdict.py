@@ -4,6 +4,7 @@ import math
 import pytest
 
 from dsd_caffe import verdict
+from dsd_caffe.errors import UserError
 
 
 def test_t_quantiles_known_answers():
@@ -69,5 +70,5 @@ def test_one_seed_gives_no_interval():
 
 @pytest.mark.parametrize("bad", [[], [float("nan")], [1.0, float("inf")]])
 def test_bad_gains_are_refused(bad):
-    with pytest.raises(ValueError, match="one finite gain per seed"):
+    with pytest.raises(UserError, match="one finite gain per seed"):
         verdict.paired_verdict(bad)

@@ -4,12 +4,15 @@ import dataclasses
 import os
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import DC_NET
-from dsd_caffe import caffe_env, caffeproto, netgen, zoo
+from dsd_caffe import caffe_env, caffeproto, loading, netgen, zoo
+from dsd_caffe.commands import zoo as zoo_command
+from dsd_caffe.errors import InputMissing, UserError
 
 DC = "deep-compression-squeezenet"
 needs_dc = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent")
@@ -35,12 +38,12 @@ def test_shared_compressed_squeezenet_verifies():
 
 @needs_dc
 def test_wrong_blob_id_refused():
-    with pytest.raises(ValueError, match="git blob id b28ec20a.*expected ffce3635"):
+    with pytest.raises(UserError, match="git blob id b28ec20a.*expected ffce3635"):
         zoo.verify(DC_NET, "dsd-squeezenet")
     fake = dataclasses.replace(zoo.ZOO[DC], blob_id="0" * 40)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(zoo.ZOO, DC, fake)
-        with pytest.raises(ValueError, match="expected 0000"):
+        with pytest.raises(UserError, match="expected 0000"):
             zoo.verify(DC_NET, DC)
 
 
@@ -53,9 +56,9 @@ def test_zoo_entries_are_complete():
                 assert netgen.detect_naming(netgen.weighted_layers(m.net_param(kind))) == m.naming
         else:
             assert m.net_param("deploy") is None
-    with pytest.raises(ValueError, match="unknown zoo model"):
+    with pytest.raises(UserError, match="unknown zoo model"):
         zoo.get("alexnet")
-    with pytest.raises(ValueError, match="'solver'"):
+    with pytest.raises(UserError, match="'solver'"):
         zoo.get(DC).net_param("solver")
 
 
@@ -64,12 +67,12 @@ def test_fake_file_refused_and_nothing_left(tmp_path):
     fake.write_bytes(os.urandom(675763))  # right size, wrong content
     dest = tmp_path / "out"
     dest.mkdir()
-    with pytest.raises(ValueError, match="not the released compressed_SqueezeNet.net"):
+    with pytest.raises(UserError, match="not the released compressed_SqueezeNet.net"):
         zoo.fetch(DC, dest, url=str(fake))
     assert os.listdir(dest) == []
     short = tmp_path / "short.net"
     short.write_bytes(b"x" * 10)
-    with pytest.raises(ValueError, match="10 bytes, expected 675763"):
+    with pytest.raises(UserError, match="10 bytes, expected 675763"):
         zoo.verify(short, DC)
 
 
@@ -88,7 +91,7 @@ def test_fetch_from_local_path_and_file_url(tmp_path):
 def test_existing_wrong_file_refused_unless_force(tmp_path):
     dest = tmp_path / "compressed_SqueezeNet.net"
     dest.write_bytes(b"not it")
-    with pytest.raises(ValueError, match="--force"):
+    with pytest.raises(UserError, match="--force"):
         zoo.fetch(DC, tmp_path, url=DC_NET)
     assert dest.read_bytes() == b"not it"
     zoo.fetch(DC, tmp_path, url=DC_NET, force=True)
@@ -96,13 +99,13 @@ def test_existing_wrong_file_refused_unless_force(tmp_path):
 
 
 def test_missing_local_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.net"):
+    with pytest.raises(InputMissing, match="nope.net"):
         zoo.fetch(DC, tmp_path, url=str(tmp_path / "nope.net"))
 
 
 def _main(argv):
     with pytest.raises(SystemExit) as e:
-        zoo.main(argv)
+        zoo_command.main(argv)
     return e.value.code
 
 
@@ -124,11 +127,12 @@ def test_cli_fetch_and_verify(tmp_path, capsys, caplog):
     assert len(err) == 1 and "git blob id" in err[0]
 
 
-def test_cli_help_names_the_module_and_every_flag_has_help(capsys):
+def test_cli_help_names_the_module_and_every_flag_has_help(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [zoo.__file__])  # as `python -m dsd_caffe.zoo` starts it
     for argv in (["--help"], ["fetch", "--help"], ["verify", "--help"], ["list", "--help"]):
         assert _main(argv) == 0
         assert capsys.readouterr().out.startswith(" ".join(["usage: python -m dsd_caffe.zoo", *argv[:-1]]))
-    top = zoo.parser()
+    top = zoo_command.parser()
     subs = next(a for a in top._actions if a.dest == "cmd").choices
     for p in [top, *subs.values()]:
         for action in p._actions:
@@ -158,37 +162,37 @@ def test_load_zoo_name_and_prototxt(tmp_path):
                          filename="tiny.caffemodel", blob_id=zoo.git_blob_id(weights))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(zoo.ZOO, "tiny", entry)
-        net = zoo.load("tiny", weights=str(weights), prototxt=str(proto))
-        assert zoo.loaded_model(net) is entry
+        net = loading.load("tiny", weights=str(weights), prototxt=str(proto))
+        assert loading.loaded_model(net) is entry
         cache = tmp_path / "cache"
-        net2 = zoo.load("tiny", url=str(weights), cache=str(cache), prototxt=proto)  # offline "download"
+        net2 = loading.load("tiny", url=str(weights), cache=str(cache), prototxt=proto)  # offline "download"
         assert os.listdir(cache) == ["tiny.caffemodel"]
         other = tmp_path / "other.caffemodel"
         caffe.set_random_seed(4)
         caffe.Net(str(proto), caffe.TEST).save(str(other))
-        with pytest.raises(ValueError, match="git blob id"):
-            zoo.load("tiny", weights=str(other), prototxt=str(proto))
-        with pytest.raises(ValueError, match="generates no net for it; pass prototxt="):
-            zoo.load("tiny", weights=str(weights))
-    net3 = zoo.load(str(proto), weights=str(weights))
-    assert zoo.loaded_model(net3) is None
+        with pytest.raises(UserError, match="git blob id"):
+            loading.load("tiny", weights=str(other), prototxt=str(proto))
+        with pytest.raises(UserError, match="generates no net for it; pass prototxt="):
+            loading.load("tiny", weights=str(weights))
+    net3 = loading.load(str(proto), weights=str(weights))
+    assert loading.loaded_model(net3) is None
     from google.protobuf import text_format
 
     param = text_format.Parse(TINY_DEPLOY, caffeproto.caffe_pb2().NetParameter())
-    net4 = zoo.load(param, weights=weights)  # a NetParameter in memory
+    net4 = loading.load(param, weights=weights)  # a NetParameter in memory
     param.layer[1].convolution_param.num_output = 5
-    with pytest.raises(ValueError, match="does not fit net 'tiny': layer 'conv1'"):
-        zoo.load(param, weights=weights)
+    with pytest.raises(UserError, match="does not fit net 'tiny': layer 'conv1'"):
+        loading.load(param, weights=weights)
     for n in (net, net2, net3, net4):
         for name in ("conv1", "fc"):
             assert np.array_equal(n.params[name][0].data, src.params[name][0].data)
-    with pytest.raises(ValueError, match="neither a zoo model"):
-        zoo.load("no-such-model")
+    with pytest.raises(UserError, match="neither a zoo model"):
+        loading.load("no-such-model")
 
 
 @needs_dc
 def test_load_compressed_squeezenet():
-    net = zoo.load(DC, weights=DC_NET)  # the deploy net is generated in memory: no prototxt file involved
+    net = loading.load(DC, weights=DC_NET)  # the deploy net is generated in memory: no prototxt file involved
     convs = [k for k, l in zip(net._layer_names, net.layers) if l.type == "Convolution"]
     total = sum(net.params[k][0].data.size for k in convs)
     nonzero = sum(np.count_nonzero(net.params[k][0].data) for k in convs)
@@ -198,5 +202,5 @@ def test_load_compressed_squeezenet():
 def test_sha256_used_when_no_blob_id(tmp_path):
     f = tmp_path / "squeezenet_v1.1.caffemodel"
     f.write_bytes(b"\0" * 4950080)  # the right size, not the right bytes
-    with pytest.raises(ValueError, match="SHA-256 .* expected 72b912ace5"):
+    with pytest.raises(UserError, match="SHA-256 .* expected 72b912ace5"):
         zoo.verify(f, "squeezenet-v1.1")

@@ -73,6 +73,7 @@ def add_gradual(p, flag="--schedule"):
                         "length)")
     g.add_argument("--gradual-initial-density", type=float, metavar="D",
                    help="density s_i of the first step (default: 1, the dense model)")
+    cli.name_fields(p, {"schedule": flag, "gradual.initial": "--gradual-initial-density"})
 
 
 def prune_config(args, seed=None):
