@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from dsd_caffe import deepcompression as dc
-from dsd_caffe import fileio
+from dsd_caffe import evaluate, fileio
 
 
 def quantized_caffemodel(weights, layers, specs, out):
@@ -36,8 +36,6 @@ def quantized_caffemodel(weights, layers, specs, out):
 
 
 def top1(model, weights, iterations):
-    from dsd_caffe import evaluate
-
     results = evaluate.evaluate(model, weights, iterations=iterations)
     keys = [k for k in results if "accuracy" in k and "top5" not in k and "top_5" not in k]
     if not keys:
@@ -92,7 +90,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="trainval/test prototxt (its TEST phase is scored)")
     p.add_argument("--weights", help="the sparse caffemodel")
-    p.add_argument("--iterations", type=int, default=None, help="test iterations (default: 50, or the whole "
+    p.add_argument("--iterations", type=int, default=None, help="test iterations (default: caffe test's "
+                   f"{evaluate.CAFFE_TEST_ITERATIONS}, or the whole "
                    "validation split in the self-contained run)")
     p.add_argument("--bits", default="6,5,4,3,2", help="further widths to try in the Huffman variant")
     p.add_argument("--dense-iters", type=int, default=1500)
@@ -105,7 +104,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         if a.model:
-            model, weights, iterations = a.model, a.weights, a.iterations or 50
+            model, weights, iterations = a.model, a.weights, a.iterations or evaluate.CAFFE_TEST_ITERATIONS
         else:
             model, weights, iterations = self_contained(tmp, a.dense_iters, a.sparse_iters, a.train_size,
                                                         a.width)

@@ -67,7 +67,7 @@ class RunConfig:
     cycles: int = 1
     recipe: str = None  # None: the one recorded beside the weights (see phases.recipe_of), else imagenet
     solver: str = None  # the user's solver prototxt: the template of every phase's solver (solvers.build)
-    iterations: int = None  # evaluation batches (None: the whole TEST LMDB)
+    iterations: int = evaluate.WHOLE_TEST_LMDB  # evaluation batches
     train_source: str = None
     test_source: str = None
     holdout_source: str = None  # evaluated once per finished model, never used to choose anything
@@ -81,7 +81,7 @@ class RunConfig:
             dataorder.check_order(self.data_order)
         solvers.count(self.cycles, "--cycles")
         solvers.count(self.seed, "--seed", 0)
-        if self.iterations is not None:
+        if self.iterations is not evaluate.WHOLE_TEST_LMDB:
             solvers.count(self.iterations, "--iterations")
         object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run

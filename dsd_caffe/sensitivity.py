@@ -24,6 +24,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+#: TEST batches per evaluation: the scan evaluates the net once per (layer, density), on the same batches each time
+DEFAULT_ITERATIONS = 10
 FILES = ("sensitivity.csv", "sensitivity.json", "sensitivity.png")
 #: what a row's ``above_current`` flag means (the printed table's ``*``, the CSV's column, the JSON's key)
 ABOVE_CURRENT = ("the density is above the layer's current one (the model is already pruned there): nothing is "
@@ -36,7 +38,7 @@ class ScanConfig:
     ``iterations`` TEST batches per evaluation."""
     densities: tuple = DEFAULT_DENSITIES
     layers: tuple = None
-    iterations: int = 10
+    iterations: int = DEFAULT_ITERATIONS
 
     def __post_init__(self):
         try:

@@ -29,7 +29,7 @@ def run(a):
 
 
 def main(argv=None):
-    from dsd_caffe.sensitivity import DEFAULT_DENSITIES
+    from dsd_caffe.sensitivity import DEFAULT_DENSITIES, DEFAULT_ITERATIONS
 
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="trainval prototxt (its TEST Data layer is used)")
@@ -38,7 +38,7 @@ def main(argv=None):
     cli.add_list(p, "--densities", help="densities kept (default: "
                  f"{','.join(str(d) for d in DEFAULT_DENSITIES)})")
     cli.add_list(p, "--layers", help="layer names (default: every Convolution/InnerProduct)")
-    p.add_argument("--iterations", type=int, default=10, help="TEST batches per evaluation")
+    p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="TEST batches per evaluation")
     p.add_argument("--test-source", help="validation LMDB instead of the trainval's TEST source (default: the "
                    "trainval's)")
     flags.add_device(p, engine=False, several=False)
