@@ -48,7 +48,7 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
     validation iterations)."""
     from tqdm import tqdm
 
-    from dsd_caffe import fashion_mnist, lmdbio, netgen, pruning
+    from dsd_caffe import fashion_mnist, lmdbio, netgen, phases, pruning
     from dsd_caffe.caffe_env import caffe_pb2, import_caffe
 
     caffe = import_caffe()
@@ -81,7 +81,7 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
         solver.step(1)
         for n in names:
             net.params[n][0].data[...] *= masks[n]
-    sparse = os.path.join(tmp, "sparse.caffemodel")
+    sparse = os.path.join(tmp, phases.SPARSE)
     net.save(sparse)
     return trainval, sparse, 5000 // 100
 

@@ -293,11 +293,12 @@ def write_confusion(confusion, folder, class_names=None, force=False):
     folder = os.path.abspath(os.fspath(folder))
     with fileio.output_lock(folder):
         check_confusion_folder(folder, force)
+        matrix_csv, per_class_csv, matrix_png = CONFUSION_FILES
         with fileio.atomic_path(folder, force=True, directory=True) as tmp:
             rows = [["true\\predicted"] + names] + [[names[i]] + [int(x) for x in cm[i]] for i in range(k)]
-            fileio.atomic_write(os.path.join(tmp, "confusion.csv"), fileio.csv_text(rows))
+            fileio.atomic_write(os.path.join(tmp, matrix_csv), fileio.csv_text(rows))
             rows = [["class", "name", "images", "correct", "accuracy"]] + [
                 [c, names[c], total, correct, f"{accuracy:.6f}"] for c, total, correct, accuracy in per_class(cm)]
-            fileio.atomic_write(os.path.join(tmp, "per_class.csv"), fileio.csv_text(rows))
-            plots.confusion(os.path.join(tmp, "confusion.png"), cm, names)
+            fileio.atomic_write(os.path.join(tmp, per_class_csv), fileio.csv_text(rows))
+            plots.confusion(os.path.join(tmp, matrix_png), cm, names)
     return {n: os.path.join(folder, n) for n in CONFUSION_FILES}

@@ -56,6 +56,12 @@ VERDICT = "verdict.json"
 PLOT = "accuracy.png"
 
 
+def cycle_step(cycle, part):
+    """A DSD-arm step's name, and its folder's: ``cycle<c>-pruned``, ``cycle<c>-sparse`` (the folder of both),
+    ``cycle<c>-redense``."""
+    return f"cycle{cycle}-{part}"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a DSD run is made of (validated once, at construction)."""
@@ -229,13 +235,13 @@ def _run(config, out, engine, gpu, force, reuse):
         run.step("dense", "both", "dense", run.dense)
         dsd = control = run.model("dense")
         for c in range(1, config.cycles + 1):
-            sdir, rdir = os.path.join(out, f"cycle{c}-sparse"), os.path.join(out, f"cycle{c}-redense")
-            run.step(f"cycle{c}-pruned", "dsd", "sparse", lambda: run.prune(dsd, sdir))
-            run.step(f"cycle{c}-sparse", "dsd", "sparse", lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
-            run.step(f"cycle{c}-redense", "dsd", "redense", lambda: phases.retrain_dense(
+            sdir, rdir = os.path.join(out, cycle_step(c, "sparse")), os.path.join(out, cycle_step(c, "redense"))
+            run.step(cycle_step(c, "pruned"), "dsd", "sparse", lambda: run.prune(dsd, sdir))
+            run.step(cycle_step(c, "sparse"), "dsd", "sparse", lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
+            run.step(cycle_step(c, "redense"), "dsd", "redense", lambda: phases.retrain_dense(
                 config.inputs(os.path.join(sdir, phases.SPARSE), run.net), rdir, config.redense, config.recipe,
                 engine, gpu, seed=config.seed, solver=config.solver))
-            dsd = run.model(f"cycle{c}-redense")
+            dsd = run.model(cycle_step(c, "redense"))
             if config.control:
                 for phase, folder in (("sparse", sdir), ("redense", rdir)):
                     run.step(f"control{c}-{phase}", "control", "dense", lambda: run.control(control, folder, c, phase))

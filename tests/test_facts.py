@@ -106,3 +106,21 @@ def test_one_iterations_default_per_meaning():
     assert flag("dsd") is evaluate.WHOLE_TEST_LMDB
     assert sensitivity.ScanConfig().iterations == sensitivity.DEFAULT_ITERATIONS
     assert flag("sensitivity") == sensitivity.DEFAULT_ITERATIONS
+
+
+def test_file_names_are_written_once():
+    """Each file name with a constant is spelled once in the code (dsd_caffe/ and bench/): where the constant is
+    defined; everything else reads the constant."""
+    import glob
+    import os
+
+    from helpers import ROOT
+    from dsd_caffe import build, demo, phases, pipeline, sensitivity, training
+
+    names = [pipeline.STATE, pipeline.PLOT, pipeline.VERDICT, training.RECORD, training.LOG, training.SNAPSHOT_DIR,
+             phases.PRUNED, phases.MASKS, phases.HISTOGRAM, phases.RELEASED, phases.INIT, demo.CONFIG, demo.RESULTS,
+             build.STAMP, *sensitivity.FILES, *evaluate.CONFUSION_FILES]
+    code = [open(p).read() for p in glob.glob(os.path.join(ROOT, "dsd_caffe", "**", "*.py"), recursive=True)
+            + glob.glob(os.path.join(ROOT, "bench", "*.py"))]
+    spelled = {name: sum(text.count(f'"{name}"') + text.count(f"'{name}'") for text in code) for name in names}
+    assert spelled == {name: 1 for name in names}
