@@ -4,10 +4,10 @@ Prunes one layer at a time, by magnitude, at each of --densities, evaluates the 
 for a fixed number of batches (the same batches every time), and writes into --output: sensitivity.csv (layer,
 density, accuracy, every net output with 4 decimals, and above_current; the first row is the unpruned net),
 sensitivity.json (full precision, with each layer's current density) and sensitivity.png (a heat map of the
-accuracy drop per layer and density). Only the TEST phase is read: no TRAIN LMDB is needed (--test-source replaces
-the trainval's). Write the chosen densities into a JSON profile for prune.py --profile. On an already pruned model,
-densities above a layer's current one prune nothing: their rows are marked * (above_current) and are the layer as
-it is.
+accuracy drop per layer and density; cells at or above the unpruned accuracy are outlined, * rows hatched). Only
+the TEST phase is read: no TRAIN LMDB is needed (--test-source replaces the trainval's). Write the chosen densities
+into a JSON profile for prune.py --profile. On an already pruned model, densities above a layer's current one prune
+nothing: their rows are marked * (above_current) and are the layer as it is.
 """
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
