@@ -54,12 +54,12 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
     caffe = import_caffe()
     caffe.set_mode_cpu()
     caffe.set_random_seed(seed)
-    images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
-    labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
+    files = fashion_mnist.idx_files()
+    images, labels = fashion_mnist.read_idx(files["train-images"]), fashion_mnist.read_idx(files["train-labels"])
     order = np.random.default_rng(seed).permutation(len(images))
     val, train = order[:5000], order[5000:5000 + train_size]
-    train_db = lmdbio.write_array_lmdb(os.path.join(tmp, "train_lmdb"), images[train], labels[train])
-    val_db = lmdbio.write_array_lmdb(os.path.join(tmp, "val_lmdb"), images[val], labels[val])
+    train_db, val_db = (lmdbio.write_array_lmdb(os.path.join(tmp, fashion_mnist.lmdb_name(split)), images[i], labels[i])
+                        for split, i in (("train", train), ("val", val)))
     trainval = fileio.write_prototxt(os.path.join(tmp, "trainval.prototxt"),
                                      netgen.small_squeezenet(train_db, val_db, width=width))
     pb2 = caffe_pb2()

@@ -173,8 +173,8 @@ def run(net, iterations=CAFFE_TEST_ITERATIONS, confusion=False, ignore_label=Non
     return res
 
 
-def evaluate(model, weights, iterations=CAFFE_TEST_ITERATIONS, gpu=None, confusion=False, allow_missing=False, net_param=None,
-             test_source=None):
+def evaluate(model, weights, iterations=CAFFE_TEST_ITERATIONS, gpu=None, confusion=False, allow_missing=False,
+             net_param=None, test_source=None):
     """``caffe test --model model --weights weights --iterations N`` in pycaffe: an ordered dict
     {output name: mean} (see :class:`Results`); :func:`format_results` gives the binary's lines. ``net_param``
     (absolute sources) replaces reading ``model``; ``test_source`` replaces the TEST data layer's source."""

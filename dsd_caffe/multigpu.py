@@ -16,9 +16,10 @@ NCCL forever) and the phase fails with one line naming it.
 
 **Steps, interruption.** The ranks step in chunks that rank 0 plans (``training.next_chunk``, the pycaffe
 engine's rule: longer while steps are fast, at most ``training.MAX_CHUNK`` iterations) and hands to all through
-shared memory between two barriers, so every rank runs the same iterations. On Ctrl-C or SIGTERM the parent sets a stop flag (the ranks ignore SIGINT: a terminal's Ctrl-C reaches the whole
-process group); rank 0 reads it when the current chunk ends, all stop, rank 0 snapshots, and the phase raises
-``Interrupted``: the same command resumes from that snapshot, on any devices. A second interrupt kills the ranks.
+shared memory between two barriers, so every rank runs the same iterations. On Ctrl-C or SIGTERM the parent sets
+a stop flag (the ranks ignore SIGINT: a terminal's Ctrl-C reaches the whole process group); rank 0 reads it when the
+current chunk ends, all stop, rank 0 snapshots, and the phase raises ``Interrupted``: the same command resumes from
+that snapshot, on any devices. A second interrupt kills the ranks.
 
 **Pruned weights stay exactly 0.0 on every device's copy.** Per iteration, on every rank: the mask layer's
 forward zeroes its pruned weights (on the host; Caffe copies them to the GPU when a conv reads them); the net's

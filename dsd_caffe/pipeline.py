@@ -237,7 +237,8 @@ def _run(config, out, engine, gpu, force, reuse):
         for c in range(1, config.cycles + 1):
             sdir, rdir = os.path.join(out, cycle_step(c, "sparse")), os.path.join(out, cycle_step(c, "redense"))
             run.step(cycle_step(c, "pruned"), "dsd", "sparse", lambda: run.prune(dsd, sdir))
-            run.step(cycle_step(c, "sparse"), "dsd", "sparse", lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
+            run.step(cycle_step(c, "sparse"), "dsd", "sparse",
+                     lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
             run.step(cycle_step(c, "redense"), "dsd", "redense", lambda: phases.retrain_dense(
                 config.inputs(os.path.join(sdir, phases.SPARSE), run.net), rdir, config.redense, config.recipe,
                 engine, gpu, seed=config.seed, solver=config.solver))
