@@ -5,7 +5,8 @@ is written atomically.
 - :func:`weight_histograms`: weights before and after pruning (prune), or per phase (the demo).
 - :func:`accuracy_curves`: validation accuracy over cumulative iterations, one line per arm (DSD and its control),
   phase boundaries and the pruning dip marked; a second panel zooms on the phases after the dense one.
-- :func:`sensitivity_heatmap`: a heat map of accuracy per (layer, density), readable with SqueezeNet's 26 layers.
+- :func:`sensitivity_heatmap`: a heat map of accuracy per (layer, density), readable with SqueezeNet's 26 layers;
+  the cells that keep the unpruned accuracy outlined, those above a layer's current density hatched.
 - :func:`confusion`: a confusion matrix with class names.
 """
 import os
