@@ -460,17 +460,27 @@ def parse_prototxt(text, message, name="<string>"):
         raise UserError(f"{where}: prototxt syntax error: {msg}") from None
 
 
+def _read_prototxt_text(path, what):
+    """The text of the prototxt at ``path``; a binary file (a caffemodel given as a prototxt) is refused by name."""
+    path = require_file(path, what)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return path, data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not a text prototxt (byte {e.start} is not UTF-8 text; "
+                        f"a binary caffemodel or solverstate?)") from None
+
+
 def read_net_prototxt(path):
     """Read a NetParameter prototxt with a clear error on a missing file or a syntax error."""
-    path = require_file(path, "prototxt")
-    with open(path) as f:
-        return parse_prototxt(f.read(), caffe_pb2().NetParameter(), path)
+    path, text = _read_prototxt_text(path, "prototxt")
+    return parse_prototxt(text, caffe_pb2().NetParameter(), path)
 
 
 def read_solver_prototxt(path):
-    path = require_file(path, "solver prototxt")
-    with open(path) as f:
-        return parse_prototxt(f.read(), caffe_pb2().SolverParameter(), path)
+    path, text = _read_prototxt_text(path, "solver prototxt")
+    return parse_prototxt(text, caffe_pb2().SolverParameter(), path)
 
 
 def write_prototxt(path, message, force=True):

@@ -165,6 +165,20 @@ def test_compress_truncated_caffemodel(net, tmp_path):
     assert not os.path.exists(tmp_path / "o.net")
 
 
+@pytest.mark.parametrize("which", ["prune", "evaluate", "dsd", "retrain_dense"])
+def test_caffemodel_given_as_the_prototxt(net, tmp_path, which):
+    """A binary file where a prototxt belongs (the caffemodel as --model, or as --solver) is one line, not a
+    UnicodeDecodeError traceback."""
+    args = {"prune": ("--ratio", "3x", "--output", tmp_path / "o"), "evaluate": (),
+            "dsd": ("--ratio", "3x", "--output", tmp_path / "o"),
+            "retrain_dense": ("--max-iter", 1, "--output", tmp_path / "o")}[which]
+    bad(which, "--model", net["weights"], "--weights", net["weights"], *args,
+        expect=("dense.caffemodel", "not a text prototxt"))
+    if which != "evaluate":
+        bad(which, "--model", net["model"], "--weights", net["weights"], "--solver", net["weights"], *args,
+            expect=("dense.caffemodel", "not a text prototxt"))
+
+
 def test_missing_prototxt(net):
     bad("evaluate", "--model", p(net, "nope.prototxt"), "--weights", net["weights"], expect=("nope.prototxt",))
 
