@@ -6,7 +6,7 @@ COMMANDS = {
     "dsd-run": "dsd", "dsd-evaluate": "evaluate", "dsd-sensitivity": "sensitivity",
     "dsd-make-lmdb": "make_lmdb", "dsd-import-fashion-mnist": "import_fashion_mnist", "dsd-generate": "generate",
     "dsd-compress": "compress", "dsd-decode-compressed": "decode_compressed", "dsd-demo": "demo",
-    "dsd-export-onnx": "export_onnx",
+    "dsd-export-onnx": "export_onnx", "dsd-zoo": "zoo", "dsd-info": "info",
 }
 
 setup(
@@ -15,8 +15,7 @@ setup(
     description="Dense-Sparse-Dense training for Caffe models, around real pycaffe",
     packages=find_packages(include=["dsd_caffe", "dsd_caffe.*"]),
     package_data={"dsd_caffe": ["resources/*"]},
-    entry_points={"console_scripts": [f"{name}=dsd_caffe.commands.{module}:main" for name, module in COMMANDS.items()]
-                  + ["dsd-zoo=dsd_caffe.zoo:main", "dsd-info=dsd_caffe.info:main"]},
+    entry_points={"console_scripts": [f"{name}=dsd_caffe.commands.{module}:main" for name, module in COMMANDS.items()]},
     python_requires=">=3.9",
     license="BSD-2-Clause",
 )

@@ -105,7 +105,7 @@ def main():
     a = parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(a.threads)
-    from dsd_caffe import evaluate
+    from dsd_caffe import evaluate, loading
 
     folder = a.workdir or tempfile.mkdtemp(prefix="bench_evaluate_")
     os.makedirs(folder, exist_ok=True)
@@ -117,7 +117,7 @@ def main():
 
     def ours():
         c0 = time.process_time()
-        net = evaluate.load_net(proto, weights, "TEST", iterations=iterations)  # fresh reader, from the start
+        net = loading.load_net(proto, weights, "TEST", iterations=iterations)  # fresh reader, from the start
         t0 = time.perf_counter()
         res = evaluate.run(net, iterations, progress=False)
         py_loop.append(time.perf_counter() - t0)

@@ -81,7 +81,7 @@ _EXPORTS = {
     "format_results": "evaluate",
     "check_weights_fit": "netcheck",
     "ZOO": "zoo",
-    "load": "zoo",
+    "load": "loading",
     "fetch": "zoo",
     "verify": "zoo",
     "git_blob_id": "zoo",

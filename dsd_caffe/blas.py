@@ -24,6 +24,9 @@ import subprocess
 import sys
 import time
 
+from . import cli
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 DECISION_FILE = "dsd-caffe-blas.json"
@@ -346,6 +349,8 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
     of thread counts to try (default: 1 and all CPUs). ``faults`` maps a candidate to an injected fault (tests).
     Each candidate is timed ``rounds`` times, interleaved, and its best time counts.
     """
+    if threads is not None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in threads):
+        raise UserError(f"threads must be positive whole numbers, got {threads}")
     environ = os.environ if environ is None else environ
     library = library or caffe_blas_library()
     preset = environ.get("OPENBLAS_CORETYPE")
@@ -478,19 +483,11 @@ def apply(environ=None):
     return env
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dsd_caffe.blas", description=__doc__.split("\n\n")[0])
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--library", help="BLAS library to check (default: the one pycaffe's _caffe.so resolves)")
-    p.add_argument("--candidates", help="comma-separated OPENBLAS_CORETYPE values to try ('default' = unset)")
-    p.add_argument("--threads", type=int, nargs="+", help="thread counts to try (default: 1 and all CPUs)")
-    p.add_argument("--output", help=f"decision JSON (default: <caffe prefix>/{DECISION_FILE})")
-    p.add_argument("--dry-run", action="store_true", help="print the decision, write nothing")
-    a = p.parse_args(argv)
+def _run_choice(a):
+    """The command's one call: choose (or, with the hidden ``--child``, check one candidate) and print."""
     if a.child:
         _child(json.loads(a.child))
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cands = a.candidates.split(",") if a.candidates else None
     out = None if a.dry_run else (a.output or decision_path())
     d = choose(library=a.library, candidates=cands, threads=a.threads, output=out)
@@ -502,6 +499,17 @@ def main(argv=None):
               f"{'ok' if r['ok'] else r['reason']}")
     print(f"chosen: OPENBLAS_CORETYPE={d.get('coretype') or '(unset: ' + str(d.get('corename')) + ')'}, "
           f"threads={d.get('threads')}" + (f"; written to {out}" if out else ""))
+
+
+def main(argv=None):
+    p = cli.parser(__doc__.split("\n\n")[0], prog="python -m dsd_caffe.blas")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--library", help="BLAS library to check (default: the one pycaffe's _caffe.so resolves)")
+    p.add_argument("--candidates", help="comma-separated OPENBLAS_CORETYPE values to try ('default' = unset)")
+    p.add_argument("--threads", type=int, nargs="+", help="thread counts to try (default: 1 and all CPUs)")
+    p.add_argument("--output", help=f"decision JSON (default: <caffe prefix>/{DECISION_FILE})")
+    p.add_argument("--dry-run", action="store_true", help="print the decision, write nothing")
+    cli.main(p, _run_choice, argv, log_format="%(message)s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Set-up: real Caffe built from Debian's source package, cached outside the repo, and the project's .venv.
 
-Run ``python3 -m dsd_caffe.build`` (``make setup`` does). It needs only the standard library, so it runs before
-the virtual environment exists. Steps, each named in the one-line error if it fails:
+Run ``python3 -m dsd_caffe.build`` (``make setup`` does). It needs only the standard library (and the package's
+shell, ``cli`` and ``errors``, standard library only too), so it runs before the virtual environment exists. Steps, each named in the one-line error if it fails:
 
 1. ``apt``: install the build dependencies and ``dataset-fashion-mnist`` from Debian (skipped when present).
 2. ``venv``: create ``.venv`` and install the pinned requirements and the project (skipped when its stamp matches).
@@ -31,7 +31,6 @@ reference that ``bench/caffe_layers.py`` compares against; the venv is left alon
 Over 400 lines because it is the whole set-up in one file of standard library only, read top to bottom and run
 before any venv exists (a second module would be imported as a second copy under ``python3 -m``).
 """
-import argparse
 import contextlib
 import fcntl
 import glob
@@ -47,6 +46,9 @@ import sys
 import sysconfig
 import tempfile
 import time
+
+from . import cli  # the tools' shell: standard library only, like this module
+from .errors import UserError
 
 log = logging.getLogger("dsd_caffe.build")
 
@@ -816,9 +818,27 @@ def setup(venv=None, gpu=False, jobs=None, skip_apt=False, arch=None):
     return {"venv": venv, "pycaffe": pydir, "caffe": binary}
 
 
+def _run_setup(args):
+    """The command's one call: the gtest run, the unpatched build, or the set-up; a failed step is one line."""
+    try:
+        if args.gtest:
+            return 1 if caffe_gtest(jobs=args.jobs, gpu=args.gpu, keep=args.gtest_binary) else 0
+        if args.unpatched:
+            if not args.skip_apt:
+                ensure_apt_packages()
+            os.makedirs(cache_root(), exist_ok=True)
+            print(caffe_build(None, gpu=args.gpu, perf=False, jobs=args.jobs, arch=args.cuda_arch))
+            return 0
+        setup(args.venv, gpu=args.gpu, jobs=args.jobs, skip_apt=args.skip_apt, arch=args.cuda_arch)
+    except SetupError as e:
+        raise UserError(str(e)) from e
+    except OSError as e:
+        raise UserError(f"set-up failed: {e}") from e
+    return 0
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python3 -m dsd_caffe.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__, prog="python3 -m dsd_caffe.build")
     p.add_argument("--venv", help="virtual environment to create (default: .venv in the repo)")
     p.add_argument("--gpu", action="store_true",
                    help="build with CUDA (CPU_ONLY off, NCCL on; its own cache key); nvcc from PATH, else PyPI's")
@@ -832,26 +852,8 @@ def main(argv=None):
                    help="with --gtest: only compile, and write the test binary to PATH (for a GPU machine)")
     p.add_argument("--unpatched", action="store_true",
                    help="only build (or find) Caffe without the performance patches and print its prefix")
-    p.add_argument("--debug", action="store_true", help="show the traceback on errors")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[setup %(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    try:
-        if args.gtest:
-            return 1 if caffe_gtest(jobs=args.jobs, gpu=args.gpu, keep=args.gtest_binary) else 0
-        if args.unpatched:
-            if not args.skip_apt:
-                ensure_apt_packages()
-            os.makedirs(cache_root(), exist_ok=True)
-            print(caffe_build(None, gpu=args.gpu, perf=False, jobs=args.jobs, arch=args.cuda_arch))
-            return 0
-        setup(args.venv, gpu=args.gpu, jobs=args.jobs, skip_apt=args.skip_apt, arch=args.cuda_arch)
-    except (SetupError, OSError) as e:
-        if args.debug:
-            raise
-        print(str(e) if isinstance(e, SetupError) else f"set-up failed: {e}", file=sys.stderr)
-        return 2
-    return 0
+    cli.main(p, _run_setup, argv, log_format="[setup %(asctime)s] %(message)s")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -208,12 +208,12 @@ class Classifier:
     probabilities with a softmax."""
 
     def __init__(self, net, preprocess=None, classes=None):
-        from . import zoo
+        from . import loading
 
         if isinstance(preprocess, str):  # a known recipe by name: its preprocessing and class names
             preprocess, names = known_recipe(preprocess)
             classes = names if classes is None else classes
-        model = zoo.loaded_model(net)
+        model = loading.loaded_model(net)
         if model is not None:
             recipe, names = known_recipe(model.dataset)
             preprocess = preprocess or recipe
@@ -239,13 +239,13 @@ class Classifier:
         ``zoo_args``: ``url``, ``cache``, ``prototxt``) or a prototxt path with ``weights`` (a caffemodel).
         ``preprocess``, when given, replaces the recipe read from a trainval or known for a zoo model: a
         :class:`Preprocess` or a known recipe's name ("imagenet")."""
-        from . import masks, netgen, zoo
+        from . import loading, masks, netgen, zoo
 
         if isinstance(model, str) and model in zoo.ZOO:
-            return cls(zoo.load(model, weights=weights, gpu=gpu, **zoo_args), preprocess, classes)
+            return cls(loading.load(model, weights=weights, gpu=gpu, **zoo_args), preprocess, classes)
         param = sources.read_net(model, require=())
         if _data_layer(param) is None:  # a deploy prototxt
-            return cls(zoo.load(model, weights=weights, gpu=gpu), preprocess, classes)
+            return cls(loading.load(model, weights=weights, gpu=gpu), preprocess, classes)
         if isinstance(preprocess, str):
             preprocess, names = known_recipe(preprocess)
             classes = names if classes is None else classes
@@ -254,7 +254,7 @@ class Classifier:
             preprocess, lmdb_classes = from_net_param(param, resize, base)
             classes = lmdb_classes if classes is None else classes
         deploy = netgen.deploy(masks.remove_mask_layer(param), input_shape=(1, *preprocess.input_size))
-        return cls(zoo.load(deploy, weights=weights, gpu=gpu), preprocess, classes)
+        return cls(loading.load(deploy, weights=weights, gpu=gpu), preprocess, classes)
 
     def probabilities(self, images):
         """(N, classes) float32 class probabilities of ``images`` (one image, or a list of them)."""

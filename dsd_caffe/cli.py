@@ -46,9 +46,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def prog(module):
     """How the user started a module's command, for its usage line: the installed command's name (``dsd-zoo``,
-    ``dsd-info``), else ``python -m <module>``."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("dsd-") else f"python -m {module}"
+    ``dsd-info``), ``python -m <module>`` when that module's file runs, else None (argparse's default: the
+    script's name, ``zoo.py`` for ``tools/zoo.py``)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    name = os.path.basename(argv0)
+    if name.startswith("dsd-"):
+        return name
+    if os.path.abspath(argv0).endswith(os.sep + module.replace(".", os.sep) + ".py"):
+        return f"python -m {module}"
+    return None
 
 
 def parser(doc, prog=None):
@@ -168,8 +174,13 @@ def _message(e):
     return str(e)
 
 
-def main(p, fn, argv=None):
-    """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc)."""
+#: the log line of every tool, unless it gives its own (``main``'s ``log_format``)
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+
+
+def main(p, fn, argv=None, log_format=LOG_FORMAT):
+    """Parse ``argv`` with ``p`` (plus --debug/--verbose), run ``fn(args)`` and exit (see the module doc).
+    ``log_format`` is the format of the log lines (the set-up's own ``[setup HH:MM:SS]``, for one)."""
     catch_early_interrupts()
     if not any(a.dest == "debug" for a in p._actions):
         add_common(p)
@@ -182,7 +193,7 @@ def main(p, fn, argv=None):
                         "valid UTF-8; rename it")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        format=log_format,
         datefmt="%H:%M:%S",
     )
     for note in getattr(args, "_deprecations", []):

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from . import caffe_env, checks, fileio, netcheck, plots, sources
+from . import checks, fileio, loading, netcheck, plots, sources
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,44 +55,6 @@ def cfmt(x):
 
 def _check_iterations(iterations):
     return checks.count(iterations, "--iterations")  # caffe test's --iterations is an int32 too
-
-
-def load_net(model, weights=None, phase="TEST", gpu=None, iterations=None, allow_missing=False, net_param=None):
-    """Validate ``model`` (prototxt), its data sources and ``weights`` (caffemodel) in Python, then build the
-    ``caffe.Net`` and copy the weights. Data sources resolve beside the prototxt first, then in the current
-    folder (``dsd_caffe.sources``), so this works from any folder. ``net_param`` (absolute sources) replaces
-    reading ``model``. Every bad input is a UserError/OSError naming it."""
-    caffe_env.set_device(gpu)
-    model = os.fspath(model) if model is not None else "net"
-    if net_param is None:
-        net_param = sources.read_net(model, require=(phase.upper(), "BOTH") if isinstance(phase, str) else ())
-    weights_param = None
-    if weights is not None and _is_hdf5(weights):
-        log.warning("%s is an HDF5 weights file: Caffe reads it, but its fit to the net is not checked first",
-                    weights)
-    elif weights is not None:
-        weights_param = fileio.read_caffemodel(weights)
-    netcheck.check_structure(net_param, phase, name=model)
-    netcheck.check_data_layers(net_param, phase, iterations=iterations)
-    net = caffe_env.make_net(net_param, "TEST" if netcheck.phase_value(phase) else "TRAIN")
-    if weights_param is not None:
-        netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
-                                   net_name=model, allow_missing=allow_missing)
-    if weights is not None:
-        net.copy_from(os.fspath(weights))
-        try:
-            net._dsd_weights = os.path.abspath(os.fspath(weights))  # masks.read_masks names it in its hint
-        except AttributeError:
-            pass
-    return net
-
-
-def _is_hdf5(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
-        return False
 
 
 def _accuracy_blobs(net):
@@ -184,8 +146,8 @@ def evaluate(model, weights, iterations=CAFFE_TEST_ITERATIONS, gpu=None, confusi
     elif test_source is not None:
         net_param = sources.absolute_sources(net_param, None, test=test_source)
     netcheck.require_data(net_param, "TEST", name=os.fspath(model) if model is not None else "net")
-    net = load_net(model, weights, "TEST", gpu=gpu, iterations=iterations, allow_missing=allow_missing,
-                   net_param=net_param)
+    net = loading.load_net(model, weights, "TEST", gpu=gpu, iterations=iterations, allow_missing=allow_missing,
+                           net_param=net_param)
     ignore = None
     for layer in netcheck.included_layers(net_param, "TEST"):
         if layer.type == "Accuracy":

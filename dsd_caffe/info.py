@@ -5,14 +5,13 @@ and bug reports: ``dsd-info [--json]`` (or ``python -m dsd_caffe.info``).
 Everything is read from what pycaffe really has (its layer registry, the libraries ``_caffe.so`` resolves, the
 OpenBLAS loaded in this process) as well as from the set-up's build record.
 """
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 
-from dsd_caffe import blas, caffe_env, cli
+from dsd_caffe import blas, caffe_env
 from dsd_caffe.errors import UserError
 
 LAYERS = ("Python", "Data", "ImageData", "HDF5Data", "HDF5Output", "WindowData", "MemoryData", "Input")
@@ -206,16 +205,7 @@ def format_text(d):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog=cli.prog("dsd_caffe.info"), description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    a = p.parse_args(argv)
-    try:
-        d = collect()
-    except (ImportError, UserError) as e:  # no pycaffe: import_caffe says what to run
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    print(json.dumps(d, indent=1, default=str) if a.json else format_text(d))
+if __name__ == "__main__":  # `python -m dsd_caffe.info`, as documented: the command is dsd_caffe.commands.info
+    from dsd_caffe.commands.info import main
 
-
-if __name__ == "__main__":
     main()

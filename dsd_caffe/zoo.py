@@ -1,15 +1,12 @@
-"""The released SqueezeNet models: where they come from, how to verify them, and how to load them.
+"""The released SqueezeNet models: where they come from and how to verify them.
 
 Every download is checked by its git blob id (``sha1(b"blob <size>\\0" + content)``, what ``git hash-object``
 prints and what GitHub stores), so a copy from any mirror or a local file can be verified without another
 checksum. A file is written under a temporary name, verified, and only then renamed into place.
 
 Offline use: ``fetch(name, dest, url="/path/or/file://url")`` copies and verifies a local file, and a file already
-at ``dest`` is verified and used as it is. ``load(name, weights=path)`` verifies and loads a local copy.
-
-A zoo model's net is generated in memory by :mod:`dsd_caffe.netgen` (the same NetParameter that
-``tools/generate.py`` writes to the repository's models/), so ``load`` needs no prototxt file and works from an
-installed package.
+at ``dest`` is verified and used as it is. Loading a zoo model as a ready net (``dsd_caffe.load(name,
+weights=path)``, verified first) is :mod:`dsd_caffe.loading`.
 
 Command line: ``python -m dsd_caffe.zoo list`` / ``fetch NAME --output DEST [--from-file PATH]`` /
 ``verify NAME PATH``.
@@ -20,7 +17,6 @@ import os
 import shutil
 import urllib.parse
 import urllib.request
-import weakref
 
 from . import fileio
 from .errors import UserError
@@ -221,163 +217,7 @@ def fetch(name, dest, url=None, force=False):
     return dest
 
 
-def _copy_param(net, param):
-    import numpy as np
+if __name__ == "__main__":  # `python -m dsd_caffe.zoo`, as documented: the command is dsd_caffe.commands.zoo
+    from .commands.zoo import main
 
-    for layer in param.layer:
-        if layer.name in net.params:
-            for blob, bp in zip(net.params[layer.name], layer.blobs):
-                blob.data[...] = np.asarray(bp.data or bp.double_data, np.float32).reshape(blob.data.shape)
-
-
-def _param_net(net_param, phase, gpu):
-    from . import caffe_env
-
-    caffe_env.set_device(gpu)
-    return caffe_env.make_net(net_param, phase)
-
-
-def _bare_net(model, prototxt, phase, gpu):
-    """(net without weights, its name for messages): from ``prototxt`` when given, else the generated deploy net."""
-    from . import evaluate
-
-    if prototxt is not None:
-        return evaluate.load_net(prototxt, None, phase, gpu=gpu), os.fspath(prototxt)
-    param = model.net_param("deploy")
-    if param is None:
-        raise UserError(f"{model.name}: the project generates no net for it; pass prototxt=")
-    return _param_net(param, phase, gpu), f"the deploy net of {model.name}"
-
-
-def _weights_param(model, weights, net):
-    """The weights of ``model`` as a NetParameter: a caffemodel as it is, a Deep Compression ``.net`` decoded."""
-    if model.format == "caffemodel":
-        return fileio.read_caffemodel(weights)
-    from . import deepcompression
-
-    specs = deepcompression.net_specs(net)
-    return deepcompression.to_net_parameter(deepcompression.decode(weights, specs), specs)
-
-
-#: caffe.Net -> the ZooModel that load() built it for (see loaded_model)
-_LOADED = weakref.WeakKeyDictionary()
-
-
-def loaded_model(net):
-    """The ZooModel that ``load(name)`` built ``net`` for, or None (a net made otherwise)."""
-    return _LOADED.get(net)
-
-
-def _copy_weights(net, weights_param, weights, net_name):
-    """Copy ``weights_param`` into ``net`` once it is known to fit (netcheck's rules, as Caffe's copy_from)."""
-    from . import netcheck
-
-    netcheck.check_weights_fit(netcheck.param_shapes(net), weights_param, weights_name=os.fspath(weights),
-                               net_name=net_name)
-    _copy_param(net, weights_param)
-
-
-def _caffemodel_instead(weights, model):
-    """True when ``weights`` is not the release of ``model`` but a caffemodel (warned); the release, or a file
-    that is neither, gives False (verify names its mismatch)."""
-    try:
-        verify(weights, model.name)
-        return False
-    except UserError as e:
-        mismatch = e
-    if model.format == "caffemodel" or not os.path.isfile(weights):
-        return False
-    try:
-        fileio.read_caffemodel(weights)
-    except UserError:
-        return False
-    log.warning("%s is not the verified release of %s (%s), but a caffemodel: using it as the weights of that net, "
-                "checked to fit it", weights, model.name, mismatch)
-    return True
-
-
-def load(name_or_prototxt, weights=None, prototxt=None, phase="TEST", gpu=None, url=None, cache=None):
-    """A ready ``caffe.Net`` for a zoo model name, a prototxt (+ caffemodel) path or a NetParameter in memory.
-
-    - Zoo name: ``weights`` is a local copy (verified), else the file is fetched into ``cache`` (default
-      ``$DSD_CAFFE_ZOO`` or ``~/.cache/dsd-caffe/zoo``) from ``url`` or the release URL. The net is the
-      model's deploy net generated in memory by netgen, or ``prototxt`` when given. A Deep Compression ``.net``
-      is decoded on the fly. The weights are checked to fit the net before they are copied. ``weights`` that are
-      not the release but a caffemodel (one decoded from it, or trained on from it) are taken when they fit the
-      net, with a warning that they are not the verified release.
-    - Prototxt path: built in ``phase`` with ``weights`` (a caffemodel), after dsd_caffe's input checks
-      (``evaluate.load_net``).
-    - NetParameter: built in ``phase`` (``caffe_env.make_net``), ``weights`` (a caffemodel) checked and copied.
-    """
-    from . import evaluate
-
-    if not isinstance(name_or_prototxt, (str, os.PathLike)):  # a NetParameter
-        net = _param_net(name_or_prototxt, phase, gpu)
-        if weights is not None:
-            _copy_weights(net, fileio.read_caffemodel(weights), weights, f"net {name_or_prototxt.name!r}")
-        return net
-    if name_or_prototxt not in ZOO:
-        if not str(name_or_prototxt).endswith((".prototxt", ".pt")) and not os.path.exists(name_or_prototxt):
-            raise UserError(f"{name_or_prototxt!r} is neither a zoo model ({', '.join(ZOO)}) nor a prototxt file")
-        return evaluate.load_net(name_or_prototxt, weights, phase, gpu=gpu)
-    model = get(name_or_prototxt)
-    if weights is not None and _caffemodel_instead(weights, model):
-        net, net_name = _bare_net(model, prototxt, phase, gpu)
-        _copy_weights(net, fileio.read_caffemodel(weights), weights, net_name)
-        _LOADED[net] = model
-        return net
-    if weights is not None:
-        verify(weights, model.name)
-    else:
-        folder = cache or os.environ.get("DSD_CAFFE_ZOO") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                         "dsd-caffe", "zoo")
-        os.makedirs(folder, exist_ok=True)
-        weights = fetch(model.name, folder, url=url)
-    net, net_name = _bare_net(model, prototxt, phase, gpu)
-    _copy_weights(net, _weights_param(model, weights, net), weights, net_name)
-    _LOADED[net] = model
-    return net
-
-
-def parser():
-    """The command line's ArgumentParser (``python -m dsd_caffe.zoo``)."""
-    from . import cli
-
-    p = cli.parser("List, fetch and verify the released SqueezeNet models (git blob id checked).",
-                   prog=cli.prog("dsd_caffe.zoo"))
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("list", help="list the known models, their files, checksums and URLs")
-    f = sub.add_parser("fetch", help="download (or copy --from-file) and verify")
-    f.add_argument("name", choices=sorted(ZOO), help="the model to fetch")
-    cli.add_output(f, "file or folder to write the verified model to (a folder gets the release's file name)",
-                   legacy_positional=True)
-    f.add_argument("--from-file", "--url", dest="url", help="local file, file:// or http(s) URL to use instead "
-                   "of the release URL")
-    f.add_argument("--force", action="store_true", help="replace a file at --output that does not verify")
-    v = sub.add_parser("verify", help="check a local file against the recorded git blob id")
-    v.add_argument("name", choices=sorted(ZOO), help="the model the file should be")
-    v.add_argument("path", help="the local file to check")
-    return p
-
-
-def _run(a):
-    if a.cmd == "list":
-        for m in ZOO.values():
-            check = m.blob_id or (f"sha256:{m.sha256}" if m.sha256 else f"sha1:{m.sha1}")
-            print(f"{m.name:30s} {m.filename:60s} {check}")
-            print(f"{'':30s} {m.url}")
-    elif a.cmd == "fetch":
-        print(fetch(a.name, a.output, url=a.url, force=a.force))
-    else:
-        verify(a.path, a.name)
-        print(f"{a.path}: OK ({a.name})")
-
-
-def main(argv=None):
-    from . import cli
-
-    cli.main(parser(), _run, argv)
-
-
-if __name__ == "__main__":
     main()

@@ -59,15 +59,15 @@ def tool(name, *args, timeout=600, env=None, cwd=None):
 
 
 def tool_parser(module):
-    """The argparse parser a tool module (``dsd_caffe.commands.prune``, ``dsd_caffe.zoo``) hands to ``cli.main``,
-    captured without running the tool."""
+    """The argparse parser a tool module (``dsd_caffe.commands.prune``) hands to ``cli.main``, captured without
+    running the tool."""
     import importlib
     from unittest import mock
 
     captured = {}
     mod = importlib.import_module(module)
     with mock.patch("dsd_caffe.cli.main", lambda p, fn, argv=None: captured.setdefault("p", p)):
-        mod.main([]) if module != "dsd_caffe.zoo" else mod.main(["list"])
+        mod.main([])
     return captured["p"]
 
 

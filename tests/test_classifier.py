@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import DC_NET, DSD_TRAINVAL, REFERENCE, write_tiny_lmdb
-from dsd_caffe import caffe_env, classifier, imagedb, netgen, zoo
+from dsd_caffe import caffe_env, classifier, imagedb, loading, netgen
 from dsd_caffe.classifier import Classifier, Preprocess, classify
 
 CLASSES_TXT = os.path.join(REFERENCE, "imagenet", "classes.txt")
@@ -197,7 +197,7 @@ def test_paths_floats_and_loaded_nets_agree(squeezenet, tmp_path):
     assert np.array_equal(p[0], p[1])
     # floats are resized without the uint8 rounding of a stored image: the input moves by < 1 grey level
     assert np.array_equal(np.argsort(-p[0])[:5], np.argsort(-p[2])[:5]) and np.allclose(p[0], p[2], atol=0.01)
-    net = zoo.load("deep-compression-squeezenet", weights=DC_NET)  # a net from dsd_caffe.load knows its recipe
+    net = loading.load("deep-compression-squeezenet", weights=DC_NET)  # a net from dsd_caffe.load knows its recipe
     assert classify(net, cat, top=1) == classify(squeezenet, cat, top=1)
 
 

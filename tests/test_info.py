@@ -67,7 +67,7 @@ def test_text_output():
                                          ("/src/dsd_caffe/info.py", "python -m dsd_caffe.info")])
 def test_usage_names_the_command_as_started(monkeypatch, capsys, argv0, prog):
     """The installed ``dsd-info`` says ``dsd-info`` in its usage; ``python -m dsd_caffe.info`` says that."""
-    from dsd_caffe import info
+    from dsd_caffe.commands import info
 
     monkeypatch.setattr(sys, "argv", [argv0, "--help"])
     with pytest.raises(SystemExit) as e:

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 
 from helpers import DC_DEPLOY, DSD_TRAINVAL, shared_file
-from dsd_caffe import netgen
+from dsd_caffe import netgen, repogen
 from dsd_caffe.caffe_env import caffe_binary, import_caffe
 from dsd_caffe.fileio import read_caffemodel, read_net_prototxt, write_caffemodel, write_prototxt
 
@@ -233,7 +233,7 @@ def test_caffe_test_runs_on_generated_trainvals(tiny_lmdb, tmp_path):
 
 
 def test_generate_reproduces_the_committed_files(tmp_path):
-    result = netgen.generate(tmp_path)
+    result = repogen.generate(tmp_path)
     assert set(result.values()) == {"written"}
     for rel in result:
         with open(os.path.join(ROOT, rel), "rb") as f, open(tmp_path / rel, "rb") as g:
@@ -242,15 +242,15 @@ def test_generate_reproduces_the_committed_files(tmp_path):
         assert "/work/" not in text and "/tmp" not in text and str(tmp_path) not in text
     # committed files parse and the Han trainval is the release's net with our sources
     han = read_net_prototxt(os.path.join(ROOT, "models/squeezenet_v1.0/trainval_han.prototxt"))
-    assert han == netgen.set_data_sources(read_net_prototxt(shared_file(DSD_TRAINVAL)), *netgen.IMAGENET_SOURCES)
+    assert han == netgen.set_data_sources(read_net_prototxt(shared_file(DSD_TRAINVAL)), *repogen.IMAGENET_SOURCES)
     # again: nothing changes; a changed file is refused without force, rewritten with it
-    assert set(netgen.generate(tmp_path).values()) == {"unchanged"}
+    assert set(repogen.generate(tmp_path).values()) == {"unchanged"}
     target = tmp_path / "models/squeezenet_v1.0/deploy_han.prototxt"
     target.write_text("# edited\n")
     with pytest.raises(FileExistsError, match="deploy_han"):
-        netgen.generate(tmp_path)
-    assert netgen.generate(tmp_path, force=True)["models/squeezenet_v1.0/deploy_han.prototxt"] == "written"
-    assert target.read_text().startswith(netgen.HEADER)
+        repogen.generate(tmp_path)
+    assert repogen.generate(tmp_path, force=True)["models/squeezenet_v1.0/deploy_han.prototxt"] == "written"
+    assert target.read_text().startswith(repogen.HEADER)
 
 
 def test_generate_tool_cli(tmp_path):
@@ -269,7 +269,7 @@ def test_generate_tool_cli(tmp_path):
 
 def test_committed_deploy_nets_load_in_both_phases():
     caffe = import_caffe()
-    for rel in sorted(netgen.generated_files()):
+    for rel in sorted(repogen.generated_files()):
         if "/deploy" not in rel:
             continue
         path = os.path.join(ROOT, rel)

@@ -56,7 +56,7 @@ def test_every_tool_command_in_the_readme_is_accepted_by_its_parser(capsys):
                 module = "dsd_caffe.commands." + os.path.basename(cmd[1])[:-3]
                 argv = cmd[2:]
             elif len(cmd) > 2 and cmd[1:3] == ["-m", "dsd_caffe.zoo"]:
-                module, argv = "dsd_caffe.zoo", cmd[3:]
+                module, argv = "dsd_caffe.commands.zoo", cmd[3:]
             else:
                 continue
             if "..." in argv:  # a sketch with a placeholder, not a command to run

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import write_tiny_lmdb
-from dsd_caffe import netgen, solvers
+from dsd_caffe import repogen, solvers
 from dsd_caffe.caffe_env import caffe_binary, caffe_pb2
 from dsd_caffe.fileio import read_solver_prototxt
 
@@ -109,10 +109,10 @@ def test_committed_solvers_parse_and_match_their_sizes():
         folder = os.path.dirname(path)
         assert not os.path.isabs(s.net) and not os.path.isabs(s.snapshot_prefix)
         assert os.path.isfile(os.path.join(folder, s.net)), f"{path}: net {s.net} is not beside it"
-        net = netgen.generated_files()[os.path.relpath(os.path.normpath(os.path.join(folder, s.net)), ROOT)]
+        net = repogen.generated_files()[os.path.relpath(os.path.normpath(os.path.join(folder, s.net)), ROOT)]
         train_batch, test_batch = [l.data_param.batch_size for l in net.layer if l.type == "Data"]
         if "small_squeezenet" in path:
-            sizes = (netgen.FASHION_TRAIN, netgen.FASHION_VAL)
+            sizes = (repogen.FASHION_TRAIN, repogen.FASHION_VAL)
         else:
             sizes = (solvers.IMAGENET_TRAIN, solvers.IMAGENET_VAL)
         assert s.test_iter == [solvers.test_iters(sizes[1], test_batch)], path
@@ -135,7 +135,7 @@ def test_caffe_train_runs_a_generated_solver_from_its_folder(tmp_path):
     for split, n in (("train", 16), ("val", 8)):
         write_tiny_lmdb(tmp_path / "data" / "fashion_mnist" / f"{split}_lmdb",
                         rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, n))
-    netgen.generate(tmp_path)
+    repogen.generate(tmp_path)
     solver_dir = tmp_path / "solvers" / "small_squeezenet"
     s = read_solver_prototxt(solver_dir / "dense_solver.prototxt")
     s.max_iter, s.test_interval, s.test_iter[0], s.snapshot = 2, 2, 1, 0

@@ -4,12 +4,14 @@ import dataclasses
 import os
 import pathlib
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import DC_NET
-from dsd_caffe import caffe_env, netgen, zoo
+from dsd_caffe import caffe_env, loading, netgen, zoo
+from dsd_caffe.commands import zoo as zoo_command
 
 DC = "deep-compression-squeezenet"
 needs_dc = pytest.mark.skipif(not os.path.exists(DC_NET), reason=f"reference file {DC_NET} is absent")
@@ -102,7 +104,7 @@ def test_missing_local_source(tmp_path):
 
 def _main(argv):
     with pytest.raises(SystemExit) as e:
-        zoo.main(argv)
+        zoo_command.main(argv)
     return e.value.code
 
 
@@ -124,11 +126,12 @@ def test_cli_fetch_and_verify(tmp_path, capsys, caplog):
     assert len(err) == 1 and "git blob id" in err[0]
 
 
-def test_cli_help_names_the_module_and_every_flag_has_help(capsys):
+def test_cli_help_names_the_module_and_every_flag_has_help(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [zoo.__file__])  # as `python -m dsd_caffe.zoo` starts it
     for argv in (["--help"], ["fetch", "--help"], ["verify", "--help"], ["list", "--help"]):
         assert _main(argv) == 0
         assert capsys.readouterr().out.startswith(" ".join(["usage: python -m dsd_caffe.zoo", *argv[:-1]]))
-    top = zoo.parser()
+    top = zoo_command.parser()
     subs = next(a for a in top._actions if a.dest == "cmd").choices
     for p in [top, *subs.values()]:
         for action in p._actions:
@@ -158,37 +161,37 @@ def test_load_zoo_name_and_prototxt(tmp_path):
                          filename="tiny.caffemodel", blob_id=zoo.git_blob_id(weights))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(zoo.ZOO, "tiny", entry)
-        net = zoo.load("tiny", weights=str(weights), prototxt=str(proto))
-        assert zoo.loaded_model(net) is entry
+        net = loading.load("tiny", weights=str(weights), prototxt=str(proto))
+        assert loading.loaded_model(net) is entry
         cache = tmp_path / "cache"
-        net2 = zoo.load("tiny", url=str(weights), cache=str(cache), prototxt=proto)  # offline "download"
+        net2 = loading.load("tiny", url=str(weights), cache=str(cache), prototxt=proto)  # offline "download"
         assert os.listdir(cache) == ["tiny.caffemodel"]
         other = tmp_path / "other.caffemodel"
         caffe.set_random_seed(4)
         caffe.Net(str(proto), caffe.TEST).save(str(other))
         with pytest.raises(ValueError, match="git blob id"):
-            zoo.load("tiny", weights=str(other), prototxt=str(proto))
+            loading.load("tiny", weights=str(other), prototxt=str(proto))
         with pytest.raises(ValueError, match="generates no net for it; pass prototxt="):
-            zoo.load("tiny", weights=str(weights))
-    net3 = zoo.load(str(proto), weights=str(weights))
-    assert zoo.loaded_model(net3) is None
+            loading.load("tiny", weights=str(weights))
+    net3 = loading.load(str(proto), weights=str(weights))
+    assert loading.loaded_model(net3) is None
     from google.protobuf import text_format
 
     param = text_format.Parse(TINY_DEPLOY, caffe_env.caffe_pb2().NetParameter())
-    net4 = zoo.load(param, weights=weights)  # a NetParameter in memory
+    net4 = loading.load(param, weights=weights)  # a NetParameter in memory
     param.layer[1].convolution_param.num_output = 5
     with pytest.raises(ValueError, match="does not fit net 'tiny': layer 'conv1'"):
-        zoo.load(param, weights=weights)
+        loading.load(param, weights=weights)
     for n in (net, net2, net3, net4):
         for name in ("conv1", "fc"):
             assert np.array_equal(n.params[name][0].data, src.params[name][0].data)
     with pytest.raises(ValueError, match="neither a zoo model"):
-        zoo.load("no-such-model")
+        loading.load("no-such-model")
 
 
 @needs_dc
 def test_load_compressed_squeezenet():
-    net = zoo.load(DC, weights=DC_NET)  # the deploy net is generated in memory: no prototxt file involved
+    net = loading.load(DC, weights=DC_NET)  # the deploy net is generated in memory: no prototxt file involved
     convs = [k for k, l in zip(net._layer_names, net.layers) if l.type == "Convolution"]
     total = sum(net.params[k][0].data.size for k in convs)
     nonzero = sum(np.count_nonzero(net.params[k][0].data) for k in convs)

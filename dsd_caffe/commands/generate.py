@@ -9,9 +9,9 @@ from dsd_caffe import cli
 
 
 def run(args):
-    from dsd_caffe import netgen
+    from dsd_caffe import repogen
 
-    result = netgen.generate(args.output, force=args.force, small=not args.no_small)
+    result = repogen.generate(args.output, force=args.force, small=not args.no_small)
     for rel, state in result.items():
         print(f"{state:9s} {os.path.join(args.output, rel)}")
 
