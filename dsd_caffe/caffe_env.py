@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from . import build  # stdlib only: the build's names (its record's file name)
 from .errors import InputMissing, UserError, own_module
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def caffe_tool(name):
 
 def build_info():
     """The build record written by ``dsd_caffe.build`` beside the Caffe install, or {} for a foreign Caffe."""
-    path = os.path.join(caffe_prefix(), "dsd-caffe-build.json")
+    path = os.path.join(caffe_prefix(), build.STAMP)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)

@@ -46,6 +46,8 @@ def run(a):
 
 
 def main(argv=None):
+    from dsd_caffe import evaluate
+
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="dense trainval prototxt")
     p.add_argument("--weights", required=True, help="dense caffemodel")
@@ -58,7 +60,8 @@ def main(argv=None):
     flags.add_run_settings(p)
     flags.add_recipe(p)
     flags.add_solver(p)
-    p.add_argument("--iterations", type=int, help="evaluation batches per model (default: the whole TEST LMDB)")
+    p.add_argument("--iterations", type=int, default=evaluate.WHOLE_TEST_LMDB,
+                   help="evaluation batches per model (default: the whole TEST LMDB)")
     flags.add_sources(p)
     p.add_argument("--holdout-source", help="an LMDB used for nothing else (e.g. the test split): every finished "
                    "model is evaluated on it once, and the table and verdict use it")
