@@ -19,7 +19,7 @@ A model whose loss or outputs are not finite (training diverged: try a lower lea
 in the table and recorded as null with the reason in dsd_state.json; the verdict refuses such a seed, and the
 tool exits with status 3.
 """
-from dsd_caffe import cli
+from dsd_caffe import cli, evaluate
 from dsd_caffe.commands import flags
 
 
@@ -46,8 +46,6 @@ def run(a):
 
 
 def main(argv=None):
-    from dsd_caffe import evaluate
-
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="dense trainval prototxt")
     p.add_argument("--weights", required=True, help="dense caffemodel")
