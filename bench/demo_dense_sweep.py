@@ -27,7 +27,7 @@ def main(argv=None):
     from dsd_caffe.phases import Inputs
 
     out = os.path.abspath(a.output)
-    lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(out, "data"), val_size=5000, seed=0)
+    lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(out, demo.DATA_DIR), val_size=5000, seed=0)
     net = sources.absolute_sources(netgen.small_squeezenet(
         train_source=lmdbs["train"], test_source=lmdbs["val"], train_batch=64, test_batch=100,
         width=demo.DEMO["width"]), None)

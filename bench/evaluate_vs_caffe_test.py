@@ -40,11 +40,13 @@ def make_inputs(folder, n, batch):
 
     lmdb_path = os.path.join(folder, "bench_lmdb")
     if not os.path.exists(lmdb_path):
-        src = os.path.join(fashion_mnist.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")
-        if os.path.exists(src):
-            images = fashion_mnist.read_idx(src)[:n, None]
-            labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR,
-                                                         "t10k-labels-idx1-ubyte.gz"))[:n]
+        try:
+            files = fashion_mnist.idx_files()
+        except FileNotFoundError:  # not installed: random pixels below
+            files = None
+        if files:
+            images = fashion_mnist.read_idx(files["t10k-images"])[:n, None]
+            labels = fashion_mnist.read_idx(files["t10k-labels"])[:n]
             what = "Fashion-MNIST test images"
         else:
             rng = np.random.default_rng(0)

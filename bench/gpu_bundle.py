@@ -158,12 +158,12 @@ def pack_python(prefix, root):
 
 def pack_data(root):
     """Fashion-MNIST LMDBs where the small net's trainval looks (``data/fashion_mnist``)."""
-    files = fashion_mnist._idx_files(fashion_mnist.FASHION_MNIST_DIR)
+    files = fashion_mnist.idx_files()
     images, labels = fashion_mnist.read_idx(files["train-images"]), fashion_mnist.read_idx(files["train-labels"])
     out = os.path.join(root, "data", "fashion_mnist")
     os.makedirs(out)
-    lmdbio.write_array_lmdb(os.path.join(out, "train_lmdb"), images[:TRAIN_IMAGES], labels[:TRAIN_IMAGES])
-    lmdbio.write_array_lmdb(os.path.join(out, "val_lmdb"), images[-OTHER_IMAGES:], labels[-OTHER_IMAGES:])
+    for split, part in (("train", slice(None, TRAIN_IMAGES)), ("val", slice(-OTHER_IMAGES, None))):
+        lmdbio.write_array_lmdb(os.path.join(out, fashion_mnist.lmdb_name(split)), images[part], labels[part])
 
 
 def main():

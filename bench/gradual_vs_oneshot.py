@@ -25,8 +25,8 @@ def gradual_run(folder, seed, scale, engine):
     from dsd_caffe.phases import PruneConfig
 
     cfg = demo.config_for(seed=seed, scale=scale)
-    lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(folder, "data"), val_size=5000, seed=0)
-    dense = os.path.join(folder, "dense")
+    lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(folder, demo.DATA_DIR), val_size=5000, seed=0)
+    dense = os.path.join(folder, demo.DENSE_DIR)
     config = pipeline.RunConfig(
         model=os.path.join(dense, phases.net_file("dense")), weights=os.path.join(dense, phases.DENSE),
         prune=PruneConfig(density=cfg["density"], profile=cfg["profile"], skip=tuple(cfg["skip"]), seed=seed,

@@ -22,8 +22,8 @@ from dsd_caffe import caffe_env, caffeproto, fashion_mnist, imagedb, lmdbio
 def make_images(folder, n, size, seed=0):
     """n JPEGs of size x size: Fashion-MNIST items upscaled and tinted (real structure, not noise), one
     sub-folder per class. Returns the list file's path."""
-    images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))[:n]
-    labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))[:n]
+    files = fashion_mnist.idx_files()
+    images, labels = (fashion_mnist.read_idx(files[f"train-{what}"])[:n] for what in ("images", "labels"))
     rng = np.random.default_rng(seed)
     lines = []
     for i, (img, label) in enumerate(zip(images, labels)):

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from dsd_caffe import fileio, masklayer, masks, netgen, pruning
+from dsd_caffe import fileio, masklayer, masks, netgen, phases, pruning
 from dsd_caffe.caffe_env import import_caffe
 from dsd_caffe.caffeproto import caffe_pb2
 
@@ -43,7 +43,7 @@ def solver(caffe, net_param, folder, name, gpu=None):
     s = pb2.SolverParameter(base_lr=1e-4, momentum=0.9, weight_decay=2e-4, lr_policy="fixed", max_iter=1000,
                             display=0, snapshot_prefix=os.path.join(folder, name), solver_mode=mode)
     s.net_param.CopyFrom(net_param)
-    path = os.path.join(folder, name + "_solver.prototxt")
+    path = os.path.join(folder, phases.solver_file(name))
     fileio.write_prototxt(path, s)
     return caffe.get_solver(path)
 
@@ -64,13 +64,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         dense_param = train_net(a.batch)
         dense = solver(caffe, dense_param, tmp, "dense", a.gpu)
-        dense_model = os.path.join(tmp, "dense.caffemodel")
+        dense_model = os.path.join(tmp, phases.DENSE)
         dense.net.save(dense_model)
         model = fileio.read_caffemodel(dense_model)
         weights = masks.weight_arrays(model)
         kept = pruning.make_masks(weights, {n: 1 / 3 for n in weights})
         sparse_param = masks.add_mask_layer(dense_param, {n: w.shape for n, w in weights.items()})
-        sparse_model = os.path.join(tmp, "sparse.caffemodel")
+        sparse_model = os.path.join(tmp, phases.SPARSE)
         fileio.write_caffemodel(sparse_model, masks.add_masks_to_caffemodel(model, kept, sparse_param))
         sparse = solver(caffe, sparse_param, tmp, "sparse", a.gpu)
         sparse.net.copy_from(sparse_model)

@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 
 from dsd_caffe import deepcompression as dc
-from dsd_caffe import fileio
+from dsd_caffe import evaluate, fileio
 
 
 def quantized_caffemodel(weights, layers, specs, out):
@@ -36,8 +36,6 @@ def quantized_caffemodel(weights, layers, specs, out):
 
 
 def top1(model, weights, iterations):
-    from dsd_caffe import evaluate
-
     results = evaluate.evaluate(model, weights, iterations=iterations)
     keys = [k for k in results if "accuracy" in k and "top5" not in k and "top_5" not in k]
     if not keys:
@@ -50,19 +48,19 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
     validation iterations)."""
     from tqdm import tqdm
 
-    from dsd_caffe import fashion_mnist, lmdbio, netgen, pruning
+    from dsd_caffe import fashion_mnist, lmdbio, netgen, phases, pruning
     from dsd_caffe.caffe_env import import_caffe
     from dsd_caffe.caffeproto import caffe_pb2
 
     caffe = import_caffe()
     caffe.set_mode_cpu()
     caffe.set_random_seed(seed)
-    images = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
-    labels = fashion_mnist.read_idx(os.path.join(fashion_mnist.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
+    files = fashion_mnist.idx_files()
+    images, labels = fashion_mnist.read_idx(files["train-images"]), fashion_mnist.read_idx(files["train-labels"])
     order = np.random.default_rng(seed).permutation(len(images))
     val, train = order[:5000], order[5000:5000 + train_size]
-    train_db = lmdbio.write_array_lmdb(os.path.join(tmp, "train_lmdb"), images[train], labels[train])
-    val_db = lmdbio.write_array_lmdb(os.path.join(tmp, "val_lmdb"), images[val], labels[val])
+    train_db, val_db = (lmdbio.write_array_lmdb(os.path.join(tmp, fashion_mnist.lmdb_name(split)), images[i], labels[i])
+                        for split, i in (("train", train), ("val", val)))
     trainval = fileio.write_prototxt(os.path.join(tmp, "trainval.prototxt"),
                                      netgen.small_squeezenet(train_db, val_db, width=width))
     pb2 = caffe_pb2()
@@ -84,7 +82,7 @@ def self_contained(tmp, dense_iters, sparse_iters, train_size, width=1.0, seed=0
         solver.step(1)
         for n in names:
             net.params[n][0].data[...] *= masks[n]
-    sparse = os.path.join(tmp, "sparse.caffemodel")
+    sparse = os.path.join(tmp, phases.SPARSE)
     net.save(sparse)
     return trainval, sparse, 5000 // 100
 
@@ -93,7 +91,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="trainval/test prototxt (its TEST phase is scored)")
     p.add_argument("--weights", help="the sparse caffemodel")
-    p.add_argument("--iterations", type=int, default=None, help="test iterations (default: 50, or the whole "
+    p.add_argument("--iterations", type=int, default=None, help="test iterations (default: caffe test's "
+                   f"{evaluate.CAFFE_TEST_ITERATIONS}, or the whole "
                    "validation split in the self-contained run)")
     p.add_argument("--bits", default="6,5,4,3,2", help="further widths to try in the Huffman variant")
     p.add_argument("--dense-iters", type=int, default=1500)
@@ -106,7 +105,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         if a.model:
-            model, weights, iterations = a.model, a.weights, a.iterations or 50
+            model, weights, iterations = a.model, a.weights, a.iterations or evaluate.CAFFE_TEST_ITERATIONS
         else:
             model, weights, iterations = self_contained(tmp, a.dense_iters, a.sparse_iters, a.train_size,
                                                         a.width)

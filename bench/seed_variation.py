@@ -24,7 +24,7 @@ def _size(folder):
 
 def _tiny(folder, n=16, batch=4):
     """The small net without dropout (absolute sources) on random-pixel LMDBs, and its seeded filler weights."""
-    from dsd_caffe import lmdbio, netgen
+    from dsd_caffe import lmdbio, netgen, phases
     from dsd_caffe.caffe_env import import_caffe, make_net
 
     rng = np.random.default_rng(0)
@@ -37,7 +37,7 @@ def _tiny(folder, n=16, batch=4):
     del net.layer[:]
     net.layer.extend(keep)
     import_caffe().set_random_seed(0)
-    weights = os.path.join(folder, "dense.caffemodel")
+    weights = os.path.join(folder, phases.DENSE)
     make_net(net, "TRAIN").save(weights)
     return net, weights
 

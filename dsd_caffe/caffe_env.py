@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 
-from . import blas
+from . import blas, build  # build: stdlib only, the build's names (its record's file name)
 from .caffeproto import SETUP_HINT
 from .errors import InputMissing, UserError, own_module
 
@@ -146,7 +146,7 @@ def caffe_tool(name):
 
 def build_info():
     """The build record written by ``dsd_caffe.build`` beside the Caffe install, or {} for a foreign Caffe."""
-    path = os.path.join(caffe_prefix(), "dsd-caffe-build.json")
+    path = os.path.join(caffe_prefix(), build.STAMP)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)

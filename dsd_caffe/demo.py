@@ -32,9 +32,12 @@ RECIPE = "fashion-mnist"
 #: The demo's net and pruning: the small net at width 1, pruned 3x uniformly per layer with conv1 kept dense.
 DEMO = dict(width=1.0, density=1 / 3, profile="uniform", skip=("conv1",))
 ROWS = ("dense", "sparse", "DSD", "control")
-CONFIG = "demo_config.json"
+#: the demo folder: the Fashion-MNIST LMDBs' folder, the dense phase's folder, the DSD run's folder, the settings and
+#: the numbers; the accuracy plot and the weight histograms are named as a run's (pipeline.PLOT) and a prune folder's
+#: (phases.HISTOGRAM)
+DATA_DIR, DENSE_DIR, RUN_DIR, CONFIG, RESULTS = "data", "dense", "dsd", "demo_config.json", "results.json"
 #: everything the demo writes in its folder (see the module doc): what --force may replace
-OWNED = ("data", "dense", "dsd", "results.json", "accuracy.png", "weights_histogram.png", CONFIG)
+OWNED = (DATA_DIR, DENSE_DIR, RUN_DIR, RESULTS, pipeline.PLOT, phases.HISTOGRAM, CONFIG)
 #: demo_config.json keys of earlier releases -> today's (named like the flags), read when resuming
 OLD_KEYS = {f"{p}_{old}": f"{p}_{new}" for p in solvers.PHASES
             for old, new in (("iters", "max_iter"), ("lr", "base_lr"))}
@@ -94,7 +97,7 @@ def _open(out, cfg, force):
             raise UserError(f"{out} holds a demo run with other settings ({', '.join(diff)}); use another "
                             "--output, the same settings, or --force to start over")
     if force:  # the Fashion-MNIST import is kept (it checks itself), and the config is written again below
-        fileio.clear_owned(out, OWNED, "the demo", keep=("data", CONFIG))
+        fileio.clear_owned(out, OWNED, "the demo", keep=(DATA_DIR, CONFIG))
     fileio.write_json(cfg_path, cfg)  # makes the folder (a file in the way is named)
 
 
@@ -107,28 +110,28 @@ def run_demo(output_dir="runs/demo", seed=solvers.SEED, scale=1.0, engine="binar
     with fileio.output_lock(out):
         _open(out, cfg, force)
         log.info("1/5 data: Fashion-MNIST LMDBs")
-        lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(out, "data"), val_size=5000, seed=0)
+        lmdbs = fashion_mnist.import_fashion_mnist(os.path.join(out, DATA_DIR), val_size=5000, seed=0)
         net = sources.absolute_sources(netgen.small_squeezenet(
             train_source=lmdbs["train"], test_source=lmdbs["val"], train_batch=64, test_batch=100,
             width=cfg["width"]), None)
         log.info("2/5 dense: %d iterations at lr %g", cfg["dense_max_iter"], cfg["dense_base_lr"])
-        dense = phases.train_dense(Inputs(net_param=net), os.path.join(out, "dense"), _schedule(cfg, "dense"),
+        dense = phases.train_dense(Inputs(net_param=net), os.path.join(out, DENSE_DIR), _schedule(cfg, "dense"),
                                    RECIPE, engine, gpu, seed=seed)
-        _warn_if_untrained(os.path.join(out, "dense", training.LOG), classes=10)
+        _warn_if_untrained(os.path.join(out, DENSE_DIR, training.LOG), classes=10)
         log.info("3/5 DSD and its control: prune to %.3f, sparse %d iterations at lr %g, redense %d at lr %g; the "
                  "control trains the dense model on for as long at the same rates", cfg["density"],
                  cfg["sparse_max_iter"], cfg["sparse_base_lr"], cfg["redense_max_iter"], cfg["redense_base_lr"])
         run = pipeline.RunConfig(
-            model=os.path.join(out, "dense", phases.net_file("dense")), weights=dense,
+            model=os.path.join(out, DENSE_DIR, phases.net_file("dense")), weights=dense,
             prune=PruneConfig(density=cfg["density"], profile=cfg["profile"], skip=tuple(cfg["skip"]), seed=seed),
             sparse=_schedule(cfg, "sparse"), redense=_schedule(cfg, "redense"), recipe=RECIPE,
             holdout_source=lmdbs["test"], control=True, seed=seed)
-        state = pipeline.run_dsd(run, os.path.join(out, "dsd"), engine, gpu, reuse=True)
+        state = pipeline.run_dsd(run, os.path.join(out, RUN_DIR), engine, gpu, reuse=True)
         log.info("4/5 results on the test split (%s)", lmdbs["test"])
         results = _results(out, cfg, state)
         log.info("5/5 plots")
         _plots(out, cfg, state, results["models"])
-        fileio.write_json(os.path.join(out, "results.json"), results)
+        fileio.write_json(os.path.join(out, RESULTS), results)
     return results
 
 
@@ -137,24 +140,24 @@ def _results(out, cfg, state):
     return {"config": cfg, "test": test, "val": val, "table": runreport.results_text(state),
             "gain": test["DSD"]["top1"] - test["control"]["top1"],
             "val_gain": val["DSD"]["top1"] - val["control"]["top1"],
-            "models": {k: os.path.normpath(os.path.join("dsd", v["model"])) for k, v in test.items()},
-            "dsd_phases": [dict(p, model=os.path.normpath(os.path.join("dsd", p["model"]))) for p in state["phases"]]}
+            "models": {k: os.path.normpath(os.path.join(RUN_DIR, v["model"])) for k, v in test.items()},
+            "dsd_phases": [dict(p, model=os.path.normpath(os.path.join(RUN_DIR, p["model"]))) for p in state["phases"]]}
 
 
 def _plots(out, cfg, state, models):
     dense_iters = cfg["dense_max_iter"]
-    points, marks = runreport.curves(os.path.join(out, "dsd"), state)
+    points, marks = runreport.curves(os.path.join(out, RUN_DIR), state)
     shift = (lambda pts: [(i + dense_iters, v) for i, v in pts])
-    curves = {"dense": caffelog.read_curve(os.path.join(out, "dense", training.LOG))}
+    curves = {"dense": caffelog.read_curve(os.path.join(out, DENSE_DIR, training.LOG))}
     curves.update({label: shift(pts) for label, pts in points.items()})
     curves.setdefault("control", [])
-    boundaries = [dense_iters + b for b in runreport.boundaries(os.path.join(out, "dsd"), state)]
-    plots.accuracy_curves(os.path.join(out, "accuracy.png"), curves, boundaries,
+    boundaries = [dense_iters + b for b in runreport.boundaries(os.path.join(out, RUN_DIR), state)]
+    plots.accuracy_curves(os.path.join(out, pipeline.PLOT), curves, boundaries,
                           [(i + dense_iters, v, t) for i, v, t in marks],
                           title="DSD vs its equal-length dense control (Fashion-MNIST validation)",
                           zoom_from=dense_iters)
-    paths = {"dense": models["dense"], "pruned": os.path.join("dsd", "cycle1-sparse", phases.PRUNED),
+    paths = {"dense": models["dense"], "pruned": os.path.join(RUN_DIR, pipeline.cycle_step(1, "sparse"), phases.PRUNED),
              "sparse": models["sparse"], "DSD": models["DSD"], "control": models["control"]}
-    plots.weight_histograms(os.path.join(out, "weights_histogram.png"),
+    plots.weight_histograms(os.path.join(out, phases.HISTOGRAM),
                             {k: masks.flat(masks.weight_arrays(os.path.join(out, p))) for k, p in paths.items()},
                             "conv weights per phase", zeros="hidden")

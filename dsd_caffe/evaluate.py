@@ -24,6 +24,12 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+#: ``caffe test``'s default number of forward passes (tools/caffe.cpp: ``DEFINE_int32(iterations, 50, ...)``)
+CAFFE_TEST_ITERATIONS = 50
+#: evaluation batches of a trained model in a run (dsd, the demo): None, as many batches as cover the TEST LMDB
+#: once (:func:`evaluate_param`, ``solvers.test_iters``)
+WHOLE_TEST_LMDB = None
+
 
 class Results(collections.OrderedDict):
     """{output name: mean} (a float32 scalar, or a float32 array for multi-element outputs) with
@@ -74,7 +80,7 @@ def _predictions(net, score_blob, label_blob):
     return labels.astype(np.int64), scores.argmax(axis=1), scores.shape[1]
 
 
-def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
+def run(net, iterations=CAFFE_TEST_ITERATIONS, confusion=False, ignore_label=None, progress=True):
     """Run ``iterations`` TEST passes of a ready ``net`` and accumulate like ``caffe test`` (see module doc).
 
     With ``confusion`` the first Accuracy layer's bottoms (scores, labels) also fill a confusion matrix; labels
@@ -128,8 +134,8 @@ def run(net, iterations=50, confusion=False, ignore_label=None, progress=True):
     return res
 
 
-def evaluate(model, weights, iterations=50, gpu=None, confusion=False, allow_missing=False, net_param=None,
-             test_source=None):
+def evaluate(model, weights, iterations=CAFFE_TEST_ITERATIONS, gpu=None, confusion=False, allow_missing=False,
+             net_param=None, test_source=None):
     """``caffe test --model model --weights weights --iterations N`` in pycaffe: an ordered dict
     {output name: mean} (see :class:`Results`); :func:`format_results` gives the binary's lines. ``net_param``
     (absolute sources) replaces reading ``model``; ``test_source`` replaces the TEST data layer's source."""
@@ -172,11 +178,11 @@ class Scores(dict):
     diverged = None
 
 
-def evaluate_param(net_param, weights, iterations=None, gpu=None):
+def evaluate_param(net_param, weights, iterations=WHOLE_TEST_LMDB, gpu=None):
     """Test-phase outputs (:class:`Scores`) of ``weights`` on ``net_param`` (absolute sources, mask layer
     ignored); ``iterations`` defaults to covering the TEST LMDB once."""
     net = masks.remove_mask_layer(net_param)
-    if iterations is None:
+    if iterations is WHOLE_TEST_LMDB:
         _, (test_src, test_batch) = sources.data_sources(net)
         iterations = solvers.test_iters(sources.lmdb_count(test_src), test_batch)
     res = evaluate(None, os.fspath(weights), iterations=iterations, gpu=gpu, net_param=net)
@@ -246,11 +252,12 @@ def write_confusion(confusion, folder, class_names=None, force=False):
     folder = os.path.abspath(os.fspath(folder))
     with fileio.output_lock(folder):
         check_confusion_folder(folder, force)
+        matrix_csv, per_class_csv, matrix_png = CONFUSION_FILES
         with fileio.atomic_path(folder, force=True, directory=True) as tmp:
             rows = [["true\\predicted"] + names] + [[names[i]] + [int(x) for x in cm[i]] for i in range(k)]
-            fileio.atomic_write(os.path.join(tmp, "confusion.csv"), fileio.csv_text(rows))
+            fileio.atomic_write(os.path.join(tmp, matrix_csv), fileio.csv_text(rows))
             rows = [["class", "name", "images", "correct", "accuracy"]] + [
                 [c, names[c], total, correct, f"{accuracy:.6f}"] for c, total, correct, accuracy in per_class(cm)]
-            fileio.atomic_write(os.path.join(tmp, "per_class.csv"), fileio.csv_text(rows))
-            plots.confusion(os.path.join(tmp, "confusion.png"), cm, names)
+            fileio.atomic_write(os.path.join(tmp, per_class_csv), fileio.csv_text(rows))
+            plots.confusion(os.path.join(tmp, matrix_png), cm, names)
     return {n: os.path.join(folder, n) for n in CONFUSION_FILES}

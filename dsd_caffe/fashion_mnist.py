@@ -44,11 +44,20 @@ def read_idx(path):
 
 
 SPLITS = ("train", "val", "test")
+
+
+def lmdb_name(split):
+    """The LMDB folder of a split: ``train_lmdb``, ``val_lmdb``, ``test_lmdb``."""
+    return f"{split}_lmdb"
+
+
 #: what import_fashion_mnist writes in its folder (with the temporaries and locks of its writers)
-_OWNED = tuple(f"{split}_lmdb{ext}" for split in SPLITS for ext in ("", ".json")) + (".*.tmp-*", ".*.lock")
+_OWNED = tuple(lmdb_name(split) + ext for split in SPLITS for ext in ("", ".json")) + (".*.tmp-*", ".*.lock")
 
 
-def _idx_files(source_dir):
+def idx_files(source_dir=FASHION_MNIST_DIR):
+    """{"train-images", "train-labels", "t10k-images", "t10k-labels": path of its gzipped IDX file} in
+    ``source_dir``; a missing one is named."""
     files = {name: os.path.join(source_dir, f"{name}-idx{3 if 'images' in name else 1}-ubyte.gz")
              for name in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
     for p in files.values():
@@ -121,17 +130,17 @@ def import_fashion_mnist(output_dir, val_size=5000, seed=0, force=False, source_
         raise UserError(f"val_size must be an integer in 1..59999, got {val_size!r}")
     count(seed, "seed", 0)
     output_dir = os.path.abspath(os.fspath(output_dir))
-    paths = {split: os.path.join(output_dir, f"{split}_lmdb") for split in SPLITS}
+    paths = {split: os.path.join(output_dir, lmdb_name(split)) for split in SPLITS}
     settings = {"val_size": int(val_size), "seed": int(seed)}
     with fileio.output_lock(output_dir):
         fileio.check_replaceable(output_dir, _OWNED, True, "import_fashion_mnist")
         if not force and _present(paths, settings):
             log.info("Fashion-MNIST LMDBs already in %s; reusing them", output_dir)
             return paths
-        splits = _splits(_idx_files(source_dir), val_size, seed)  # reuse needs no IDX files
+        splits = _splits(idx_files(source_dir), val_size, seed)  # reuse needs no IDX files
         with fileio.atomic_path(output_dir, directory=True) as stage:
             for split in SPLITS:
-                _write_split(os.path.join(stage, f"{split}_lmdb"), split, *splits[split], settings)
+                _write_split(os.path.join(stage, lmdb_name(split)), split, *splits[split], settings)
     for split in SPLITS:
         log.info("wrote %d Fashion-MNIST %s images to %s", len(splits[split][0]), split, paths[split])
     return paths

@@ -48,9 +48,14 @@ How it works (under the ``caffe train`` binary and under pycaffe's Solver alike)
   phase is measured with that small residual under the masks). ``masks.zero_pruned`` writes the phase's final model
   with exact zeros (see ``phases.train_sparse``). One-shot pruning has no such residual: its pruned weights' history
   starts and stays at 0.
-- Multi-GPU: Caffe's CLI refuses Python layers with several GPUs. Use pycaffe with NCCL as in Caffe's
-  ``python/train.py`` (one process per GPU, ``caffe.NCCL``); every solver's net holds its own mask layer, and the
-  masks are identical because they come from the same caffemodel. Not testable on this CPU-only machine.
+- Multi-GPU: Caffe's CLI refuses Python layers with several GPUs, so a phase given several devices trains in
+  :mod:`dsd_caffe.multigpu` (pycaffe with NCCL as in Caffe's ``python/train.py``, one process per GPU). Every rank's
+  net holds its own mask layer with the same masks (the same caffemodel; gradual pruning computes them from the same
+  weights), and ``multigpu.sync_diffs`` brings the diffs this layer masked on the host to the GPU before NCCL's
+  allreduce (the module's docstring gives the whole argument). Tested: without a GPU, tests/test_multigpu.py (a
+  stand-in for pycaffe: the calls each rank makes and their order, the chunk protocol, stop and failure); this layer
+  on one real GPU, ``bench/gpu_check.sh`` (step 6). Not tested: a run on several real GPUs (NCCL's allreduce of
+  the masked diffs), for want of a machine with two.
 """
 import logging
 import os

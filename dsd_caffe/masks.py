@@ -253,9 +253,14 @@ def sparse_net(net_param, shapes, gradual=None):
 
 
 # ---------------------------------------------------------------------------------------------- caffemodels
+_LEGACY_DIMS = ("num", "channels", "height", "width")
+
+
 def blob_array(blob):
-    shape = tuple(blob.shape.dim) if blob.HasField("shape") else tuple(
-        d for d in (blob.num, blob.channels, blob.height, blob.width))
+    """A BlobProto's data as a float32 array of its shape, read as Caffe's ``Blob::FromProto`` reads it: the
+    legacy 4-d (num, channels, height, width) when any of them is set, else ``shape.dim`` (none: a scalar)."""
+    legacy = any(blob.HasField(d) for d in _LEGACY_DIMS)
+    shape = tuple(getattr(blob, d) for d in _LEGACY_DIMS) if legacy else tuple(blob.shape.dim)
     return np.asarray(blob.data, dtype=np.float32).reshape(shape)
 
 

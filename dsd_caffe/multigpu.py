@@ -14,11 +14,12 @@ one iteration trains ``n`` batches (the effective batch is ``n`` times the net's
 ``train.log``, which the parent reads for the progress bar. A rank that dies ends the others (they would wait in
 NCCL forever) and the phase fails with one line naming it.
 
-**Steps, interruption.** The ranks step in chunks that rank 0 plans (longer while steps are fast, at most 100
-iterations) and hands to all through shared memory between two barriers, so every rank runs the same iterations.
-On Ctrl-C or SIGTERM the parent sets a stop flag (the ranks ignore SIGINT: a terminal's Ctrl-C reaches the whole
-process group); rank 0 reads it when the current chunk ends, all stop, rank 0 snapshots, and the phase raises
-``Interrupted``: the same command resumes from that snapshot, on any devices. A second interrupt kills the ranks.
+**Steps, interruption.** The ranks step in chunks that rank 0 plans (``training.next_chunk``, the pycaffe
+engine's rule: longer while steps are fast, at most ``training.MAX_CHUNK`` iterations) and hands to all through
+shared memory between two barriers, so every rank runs the same iterations. On Ctrl-C or SIGTERM the parent sets
+a stop flag (the ranks ignore SIGINT: a terminal's Ctrl-C reaches the whole process group); rank 0 reads it when the
+current chunk ends, all stop, rank 0 snapshots, and the phase raises ``Interrupted``: the same command resumes from
+that snapshot, on any devices. A second interrupt kills the ranks.
 
 **Pruned weights stay exactly 0.0 on every device's copy.** Per iteration, on every rank: the mask layer's
 forward zeroes its pruned weights (on the host; Caffe copies them to the GPU when a conv reads them); the net's
@@ -47,13 +48,12 @@ import signal
 import tempfile
 import time
 
-from . import fileio
+from . import fileio, training  # training imports this module only inside training.train (no import cycle)
 from .caffe_env import glog_level_set, import_caffe
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK = 100  # iterations between two looks at the stop flag, at most
 POLL_S = 0.2  # how often the parent reads the log and looks at the ranks
 
 
@@ -127,12 +127,11 @@ def steps(solver, rank, control, max_iter):
             return solver.iter < max_iter
         t0 = time.monotonic()
         solver.step(n)
-        chunk = max(1, min(chunk * 2, MAX_CHUNK)) if time.monotonic() - t0 < 0.5 else max(1, chunk // 2)
+        chunk = training.next_chunk(chunk, time.monotonic() - t0)
 
 
 def _rank_main(spec, control, max_iter, snapshot_every):  # pragma: no cover - runs in a spawned process
     """A rank's process: dies with its parent, ignores Ctrl-C (the parent decides), logs to the folder's log."""
-    from . import training  # deferred: breaks a cycle (training runs this module for several GPUs)
 
     training._die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -169,7 +168,6 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
     """:func:`training.train`'s runner for several devices (see the module doc): trains ``job`` in ``folder`` from
     ``state`` (a solverstate to resume) or the job's start weights. ``caffe`` and ``start`` (how the ranks are
     started, :func:`spawn`) are injectable for tests."""
-    from . import training  # deferred: breaks a cycle (training runs this module for several GPUs)
 
     caffe = caffe or import_caffe()
     check_nccl(caffe, gpus)

@@ -254,7 +254,8 @@ def deploy(trainval_netparam, input_shape=None):
     pb2 = caffe_pb2()
     if not isinstance(trainval_netparam, pb2.NetParameter):
         raise TypeError(f"deploy() needs a caffe_pb2.NetParameter, got {type(trainval_netparam).__name__}")
-    data_layers = [l for l in trainval_netparam.layer if l.type in ("Data", "ImageData", "Input")]
+    fed = caffefacts.DATA_TYPES + ("Input",)  # the layers the deploy net's Input layer replaces
+    data_layers = [l for l in trainval_netparam.layer if l.type in fed]
     if input_shape is None:
         crop = next((l.transform_param.crop_size for l in data_layers if l.transform_param.crop_size), 0)
         if not crop:
@@ -273,7 +274,7 @@ def deploy(trainval_netparam, input_shape=None):
     inp.input_param.shape.add().dim.extend(input_shape)
     prediction = _output_blob(trainval_netparam)
     for l in trainval_netparam.layer:
-        if l.type in ("Data", "ImageData", "Input", "SoftmaxWithLoss", "Accuracy") or "label" in l.bottom:
+        if l.type in fed + ("SoftmaxWithLoss", "Accuracy") or "label" in l.bottom:
             continue
         if any(r.HasField("phase") and r.phase == pb2.TRAIN for r in l.include):
             continue

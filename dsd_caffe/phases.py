@@ -52,10 +52,15 @@ def solver_file(phase):
     return f"{phase}_solver.prototxt"
 
 
+def snapshot_prefix(phase):
+    """The solver's snapshot_prefix, relative to the phase folder (Caffe writes ``<prefix>_iter_N.caffemodel``)."""
+    return f"{training.SNAPSHOT_DIR}/{phase}"
+
+
 SPARSE, SPARSE_NET, SPARSE_SOLVER = model_file("sparse"), net_file("sparse"), solver_file("sparse")
 REDENSE, DENSE = model_file("redense"), model_file("dense")
 #: what a prune folder may hold (``--force`` replaces nothing else)
-SPARSE_FOLDER = (PRUNED, MASKS, HISTOGRAM, SPARSE_NET, SPARSE_SOLVER, SPARSE, "*.json", "snapshots",
+SPARSE_FOLDER = (PRUNED, MASKS, HISTOGRAM, SPARSE_NET, SPARSE_SOLVER, SPARSE, "*.json", training.SNAPSHOT_DIR,
                  training.LOG, ".*")
 
 
@@ -118,7 +123,7 @@ def train_plain(phase, net, out, solver, start, engine="binary", gpu=None, force
     starts (see training.train). Returns the final model's path."""
     out = os.path.abspath(os.fspath(out))
     solver = sources.copy_message(solver)
-    solver.net, solver.snapshot_prefix = net_file(phase), f"snapshots/{phase}"
+    solver.net, solver.snapshot_prefix = net_file(phase), snapshot_prefix(phase)
     source, param = start if isinstance(start, tuple) else (start, None)
     fileio.check_apart(out, [source, *sources.data_paths(net)])  # --force clears the folder's own outputs
     start_path = os.path.join(out, RELEASED if source else INIT) if param is not None else source
@@ -202,7 +207,7 @@ def fallback_note(recipe, weights, template):
 def _solver(phase, net, schedule, recipe, seed, template=None):
     (train_src, batch), (test_src, test_batch) = sources.data_sources(net)
     sizes = solvers.DataSizes(sources.lmdb_count(train_src), sources.lmdb_count(test_src), batch, test_batch)
-    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, f"snapshots/{phase}", seed, template)
+    return solvers.build(phase, net_file(phase), sizes, schedule, recipe, snapshot_prefix(phase), seed, template)
 
 
 def describe(phase, solver, train_size, batch):
@@ -408,9 +413,9 @@ def _sparse_solver(net, schedule, recipe, seed, trainable, template):
         missing = ", ".join(s for s, n in ((train_src, train_n), (test_src, test_n)) if n is None)
         return None, [f"no {SPARSE_SOLVER}: the LMDB(s) {missing} are not on this machine to count their images; "
                       f"tools/train_sparse.py writes it where the data is, from the settings recorded in "
-                      f"{PRUNED}.json"]
+                      f"{fileio.sidecar_path(PRUNED)}"]
     sizes = solvers.DataSizes(train_n, test_n, batch, test_batch)
-    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, "snapshots/sparse", seed, template), []
+    return solvers.build("sparse", SPARSE_NET, sizes, schedule, recipe, snapshot_prefix("sparse"), seed, template), []
 
 
 # ------------------------------------------------------------------------------------------------ sparse
@@ -465,7 +470,7 @@ def train_sparse(output_dir, sparse=Schedule(), engine="binary", gpu=None, force
             schedule = dataclasses.replace(Schedule(**recorded), **sparse.settings())
             recorded = prov.get("solver_template")
             template = solvers.read_template(solver) if solver is not None else fileio.parse_prototxt(
-                recorded, caffe_pb2().SolverParameter(), PRUNED + ".json") if recorded is not None else None
+                recorded, caffe_pb2().SolverParameter(), fileio.sidecar_path(PRUNED)) if recorded is not None else None
             solver = _solver("sparse", dense_net, schedule, prov.get("recipe", "imagenet"), prov.get("seed", 0),
                              template)
         else:

@@ -49,6 +49,12 @@ def control_step(cycle, phase):
     return f"control{cycle}-dense-as-{phase}"
 
 
+def cycle_step(cycle, part):
+    """A DSD-arm step's name, and its folder's: ``cycle<c>-pruned``, ``cycle<c>-sparse`` (the folder of both),
+    ``cycle<c>-redense``."""
+    return f"cycle{cycle}-{part}"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a DSD run is made of (validated once, at construction)."""
@@ -60,7 +66,7 @@ class RunConfig:
     cycles: int = 1
     recipe: str = None  # None: the one recorded beside the weights (see phases.recipe_of), else imagenet
     solver: str = None  # the user's solver prototxt: the template of every phase's solver (solvers.build)
-    iterations: int = None  # evaluation batches (None: the whole TEST LMDB)
+    iterations: int = evaluate.WHOLE_TEST_LMDB  # evaluation batches
     train_source: str = None
     test_source: str = None
     holdout_source: str = None  # evaluated once per finished model, never used to choose anything
@@ -74,7 +80,7 @@ class RunConfig:
             dataorder.check_order(self.data_order)
         solvers.count(self.cycles, "cycles")
         solvers.count(self.seed, "seed", 0)
-        if self.iterations is not None:
+        if self.iterations is not evaluate.WHOLE_TEST_LMDB:
             solvers.count(self.iterations, "iterations")
         object.__setattr__(self, "recipe", phases.recipe_of(self.recipe, self.weights))
         object.__setattr__(self, "prune", dataclasses.replace(self.prune, seed=self.seed))  # one seed per run
@@ -226,13 +232,14 @@ def _run(config, out, engine, gpu, force, reuse):
         run.step("dense", "both", "dense", run.dense)
         dsd = control = run.model("dense")
         for c in range(1, config.cycles + 1):
-            sdir, rdir = os.path.join(out, f"cycle{c}-sparse"), os.path.join(out, f"cycle{c}-redense")
-            run.step(f"cycle{c}-pruned", "dsd", "sparse", lambda: run.prune(dsd, sdir))
-            run.step(f"cycle{c}-sparse", "dsd", "sparse", lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
-            run.step(f"cycle{c}-redense", "dsd", "redense", lambda: phases.retrain_dense(
+            sdir, rdir = os.path.join(out, cycle_step(c, "sparse")), os.path.join(out, cycle_step(c, "redense"))
+            run.step(cycle_step(c, "pruned"), "dsd", "sparse", lambda: run.prune(dsd, sdir))
+            run.step(cycle_step(c, "sparse"), "dsd", "sparse",
+                     lambda: phases.train_sparse(sdir, engine=engine, gpu=gpu))
+            run.step(cycle_step(c, "redense"), "dsd", "redense", lambda: phases.retrain_dense(
                 config.inputs(os.path.join(sdir, phases.SPARSE), run.net), rdir, config.redense, config.recipe,
                 engine, gpu, seed=config.seed, solver=config.solver))
-            dsd = run.model(f"cycle{c}-redense")
+            dsd = run.model(cycle_step(c, "redense"))
             if config.control:
                 for phase, folder in (("sparse", sdir), ("redense", rdir)):
                     run.step(control_step(c, phase), "control", "dense", lambda: run.control(control, folder, c, phase))

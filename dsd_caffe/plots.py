@@ -5,7 +5,8 @@ is written atomically.
 - :func:`weight_histograms`: weights before and after pruning (prune), or per phase (the demo).
 - :func:`accuracy_curves`: validation accuracy over cumulative iterations, one line per arm (DSD and its control),
   phase boundaries and the pruning dip marked; a second panel zooms on the phases after the dense one.
-- :func:`sensitivity_heatmap`: a heat map of accuracy per (layer, density), readable with SqueezeNet's 26 layers.
+- :func:`sensitivity_heatmap`: a heat map of accuracy per (layer, density), readable with SqueezeNet's 26 layers;
+  the cells that keep the unpruned accuracy outlined, those above a layer's current density hatched.
 - :func:`confusion`: a confusion matrix with class names.
 """
 import os
@@ -99,12 +100,36 @@ def accuracy_curves(path, curves, boundaries=(), marks=(), title="validation acc
     return save(fig, path, dpi=90)
 
 
-def sensitivity_heatmap(path, layers, densities, accuracy, base):
+#: the sensitivity heat map's marks: (label, what the cell's rectangle looks like)
+KEEPS = ("top-1 at or above the unpruned net's: this density keeps its accuracy",
+         dict(fill=False, edgecolor="tab:green", linewidth=2))
+ABOVE = ("density above the layer's current one: nothing pruned, the layer as it is",
+         dict(fill=False, edgecolor="gray", linewidth=0, hatch="//"))
+
+
+def sensitivity_heatmap(path, layers, densities, accuracy, base, above_current=None):
     """Heat map: rows are layers, columns densities, colour the accuracy drop from ``base`` (points), each cell
-    labelled with its accuracy. ``accuracy[i][j]`` is layer i pruned to densities[j]."""
+    labelled with its accuracy; ``accuracy[i][j]`` is layer i pruned to densities[j]. Cells at or above ``base``
+    are outlined (:data:`KEEPS`), cells flagged in ``above_current`` (same layout) hatched (:data:`ABOVE`), each
+    with a legend line. See :func:`sensitivity_figure`."""
+    return save(sensitivity_figure(layers, densities, accuracy, base, above_current), path, dpi=90)
+
+
+def sensitivity_marks(accuracy, base, above_current=None):
+    """{label: boolean grid} of the cells the heat map marks: :data:`KEEPS` (top-1 >= ``base``) and
+    :data:`ABOVE` (the ``above_current`` flags; none when not given)."""
+    acc = np.asarray(accuracy, float)
+    above = np.zeros(acc.shape, bool) if above_current is None else np.asarray(above_current, bool)
+    return {KEEPS[0]: acc >= base, ABOVE[0]: above}
+
+
+def sensitivity_figure(layers, densities, accuracy, base, above_current=None):
+    """The Figure of :func:`sensitivity_heatmap` (not written)."""
+    from matplotlib.patches import Rectangle  # deferred: heavy, needed only to draw
+
     acc = 100 * np.asarray(accuracy, float)
     drop = 100 * base - acc
-    fig = _figure(figsize=(1.1 * len(densities) + 3.5, 0.32 * len(layers) + 1.8))
+    fig = _figure(figsize=(1.1 * len(densities) + 3.5, 0.32 * len(layers) + 2.4))
     ax = fig.subplots()
     im = ax.imshow(drop, cmap="Reds", aspect="auto", vmin=0, vmax=max(1.0, float(np.nanmax(drop))))
     fig.colorbar(im, ax=ax, label=f"top-1 drop from {100 * base:.2f}% (points)")
@@ -114,9 +139,18 @@ def sensitivity_heatmap(path, layers, densities, accuracy, base):
         for j in range(len(densities)):
             ax.text(j, i, f"{acc[i, j]:.1f}", ha="center", va="center", fontsize=7,
                     color="white" if drop[i, j] > 0.6 * im.get_clim()[1] else "black")
+    handles = []
+    for (label, style), cells in zip((KEEPS, ABOVE), sensitivity_marks(accuracy, base, above_current).values()):
+        for i, j in zip(*np.nonzero(cells)):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, label=label, **style))
+        if cells.any():
+            handles.append(Rectangle((0, 0), 1, 1, label=label, **style))
+    if handles:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.32 * len(layers) + 1)),
+                  fontsize=7, frameon=False)
     ax.set_xlabel("density kept in the one pruned layer")
     ax.set_title("pruning sensitivity: top-1 (%) with one layer pruned", fontsize=10)
-    return save(fig, path, dpi=90)
+    return fig
 
 
 def confusion(path, cm, names):

@@ -8,6 +8,7 @@ from google.protobuf import text_format
 from . import solvers
 from .fileio import atomic_write, check_output
 from .netgen import NAMINGS, deploy, small_squeezenet, sparse_form, squeezenet_v1_0
+from .phases import solver_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def generated_files(small=True):
         train_batch, test_batch = [l.data_param.batch_size for l in tv.layer if l.type == "Data"]
         for phase in solvers.PHASES:
             net = f"../../models/{folder}/{'sparse_' if phase == 'sparse' else ''}trainval{suffix}.prototxt"
-            files[f"solvers/{folder}/{phase}_solver.prototxt"] = solvers.build(
+            files[f"solvers/{folder}/{solver_file(phase)}"] = solvers.build(
                 phase, net, solvers.DataSizes(train_size, test_size, train_batch, test_batch), recipe=recipe)
     return files
 

@@ -7,7 +7,8 @@ Outputs, staged in a temporary folder and renamed into place: ``sensitivity.csv`
 every net output, 4 decimals, and ``above_current``; the first row is the unpruned net), ``sensitivity.json`` (the
 same, full precision, each layer's current density, and its inputs: model, weights with their SHA-256, the TEST
 LMDB, iterations, images) and
-``sensitivity.png`` (a heat map, readable with SqueezeNet's 26 layers). An LMDB holding fewer images than the
+``sensitivity.png`` (a heat map, readable with SqueezeNet's 26 layers; the cells that keep the unpruned accuracy
+outlined, the ``above_current`` ones hatched: ``plots.sensitivity_marks``). An LMDB holding fewer images than the
 batches read is read around again (Caffe wraps around): a warning says how often each image counts. A row whose
 density keeps more weights than the layer has non-zero (an already pruned model's layer at 0.33 scanned at 0.5) is
 flagged ``above_current`` (:data:`ABOVE_CURRENT`).
@@ -29,6 +30,8 @@ from .training import file_record
 log = logging.getLogger(__name__)
 
 DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+#: TEST batches per evaluation: the scan evaluates the net once per (layer, density), on the same batches each time
+DEFAULT_ITERATIONS = 10
 FILES = ("sensitivity.csv", "sensitivity.json", "sensitivity.png")
 #: what a row's ``above_current`` flag means (the printed table's ``*``, the CSV's column, the JSON's key)
 ABOVE_CURRENT = ("the density is above the layer's current one (the model is already pruned there): nothing is "
@@ -41,7 +44,7 @@ class ScanConfig:
     ``iterations`` TEST batches per evaluation."""
     densities: tuple = DEFAULT_DENSITIES
     layers: tuple = None
-    iterations: int = 10
+    iterations: int = DEFAULT_ITERATIONS
 
     def __post_init__(self):
         try:
@@ -158,6 +161,7 @@ def _write(folder, rows, outputs, names, densities, inputs, current):
     if base is None:
         log.warning("the net has no accuracy output: no %s", FILES[2])
         return
-    grid = [[next(r["accuracy"] for r in rows if r["layer"] == n and r["density"] == d) for d in densities]
-            for n in names]
-    plots.sensitivity_heatmap(os.path.join(folder, FILES[2]), names, densities, grid, base)
+    cell = {(r["layer"], r["density"]): r for r in rows[1:]}
+    grid = (lambda key: [[cell[n, d][key] for d in densities] for n in names])
+    plots.sensitivity_heatmap(os.path.join(folder, FILES[2]), names, densities, grid("accuracy"), base,
+                              grid("above_current"))

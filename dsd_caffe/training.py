@@ -53,6 +53,7 @@ ENGINES = ("binary", "pycaffe")
 RECORD = "training.json"
 LOG = "train.log"
 SNAPSHOT_DIR = "snapshots"
+MAX_CHUNK = 100  # iterations per solver.step call in pycaffe, at most: between two looks at Ctrl-C or a stop flag
 
 
 # ------------------------------------------------------------------------------------------------ snapshots
@@ -396,6 +397,13 @@ def pycaffe_solver(job, folder):
     return s
 
 
+def next_chunk(chunk, seconds):
+    """Iterations for the next ``solver.step`` call after one of ``chunk`` took ``seconds``: twice as many while a
+    call takes under half a second, up to :data:`MAX_CHUNK` (so an interrupt is seen soon), half as many when slower,
+    at least 1. The pycaffe engine and every multi-GPU rank (``multigpu.steps``) step by it."""
+    return max(1, min(chunk * 2, MAX_CHUNK)) if seconds < 0.5 else max(1, chunk // 2)
+
+
 def _run_pycaffe(job, folder, state, progress, logpath, gpu):
     caffe = devices.set_device(gpu)
     s = pycaffe_solver(job, folder)
@@ -418,7 +426,7 @@ def _run_pycaffe(job, folder, state, progress, logpath, gpu):
             t0 = time.monotonic()
             with capture:
                 solver.step(min(chunk, max_iter - solver.iter))
-            chunk = max(1, min(chunk * 2, 100)) if time.monotonic() - t0 < 0.5 else max(1, chunk // 2)
+            chunk = next_chunk(chunk, time.monotonic() - t0)
     except KeyboardInterrupt:
         with capture:
             solver.snapshot()

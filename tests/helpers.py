@@ -97,6 +97,18 @@ def copy_beside(src, name):
     return dst
 
 
+def copy_repo(tmp_path):
+    """A copy of this checkout's tracked files in ``tmp_path``/repo, with this checkout's venv linked as its
+    ``.venv`` (as after `make setup`), for running documented commands literally; returns its path."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    copy = tmp_path / "repo"
+    for rel in files:
+        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), copy / rel)
+    os.symlink(sys.prefix, copy / ".venv")
+    return copy
+
+
 def small_setup(folder, n_train=16, n_val=8, batch=4, seed=0):
     """Random-pixel LMDBs, the small SqueezeNet trainval (sources relative to ``folder``) and a dense caffemodel
     (its filler weights, seeded) in ``folder``. Returns (trainval path, caffemodel path)."""

@@ -83,3 +83,17 @@ def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
     r = _tool(tmp_path, "print(a.output)", "--output", os.fsdecode(b"r\xffx"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
         "error: --output r\\udcffx: a file name that is not valid UTF-8; rename it"), r.stderr
+
+
+def test_the_tools_that_write_one_file_share_output_and_force():
+    """compress, decode_compressed and export_onnx take --output/-o and --force from flags.add_file_output, as the
+    other tools take theirs from cli and flags: the same flags, help and missing --output line."""
+    from helpers import tool_parser
+
+    for tool in ("compress", "decode_compressed", "export_onnx"):
+        p = tool_parser(f"dsd_caffe.commands.{tool}")
+        actions = {a.dest: a for a in p._actions}
+        assert actions["output"].option_strings == ["--output", "-o"], tool
+        assert (actions["force"].option_strings, actions["force"].help) == (["--force"],
+                                                                            "overwrite an existing output"), tool
+        assert p._dsd_checks, tool  # cli.add_output's check: a missing --output is one line, exit 2

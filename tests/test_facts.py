@@ -82,3 +82,45 @@ def test_one_seed_default(tmp_path):
     assert {f.name: f.default for f in dataclasses.fields(pipeline.RunConfig)}["seed"] == solvers.SEED
     for tool in ("demo", "dsd", "prune", "retrain_dense"):
         assert tool_parser(f"dsd_caffe.commands.{tool}").get_default("seed") == solvers.SEED, tool
+
+
+def test_one_iterations_default_per_meaning():
+    """--iterations means three things, each with one named default: caffe test's forward passes (50, as
+    tools/caffe.cpp's FLAGS_iterations), a run's evaluation of each model (the whole TEST LMDB) and the sensitivity
+    scan's batches per evaluation (10); every flag and config reads its own."""
+    import dataclasses
+    import inspect
+
+    from helpers import tool_parser
+    from dsd_caffe import pipeline, sensitivity
+
+    assert evaluate.CAFFE_TEST_ITERATIONS == 50 and evaluate.WHOLE_TEST_LMDB is None
+    assert sensitivity.DEFAULT_ITERATIONS == 10
+    default = (lambda fn: inspect.signature(fn).parameters["iterations"].default)
+    flag = (lambda tool: next(a.default for a in tool_parser(f"dsd_caffe.commands.{tool}")._actions
+                              if "--iterations" in a.option_strings))
+    assert default(evaluate.evaluate) == default(evaluate.run) == evaluate.CAFFE_TEST_ITERATIONS
+    assert flag("evaluate") == evaluate.CAFFE_TEST_ITERATIONS
+    assert default(evaluate.evaluate_param) is evaluate.WHOLE_TEST_LMDB
+    assert {f.name: f.default for f in dataclasses.fields(pipeline.RunConfig)}["iterations"] is evaluate.WHOLE_TEST_LMDB
+    assert flag("dsd") is evaluate.WHOLE_TEST_LMDB
+    assert sensitivity.ScanConfig().iterations == sensitivity.DEFAULT_ITERATIONS
+    assert flag("sensitivity") == sensitivity.DEFAULT_ITERATIONS
+
+
+def test_file_names_are_written_once():
+    """Each file name with a constant is spelled once in the code (dsd_caffe/ and bench/): where the constant is
+    defined; everything else reads the constant."""
+    import glob
+    import os
+
+    from helpers import ROOT
+    from dsd_caffe import build, demo, phases, pipeline, runreport, sensitivity, training
+
+    names = [pipeline.STATE, pipeline.PLOT, runreport.VERDICT, training.RECORD, training.LOG, training.SNAPSHOT_DIR,
+             phases.PRUNED, phases.MASKS, phases.HISTOGRAM, phases.RELEASED, phases.INIT, demo.CONFIG, demo.RESULTS,
+             build.STAMP, *sensitivity.FILES, *evaluate.CONFUSION_FILES]
+    code = [open(p).read() for p in glob.glob(os.path.join(ROOT, "dsd_caffe", "**", "*.py"), recursive=True)
+            + glob.glob(os.path.join(ROOT, "bench", "*.py"))]
+    spelled = {name: sum(text.count(f'"{name}"') + text.count(f"'{name}'") for text in code) for name in names}
+    assert spelled == {name: 1 for name in names}

@@ -6,11 +6,26 @@ import numpy as np
 import pytest
 
 from dsd_caffe import fileio, masks, phases, sources, training
+from dsd_caffe.caffeproto import caffe_pb2
 from dsd_caffe.solvers import Schedule
 from helpers import copy_beside, small_setup
 from dsd_caffe.errors import UserError
 
 caffe = pytest.importorskip("caffe")
+
+
+# ------------------------------------------------------------------------------------------ blobs
+def test_blob_array_reads_every_shape_as_caffe_does():
+    """Blob::FromProto's rule: the legacy 4-d fields when any is set, else shape.dim; no dims at all is a scalar
+    (a shapeless blob was read as (0, 0, 0, 0) and failed)."""
+    pb2 = caffe_pb2()
+    scalar = masks.blob_array(pb2.BlobProto(data=[2.5]))
+    assert scalar.shape == () and scalar.dtype == np.float32 and scalar == 2.5
+    assert masks.blob_array(pb2.BlobProto(data=[2.5], shape=pb2.BlobShape())).shape == ()
+    shaped = masks.blob_array(pb2.BlobProto(data=range(6), shape=pb2.BlobShape(dim=[2, 3])))
+    assert shaped.shape == (2, 3) and shaped.tolist() == [[0, 1, 2], [3, 4, 5]]
+    legacy = masks.blob_array(pb2.BlobProto(data=range(6), num=1, channels=2, height=1, width=3))
+    assert legacy.shape == (1, 2, 1, 3) and legacy.ravel().tolist() == list(range(6))
 
 
 # ------------------------------------------------------------------------------------------ packed masks

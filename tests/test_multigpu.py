@@ -175,6 +175,25 @@ def test_each_rank_asks_caffe_in_train_py_order_and_only_rank_0_snapshots(job, t
     assert not list(tmp_path.glob(".nccl-*"))  # the ranks' solver prototxt is removed
 
 
+def test_the_ranks_and_the_pycaffe_engine_step_by_one_chunk_rule(job, tmp_path, monkeypatch):
+    """training.next_chunk: double while a step call is fast (under 0.5 s, up to MAX_CHUNK), halve when slow; the
+    ranks and the one-device pycaffe engine both step by it (a stand-in rule of 3 shows in both's calls)."""
+    from dsd_caffe import devices
+
+    assert training.MAX_CHUNK == 100
+    assert [training.next_chunk(c, 0.1) for c in (1, 2, 64, 100)] == [2, 4, 100, 100]
+    assert [training.next_chunk(c, 0.6) for c in (1, 2, 9, 100)] == [1, 1, 4, 50]
+    monkeypatch.setattr(training, "next_chunk", lambda chunk, seconds: 3)
+    fakes = {0: FakeCaffe(0), 1: FakeCaffe(1)}
+    multigpu.run(job, str(tmp_path), None, progress(), str(tmp_path / "train.log"), (0, 1), caffe=FakeCaffe(),
+                 start=thread_starter(fakes))
+    one = FakeCaffe()
+    monkeypatch.setattr(devices, "set_device", lambda gpu: one)
+    training._run_pycaffe(job, str(tmp_path), None, progress(), str(tmp_path / "train.log"), None)
+    for fake in (fakes[0], fakes[1], one):
+        assert [c[1] for c in fake.calls if c[0] == "step"] == [1, 3, 3]
+
+
 def test_diffs_reach_the_gpu_before_every_allreduce(job, tmp_path):
     """The masked diffs are on the device before NCCL sums them (see the module doc): per iteration, every
     parameter's diff is synced, then the allreduce runs."""

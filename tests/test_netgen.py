@@ -180,6 +180,19 @@ def test_small_squeezenet_params_and_width():
             netgen.small_squeezenet(**bad)
 
 
+def test_deploy_drops_every_data_layer_type():
+    """Every data layer of caffefacts.DATA_TYPES gives way to the Input layer (an HDF5Data layer was kept)."""
+    from dsd_caffe import caffefacts
+
+    expected = netgen.deploy(netgen.small_squeezenet())
+    for kind in caffefacts.DATA_TYPES:
+        net = netgen.small_squeezenet()
+        for layer in net.layer:
+            if layer.type == "Data":
+                layer.type = kind
+        assert netgen.deploy(net) == expected, kind
+
+
 def test_deploy_and_set_data_sources_errors():
     net = netgen.small_squeezenet("a", "b")
     netgen.set_data_sources(net, train="x_lmdb", test="y_lmdb")

@@ -8,7 +8,6 @@ folder: the kernel spec, its runtime, data and config folders, IPython's and mat
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import pytest
 from dsd_caffe import fashion_mnist, masks
 from dsd_caffe.errors import UserError
 
-from helpers import ROOT
+from helpers import ROOT, copy_repo
 from test_readme import blocks
 
 NOTEBOOK = os.path.join(ROOT, "examples", "dsd_fashion_mnist.ipynb")
@@ -194,12 +193,7 @@ def test_the_documented_headless_command_runs_as_written(tmp_path):
     ignores (examples/runs/notebook: the kernel starts beside the notebook)."""
     script = blocks("Example notebook", path=os.path.join(ROOT, "docs", "usage.md"))
     assert len(script) == 1
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    copy = tmp_path / "repo"
-    for rel in files:
-        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, rel), copy / rel)
-    os.symlink(sys.prefix, copy / ".venv")  # this checkout's venv, as after `make setup`
+    copy = copy_repo(tmp_path)
     before = _files(copy)
     env = dict(os.environ, **{k: str(v) for k, v in _jupyter_env(tmp_path).items()}, DSD_NOTEBOOK_SCALE="0.005",
                DSD_NOTEBOOK_VAL_SIZE="1000", TQDM_DISABLE="1")

@@ -332,6 +332,27 @@ def test_sensitivity_needs_only_a_test_source(setup, tmp_path):
     assert not os.path.exists(tmp_path / "t")
 
 
+def test_sensitivity_heatmap_marks_the_densities_that_keep_accuracy():
+    """The heat map outlines each cell at or above the unpruned top-1 and hatches each above_current cell, with one
+    legend line per kind of mark shown (the figure's patches and legend, not its pixels)."""
+    from dsd_caffe import plots
+
+    acc, base = [[0.5, 0.8, 0.8], [0.81, 0.7, 0.8]], 0.8
+    above = [[False, False, True], [False, False, True]]
+    keeps, hatched = plots.KEEPS[0], plots.ABOVE[0]
+    marks = plots.sensitivity_marks(acc, base, above)
+    assert {k: v.tolist() for k, v in marks.items()} == {keeps: [[False, True, True], [True, False, True]],
+                                                        hatched: above}
+    ax = plots.sensitivity_figure(["a", "b"], [0.2, 0.5, 1.0], acc, base, above).axes[0]
+    drawn = sorted((p.get_label(), p.get_xy(), p.get_hatch(), p.get_fill()) for p in ax.patches)
+    assert drawn == sorted([(keeps, (0.5, -0.5), None, False), (keeps, (1.5, -0.5), None, False),
+                            (keeps, (-0.5, 0.5), None, False), (keeps, (1.5, 0.5), None, False),
+                            (hatched, (1.5, -0.5), "//", False), (hatched, (1.5, 0.5), "//", False)])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [keeps, hatched]
+    plain = plots.sensitivity_figure(["a", "b"], [0.2, 0.5, 1.0], acc, 0.9).axes[0]
+    assert not plain.patches and plain.get_legend() is None
+
+
 def test_sensitivity_names_the_lmdb_that_is_missing(setup, tmp_path):
     """Only the TEST LMDB is read: with --test-source given, an absent TRAIN LMDB is not an error; without it, the
     error names the TEST source (not the TRAIN one); a --test-source that is absent is the one named."""

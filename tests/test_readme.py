@@ -1,18 +1,18 @@
 """The README's commands work as written: the "own nets" walk-through runs, literally, on a copy of the repository
 (with this checkout's .venv), and every other tool command in the README and in docs/*.md (the ImageNet ones, which
 need ImageNet) is at least accepted by its tool's parser, flag for flag."""
+import filecmp
 import glob
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from dsd_caffe import cli
-from helpers import FASHION, ROOT, tool_parser
+from helpers import FASHION, ROOT, copy_repo, tool_parser
 
 README = os.path.join(ROOT, "README.md")
 DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -71,12 +71,7 @@ def test_every_tool_command_in_the_readme_is_accepted_by_its_parser(capsys):
 def test_the_own_nets_walk_through_runs_as_written(tmp_path):
     """Literally, in order, in a copy of the repository: import the data, train the first dense model with plain
     caffe, prune, sparse, redense, evaluate, caffe test, then the whole run with its control."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    copy = tmp_path / "repo"
-    for rel in files:
-        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, rel), copy / rel)
-    os.symlink(sys.prefix, copy / ".venv")  # this checkout's venv, as after `make setup`
+    copy = copy_repo(tmp_path)
     script = "set -e\n" + "\n".join(blocks("Using it on your own nets"))
     r = subprocess.run(["bash", "-c", script], cwd=copy, capture_output=True, text=True, timeout=3600,
                        env=dict(os.environ, TQDM_DISABLE="1"))
@@ -87,3 +82,14 @@ def test_the_own_nets_walk_through_runs_as_written(tmp_path):
     for f in ("runs/mine/sparse/sparse.caffemodel.json", "runs/mine/redense/redense.caffemodel.json",
               "runs/mine/eval/confusion.png", "runs/mine/dsd/accuracy.png", "runs/mine/dsd/dsd_state.json"):
         assert (copy / f).exists(), f
+
+
+def test_copy_repo_holds_every_tracked_file_and_this_venv(tmp_path):
+    """helpers.copy_repo, where the documented commands run: every tracked file, byte for byte, nothing else but
+    the .venv link to this interpreter's environment."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    copy = copy_repo(tmp_path)
+    found = {os.path.relpath(os.path.join(d, f), copy) for d, _, fs in os.walk(copy) for f in fs}
+    assert found == set(files)
+    assert all(filecmp.cmp(os.path.join(ROOT, f), copy / f, shallow=False) for f in files)
+    assert os.readlink(copy / ".venv") == sys.prefix

@@ -4,6 +4,7 @@ entries for long gaps. Layers that already hold few enough distinct values are s
 `--format huffman`, writes dsd-caffe's entropy-coded variant instead (Huffman over codes and gaps; `--bits` may
 then change the codebook width). Prints bytes per layer, the total and the ratio to the caffemodel."""
 from dsd_caffe import cli, deepcompression
+from dsd_caffe.commands import flags
 
 
 def run(a):
@@ -16,11 +17,10 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="deploy prototxt (with an Input layer)")
     p.add_argument("--weights", required=True, help="the sparse caffemodel to encode")
-    p.add_argument("--output", required=True, help="the .net file to write")
+    flags.add_file_output(p, "the .net file to write")
     p.add_argument("--format", choices=deepcompression.FORMATS, default="net",
                    help="net: Deep Compression's format (default); huffman: dsd-caffe's entropy-coded variant")
     p.add_argument("--bits", type=int, default=None,
                    help="codebook width for every layer (huffman format only; default 8 conv / 4 fc)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
     cli.main(p, run, argv)
 

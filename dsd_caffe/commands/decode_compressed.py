@@ -6,6 +6,7 @@ The `.net` format has no checksum: a file damaged without changing its length de
 any error. Verify a downloaded .net by its git blob id (python -m dsd_caffe.zoo verify), or keep models in
 dsd-caffe's Huffman variant (tools/compress.py --format huffman), which ends with a CRC-32 checked on decoding."""
 from dsd_caffe import cli, deepcompression
+from dsd_caffe.commands import flags
 
 
 def run(a):
@@ -18,7 +19,6 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="deploy prototxt (with an Input layer) of the compressed net")
     p.add_argument("--net", required=True, help="the compressed .net file")
-    p.add_argument("--output", required=True, help="caffemodel to write")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    flags.add_file_output(p, "caffemodel to write")
     cli.main(p, run, argv)
 

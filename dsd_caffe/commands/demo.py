@@ -2,18 +2,21 @@
 retraining, and DSD's control (the dense model trained on for as long), all with real Caffe. Prints the table
 (dense, sparse, DSD, control: test top-1, top-5, density) and writes accuracy.png and weights_histogram.png into the
 output folder. Re-running reuses every finished step (and resumes an interrupted one)."""
+import os
+
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
 
 
 def run(a):
-    from dsd_caffe import demo  # deferred: heavy (numpy, Caffe's messages); --help needs none
+    from dsd_caffe import demo, phases, pipeline  # deferred: heavy (numpy, Caffe's messages); --help needs none
 
     knobs = {k: v for k, v in (("width", a.width), ("profile", a.profile)) if v is not None}
     res = demo.run_demo(a.output, seed=a.seed, scale=0.1 if a.quick else a.scale, engine=a.engine, force=a.force,
                         gpu=flags.device(a), **knobs)
     print(res["table"])
-    print(f"plots: {a.output}/accuracy.png, {a.output}/weights_histogram.png; numbers: {a.output}/results.json")
+    paths = (os.path.join(a.output, name) for name in (pipeline.PLOT, phases.HISTOGRAM, demo.RESULTS))
+    print("plots: {}, {}; numbers: {}".format(*paths))
 
 
 def main(argv=None):

@@ -4,12 +4,11 @@ helped. --sparse-schedule gradual prunes inside each sparse phase (Zhu & Gupta's
 once.
 
 Everything lands in --output: cycleK-sparse/ and cycleK-redense/ (each with its prototxts, snapshots, log and
-final model + JSON), with --control also controlK-dense-as-sparse/ and controlK-dense-as-redense/ (the dense
-model trained on for the same iterations, with the very solvers the DSD phases ran), dsd_state.json (settings,
-per-step results and densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/
-folders and verdict.json (what the seeds varied, the standard deviation of the gains, the split; no interval
-when the seeds varied nothing). --solver my_solver.prototxt: every phase's solver is yours but for DSD's base_lr
-and length.
+final model + JSON), with --control also controlK-dense-as-sparse/ and -redense/ (the dense model trained on for
+the same iterations, with the very solvers the DSD phases ran), dsd_state.json (settings, per-step results and
+densities), accuracy.png (both arms' validation curves), and with --seeds N, seedK/ folders and verdict.json
+(what the seeds varied, the standard deviation of the gains, the split; no interval when the seeds varied
+nothing). --solver my_solver.prototxt: every phase's solver is yours but for DSD's base_lr and length.
 Each phase shows a progress bar; the table (dense, sparse, DSD, control: top-1, top-5, density) is printed at
 the end, on --holdout-source when given (an LMDB used for nothing else), else on the validation (TEST) LMDB.
 Re-running the same command after an interruption (Ctrl-C, SIGTERM, even SIGKILL) resumes from the newest complete
@@ -20,7 +19,7 @@ A model whose loss or outputs are not finite (training diverged: try a lower lea
 in the table and recorded as null with the reason in dsd_state.json; the verdict refuses such a seed, and the
 tool exits with status 3.
 """
-from dsd_caffe import cli
+from dsd_caffe import cli, evaluate
 from dsd_caffe.commands import flags
 
 
@@ -59,7 +58,8 @@ def main(argv=None):
     flags.add_run_settings(p)
     flags.add_recipe(p)
     flags.add_solver(p)
-    p.add_argument("--iterations", type=int, help="evaluation batches per model (default: the whole TEST LMDB)")
+    p.add_argument("--iterations", type=int, default=evaluate.WHOLE_TEST_LMDB,
+                   help="evaluation batches per model (default: the whole TEST LMDB)")
     flags.add_sources(p)
     p.add_argument("--holdout-source", help="an LMDB used for nothing else (e.g. the test split): every finished "
                    "model is evaluated on it once, and the table and verdict use it")

@@ -48,10 +48,13 @@ def run(a):
 
 
 def main(argv=None):
+    from dsd_caffe.evaluate import CAFFE_TEST_ITERATIONS  # deferred: heavy (numpy); loaded for the parser only
+
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="trainval/test prototxt (its TEST phase is used)")
     p.add_argument("--weights", required=True, help="caffemodel")
-    p.add_argument("--iterations", type=int, default=50, help="forward passes, as caffe test's --iterations")
+    p.add_argument("--iterations", type=int, default=CAFFE_TEST_ITERATIONS,
+                   help="forward passes, as caffe test's --iterations")
     p.add_argument("--test-source", help="TEST LMDB instead of the trainval's (e.g. the test split; default: the "
                    "trainval's)")
     flags.add_device(p, engine=False, several=False)

@@ -13,6 +13,7 @@ Unless --no-check, the export is checked before anything is written: onnx.checke
 batch through pycaffe and ONNX Runtime (CPU); it prints the max absolute and relative differences and the top-5
 agreement, and refuses past a tolerance of 1e-4 of each output's largest value."""
 from dsd_caffe import cli, onnxexport
+from dsd_caffe.commands import flags
 
 
 def run(a):
@@ -25,10 +26,9 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="deploy or trainval prototxt")
     p.add_argument("--weights", required=True, help="the caffemodel to export")
-    p.add_argument("--output", required=True, help="the .onnx file to write")
+    flags.add_file_output(p, "the .onnx file to write")
     p.add_argument("--opset", type=int, default=onnxexport.DEFAULT_OPSET,
                    help=f"ONNX opset ({onnxexport.MIN_OPSET} or newer)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the parity check against pycaffe with ONNX Runtime (default: it runs)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
     cli.main(p, run, argv)

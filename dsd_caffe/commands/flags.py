@@ -88,6 +88,13 @@ def prune_config(args, seed=None):
                        gradual=settings)
 
 
+def add_file_output(p, help):
+    """--output FILE (``help``: what it is) and --force, for the tools that write one file with its JSON record
+    beside it (compress, decode_compressed, export_onnx): an existing output is refused unless --force."""
+    cli.add_output(p, help)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
 def add_sources(p):
     p.add_argument("--train-source", help="TRAIN LMDB instead of the trainval's (default: the trainval's)")
     p.add_argument("--test-source", help="TEST (validation) LMDB instead of the trainval's (default: the "

@@ -4,10 +4,10 @@ Prunes one layer at a time, by magnitude, at each of --densities, evaluates the 
 for a fixed number of batches (the same batches every time), and writes into --output: sensitivity.csv (layer,
 density, accuracy, every net output with 4 decimals, and above_current; the first row is the unpruned net),
 sensitivity.json (full precision, with each layer's current density) and sensitivity.png (a heat map of the
-accuracy drop per layer and density). Only the TEST phase is read: no TRAIN LMDB is needed (--test-source replaces
-the trainval's). Write the chosen densities into a JSON profile for prune.py --profile. On an already pruned model,
-densities above a layer's current one prune nothing: their rows are marked * (above_current) and are the layer as
-it is.
+accuracy drop per layer and density; cells at or above the unpruned accuracy are outlined, * rows hatched). Only
+the TEST phase is read: no TRAIN LMDB is needed (--test-source replaces the trainval's). Write the chosen densities
+into a JSON profile for prune.py --profile. On an already pruned model, densities above a layer's current one prune
+nothing: their rows are marked * (above_current) and are the layer as it is.
 """
 from dsd_caffe import cli
 from dsd_caffe.commands import flags
@@ -29,7 +29,7 @@ def run(a):
 
 
 def main(argv=None):
-    from dsd_caffe.sensitivity import DEFAULT_DENSITIES  # deferred: heavy (numpy); --help needs none
+    from dsd_caffe.sensitivity import DEFAULT_DENSITIES, DEFAULT_ITERATIONS  # deferred: heavy (numpy); --help needs none
 
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="trainval prototxt (its TEST Data layer is used)")
@@ -38,7 +38,7 @@ def main(argv=None):
     cli.add_list(p, "--densities", help="densities kept (default: "
                  f"{','.join(str(d) for d in DEFAULT_DENSITIES)})")
     cli.add_list(p, "--layers", help="layer names (default: every Convolution/InnerProduct)")
-    p.add_argument("--iterations", type=int, default=10, help="TEST batches per evaluation")
+    p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="TEST batches per evaluation")
     p.add_argument("--test-source", help="validation LMDB instead of the trainval's TEST source (default: the "
                    "trainval's)")
     flags.add_device(p, engine=False, several=False)
