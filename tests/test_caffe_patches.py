@@ -435,5 +435,6 @@ def test_perf_patches_are_marked_and_recorded():
     from dsd_caffe import caffe_env
 
     record = caffe_env.build_info()
-    if record:
-        assert list(record["patches"]) == [os.path.basename(p) for p in build.our_patches()]
+    if record:  # the build in use: the CPU one, or the GPU one (DSD_CAFFE_BUILD=gpu make test) with the -cuda- patches
+        gpu = not record["cpu_only"]
+        assert list(record["patches"]) == [os.path.basename(p) for p in build.our_patches(gpu=gpu)]
