@@ -5,7 +5,6 @@ and bug reports: ``dsd-info [--json]`` (or ``python -m dsd_caffe.info``).
 Everything is read from what pycaffe really has (its layer registry, the libraries ``_caffe.so`` resolves, the
 OpenBLAS loaded in this process) as well as from the set-up's build record.
 """
-import json
 import os
 import re
 import subprocess
