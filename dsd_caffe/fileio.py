@@ -94,12 +94,22 @@ def refused_write(e, path):
     """The UserError for OSError ``e`` met writing ``path`` when the disk or the file system refused the write
     (:class:`DiskFull`, :class:`AccessDenied`, naming the file, or ``path`` when the error names none); None for
     any other OSError, a bug."""
-    where = e.filename or os.fspath(path)
+    where = _as_output(os.fspath(e.filename), os.fspath(path)) if e.filename else os.fspath(path)
     if e.errno in _FULL:
         return DiskFull(e.errno, e.strerror, where)
     if e.errno in _DENIED:
         return AccessDenied(f"{where} is not writable ({e.strerror})")
     return None
+
+
+def _as_output(name, path):
+    """``name`` as the user knows it: a file inside :func:`atomic_path`'s staging temporary of ``path`` is named
+    where it will land (``out/x``, not ``.out.tmp-123-ab/x``)."""
+    staging = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp-")
+    if not name.startswith(staging):
+        return name
+    inside = name[len(staging):].partition(os.sep)[2]
+    return os.path.join(path, inside) if inside else path
 
 
 @contextlib.contextmanager

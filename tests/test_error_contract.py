@@ -73,6 +73,17 @@ def test_a_write_the_disk_or_the_mode_refuses_names_the_output(tmp_path, code, c
     assert not target.exists() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_refused_write_inside_a_staged_folder_names_where_the_file_lands(tmp_path, code):
+    """The user named out/, not the staging temporary .out.tmp-<pid>-<x>/ the tool writes into first."""
+    target = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        with fileio.atomic_path(target, directory=True) as tmp:
+            inner = os.path.join(tmp, "pruned.caffemodel")
+            raise OSError(code, os.strerror(code), inner)
+    assert str(target / "pruned.caffemodel") in str(e.value) and ".tmp-" not in str(e.value), str(e.value)
+
+
 def test_another_oserror_while_writing_stays_a_bug(tmp_path):
     with pytest.raises(OSError) as e:
         with fileio.atomic_path(tmp_path / "out"):
