@@ -286,18 +286,16 @@ def output_lock(output):
                 break
             f.close()  # its holder removed it on leaving (see below): lock the lock file there now
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        except OSError as e:  # a full disk: the lock file goes as on leaving
+            with write_errors(path):
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+        except OSError:  # a full disk (now a DiskFull): the lock file goes as on leaving
             _unmake(path, made)
             with contextlib.suppress(OSError):
                 f.close()  # its buffered pid cannot be written either
-            refusal = refused_write(e, path)
-            if refusal is None:
-                raise
-            raise refusal from e
+            raise
         with _held_guard:
             entry = _held[path] = [f, 1]
         try:

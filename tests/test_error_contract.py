@@ -84,6 +84,30 @@ def test_a_refused_write_inside_a_staged_folder_names_where_the_file_lands(tmp_p
     assert str(target / "pruned.caffemodel") in str(e.value) and ".tmp-" not in str(e.value), str(e.value)
 
 
+def test_a_lock_whose_pid_the_full_disk_refuses_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """output_lock writes its pid into the lock file: ENOSPC there is a DiskFull naming the lock file, and the
+    lock file and the folders made for it go."""
+    real_open = open
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "open", lambda *a, **k: FullFile(real_open(*a, **k)), raising=False)
+    out = tmp_path / "made" / "out"
+    with pytest.raises(DiskFull) as e:
+        with fileio.output_lock(out):
+            pass
+    assert e.value.filename == fileio.lock_path(out) and e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
 def test_another_oserror_while_writing_stays_a_bug(tmp_path):
     with pytest.raises(OSError) as e:
         with fileio.atomic_path(tmp_path / "out"):
