@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 
-from . import cli, fileio
-from .errors import InputMissing, UserError
+from . import checks, cli, fileio
+from .errors import InputMissing
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,7 @@ def self_check(library, coretype=DEFAULT, threads=1, fault=None, time_it=True, t
     """
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS} or None, got {fault!r}")
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    checks.count(threads, "threads")
     args = {"library": library, "fault": fault, "time": time_it, "tolerance": tolerance,
             "seconds_per_shape": seconds_per_shape}
     result = {"coretype": coretype, "threads": threads, "ok": False}
@@ -349,8 +348,8 @@ def choose(library=None, candidates=None, threads=None, faults=None, output=None
     of thread counts to try (default: 1 and all CPUs). ``faults`` maps a candidate to an injected fault (tests).
     Each candidate is timed ``rounds`` times, interleaved, and its best time counts.
     """
-    if threads is not None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in threads):
-        raise UserError(f"threads must be positive whole numbers, got {threads}")
+    for n in threads or ():
+        checks.count(n, "threads")
     environ = os.environ if environ is None else environ
     library = library or caffe_blas_library()
     preset = environ.get("OPENBLAS_CORETYPE")
@@ -462,8 +461,7 @@ def runtime_env(threads=None, decision=None, environ=None):
     if core and "OPENBLAS_CORETYPE" not in environ:
         env["OPENBLAS_CORETYPE"] = core
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        checks.count(threads, "threads")
         env["OPENBLAS_NUM_THREADS"] = str(threads)
     elif decision.get("threads") and not ({"OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"} & set(environ)):
         env["OPENBLAS_NUM_THREADS"] = str(decision["threads"])

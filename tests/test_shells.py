@@ -51,7 +51,7 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path):
         "dsd_caffe.build": (["--gpu", "--cuda-arch", "bogus", "--skip-apt", "--venv", str(tmp_path / "venv")],
                             "set-up failed at step 'configure': CUDA target 'bogus' is neither sm_NN nor compute_NN "
                             "(in 'bogus')"),
-        "dsd_caffe.blas": (["--threads", "0", "--dry-run"], "threads must be positive whole numbers, got [0]"),
+        "dsd_caffe.blas": (["--threads", "0", "--dry-run"], "--threads must be an integer >= 1, got 0"),
         "dsd_caffe.zoo": (["verify", "dsd-squeezenet", str(bad)], f"{bad} is not the released "
                           "DSD_SqueezeNet_top1_0.617579_top5_0.834742.caffemodel: git blob id "),
     }
