@@ -125,9 +125,9 @@ def _open_state(out, config, force, reuse=False):
             return state
         elif state.get("finished"):
             raise OutputExists(f"{out} already holds a finished DSD run ({STATE}); pass --force to start over")
-        elif _old_control(out, state):
+        elif old_steps := _old_control(out, state):
             raise UserError(f"{out} holds an unfinished DSD run whose control arm is in "
-                            f"{os.path.join(out, _old_control(out, state)[0])}, a folder name of an earlier release "
+                            f"{os.path.join(out, old_steps[0])}, a folder name of an earlier release "
                             f"(now {control_step(1, 'sparse')} and the like); re-run with --force to start over")
         elif state.get("config") != settings:
             old = state.get("config", {})
