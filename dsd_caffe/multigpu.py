@@ -132,7 +132,6 @@ def steps(solver, rank, control, max_iter):
 
 def _rank_main(spec, control, max_iter, snapshot_every):  # pragma: no cover - runs in a spawned process
     """A rank's process: dies with its parent, ignores Ctrl-C (the parent decides), logs to the folder's log."""
-
     training._die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(spec.log, os.O_WRONLY | os.O_APPEND)
@@ -168,7 +167,6 @@ def run(job, folder, state, progress, logpath, gpus, caffe=None, start=spawn):
     """:func:`training.train`'s runner for several devices (see the module doc): trains ``job`` in ``folder`` from
     ``state`` (a solverstate to resume) or the job's start weights. ``caffe`` and ``start`` (how the ranks are
     started, :func:`spawn`) are injectable for tests."""
-
     caffe = caffe or import_caffe()
     check_nccl(caffe, gpus)
     s = training.pycaffe_solver(job, folder)

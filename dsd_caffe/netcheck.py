@@ -33,7 +33,6 @@ from .caffeproto import caffe_pb2
 from .errors import InputMissing, UserError, own_module
 from . import caffefacts, lmdbio, masks, netgen, sources
 from .caffe_env import import_caffe, make_net
-from .lmdbio import label_range, lmdb_info
 from .sources import phase_of
 
 log = logging.getLogger(__name__)
@@ -157,7 +156,6 @@ def resolve_source(source):
 def lmdb_summary(source, where="LMDB", force_color=False, force_gray=False):
     """``lmdbio.lmdb_info`` of a Data layer source (resolved against the current folder), errors prefixed with
     ``where``; channels follow ``force_color``/``force_gray`` like Caffe's decoder."""
-
     full = resolve_source(source)
     try:
         info = lmdbio.lmdb_info(full)
@@ -251,7 +249,7 @@ def check_data_layers(net_param, phase="TEST", iterations=None, label_ranges=Non
                 raise UserError(f"{where} has no source")
             if not os.path.isfile(resolve_source(src)):
                 raise InputMissing(f"{where}: source {src} does not exist (relative paths are resolved "
-                                        f"against the current folder {os.getcwd()})")
+                                   f"against the current folder {os.getcwd()})")
             if os.path.getsize(resolve_source(src)) == 0:
                 raise UserError(f"{where}: source {src} is empty")
     return out
@@ -385,7 +383,7 @@ def check_labels(net, label_ranges=None):
     for l in net.layer:
         if l.type == "Data":
             path = resolve_source(l.data_param.source)
-            low, high = label_ranges.get(path) or label_range(path)
+            low, high = label_ranges.get(path) or lmdbio.label_range(path)
             if low < 0 or high >= classes:
                 bad = low if low < 0 else high
                 raise UserError(f"Data layer {l.name!r} ({phase_of(l)}): LMDB {l.data_param.source} holds label "
@@ -417,7 +415,7 @@ def input_shape(net_param):
             path = resolve_source(l.data_param.source)
             if not os.path.isdir(path):
                 return None
-            info = lmdb_info(path)
+            info = lmdbio.lmdb_info(path)
             crop = l.transform_param.crop_size
             return (1, info["channels"], crop or info["height"], crop or info["width"])
     return None

@@ -15,7 +15,7 @@ import pytest
 from dsd_caffe import fileio, phases, pipeline, runreport, seedpool, training
 from dsd_caffe.errors import DiskFull, Interrupted, UserError
 from dsd_caffe.solvers import Schedule
-from helpers import ROOT, small_setup, tool, tool_cmd
+from helpers import ROOT, small_setup, tool
 
 caffe = pytest.importorskip("caffe")
 
